@@ -1,0 +1,1 @@
+"""ctxforge.pipeline: the synthesis stage (read -> chunk -> generate -> ground -> concatenate -> write)."""

