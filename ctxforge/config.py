@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A config problem found before any work starts; the message names the file and the key."""
 
 
+class PreflightError(ValueError):
+    """Bad input found before any work starts (a missing model, an unreadable input path...)."""
+
+
 class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
 

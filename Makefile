@@ -1,0 +1,39 @@
+# Two commands on a fresh machine with only Python 3.10+:
+#   make demo   - the main job on the embedded default (local Ray, CPU, tiny model, demo corpus)
+#   make test   - the test suite (CPU; GPU tests skip unless a GPU is present)
+# Each creates .venv on first use. torch goes in first, pinned, so pip never swaps in a multi-GB
+# CUDA build on a CPU machine (set TORCH_INDEX=https://download.pytorch.org/whl/cpu where PyPI's
+# default torch wheel is the CUDA one and you want the CPU one).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.ctxforge-installed
+
+.PHONY: setup demo test test-gpu bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ctxforge demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_chunking.py
+	$(BIN)/python bench/bench_http_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

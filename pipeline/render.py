@@ -1,0 +1,237 @@
+"""Render a chat conversation with the target model's chat template, with a loss mask on the answers.
+
+`render_conversation` works with any Hugging Face chat template, including ones without
+`{% generation %}` markers (Llama-3.1-Instruct's has none, so `return_assistant_tokens_mask` can't be
+used there). It renders the conversation to text once, finds every message's content in that text in
+order (exactly, via a placeholder skeleton render; by ordered search when the template defeats that),
+and tokenizes the text once with offsets; a token is in the loss when it overlaps an assistant span
+(the answer plus the end-of-turn special token the template writes right after it). One full render and
+one tokenization keep a 1M-token, 100-turn conversation at a few seconds; rendering prefixes per turn
+would be quadratic.
+
+Mask semantics match transformers' `return_assistant_tokens_mask`: every token OVERLAPPING a span is
+masked, so a BPE token straddling the span start (when a template glues content to its header) is
+still trained, as it is what the model emits first.
+
+Caveat shared with `apply_chat_template(tokenize=True)` without `sanitize_control_tokens`: special-token
+strings that occur inside message contents (e.g. a document quoting "<|im_end|>") are tokenized as
+control tokens. `special_tokens_in_contents` lets a caller count or reject such conversations.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+@dataclass
+class Rendered:
+    """One rendered conversation: its text, tokens, mask and where every assistant span lies."""
+
+    text: str
+    input_ids: list[int]
+    loss_mask: list[int]
+    # [start, end) char spans in `text`, one per assistant message in order, end-of-turn token included
+    assistant_spans: list[tuple[int, int]] = field(default_factory=list)
+    # start char offset of every token (sorted), to count the tokens before a char position
+    token_starts: list[int] = field(default_factory=list)
+
+    def tokens_before(self, char_pos: int) -> int:
+        """Number of tokens that start before `char_pos` (a prefix's length in tokens, approximately)."""
+        return bisect.bisect_left(self.token_starts, char_pos)
+
+
+def _special_token_strings(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens that could close a turn, longest first (longest match wins).
+
+    BOS is left out (unless it doubles as EOS): a BOS right after an answer opens the next turn, it does
+    not end this one. Pad is kept: Llama-3 setups often set pad_token = <|eot_id|>.
+    """
+    specials: set[str] = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            specials.add(str(added.content))
+    bos = getattr(tokenizer, "bos_token", None)
+    if isinstance(bos, str) and bos != getattr(tokenizer, "eos_token", None):
+        specials.discard(bos)
+    return sorted((s for s in specials if s), key=len, reverse=True)
+
+
+def special_tokens_in_contents(messages: Sequence[dict], tokenizer: Any) -> list[str]:
+    """Special-token strings found inside message contents (they would tokenize as control tokens)."""
+    specials = _special_token_strings(tokenizer)
+    bos = getattr(tokenizer, "bos_token", None)
+    if isinstance(bos, str) and bos:
+        specials.append(bos)
+    found = []
+    for s in specials:
+        if any(s in (m.get("content") or "") for m in messages):
+            found.append(s)
+    return found
+
+
+def _find_content(text: str, content: str, start: int) -> tuple[int, int] | None:
+    """Locate `content` in `text` at or after `start`: verbatim first, then stripped (many templates
+    `| trim` the content, Llama 3's included)."""
+    pos = text.find(content, start)
+    if pos >= 0:
+        return pos, pos + len(content)
+    stripped = content.strip()
+    if stripped != content:
+        pos = text.find(stripped, start)
+        if pos >= 0:
+            return pos, pos + len(stripped)
+    return None
+
+
+def _placeholder(i: int) -> str:
+    # Private-use characters: no template writes them and `| trim` keeps them.
+    return f"\ue000{i}\ue001"
+
+
+def _locate_by_skeleton(text: str, messages: Sequence[dict], tokenizer: Any, chat_template: str | None):
+    """Exact content spans of every message, or None when the template does not allow it.
+
+    The conversation is rendered a second time with each content replaced by a unique placeholder (tiny,
+    so cheap); the text between placeholders is what the template writes around the contents. Walking
+    the real text piece by piece then places every content exactly, even an answer such as "assistant"
+    that also occurs in the template's own header, which no search can tell apart. Templates that drop,
+    repeat or branch on contents fail the walk and fall back to the ordered search.
+    """
+    skeleton_msgs = [{**m, "content": _placeholder(i)} for i, m in enumerate(messages)]
+    try:
+        skeleton = tokenizer.apply_chat_template(
+            skeleton_msgs, chat_template=chat_template, tokenize=False, add_generation_prompt=False
+        )
+    except Exception:  # noqa: BLE001 - a template that rejects placeholders just means: search instead
+        return None
+    gaps, pos = [], 0
+    for i in range(len(messages)):
+        at = skeleton.find(_placeholder(i), pos)
+        if at < 0:
+            return None
+        gaps.append(skeleton[pos:at])
+        pos = at + len(_placeholder(i))
+    gaps.append(skeleton[pos:])
+    spans, pos = [], 0
+    for i, msg in enumerate(messages):
+        if not text.startswith(gaps[i], pos):
+            return None
+        pos += len(gaps[i])
+        content = msg.get("content") or ""
+        for candidate in (content, content.strip()):
+            if text.startswith(candidate, pos):
+                spans.append((pos, pos + len(candidate)))
+                pos += len(candidate)
+                break
+        else:
+            return None
+    if text[pos:] != gaps[-1]:
+        return None
+    return spans
+
+
+def _locate_assistant_spans(
+    text: str, messages: Sequence[dict], tokenizer: Any, chat_template: str | None = None
+) -> list[tuple[int, int]]:
+    """Char spans of the assistant contents in `text`, each extended over a directly following special token.
+
+    Exact placement from the placeholder skeleton when the template allows it; otherwise an ordered
+    search in which every message (not only assistant ones) advances the cursor, so an answer whose text
+    also occurs in a document or a question earlier in the conversation is found at its own turn. A
+    non-assistant content the template rewrote (not found) leaves the cursor where it was; an assistant
+    content that can't be found is an error (no silent empty mask).
+    """
+    for i, msg in enumerate(messages):
+        if not isinstance(msg.get("content") or "", str):
+            raise ValueError(f"message {i}: only string contents are supported, got {type(msg.get('content')).__name__}")
+    content_spans = _locate_by_skeleton(text, messages, tokenizer, chat_template)
+    if content_spans is None:
+        content_spans, cursor = [], 0
+        for i, msg in enumerate(messages):
+            content = msg.get("content") or ""
+            found = _find_content(text, content, cursor)
+            if msg.get("role") == "assistant" and found is None:
+                preview = content[:80].replace("\n", "\\n")
+                raise ValueError(
+                    f"assistant message {i} ({preview!r}...) not found in the rendered chat template text after "
+                    f"char {cursor}; the template must write assistant contents verbatim (or trimmed)"
+                )
+            content_spans.append(found)
+            if found is not None and content.strip():
+                cursor = found[1]
+    specials = _special_token_strings(tokenizer)
+    spans: list[tuple[int, int]] = []
+    for msg, found in zip(messages, content_spans):
+        if msg.get("role") != "assistant":
+            continue
+        start, end = found
+        # The end-of-turn token (<|im_end|>, <|eot_id|>, </s>, ...) is what teaches the model to stop.
+        for s in specials:
+            if text.startswith(s, end):
+                end += len(s)
+                break
+        spans.append((start, end))
+    return spans
+
+
+def _mask_from_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """1 on every token overlapping a span; spans and offsets are both in order, so one pass suffices."""
+    mask = [0] * len(offsets)
+    span_idx = 0
+    n_spans = len(spans)
+    for i, (ts, te) in enumerate(offsets):
+        while span_idx < n_spans and ts >= spans[span_idx][1]:
+            span_idx += 1
+        if span_idx == n_spans:
+            break
+        if te > spans[span_idx][0]:
+            mask[i] = 1
+    return mask
+
+
+def render_detailed(messages: Sequence[dict], tokenizer: Any, chat_template: str | None = None) -> Rendered:
+    """Render, tokenize once, and mask; keeps the text, spans and token offsets for callers that trim."""
+    if not messages:
+        raise ValueError("cannot render an empty conversation")
+    text = tokenizer.apply_chat_template(
+        list(messages), chat_template=chat_template, tokenize=False, add_generation_prompt=False
+    )
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
+    spans = _locate_assistant_spans(text, messages, tokenizer, chat_template)
+    # add_special_tokens=False: the template already wrote BOS etc. (as apply_chat_template does).
+    enc = tokenizer(
+        text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False, verbose=False
+    )
+    input_ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    return Rendered(
+        text=text,
+        input_ids=input_ids,
+        loss_mask=_mask_from_spans(offsets, spans),
+        assistant_spans=spans,
+        token_starts=[o[0] for o in offsets],
+    )
+
+
+def render_conversation(messages: Sequence[dict], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(input_ids, loss_mask) of a conversation; the mask is 1 on assistant answers + their end-of-turn token."""
+    r = render_detailed(messages, tokenizer)
+    return r.input_ids, r.loss_mask
+
+
+def assistant_mask_from_template(messages: Sequence[dict], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(input_ids, assistant mask) from transformers' `{% generation %}` markers, for templates that have them.
+
+    Used to cross-check `render_conversation`; raises ValueError for templates without markers (their
+    mask would be all zeros, which would silently train on nothing).
+    """
+    out = tokenizer.apply_chat_template(
+        list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True, add_generation_prompt=False
+    )
+    mask = list(out["assistant_masks"])
+    if any(m.get("role") == "assistant" for m in messages) and not any(mask):
+        raise ValueError("the chat template has no {% generation %} markers: the assistant mask is empty")
+    return list(out["input_ids"]), mask

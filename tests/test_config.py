@@ -1,0 +1,95 @@
+"""Config loading: every shipped YAML validates, overrides apply, errors name the file and the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctxforge.cli import build_parser, main
+from ctxforge.config import ConfigError, describe_fields, load_config, packaged_config_names
+from ctxforge.pipeline.config import SynthConfig
+
+
+@pytest.mark.parametrize("name", packaged_config_names())
+def test_every_packaged_config_validates(name):
+    cfg = load_config(SynthConfig, name)
+    assert cfg.concat.stages
+
+
+def test_packaged_configs_exist():
+    assert {"tiny", "qwen72b-vllm", "qwen72b-http"} <= set(packaged_config_names())
+
+
+def test_dotted_overrides_apply():
+    cfg = load_config(SynthConfig, "tiny", ["input.path=/data/x", "generator.concurrency=[1, 4]",
+                                            "concat.stages.1.samples=7", "qa.diverse_per_document=0"])
+    assert cfg.input.path == "/data/x"
+    assert cfg.generator.concurrency == (1, 4)
+    assert cfg.concat.stages[1].samples == 7
+    assert cfg.qa.diverse_per_document == 0
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("input:\n  path: x\n  txt_field: body\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(SynthConfig, str(path))
+    assert "input.txt_field" in str(err.value) and "bad.yaml" in str(err.value)
+
+
+def test_unknown_override_key_is_rejected():
+    with pytest.raises(ConfigError, match="generator.modle"):
+        load_config(SynthConfig, "tiny", ["generator.modle=x"])
+
+
+def test_target_below_chunk_size_is_rejected():
+    with pytest.raises(ConfigError, match="below chunking.small_tokens"):
+        load_config(SynthConfig, "tiny", ["chunking.small_tokens=8192"])
+
+
+def test_http_without_base_url_is_rejected():
+    with pytest.raises(ConfigError, match="base_url"):
+        load_config(SynthConfig, "tiny", ["generator.backend=http"])
+
+
+def test_bad_values_are_named():
+    with pytest.raises(ConfigError, match="generator.backend"):
+        load_config(SynthConfig, "tiny", ["generator.backend=tgi"])
+    with pytest.raises(ConfigError, match="diverse_type_weights"):
+        load_config(SynthConfig, "tiny", ["qa.diverse_type_weights={riddle: 1.0}"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(SynthConfig, "tiny", ["generator.model"])
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["synth", "--help"])
+    text = capsys.readouterr().out
+    keys = [row[0] for row in describe_fields(SynthConfig)]
+    assert len(keys) > 50
+    for key in keys:
+        assert key in text, key
+    for required in ("input.path", "input.text_field", "output.dir", "generator.backend", "generator.model",
+                     "generator.base_url", "generator.concurrency", "chunking.small_tokens",
+                     "qa.hierarchical_per_document", "qa.diverse_per_document", "concat.stages"):
+        assert required in keys
+
+
+def test_cli_reports_config_errors_without_traceback(capsys, tmp_path):
+    code = main(["synth", "--config", "tiny", f"output.dir={tmp_path}/o", "nonsense.key=1"])
+    assert code == 2
+    assert "unknown key 'nonsense'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # stopped before any work
+
+
+def test_missing_model_path_stops_before_any_work(capsys, tmp_path):
+    code = main(["synth", f"output.dir={tmp_path}/o", f"generator.model={tmp_path}/no-such-model"])
+    assert code == 2
+    assert "generator.model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_input_stops_before_any_work(capsys, tmp_path):
+    code = main(["synth", f"output.dir={tmp_path}/o", f"input.path={tmp_path}/nothing-here"])
+    assert code == 2
+    assert "input.path" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
