@@ -12,8 +12,7 @@ at the target's context lengths; a chunk that is "4K tokens" must be 4K of *thos
 from __future__ import annotations
 
 import re
-from bisect import bisect_left, bisect_right
-from itertools import accumulate
+from bisect import bisect_right
 from operator import itemgetter
 
 from .records import Chunk, Section
@@ -21,19 +20,20 @@ from .records import Chunk, Section
 __all__ = ["chunk_document"]
 
 _CLOSERS = "\"'\u2019\u201d\u00bb)\\]\u300d\u300f"
-# One pass over the text finds every place a cut may land. Each alternative captures the
-# whitespace run in which a cut counts as a sentence end; the run is matched once and finditer
-# resumes after it, so the scan stays linear even on pathological whitespace.
-_BOUNDARY_RE = re.compile(
-    rf"[.!?;:\u2026][{_CLOSERS}]*(\s+)"           # ASCII sentence punctuation, then whitespace
+# Each alternative captures the whitespace run in which a cut counts as a sentence end. A run is
+# matched once and finditer resumes after it, so the scan stays linear even on huge whitespace runs.
+_SENTENCE_RE = re.compile(
+    rf"[.!?;:\u2026][{_CLOSERS}]*(\s+)"                      # ASCII sentence punctuation, then whitespace
     rf"|[\u3002\uff01\uff1f\uff1b\uff1a][{_CLOSERS}]*(\s*)"  # CJK full stops need no whitespace
-    r"|\n(\s*)"                                    # any line break ends a sentence (verse, lists)
+    r"|\n(\s*)"                                              # a line break ends a sentence (verse, lists)
 )
-_BLANK_LINE_RE = re.compile(r"\n[^\S\n]*\n")
+# The rest of a whitespace run once it has held a blank line.
+_PARAGRAPH_RE = re.compile(r"\n[^\S\n]*\n(\s*)")
 
 # A UTF-8 character spans at most 4 bytes, so a byte-level BPE can split it over at most 4 tokens:
 # stepping back 3 cut points always reaches a point between whole characters.
 _MAX_CHAR_SPLIT = 3
+_START = itemgetter(0)
 
 
 def chunk_document(
@@ -68,16 +68,15 @@ def chunk_document(
     if n == 0:
         return [], [], 0
 
-    chars = _cut_chars(offsets, len(text))
-    token_cuts = _token_cuts(text, offsets, chars, small_tokens, boundary_window)
+    cuts = _token_cuts(text, offsets, small_tokens, boundary_window)
+    chars = _cut_chars(offsets, cuts, len(text))
 
     chunks: list[Chunk] = []
-    for i in range(len(token_cuts) - 1):
-        a, b = token_cuts[i], token_cuts[i + 1]
-        cs, ce = chars[a], chars[b]
+    for i in range(len(cuts) - 1):
+        cs, ce = chars[i], chars[i + 1]
         chunks.append(Chunk(
             chunk_id=f"{doc_id}:s{i:05d}", doc_id=doc_id, index=i, section_index=i // smalls_per_medium,
-            token_start=a, token_end=b, char_start=cs, char_end=ce, text=text[cs:ce],
+            token_start=cuts[i], token_end=cuts[i + 1], char_start=cs, char_end=ce, text=text[cs:ce],
         ))
 
     sections: list[Section] = []
@@ -91,19 +90,19 @@ def chunk_document(
     return chunks, sections, n
 
 
-def _cut_chars(offsets, text_len: int) -> list[int]:
-    """Character position of a cut before each token index 0..n (so `n + 1` entries).
+def _cut_chars(offsets, cuts: list[int], text_len: int) -> list[int]:
+    """Character position of each token cut.
 
-    A cut before token k sits at the token's start, made monotonic with a running max: byte-level
-    BPE gives the pieces of one multi-byte character overlapping offsets, and gaps the tokenizer
-    leaves (stripped whitespace) fall to the chunk before. The ends are pinned to 0 and len(text)
-    so nothing before the first or after the last token is lost.
+    A cut before token k sits at that token's start: whitespace or text the tokenizer skipped
+    (stripped spaces, combining marks NFC merged away) falls to the chunk before. Positions are
+    forced monotonic, as odd offsets (byte-level pieces of one character overlap; normalizers can
+    reorder) must never break tiling, and the ends are pinned to 0 and len(text) so nothing before
+    the first or after the last token is lost.
     """
-    chars = list(accumulate(map(itemgetter(0), offsets), max))
-    chars[0] = 0
+    chars = [0]
+    for k in cuts[1:-1]:
+        chars.append(min(max(offsets[k][0], chars[-1]), text_len))
     chars.append(text_len)
-    if chars[-2] > text_len:  # defensive: never seen, but tiling must hold for any tokenizer
-        chars = [min(c, text_len) for c in chars]
     return chars
 
 
@@ -112,51 +111,47 @@ def _clean(offsets, k: int) -> bool:
     return offsets[k][0] >= offsets[k - 1][1]
 
 
-def _boundary_tokens(text: str, offsets, chars: list[int]) -> tuple[list[int], list[int]]:
-    """Sorted token indices where a cut is a paragraph end, and where it is at least a sentence end."""
-    n = len(offsets)
-    paragraph: list[int] = []
-    sentence: list[int] = []
+def _spans(pattern: re.Pattern, text: str) -> tuple[list[int], list[int]]:
+    """Starts and ends (inclusive) of the character ranges where a cut counts; sorted and disjoint."""
+    spans = [m.span(m.lastindex) for m in pattern.finditer(text)]
+    return [a for a, _ in spans], [b for _, b in spans]
 
-    def add(out: list[int], lo: int, hi: int) -> None:
-        # Cut points whose character position lies in [lo, hi]; the runs are disjoint and in text
-        # order and `chars` is monotonic, so `out` comes out sorted without a sort.
-        for k in range(bisect_left(chars, lo, 1, n), bisect_right(chars, hi, 1, n)):
+
+def _last_cut(spans: tuple[list[int], list[int]], offsets, lo: int, hi: int) -> int | None:
+    """The largest clean cut point k in [lo, hi] whose character position lies in one of `spans`."""
+    starts, ends = spans
+    c_lo, c_hi = offsets[lo][0], offsets[hi][0]
+    i = bisect_right(starts, c_hi) - 1
+    while i >= 0 and ends[i] >= c_lo:
+        a, b = max(starts[i], c_lo), min(ends[i], c_hi)
+        k = bisect_right(offsets, b, lo, hi + 1, key=_START) - 1
+        while k >= lo and a <= offsets[k][0] <= b:
             if _clean(offsets, k):
-                out.append(k)
-
-    for m in _BOUNDARY_RE.finditer(text):
-        g = m.lastindex
-        lo, hi = m.span(g)
-        add(sentence, lo, hi)
-        blank = _BLANK_LINE_RE.search(text, m.start(), hi)
-        if blank is not None:
-            add(paragraph, blank.end(), hi)
-    return paragraph, sentence
-
-
-def _last_in(points: list[int], lo: int, hi: int) -> int | None:
-    i = bisect_right(points, hi) - 1
-    if i >= 0 and points[i] >= lo:
-        return points[i]
+                return k
+            k -= 1
+        i -= 1
     return None
 
 
-def _token_cuts(text: str, offsets, chars: list[int], small_tokens: int, boundary_window: float) -> list[int]:
+def _token_cuts(text: str, offsets, small_tokens: int, boundary_window: float) -> list[int]:
     """Token indices 0 = t0 < t1 < ... < tm = n of the small-chunk cuts."""
     n = len(offsets)
     if n <= small_tokens:
         return [0, n]
-    paragraph, sentence = _boundary_tokens(text, offsets, chars)
+    # Boundaries are found in character space once; only the few inside each chunk's window are
+    # ever mapped to tokens (by bisecting the token starts), which keeps chunking close to the
+    # cost of tokenizing alone.
+    paragraph = _spans(_PARAGRAPH_RE, text)
+    sentence = _spans(_SENTENCE_RE, text)
     window = int(boundary_window * small_tokens)
     cuts = [0]
     start = 0
     while start + small_tokens < n:
         limit = start + small_tokens
         lo = max(start + 1, limit - window)
-        cut = _last_in(paragraph, lo, limit)
+        cut = _last_cut(paragraph, offsets, lo, limit)
         if cut is None:
-            cut = _last_in(sentence, lo, limit)
+            cut = _last_cut(sentence, offsets, lo, limit)
         if cut is None:
             cut = limit
             for k in range(limit, max(start, limit - _MAX_CHAR_SPLIT - 1), -1):

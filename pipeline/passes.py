@@ -58,7 +58,8 @@ def validate_output(text: str, schema: dict) -> tuple[dict | None, str]:
     if not text or not text.strip():
         return None, "empty_output"
     try:
-        obj = json.loads(text)
+        # strict=False: xgrammar's bounded strings admit raw control characters (tabs) that strict JSON rejects
+        obj = json.loads(text, strict=False)
     except json.JSONDecodeError:
         return None, "invalid_json"
     try:

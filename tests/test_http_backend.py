@@ -43,6 +43,7 @@ TEXT = (
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """Overrides conftest's ray_local: this one must (re)start Ray after KEY_ENV is set."""
     import ray
 
     os.environ[KEY_ENV] = SECRET

@@ -188,3 +188,29 @@ def test_special_tokens_in_contents_detected(chatml_tok):
     msgs = [{"role": "user", "content": "a document quoting <|im_end|> verbatim"}, {"role": "assistant", "content": "ok"}]
     assert special_tokens_in_contents(msgs, chatml_tok) == ["<|im_end|>"]
     assert special_tokens_in_contents(_conversation(2), chatml_tok) == []
+
+
+def test_chatml_cross_check_with_awkward_whitespace_and_unicode(chatml_tok):
+    # Byte-level BPE offsets (trim_offsets, multi-byte characters, runs of spaces/newlines) are where a
+    # hand-made mask could drift from transformers' own; compare on many random conversations.
+    pieces = WORDS + ["  ", "\n", "\n\n", " \n ", "\t", "é", "naïve", "日本語", "🙂", "—", "...", "42", " 7"]
+    rng = random.Random(11)
+    for _ in range(30):
+        msgs = [{"role": "system", "content": "s"}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 5)):
+            for role in ("user", "assistant"):
+                n = rng.randint(1, 12)
+                content = "".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(n))
+                msgs.append({"role": role, "content": content})
+        ids, mask = render_conversation(msgs, chatml_tok)
+        ref_ids, ref_mask = assistant_mask_from_template(msgs, chatml_tok)
+        assert ids == ref_ids and mask == ref_mask
+
+
+def test_mask_from_spans_unsorted_offsets_fallback():
+    from ctxforge.pipeline.render import _mask_from_spans
+
+    # sorted offsets: bisection; the same spans through the fallback walk give the same answer
+    starts, ends = [0, 2, 4, 6, 8], [2, 4, 6, 8, 10]
+    assert _mask_from_spans(starts, ends, [(3, 6), (8, 9)]) == [0, 1, 1, 0, 1]
+    assert _mask_from_spans([0, 2, 4, 4, 8], [2, 4, 6, 5, 10], [(3, 6)]) == [0, 1, 1, 1, 0]

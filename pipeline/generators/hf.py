@@ -38,7 +38,9 @@ class HFGeneratorUDF:
         vocab = self.model.config.vocab_size
         self.compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab))
         self.grammars: dict[str, object] = {}
-        self.eos_ids = [i for i in {self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id} if isinstance(i, int)]
+        gen_eos = self.model.generation_config.eos_token_id
+        candidates = [self.tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])]
+        self.eos_ids = sorted({i for i in candidates if isinstance(i, int)})
 
     def _grammar(self, schema: str):
         if schema not in self.grammars:
@@ -91,16 +93,19 @@ class HFBackend(GeneratorBackend):
     name = "hf"
 
     def apply(self, ds):
+        import ray.data
+
         cfg = self.cfg
+        lo, hi = cfg.concurrency if isinstance(cfg.concurrency, tuple) else (cfg.concurrency, cfg.concurrency)
         return ds.map_batches(
             HFGeneratorUDF,
             fn_constructor_kwargs={"model_path": self.model_path, "device": cfg.device, "dtype": cfg.dtype,
                                    "max_model_len": cfg.max_model_len},
             batch_size=cfg.batch_size,
             batch_format="numpy",
-            concurrency=cfg.concurrency,
+            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
             num_cpus=cfg.num_cpus,
-            num_gpus=cfg.num_gpus or None,
+            **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {}),
         )
 
     def describe(self) -> dict:

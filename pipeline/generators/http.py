@@ -49,6 +49,8 @@ class HTTPBackend(GeneratorBackend):
     def apply(self, ds):
         import ray.data
 
+        if not self.cfg.base_url:
+            raise ValueError("generator.base_url is required when generator.backend = http")
         n = max_concurrency(self.cfg.concurrency)
         return ds.map_batches(
             HTTPGeneratorUDF,

@@ -1,0 +1,160 @@
+"""Ulysses SP (DeepSpeed's UlyssesSPAttentionHF + our document-masked core) equals a single process.
+
+Two gloo processes (mp.spawn, no Ray). In each process the reference is computed first on the full
+sequence (no SP), then the same model runs with SP degree 2 on its contiguous half; losses are summed and
+gradients all-reduced over the SP group. float64 so the tolerance can be tight. The negative control
+swaps the core for DeepSpeed's own sdpa path (mask dropped): the packed loss then differs — the
+cross-document leak the design notes warn about is real, and this test can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Who wrote the letter to the church in Rome, and why?"},
+     {"role": "assistant", "content": "Paul wrote it, to explain the gospel before his visit."}],
+    [{"role": "system", "content": "Answer briefly."},
+     {"role": "user", "content": "Name two rivers of Eden."},
+     {"role": "assistant", "content": "Pishon and Gihon."},
+     {"role": "user", "content": "And the others?"},
+     {"role": "assistant", "content": "Tigris and Euphrates."}],
+    [{"role": "user", "content": "Count to five."},
+     {"role": "assistant", "content": "One, two, three, four, five."}],
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_samples(tokenizer):
+    import numpy as np
+
+    from ctxforge.pipeline.render import render_conversation
+    from ctxforge.train.data import Sample
+
+    out = []
+    for n, conv in enumerate(CONVERSATIONS):
+        ids, mask = render_conversation(conv, tokenizer)
+        out.append(Sample(f"s{n}", np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int8)))
+    return out
+
+
+def _worker(rank: int, world: int, port: int, model_path: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ctxforge.models import load_tokenizer
+    from ctxforge.train.batching import collate
+    from ctxforge.train.loss import step_scale
+    from ctxforge.train.model import load_stage_model, weighted_loss_sum
+    from ctxforge.train.rope import RopeConfig
+    from ctxforge.train.sequence_parallel import DOC_SDPA, enable_ulysses, pad_to_multiple, shard_sequence
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    tok = load_tokenizer(model_path)
+    samples = build_samples(tok)
+    model = load_stage_model(model_path, RopeConfig(), 4096, DOC_SDPA, dtype="float64")
+    pad_id = tok.pad_token_id
+
+    cases = {}
+    for name, chosen in (("packed", samples), ("single", samples[:1])):
+        mb = collate(chosen, "pack", "sample", pad_id)
+        mb.tensors["weights"] = mb.tensors["weights"] * step_scale("sample", 1, mb.num_samples, mb.num_targets)
+        cases[name] = (mb.tensors["input_ids"].shape[1], pad_to_multiple(mb.tensors, world, pad_id))
+
+    def grads():
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    refs = {}
+    for name, (_, batch) in cases.items():  # reference: whole sequence, one process, no SP
+        model.zero_grad(set_to_none=True)
+        loss = weighted_loss_sum(model, batch, chunk_tokens=16)
+        loss.backward()
+        refs[name] = (loss.item(), grads())
+
+    mpu = enable_ulysses(model, world, DOC_SDPA)
+    group = mpu.get_sequence_parallel_group()
+    result = {}
+    for name, (raw_len, batch) in cases.items():
+        model.zero_grad(set_to_none=True)
+        local = shard_sequence(batch, rank, world)
+        loss = weighted_loss_sum(model, local, chunk_tokens=16)
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=group)  # [] per rank -> [] sum over the SP group
+        g = grads()
+        for t in g.values():
+            dist.all_reduce(t, group=group)  # param-shaped partial grads -> their sum over SP ranks
+        ref_loss, ref_grads = refs[name]
+        result[name] = {
+            "raw_len": raw_len, "padded_len": batch["input_ids"].shape[1], "ref": ref_loss, "sp": total.item(),
+            "local_targets": int((local["target_ids"] != -100).sum()),
+            "max_grad_diff": max((g[n] - ref_grads[n]).abs().max().item() for n in ref_grads),
+            "max_grad": max(v.abs().max().item() for v in ref_grads.values()),
+            "grad_names": sorted(set(g) ^ set(ref_grads)),
+        }
+
+    # Negative control: DeepSpeed's wrapper over plain sdpa (mask dropped -> causal across documents).
+    cfg = model.config
+    leaky = UlyssesSPAttentionHF(attn=sdpa_attention_forward, batch_size=1, attn_head_count=cfg.num_attention_heads,
+                                 attn_head_size=cfg.hidden_size // cfg.num_attention_heads,
+                                 kv_head_count=cfg.num_key_value_heads, num_hidden_layers=cfg.num_hidden_layers,
+                                 process_group=group, seq_length_is_variable=True)
+    ALL_ATTENTION_FUNCTIONS[DOC_SDPA] = lambda module, q, k, v, mask, *a, **kw: leaky(module, q, k, v, None, *a, **kw)
+    with torch.no_grad():
+        local = shard_sequence(cases["packed"][1], rank, world)
+        leak = weighted_loss_sum(model, local, chunk_tokens=16)
+        dist.all_reduce(leak, group=group)
+    result["leak_loss"] = leak.item()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sp2_results(tiny_model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sp2")
+    mp.spawn(_worker, args=(2, _free_port(), tiny_model_path, str(out)), nprocs=2, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("case", ["packed", "single"])
+def test_sp2_loss_and_grads_equal_single_process(sp2_results, case):
+    for res in sp2_results:
+        r = res[case]
+        assert r["grad_names"] == []
+        assert r["sp"] == pytest.approx(r["ref"], rel=1e-12, abs=1e-12)
+        assert r["max_grad_diff"] <= 1e-10 * max(1.0, r["max_grad"])
+
+
+def test_sp2_handles_a_length_the_degree_does_not_divide(sp2_results):
+    lengths = {res["single"]["raw_len"] for res in sp2_results}
+    assert len(lengths) == 1 and lengths.pop() % 2 == 1, "the single-sample case must exercise padding"
+    assert sp2_results[0]["single"]["padded_len"] % 2 == 0
+
+
+def test_a_shard_may_hold_no_target(sp2_results):
+    # The first half of a single sample is mostly prompt; the weighted SUM still matches (no per-shard mean).
+    per_rank = [res["single"]["local_targets"] for res in sp2_results]
+    assert sum(per_rank) > 0 and min(per_rank) < max(per_rank)
+
+
+def test_dropping_the_document_mask_leaks_across_packed_documents(sp2_results):
+    res = sp2_results[0]
+    assert abs(res["leak_loss"] - res["packed"]["ref"]) > 1e-4 * abs(res["packed"]["ref"])

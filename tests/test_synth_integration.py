@@ -1,0 +1,165 @@
+"""The real synthesis stage end to end on a 2-CPU local Ray: hf with the tiny model, http against a
+fault-injecting OpenAI-compatible server, bad input, and a rerun that must redo nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from ctxforge.config import load_config
+from ctxforge.pipeline.config import SynthConfig
+from ctxforge.pipeline.run import synthesize
+from ctxforge.schema import SAMPLE_COLUMNS
+from fake_openai_server import FakeOpenAIServer
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "input.limit=2", "qa.hierarchical_per_document=3", "qa.diverse_per_document=2",
+    "concat.n1_hierarchical=1", "concat.n1_diverse=1", "concat.n2_earlier_diverse=1", "concat.n3_followups=1",
+    "concat.stages=[{name: 2K, target_tokens: 2048, documents_per_sample: 1, samples: 2},"
+    " {name: 4K, target_tokens: 4096, documents_per_sample: 2, samples: 2}]",
+    "run.progress=false",
+]
+
+
+def config(out: Path, *extra: str) -> SynthConfig:
+    return load_config(SynthConfig, "tiny", [f"output.dir={out}", *SMALL, *extra])
+
+
+def read_samples(out: Path, stage: str) -> list[dict]:
+    files = sorted((out / "samples" / stage).glob("*.parquet"))
+    rows = []
+    for f in files:
+        rows.extend(pq.read_table(f).to_pylist())
+    return rows
+
+
+def check_samples(out: Path, tokenizer, stages: dict[str, int]) -> None:
+    import datasets
+    import ray
+
+    for stage, target in stages.items():
+        rows = read_samples(out, stage)
+        assert rows, stage
+        for row in rows:
+            assert set(SAMPLE_COLUMNS) <= set(row)
+            assert row["num_tokens"] == len(row["input_ids"]) == len(row["loss_mask"]) <= target
+            assert sum(row["loss_mask"]) == row["num_loss_tokens"] > 0
+            assert row["stage"] == stage and row["documents"] and row["qa_ids"]
+            answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+            masked = tokenizer.decode([t for t, m in zip(row["input_ids"], row["loss_mask"]) if m])
+            assert masked == "".join(a + "<|im_end|>" for a in answers)  # the mask is exactly the answers
+        glob = str(out / "samples" / stage / "*.parquet")
+        assert len(datasets.load_dataset("parquet", data_files=glob, split="train")) == len(rows)
+        assert ray.data.read_parquet(str(out / "samples" / stage)).count() == len(rows)
+
+
+def test_hf_tiny_model_end_to_end_then_rerun_redoes_nothing(ray_local, tmp_path, tiny_tokenizer):
+    out = tmp_path / "hf"
+    report = synthesize(config(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"]["documents"] == 2
+    assert manifest["input"]["skipped_by_reason"]["over_limit"] > 0
+    assert manifest["generator"]["backend"] == "hf" and manifest["generator"]["prompt_set_hash"]
+    assert manifest["tokenizer"]["hash"] == report.tokenizer_hash
+    total = manifest["requests"]["total"]
+    assert total["requests"] > 0 and total["ok"] + total["failed"] == len(set_of_requests(out))
+    # the random-weight model grounds nothing: kept, flagged, and the manifest says so plainly
+    assert manifest["grounding"]["policy"] == "flag"
+    assert any("tiny model" in note for note in manifest["notes"])
+    check_samples(out, tiny_tokenizer, {"2K": 2048, "4K": 4096})
+    assert manifest["stages"]["4K"]["samples_built"] >= 1
+    before = {p.name: p.read_bytes() for p in (out / "samples" / "2K").glob("*.parquet")}
+    qa_before = pq.read_table(out / "qa" / "qa.parquet")
+
+    again = synthesize(config(out))
+    assert again.totals.sent == 0
+    assert again.totals.cache_hits == again.totals.requests == total["requests"]
+    assert json.loads((out / "manifest.json").read_text())["requests"]["cache_hits"] == total["requests"]
+    assert {p.name: p.read_bytes() for p in (out / "samples" / "2K").glob("*.parquet")} == before
+    assert pq.read_table(out / "qa" / "qa.parquet").equals(qa_before)
+
+
+def set_of_requests(out: Path) -> set[str]:
+    import sqlite3
+    db = sqlite3.connect(out / "work" / "requests.sqlite")
+    ids = [r[0] for r in db.execute("SELECT request_id FROM results")]
+    db.close()
+    assert len(ids) == len(set(ids))
+    return set(ids)
+
+
+def test_http_backend_with_faults_grounds_and_retries(ray_local, tmp_path, tiny_tokenizer):
+    # every request fails once with a 500 (transport retry), and one in ten first returns non-JSON
+    with FakeOpenAIServer(schedule=(500,), p_malformed=0.0) as server:
+        out = tmp_path / "http"
+        cfg = config(out, "generator.backend=http", f"generator.base_url={server.base_url}",
+                     "generator.model=fake-qwen", "generator.concurrency=4", "generator.retry_base_s=0.01",
+                     "grounding.on_ungrounded=drop")
+        synthesize(cfg)
+        stats = server.stats.snapshot()
+        base_url = server.base_url
+    manifest = json.loads((out / "manifest.json").read_text())
+    total = manifest["requests"]["total"]
+    assert total["failed"] == 0 and total["ok"] == total["requests"] - total["cache_hits"]
+    assert stats["by_status"][500] == total["ok"]  # one 500 per request, each retried by the backend
+    assert manifest["grounding"]["overall"]["rate"] > 0.5  # the fake quotes the prompt verbatim
+    assert manifest["generator"]["base_url"] == base_url
+    check_samples(out, tiny_tokenizer, {"2K": 2048, "4K": 4096})
+    qa = pq.read_table(out / "qa" / "qa.parquet").to_pylist()
+    assert qa and all(r["grounded"] for r in qa)  # drop policy: only grounded QA reach the table
+
+
+def test_invalid_json_is_retried_then_recorded_as_failed(ray_local, tmp_path):
+    with FakeOpenAIServer(permanent="malformed", match="Ask") as server:
+        out = tmp_path / "bad-json"
+        cfg = config(out, "generator.backend=http", f"generator.base_url={server.base_url}",
+                     "generator.model=fake", "generator.max_attempts=2", "generator.retry_base_s=0.01")
+        synthesize(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    qa_pass = manifest["requests"]["by_pass"]["qa"]
+    assert qa_pass["failed"] == qa_pass["requests"] > 0  # every question prompt got non-JSON twice
+    assert qa_pass["failures_by_reason"] == {"invalid_json": qa_pass["requests"]}
+    assert qa_pass["failed_attempts_by_reason"]["invalid_json"] == 2 * qa_pass["requests"]
+    assert manifest["requests"]["by_pass"]["summary_small"]["failed"] == 0
+    assert manifest["failures_by_reason"]["invalid_json"] == qa_pass["requests"]
+
+
+def test_bad_input_is_skipped_and_counted(ray_local, tmp_path):
+    import pyarrow as pa
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    good = "\n\n".join(f"Paragraph {i}. " + "The river ran past the old mill and the miller counted sacks. " * 8
+                       for i in range(12))
+    (corpus / "good.txt").write_text(good)
+    (corpus / "empty.txt").write_text("")
+    (corpus / "blank.md").write_text("   \n\t\n")
+    (corpus / "latin1.txt").write_bytes("caf\xe9 au lait ".encode("latin-1") * 50)
+    (corpus / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (corpus / "short.txt").write_text("Too short.")
+    lines = [json.dumps({"text": good.replace("river", "road"), "id": "jsonl-1"}), "{not json",
+             json.dumps({"body": "no text field"}), json.dumps({"text": 42}), json.dumps(["a", "list"]),
+             json.dumps({"text": good.replace("river", "road"), "id": "jsonl-1"})]  # same id twice
+    (corpus / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    pq.write_table(pa.table({"text": [good.replace("mill", "forge")], "title": ["forge"]}), corpus / "p.parquet")
+    pq.write_table(pa.table({"content": ["wrong column"]}), corpus / "q.parquet")
+    (corpus / ".hidden.txt").write_text(good)
+
+    with FakeOpenAIServer() as server:
+        out = tmp_path / "out"
+        cfg = config(out, f"input.path={corpus}", "input.limit=0", "input.max_document_tokens=0",
+                     "generator.backend=http", f"generator.base_url={server.base_url}", "generator.model=fake",
+                     "chunking.min_document_tokens=8")
+        synthesize(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"]["documents"] == 3  # good.txt, jsonl-1, the parquet row
+    assert manifest["input"]["skipped_by_reason"] == {
+        "empty_document": 2, "invalid_utf8": 1, "binary_file": 1, "too_short": 1, "invalid_json_line": 1,
+        "missing_text_field": 2, "text_not_string": 1, "record_not_an_object": 1, "duplicate_document": 1,
+    }
+    assert manifest["input"]["records_read"] == 14

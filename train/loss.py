@@ -1,0 +1,122 @@
+"""Loss: answer-only targets, LongAlign sample weighting, tiled cross-entropy.
+
+LongAlign (Bai et al. 2024, §3.3): with M samples spread over K packs (micro-batches) in one optimizer
+step, sample i's summed token loss L_i over its N_i target tokens is weighted K / (N_i * M) and summed
+within each pack; the mean over the K packs (what averaging gradients over ranks does) is then
+(1/M) * sum_i L_i / N_i, whatever the lengths and the packing. K and M are counted per step across
+ranks (`step_counts`), never stored in the data, so a different GPU count needs no re-preprocessing
+(LongAlign issue #8). `token` weighting (a plain token mean over the step) is the alternative.
+
+The cross-entropy is tiled along the sequence: logits of one chunk of `chunk_tokens` tokens exist at a
+time, recomputed in backward (activation checkpoint per chunk), so 1M-token logits (V*4 bytes per
+token fp32) are never materialized. Under SP each rank computes the weighted sum over its shard (a
+shard may hold no target at all); sums, never per-shard means, are combined.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+
+
+def shift_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample [s] -> [s]: position t predicts token t+1 when that token is a loss (answer) token,
+    else IGNORE. Shifted before packing/sharding, so the last position never predicts across a boundary."""
+    targets = torch.full_like(input_ids, IGNORE, dtype=torch.long)
+    nxt = loss_mask[1:].bool()
+    targets[:-1][nxt] = input_ids[1:][nxt].long()
+    return targets
+
+
+def sample_base_weights(targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[s] targets of one sample -> ([s] weights 1/N_i on target positions, N_i). The step's K/M factor
+    is applied later (`step_scale`), because it depends on how the step is laid out across ranks."""
+    valid = targets != IGNORE
+    n = int(valid.sum())
+    weights = torch.zeros(targets.shape, dtype=torch.float64)
+    if n:
+        weights[valid] = 1.0 / n
+    return weights, n
+
+
+def step_scale(weighting: str, num_packs: int, num_samples: int, num_target_tokens: int) -> float:
+    """Factor applied to the base weights of every token in the step.
+
+    sample: base weights are 1/N_i -> K/(N_i*M) needs K/M.
+    token:  base weights are 1 (see `base_weights_for`) -> K/T gives a token mean over all T targets.
+    """
+    if weighting == "sample":
+        return num_packs / max(num_samples, 1)
+    if weighting == "token":
+        return num_packs / max(num_target_tokens, 1)
+    raise ValueError(f"loss weighting {weighting!r}: expected 'sample' or 'token'")
+
+
+def step_counts(local_packs: int, local_samples: int, local_targets: int, sp_degree: int,
+                device: torch.device | None = None) -> tuple[int, int, int]:
+    """(K, M, T) for the step: packs, samples and target tokens summed over every rank. Every rank of
+    an SP group holds the same packs, so the world sum is divided by sp_degree."""
+    import torch.distributed as dist
+
+    counts = torch.tensor([local_packs, local_samples, local_targets], dtype=torch.int64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)  # [3] per rank -> [3] world sum
+        counts //= sp_degree
+    k, m, t = (int(x) for x in counts.tolist())
+    return k, m, t
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32 for the softmax; fp32/fp64 unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+    """[n, h] hidden, [n] targets/weights -> [] sum_t w_t * CE_t (fp32 logits for this chunk only)."""
+    logits = _upcast(F.linear(hidden, weight, bias))
+    ce = F.cross_entropy(logits, targets.clamp_min(0), reduction="none")
+    return (ce * weights.to(ce.dtype) * (targets != IGNORE)).sum()
+
+
+def tiled_weighted_ce(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor,
+                      weights: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+    """[b, s, h] hidden, [b, s] targets and weights -> [] sum of w_t * CE_t over this rank's tokens.
+
+    Only positions with a non-zero weight are projected to the vocabulary (prompt tokens cost nothing),
+    chunk by chunk under activation checkpointing.
+    """
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_t, flat_w = targets.reshape(-1), weights.reshape(-1)
+    keep = (flat_t != IGNORE) & (flat_w != 0)
+    idx = keep.nonzero(as_tuple=True)[0]
+    total = flat_h.new_zeros((), dtype=_upcast(flat_h).dtype) + 0.0 * flat_h.sum()  # keeps the graph when no target here
+    for start in range(0, idx.numel(), chunk_tokens):
+        sel = idx[start:start + chunk_tokens]
+        h, t, w = flat_h[sel], flat_t[sel], flat_w[sel]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_chunk_loss, h, lm_head.weight, lm_head.bias, t, w, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(h, lm_head.weight, lm_head.bias, t, w)
+    return total
+
+
+def per_token_ce(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """[b, s, h] -> [b, s] CE per position (0 where no target); for checks and per-sample losses."""
+    logits = _upcast(lm_head(hidden))
+    ce = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    return ce * (targets != IGNORE)
+
+
+def longalign_reference(sample_losses: list[float], sample_targets: list[int]) -> float:
+    """(1/M) * sum_i L_i / N_i over samples with N_i > 0: what the weighted step loss must equal."""
+    pairs = [(loss, n) for loss, n in zip(sample_losses, sample_targets) if n > 0]
+    return sum(loss / n for loss, n in pairs) / max(len(pairs), 1)
+
+
+def naive_pack_loss(pack_sums: list[float], pack_targets: list[int]) -> float:
+    """(1/K) * sum_k (sum_{i in k} L_i) / (sum_{i in k} N_i): the biased loss LongAlign corrects."""
+    return sum(s / max(n, 1) for s, n in zip(pack_sums, pack_targets)) / max(len(pack_sums), 1)

@@ -1,0 +1,122 @@
+"""Stepwise RoPE scaling: each curriculum stage sets the model's RoPE parameters for its length.
+
+transformers computes `inv_freq` once, in the rotary embedding's constructor, and keeps it as a
+non-persistent buffer: editing `config.rope_parameters` of a built model changes nothing, and
+`inv_freq` is never saved. So a stage (1) writes its RoPE parameters into the config *before* the model
+is built from the previous stage's weights (`stage_config`), (2) checks after the build that the
+rotary buffers equal what the config implies (`verify_rotary`), and (3) saves that config with every
+checkpoint, so transformers and vLLM load each checkpoint with the stage's positions.
+
+Supported: theta per stage (`rope_type: default`) and the scaling types transformers knows (linear,
+dynamic, yarn, llama3), with their factor and parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ctxforge.config import StrictModel
+
+RopeType = Literal["default", "linear", "dynamic", "yarn", "llama3"]
+
+
+class RopeConfig(StrictModel):
+    """A stage's RoPE setting. Unset fields keep the previous stage's (or the base model's) value."""
+
+    theta: float | None = Field(None, gt=0, description="rope_theta (base); null = keep the model's")
+    type: RopeType | None = Field(None, description="rope_type: default | linear | dynamic | yarn | llama3; "
+                                                    "null = keep the model's")
+    factor: float | None = Field(None, gt=0, description="scaling factor (linear, dynamic, yarn, llama3)")
+    original_max_position_embeddings: int | None = Field(
+        None, gt=0, description="context length the scaling is relative to (yarn, llama3)")
+    low_freq_factor: float | None = Field(None, gt=0, description="llama3 only")
+    high_freq_factor: float | None = Field(None, gt=0, description="llama3 only")
+    beta_fast: float | None = Field(None, gt=0, description="yarn only")
+    beta_slow: float | None = Field(None, gt=0, description="yarn only")
+    attention_factor: float | None = Field(None, gt=0, description="yarn: attention temperature; null = default")
+
+
+_SCALING_KEYS = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor",
+                 "beta_fast", "beta_slow", "attention_factor")
+
+
+def stage_rope_parameters(current: dict, rope: RopeConfig) -> dict:
+    """The model's `rope_parameters` (transformers v5 dict) after applying a stage's setting.
+
+    Changing the rope type drops the previous type's scaling keys, so no stale llama3 factor rides
+    along into a yarn or default config.
+    """
+    params = dict(current)
+    if rope.type is not None and rope.type != params.get("rope_type", "default"):
+        params = {k: v for k, v in params.items() if k not in _SCALING_KEYS}
+        params["rope_type"] = rope.type
+    if rope.theta is not None:
+        params["rope_theta"] = float(rope.theta)
+    for key in _SCALING_KEYS:
+        value = getattr(rope, key)
+        if value is not None:
+            params[key] = value
+    params.setdefault("rope_type", "default")
+    return params
+
+
+def stage_config(model_path: str, rope: RopeConfig, max_seq_len: int):
+    """The model config for a stage: RoPE per the stage, max_position_embeddings >= the stage length."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    text = config.get_text_config()
+    text.rope_parameters = stage_rope_parameters(dict(text.rope_parameters or {}), rope)
+    text.max_position_embeddings = max(int(text.max_position_embeddings or 0), int(max_seq_len))
+    text.validate_rope()
+    return config
+
+
+def expected_inv_freq(config) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention_scaling) that the config implies, computed like transformers' constructors."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    text = config.get_text_config()
+    rope_type = text.rope_parameters.get("rope_type", "default")
+    if rope_type == "default":
+        base = text.rope_parameters["rope_theta"]
+        dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        dim = int(dim * text.rope_parameters.get("partial_rotary_factor", 1.0))
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    return ROPE_INIT_FUNCTIONS[rope_type](text, "cpu")
+
+
+def rotary_modules(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+
+
+def verify_rotary(model) -> None:
+    """Raise unless every rotary module's inv_freq and attention_scaling match the model's config."""
+    inv, scaling = expected_inv_freq(model.config)
+    mods = rotary_modules(model)
+    if not mods:
+        raise RuntimeError(f"{type(model).__name__}: no rotary embedding module (inv_freq) found")
+    for mod in mods:
+        if not torch.allclose(mod.inv_freq.float().cpu(), inv, rtol=1e-6, atol=0):
+            raise RuntimeError(f"{type(model).__name__}: rotary inv_freq does not match config.rope_parameters "
+                               f"{model.config.get_text_config().rope_parameters}: was the config changed after the "
+                               f"model was built?")
+        if abs(float(getattr(mod, "attention_scaling", 1.0)) - float(scaling)) > 1e-9:
+            raise RuntimeError(f"rotary attention_scaling {mod.attention_scaling} != {scaling} from the config")
+
+
+def recompute_rotary(model) -> int:
+    """Recompute inv_freq/original_inv_freq/attention_scaling of a built model from its config (the
+    in-place alternative to rebuilding); returns the number of rotary modules updated."""
+    inv, scaling = expected_inv_freq(model.config)
+    mods = rotary_modules(model)
+    for mod in mods:
+        mod.inv_freq = inv.to(mod.inv_freq.device)
+        if hasattr(mod, "original_inv_freq"):
+            mod.original_inv_freq = inv.clone().to(mod.inv_freq.device)
+        mod.attention_scaling = scaling
+        mod.rope_type = model.config.get_text_config().rope_parameters.get("rope_type", "default")
+    return len(mods)
