@@ -77,8 +77,8 @@ def list_input_files(path: str, fmt: str) -> dict[str, list[str]]:
     kinds: dict[str, list[str]] = {"jsonl": [], "parquet": [], "text": []}
     prefix = path.split("://")[0] + "://" if "://" in path else ""
     for i in sorted(infos, key=lambda i: i.path):
-        if any(part.startswith(".") for part in Path(i.path).relative_to(root).parts if part) and info.type != pafs.FileType.File:
-            continue
+        if any(part.startswith(".") for part in Path(i.path).relative_to(root).parts):
+            continue  # hidden files and folders (.git, .DS_Store) are not documents
         kind = fmt if fmt != "auto" else _kind_of(i.path)
         kinds[kind].append(prefix + i.path if prefix and not i.path.startswith(prefix) else i.path)
     if not any(kinds.values()):
@@ -156,7 +156,7 @@ def _parse_text_file(item: dict, cfg: InputConfig) -> list[dict]:
     return [_doc_row(record, cfg, source, 0)]
 
 
-def _normalize_parquet_batch(batch: dict, cfg: InputConfig, ) -> dict:
+def _normalize_parquet_batch(batch: dict, cfg: InputConfig) -> dict:
     import numpy as np
 
     n = len(next(iter(batch.values()))) if batch else 0

@@ -134,7 +134,7 @@ def test_padded_batches_have_fixed_rows_and_no_weight_on_padding(samples, tiny_t
 
 
 def test_step_counts_without_a_process_group_are_local():
-    assert step_counts(2, 5, 40, sp_degree=1) == (2, 5, 40)
+    assert step_counts(2, 5, 40, sp_degree=1, extra=7) == (2, 5, 40, 7)
 
 
 def test_sample_num_targets_ignores_first_token():

@@ -56,17 +56,18 @@ def step_scale(weighting: str, num_packs: int, num_samples: int, num_target_toke
 
 
 def step_counts(local_packs: int, local_samples: int, local_targets: int, sp_degree: int,
-                device: torch.device | None = None) -> tuple[int, int, int]:
-    """(K, M, T) for the step: packs, samples and target tokens summed over every rank. Every rank of
-    an SP group holds the same packs, so the world sum is divided by sp_degree."""
+                device: torch.device | None = None, extra: int = 0) -> tuple[int, int, int, int]:
+    """(K, M, T, extra) for the step: packs, samples, target tokens (and any extra count, e.g. real tokens)
+    summed over every rank. Every rank of an SP group holds the same packs, so the world sum is divided by
+    sp_degree."""
     import torch.distributed as dist
 
-    counts = torch.tensor([local_packs, local_samples, local_targets], dtype=torch.int64, device=device)
+    counts = torch.tensor([local_packs, local_samples, local_targets, extra], dtype=torch.int64, device=device)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)  # [3] per rank -> [3] world sum
+        dist.all_reduce(counts)  # [4] per rank -> [4] world sum
         counts //= sp_degree
-    k, m, t = (int(x) for x in counts.tolist())
-    return k, m, t
+    k, m, t, x = (int(v) for v in counts.tolist())
+    return k, m, t, x
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -74,10 +75,11 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
+def _chunk_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-    """[n, h] hidden, [n] targets/weights -> [] sum_t w_t * CE_t (fp32 logits for this chunk only)."""
-    logits = _upcast(F.linear(hidden, weight, bias))
+    """[n, h] hidden, [n] targets/weights -> [] sum_t w_t * CE_t (fp32 logits for this chunk only).
+    lm_head is called as a module (not F.linear on its weight) so ZeRO-3's gather hooks fire."""
+    logits = _upcast(lm_head(hidden))
     ce = F.cross_entropy(logits, targets.clamp_min(0), reduction="none")
     return (ce * weights.to(ce.dtype) * (targets != IGNORE)).sum()
 
@@ -98,9 +100,9 @@ def tiled_weighted_ce(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: t
         sel = idx[start:start + chunk_tokens]
         h, t, w = flat_h[sel], flat_t[sel], flat_w[sel]
         if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_loss, h, lm_head.weight, lm_head.bias, t, w, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, h, lm_head, t, w, use_reentrant=False)
         else:
-            total = total + _chunk_loss(h, lm_head.weight, lm_head.bias, t, w)
+            total = total + _chunk_loss(h, lm_head, t, w)
     return total
 
 

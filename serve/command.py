@@ -1,0 +1,109 @@
+"""`ctxforge serve` and `ctxforge eval`: argument parsing and the only place these stages read the
+environment (API keys). Each subcommand is a pair: `add_*_arguments(parser)` fills a subparser,
+`run_*(args) -> int` runs it (ConfigError / PreflightError propagate to the CLI, which prints them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import textwrap
+import time
+
+from ctxforge.config import apply_overrides, describe_fields, load_config, packaged_config_names
+
+log = logging.getLogger(__name__)
+DEFAULT_EVAL_CONFIG = "eval-tiny"
+
+
+def _epilog(model) -> str:
+    lines = ["options (override any as key=value after the flags; lists as YAML, e.g. ruler.lengths=[1024,2048]):", ""]
+    for key, typ, default, desc in describe_fields(model):
+        lines.append(f"  {key}  ({typ}, default {default})")
+        lines += [f"      {part}" for part in textwrap.wrap(desc, 92)]
+    return "\n".join(lines)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from ctxforge.serve.config import ServeConfig
+
+    parser.description = ("Serve a checkpoint behind an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, "
+                          "/v1/completions, /health) with Ray Serve: vLLM via ray.serve.llm on GPU, a transformers "
+                          "deployment on CPU. Set $CTXFORGE_API_KEY (see api_key_env) to require a bearer key.")
+    parser.epilog = _epilog(ServeConfig)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--model", default=None, help="model directory, hub name (vllm) or ctxforge:tiny (default: ctxforge:tiny)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    parser.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    parser.add_argument("--config", default=None, metavar="FILE.yaml|NAME", help="optional ServeConfig YAML")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. max_model_len=4096")
+
+
+def serve_config_from_args(args):
+    from ctxforge.serve.config import ServeConfig
+
+    flags = [f"{k}={v}" for k, v in (("model", args.model), ("port", args.port), ("host", args.host)) if v is not None]
+    overrides = list(args.overrides or []) + flags
+    if args.config:
+        return load_config(ServeConfig, args.config, overrides)
+    from ctxforge.config import ConfigError, format_validation_error
+    from pydantic import ValidationError
+    try:
+        return ServeConfig.model_validate(apply_overrides({}, overrides))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "command line")) from None
+
+
+def run_serve(args) -> int:
+    from ray import serve
+
+    from ctxforge.raycluster import init_ray
+    from ctxforge.serve.app import run_app
+
+    cfg = serve_config_from_args(args)
+    api_key = os.environ.get(cfg.api_key_env) or None
+    init_ray(progress=False)
+    url = run_app(cfg, api_key)
+    print(f"serving {cfg.model} as {cfg.model_id()!r} at {url}  (auth: {'bearer key from $' + cfg.api_key_env if api_key else 'none'})")
+    print("Ctrl-C to stop.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from ctxforge.serve.config import EvalConfig
+
+    parser.description = ("Evaluate one or more models on RULER (generated here, any lengths) and InfiniteBench (your "
+                          "JSONL files) through their OpenAI-compatible endpoints (served here when base_url is null). "
+                          "Writes results.json, report.md and plots/ to output_dir; reruns resume from its cache.")
+    parser.epilog = _epilog(EvalConfig)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--config", default=None, metavar="FILE.yaml|NAME",
+                        help=f"YAML config or packaged name ({', '.join(n for n in packaged_config_names() if n.startswith('eval-'))}); "
+                             f"default: {DEFAULT_EVAL_CONFIG}")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. ruler.num_samples=5")
+
+
+def run_eval(args) -> int:
+    from ctxforge.serve.config import EvalConfig
+    from ctxforge.serve.evaluate import evaluate
+
+    cfg = load_config(EvalConfig, args.config, args.overrides, default=DEFAULT_EVAL_CONFIG)
+    api_keys = {m.name: os.environ.get(m.api_key_env) or None for m in cfg.models if m.base_url}
+    results = evaluate(cfg, api_keys, config_label=args.config or DEFAULT_EVAL_CONFIG)
+    for name, m in results["models"].items():
+        r = m.get("ruler") or {}
+        ib = m.get("infinitebench") or {}
+        parts = []
+        if r:
+            parts.append(f"{r['label']} avg {r['average']:.1f}" if r.get("average") is not None else "RULER: no scores")
+        if ib:
+            parts.append(f"InfiniteBench avg {ib['average']:.1f}" if ib.get("average") is not None else "InfiniteBench: no scores")
+        print(f"{name}: {'; '.join(parts)}  ({m['requests']['total']} requests, {m['requests']['errors']} errors)")
+    print(f"\nreport:  {cfg.output_dir}/report.md\nresults: {cfg.output_dir}/results.json\nplots:   {cfg.output_dir}/plots/")
+    return 0 if all(m["requests"]["errors"] == 0 for m in results["models"].values()) else 1

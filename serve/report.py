@@ -1,0 +1,184 @@
+"""The evaluation report: results.json, report.md (task x length tables with averages, models side by
+side, published numbers as reference rows) and PNG plots (matplotlib Agg): a needle-in-a-haystack
+depth x length heatmap per model, RULER score vs length per task, and the RULER average vs length.
+
+Input is the results dict evaluate.py builds; this module computes no scores of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ctxforge.serve.infinitebench import TASK_ORDER as IB_TASKS
+from ctxforge.serve.ruler_tasks import TASKS as RULER_TASKS
+
+DEPTH_BINS = 10
+
+
+def _fmt(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
+
+
+def _len_label(n: int | str) -> str:
+    n = int(n)
+    return f"{n // 1048576}M" if n % 1048576 == 0 else f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def ruler_lengths(results: dict) -> list[int]:
+    return sorted({int(n) for m in results["models"].values() for n in (m.get("ruler") or {}).get("per_length", {})})
+
+
+def markdown(results: dict) -> str:
+    lines = ["# ctxforge evaluation report", ""]
+    if results.get("config_label"):
+        lines += [f"Config: `{results['config_label']}` — created {results.get('created', '')}", ""]
+    models = results["models"]
+    lines += _table(["model", "endpoint", "model id", "window", "requests", "cached", "errors", "median latency (s)"],
+                    [[name, m["endpoint"], m["model_id"], str(m["max_model_len"]), str(m["requests"]["total"]),
+                      str(m["requests"]["cached"]), str(m["requests"]["errors"]), _fmt(m["latency"].get("median_s"))]
+                     for name, m in models.items()]) + [""]
+    lengths = ruler_lengths(results)
+    refs = [r for r in results.get("references", []) if r["benchmark"] == "ruler"]
+    if lengths:
+        lines += ["## RULER", "", "Per-length score = unweighted mean over the tasks run (RULER's aggregation); "
+                  "Avg. = mean over lengths. Metrics: string_match_all (NIAH, vt, cwe, fwe), string_match_part (QA).", ""]
+        rows = []
+        for name, m in models.items():
+            r = m.get("ruler") or {}
+            rows.append([f"{name} ({r.get('label', 'RULER')})"] + [_fmt(r.get("per_length", {}).get(str(n))) for n in lengths]
+                        + [_fmt(r.get("average"))])
+        for ref in refs:
+            vals = [ref["scores"].get(str(n)) for n in lengths]
+            known = [v for v in vals if v is not None]
+            avg = ref["scores"].get("avg", sum(known) / len(known) if len(known) == len(vals) else None)
+            rows.append([f"{ref['name']} (reference)"] + [_fmt(v) for v in vals] + [_fmt(avg)])
+        lines += _table(["model"] + [_len_label(n) for n in lengths] + ["Avg."], rows) + [""]
+        for name, m in models.items():
+            r = m.get("ruler")
+            if not r:
+                continue
+            lines += [f"### RULER tasks — {name}", ""]
+            rows = []
+            for task in RULER_TASKS:
+                per = r["tasks"].get(task)
+                if per is None:
+                    reason = r.get("skipped", {}).get(task)
+                    if reason:
+                        rows.append([task] + ["skipped"] * len(lengths) + [reason])
+                    continue
+                vals = [per.get(str(n), {}).get("score") for n in lengths]
+                known = [v for v in vals if v is not None]
+                rows.append([task] + [_fmt(v) for v in vals] + [_fmt(sum(known) / len(known) if known else None)])
+            rows.append(["**mean**"] + [_fmt(r["per_length"].get(str(n))) for n in lengths] + [_fmt(r.get("average"))])
+            lines += _table(["task"] + [_len_label(n) for n in lengths] + ["Avg."], rows) + [""]
+            for n, why in r.get("skipped_lengths", {}).items():
+                lines.append(f"- length {n} skipped: {why}")
+            lines.append("")
+    ib_models = {n: m["infinitebench"] for n, m in models.items() if m.get("infinitebench")}
+    if ib_models:
+        tasks = [t for t in IB_TASKS if any(t in m["tasks"] for m in ib_models.values())]
+        lines += ["## InfiniteBench", "", "Scores in %, each task with its own metric; Avg. over the tasks run.", ""]
+        rows = [[name] + [_fmt(m["tasks"].get(t, {}).get("score")) for t in tasks] + [_fmt(m.get("average"))]
+                for name, m in ib_models.items()]
+        for ref in [r for r in results.get("references", []) if r["benchmark"] == "infinitebench"]:
+            rows.append([f"{ref['name']} (reference)"] + [_fmt(ref["scores"].get(t)) for t in tasks] + [_fmt(ref["scores"].get("avg"))])
+        lines += _table(["model"] + tasks + ["Avg."], rows) + [""]
+        for name, m in ib_models.items():
+            for t, why in m.get("skipped", {}).items():
+                lines.append(f"- {name}: {t} skipped: {why}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plots(results: dict, plot_dir: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    lengths = ruler_lengths(results)
+    models = {n: m["ruler"] for n, m in results["models"].items() if m.get("ruler")}
+    if not lengths or not models:
+        return written
+    for name, r in models.items():  # depth x length heatmap of single-needle NIAH samples
+        grid = [[[] for _ in lengths] for _ in range(DEPTH_BINS)]
+        for rec in r.get("niah_depth", []):
+            row = min(int(rec["depth"] / 100 * DEPTH_BINS), DEPTH_BINS - 1)
+            grid[row][lengths.index(int(rec["length"]))].append(rec["score"])
+        data = [[sum(c) / len(c) if c else float("nan") for c in row] for row in grid]
+        fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 3, 5))
+        im = ax.imshow(data, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [_len_label(n) for n in lengths])
+        ax.set_yticks(range(DEPTH_BINS), [f"{int(100 * i / DEPTH_BINS)}–{int(100 * (i + 1) / DEPTH_BINS)}%" for i in range(DEPTH_BINS)])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"Needle in a haystack — {name}")
+        fig.colorbar(im, ax=ax, label="score")
+        path = plot_dir / f"niah_heatmap_{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path))
+    tasks = [t for t in RULER_TASKS if any(t in r["tasks"] for r in models.values())]
+    cols = min(4, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for name, r in models.items():
+            per = r["tasks"].get(task, {})
+            xs = [n for n in lengths if per.get(str(n), {}).get("score") is not None]
+            ax.plot(xs, [per[str(n)]["score"] for n in xs], marker="o", label=name)
+        ax.set_title(task)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-5, 105)
+        ax.set_xticks(lengths, [_len_label(n) for n in lengths])
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("RULER score vs length, per task")
+    fig.tight_layout()
+    path = plot_dir / "ruler_tasks_vs_length.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(str(path))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in models.items():
+        xs = [n for n in lengths if str(n) in r["per_length"]]
+        ax.plot(xs, [r["per_length"][str(n)] for n in xs], marker="o", label=f"{name} ({r['label']})")
+    for ref in [x for x in results.get("references", []) if x["benchmark"] == "ruler"]:
+        pts = sorted((int(k), v) for k, v in ref["scores"].items() if k.isdigit())
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="--", marker="x", label=f"{ref['name']} (reference)")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("RULER average")
+    ax.legend(fontsize=8)
+    ax.set_title("RULER average vs length")
+    fig.tight_layout()
+    path = plot_dir / "ruler_average_vs_length.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(str(path))
+    return written
+
+
+def write_report(results: dict, out_dir: str | Path) -> dict:
+    """Write results.json, report.md and plots/*.png under out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plots(results, out / "plots")
+    results["plots"] = [str(Path(p).relative_to(out)) for p in plots]
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    md = markdown(results)
+    if plots:
+        md += "\n## Plots\n\n" + "\n".join(f"![{Path(p).stem}]({Path(p).relative_to(out)})" for p in plots) + "\n"
+    (out / "report.md").write_text(md, encoding="utf-8")
+    return {"results": str(out / "results.json"), "report": str(out / "report.md"), "plots": plots}

@@ -1,0 +1,98 @@
+"""`ctxforge train` and `ctxforge plan`: argument wiring and the console report. No training logic here.
+
+Wired into ctxforge/cli.py as:
+    train = sub.add_parser("train", help=...); add_train_arguments(train)   ... run_train(args)
+    plan = sub.add_parser("plan", help=...);  add_plan_arguments(plan)     ... run_plan(args)
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+from ctxforge.config import ConfigError, PreflightError, describe_fields, load_config, packaged_config_names
+
+DEFAULT_TRAIN_CONFIG = "train-tiny"
+
+
+def _epilog(model) -> str:
+    lines = ["options (override any as key=value after --config; list items by index, e.g. stages.0.lr=1e-5):", ""]
+    for key, typ, default, desc in describe_fields(model):
+        lines.append(f"  {key}  ({typ}, default {default})")
+        lines.extend(f"      {part}" for part in textwrap.wrap(desc, 92))
+    lines.append("  stages.N.*  see StageConfig: name, data_stage, max_seq_len, rope.{theta,type,factor,...}, lr, "
+                 "schedule, warmup_steps, min_lr_ratio, epochs, max_steps, workers, sp_degree, batching, batch_size, "
+                 "grad_accum, loss_weighting, short_ratio, checkpoint_every")
+    return "\n".join(lines)
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE.yaml|NAME",
+                        help=f"train config (YAML path or packaged name: "
+                             f"{', '.join(n for n in packaged_config_names() if n.startswith('train'))}); "
+                             f"default: {DEFAULT_TRAIN_CONFIG}")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. input.dir=runs/x")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig
+
+    parser.description = ("Fine-tune the model through the staged context curriculum on Ray Train: per stage, RoPE "
+                          "set for its length, Ulysses SP x DP, packing with LongAlign loss weighting, DeepSpeed ZeRO, "
+                          "checkpoints in HF format. Rerunning the same command resumes from the last checkpoint; "
+                          "finished stages are not re-run.")
+    parser.epilog = _epilog(TrainConfig)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    _config_args(parser)
+
+
+def run_train(args) -> int:
+    from .config import TrainConfig
+    from .curriculum import run_curriculum
+    from .data import DataError
+    from .loop import ResumeError
+    from .sequence_parallel import SequenceParallelError
+
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides, default=DEFAULT_TRAIN_CONFIG)
+        report = run_curriculum(cfg, label=args.config or DEFAULT_TRAIN_CONFIG)
+    except (ConfigError, PreflightError, DataError, ResumeError, SequenceParallelError, FileNotFoundError,
+            ValueError) as exc:
+        print(f"ctxforge train: {exc}")
+        return 2
+    except Exception as exc:  # Ray Train's TrainingFailedError carries the worker's traceback
+        if type(exc).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
+            raise
+        print(f"ctxforge train: training failed: {exc}\nRun the same command again to resume from the last checkpoint.")
+        return 1
+    print("\nstage      status    steps  final loss  checkpoint")
+    for name, st in report.stages.items():
+        loss = f"{st['loss']:.4f}" if "loss" in st else "-"
+        print(f"{name:<10} {st['status']:<9} {st.get('steps', '-')!s:>5}  {loss:>10}  {st['checkpoint']}")
+    print(f"\nmetrics: {report.output_dir}/metrics/<stage>.jsonl")
+    return 0
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Estimate GPU memory per rank for each stage of a train config and the smallest SP degree / "
+                          "GPU count that fits a GPU's memory (formula: design/sequence-parallel.md §7).")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+    parser.add_argument("--max-sp", type=int, default=16, help="largest SP degree considered (default 16; Ulysses "
+                                                                "beyond one node's GPUs works but its all-to-all crosses "
+                                                                "the slower inter-node links)")
+    _config_args(parser)
+
+
+def run_plan(args) -> int:
+    from .config import TrainConfig
+    from .plan import format_plan, plan_curriculum
+
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides, default=DEFAULT_TRAIN_CONFIG)
+        rows = plan_curriculum(cfg, gpu_memory_gib=args.gpu_memory_gib, max_sp=args.max_sp)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"ctxforge plan: {exc}")
+        return 2
+    print(format_plan(cfg, rows, args.gpu_memory_gib))
+    return 0

@@ -1,0 +1,142 @@
+"""Stage orchestration on the driver: preflight, one Ray Train run per stage, resume, final exports.
+
+Stage i starts from stage i-1's final weights (OUTPUT/checkpoints/<prev>/, Hugging Face format) with its
+own RoPE. A stage whose `stage_complete.json` matches the config is never re-run. An unfinished stage is
+a Ray Train run named <output.name>-<stage> under the storage path: running the same command again
+makes Ray Train restore its latest checkpoint (weights, optimizer, scheduler, step), and FailureConfig
+restarts crashed workers from it within one run. A directory written by a different config is refused
+before anything starts (run.json keeps each stage's fingerprint).
+
+Layout of OUTPUT: checkpoints/<stage>/ (final HF export + stage_complete.json), metrics/<stage>.jsonl
+(one row per step), run.json, ray/ (Ray Train storage unless output.storage_path).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import TrainConfig
+from .data import DataError
+from .engine import HF_DIR, STATE_FILE
+from .loop import ResumeError, load_samples, train_stage_worker
+
+COMPLETE = "stage_complete.json"
+
+
+@dataclass
+class CurriculumReport:
+    output_dir: str
+    stages: dict = field(default_factory=dict)  # name -> {"status": "trained"|"skipped", "checkpoint": ..., ...}
+
+
+def _check_run_dir(out: Path, cfg: TrainConfig, label: str) -> None:
+    run_file = out / "run.json"
+    fingerprints = {s.name: cfg.stage_fingerprint(i) for i, s in enumerate(cfg.stages)}
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text()).get("fingerprints", {})
+        for name, fp in fingerprints.items():
+            if name in previous and previous[name] != fp:
+                raise ResumeError(f"{out}: stage {name} was started with a different config (fingerprint "
+                                  f"{previous[name]}, now {fp} from {label}); resume needs the same model, input, "
+                                  f"stages and seed — use another output.dir to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"config_source": label, "fingerprints": fingerprints,
+                                    "config": cfg.model_dump(mode="json")}, indent=2, sort_keys=True))
+
+
+def _completed(final_dir: Path, fingerprint: str) -> bool:
+    marker = final_dir / COMPLETE
+    if not marker.is_file():
+        return False
+    done = json.loads(marker.read_text())
+    if done.get("fingerprint") != fingerprint:
+        raise ResumeError(f"{marker}: stage finished under a different config (fingerprint {done.get('fingerprint')}, "
+                          f"now {fingerprint})")
+    return True
+
+
+def preflight(cfg: TrainConfig, tokenizer, tok_hash: str) -> dict:
+    """Read every stage's shards on the driver: a bad shard, a foreign tokenizer or (strict) an over-long
+    sample stops the run here, before any worker starts."""
+    stats = {}
+    for i, stage in enumerate(cfg.stages):
+        samples, st = load_samples(cfg, i, tok_hash, tokenizer)
+        if not samples:
+            raise DataError(f"stage {stage.name}: no usable sample in {cfg.input.dir} ({st})")
+        stats[stage.name] = st
+    return stats
+
+
+def run_curriculum(cfg: TrainConfig, label: str = "config", log=print) -> CurriculumReport:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from transformers import AutoConfig
+
+    from ctxforge.models import load_tokenizer, resolve_model_path, tokenizer_hash
+    from ctxforge.raycluster import init_ray
+
+    out = Path(cfg.output.dir).expanduser().absolute()
+    storage = cfg.output.storage_path or str(out / "ray")
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    tok_hash = tokenizer_hash(tokenizer)
+    cfg.validate_for(AutoConfig.from_pretrained(model_path))
+    _check_run_dir(out, cfg, label)
+    stats = preflight(cfg, tokenizer, tok_hash)
+    for name, st in stats.items():
+        if st["dropped_too_long"]:
+            log(f"stage {name}: dropped {st['dropped_too_long']} of {st['read']} samples longer than max_seq_len "
+                f"(longest {st['longest_dropped']} tokens)")
+
+    report = CurriculumReport(output_dir=str(out))
+    init_model = model_path
+    for i, stage in enumerate(cfg.stages):
+        fingerprint = cfg.stage_fingerprint(i)
+        final_dir = out / "checkpoints" / stage.name
+        if _completed(final_dir, fingerprint):
+            log(f"stage {stage.name}: already complete ({final_dir}); not re-run")
+            report.stages[stage.name] = {"status": "skipped", "checkpoint": str(final_dir)}
+            init_model = str(final_dir)
+            continue
+        if not ray.is_initialized():
+            init_ray(cfg.runtime.ray_address, cfg.runtime.num_cpus, progress=cfg.runtime.progress)
+        use_gpu = cfg.runtime.device == "cuda" or (cfg.runtime.device == "auto"
+                                                   and ray.cluster_resources().get("GPU", 0) > 0)
+        backend = "nccl" if use_gpu else "gloo"
+        payload = {"config": cfg.model_dump(mode="json"), "stage_index": i, "init_model": init_model,
+                   "tokenizer_dir": model_path, "tokenizer_hash": tok_hash, "pad_id": tokenizer.pad_token_id,
+                   "fingerprint": fingerprint, "backend": backend, "storage": f"{storage}/{cfg.output.name}-{stage.name}",
+                   "metrics_path": str(out / "metrics" / f"{stage.name}.jsonl")}
+        trainer = TorchTrainer(
+            train_stage_worker, train_loop_config=payload,
+            scaling_config=ScalingConfig(num_workers=stage.workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cfg.runtime.cpus_per_worker,
+                                                               **({"GPU": 1} if use_gpu else {})}),
+            torch_config=TorchConfig(backend=backend),
+            run_config=RunConfig(name=f"{cfg.output.name}-{stage.name}", storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=cfg.runtime.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.runtime.num_to_keep)))
+        log(f"stage {stage.name}: training (workers {stage.workers} = dp {stage.dp_degree} x sp {stage.sp_degree}, "
+            f"max_seq_len {stage.max_seq_len}, rope {stage.rope.model_dump(exclude_none=True) or 'unchanged'})")
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"stage {stage.name}: Ray Train finished without a checkpoint")
+        with result.checkpoint.as_directory() as d:
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+            if not state.get("final"):
+                raise RuntimeError(f"stage {stage.name}: last checkpoint is step {state['step']}, not the stage end")
+            tmp = final_dir.with_name(final_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(Path(d) / HF_DIR, tmp)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        tmp.rename(final_dir)
+        (final_dir / COMPLETE).write_text(json.dumps({"fingerprint": fingerprint, **state}, indent=2, sort_keys=True))
+        report.stages[stage.name] = {"status": "trained", "checkpoint": str(final_dir), "steps": state["step"],
+                                     "loss": state["loss"], "metrics": result.metrics}
+        init_model = str(final_dir)
+    return report
+

@@ -1,0 +1,162 @@
+"""DeepSpeed engine for one stage: ZeRO config, optimizer + schedule, checkpoint save/load, HF export.
+
+The same engine runs on CPU (gloo, fp32, torch AdamW) and GPU (NCCL, bf16, optional CPU offload).
+Gradients: DeepSpeed averages them over the sequence-data-parallel group (dp x sp ranks) and over
+grad_accum micro-batches. Our per-token weights already carry K/(N_i*M) with K = dp x grad_accum packs,
+and an SP group's ranks each hold a part of one pack's loss, so the local loss is multiplied by sp_degree
+before backward (`backward_scale`): the result is exactly the gradient of (1/K) * sum over packs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import RuntimeConfig, StageConfig
+from .model import weighted_loss_sum
+
+HF_DIR, DS_DIR, STATE_FILE, DS_TAG = "hf", "deepspeed", "train_state.json", "state"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+
+
+class StageLossModel(torch.nn.Module):
+    """Wraps the HF model so DeepSpeed's engine forward returns the weighted loss sum (no full logits)."""
+
+    def __init__(self, lm, chunk_tokens: int):
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids, position_ids, target_ids, weights):
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "target_ids": target_ids, "weights": weights}
+        return weighted_loss_sum(self.lm, batch, self.chunk_tokens)
+
+
+def lr_lambda(stage: StageConfig, total_steps: int):
+    """Multiplier of the peak lr at optimizer step `n` (0-based): linear warmup, then the decay."""
+    warm = stage.warmup_steps
+
+    def fn(n: int) -> float:
+        if warm and n < warm:
+            return (n + 1) / warm
+        if stage.schedule == "constant" or total_steps <= warm + 1:
+            return 1.0
+        progress = min(1.0, (n - warm) / max(1, total_steps - warm - 1))
+        if stage.schedule == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return stage.min_lr_ratio + (1.0 - stage.min_lr_ratio) * decay
+
+    return fn
+
+
+def ds_config(stage: StageConfig, runtime: RuntimeConfig, device: torch.device, rows: int) -> dict:
+    zero: dict = {"stage": runtime.zero_stage}
+    if runtime.offload_optimizer and runtime.zero_stage:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if runtime.offload_params and runtime.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if runtime.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg = {
+        "train_micro_batch_size_per_gpu": rows,
+        "gradient_accumulation_steps": stage.grad_accum,
+        "gradient_clipping": stage.max_grad_norm,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": {"lr": stage.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": stage.weight_decay,
+                                                  # torch's AdamW on CPU (DeepSpeed's fused Adam needs CUDA)
+                                                  "torch_adam": device.type != "cuda"}},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if stage.sp_degree > 1:
+        cfg["sequence_parallel_size"] = stage.sp_degree
+        if runtime.dtype == "bfloat16":
+            cfg["seq_parallel_communication_data_type"] = "bf16"
+    if runtime.dtype == "bfloat16":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def build_engine(lm, stage: StageConfig, runtime: RuntimeConfig, device: torch.device, rows: int, total_steps: int,
+                 mpu):
+    import deepspeed
+
+    wrapped = StageLossModel(lm, runtime.loss_chunk_tokens)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],
+        config=ds_config(stage, runtime, device, rows), mpu=mpu,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage, total_steps)))
+    return engine, scheduler
+
+
+def backward_scale(sp_degree: int) -> float:
+    return float(sp_degree)
+
+
+def _full_state_dict(engine) -> dict | None:
+    """The HF model's full state dict on rank 0 (ZeRO-3: gathered; a collective, every rank calls it)."""
+    if engine.zero_optimization_partition_weights():
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module.state_dict() if engine.global_rank == 0 else None
+    if sd is None:
+        return None
+    return {k[len("lm."):]: v.detach().cpu() for k, v in sd.items() if k.startswith("lm.")}
+
+
+def export_hf(engine, lm, out_dir: Path, tokenizer_dir: str) -> None:
+    """Write the model in HF format (safetensors, config.json with the stage's RoPE) plus the tokenizer."""
+    sd = _full_state_dict(engine)
+    if engine.global_rank != 0:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lm.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        src = Path(tokenizer_dir) / name
+        if src.is_file() and not (out_dir / name).exists():
+            shutil.copy2(src, out_dir / name)
+
+
+def save_checkpoint(engine, lm, ckpt_dir: Path, state: dict, tokenizer_dir: str) -> None:
+    """One Ray Train checkpoint directory per rank (Ray merges them): deepspeed/ holds every rank's ZeRO
+    shard of weights, optimizer and scheduler; rank 0 adds hf/ and train_state.json."""
+    engine.save_checkpoint(str(ckpt_dir / DS_DIR), tag=DS_TAG, client_state={"train_state": state})
+    export_hf(engine, lm, ckpt_dir / HF_DIR, tokenizer_dir)
+    if engine.global_rank == 0:
+        (ckpt_dir / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+def load_checkpoint(engine, ckpt_dir: Path) -> dict:
+    """Restore weights, optimizer and scheduler; return the train_state saved with them."""
+    path, client = engine.load_checkpoint(str(ckpt_dir / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"{ckpt_dir / DS_DIR}: no DeepSpeed checkpoint '{DS_TAG}' to resume from")
+    return client["train_state"]
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this rank: CUDA max allocated, else the process's max RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def worker_device(runtime: RuntimeConfig) -> torch.device:
+    """This Ray Train worker's device (Ray assigns the GPU)."""
+    if runtime.device == "cpu" or (runtime.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
