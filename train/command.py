@@ -8,6 +8,7 @@ Wired into ctxforge/cli.py as:
 from __future__ import annotations
 
 import argparse
+import os
 import textwrap
 
 from ctxforge.config import ConfigError, PreflightError, describe_fields, load_config, packaged_config_names
@@ -47,6 +48,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
+    from ray.exceptions import RayError
+    from ray.train import TrainingFailedError
+
     from .config import TrainConfig
     from .curriculum import run_curriculum
     from .data import DataError
@@ -55,14 +59,14 @@ def run_train(args) -> int:
 
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides, default=DEFAULT_TRAIN_CONFIG)
-        report = run_curriculum(cfg, label=args.config or DEFAULT_TRAIN_CONFIG)
+        # `ray job submit` sets RAY_ADDRESS for the driver: join that cluster; else a local Ray.
+        report = run_curriculum(cfg, label=args.config or DEFAULT_TRAIN_CONFIG,
+                                ray_address=cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS"))
     except (ConfigError, PreflightError, DataError, ResumeError, SequenceParallelError, FileNotFoundError,
             ValueError) as exc:
         print(f"ctxforge train: {exc}")
         return 2
-    except Exception as exc:  # Ray Train's TrainingFailedError carries the worker's traceback
-        if type(exc).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
-            raise
+    except (TrainingFailedError, RayError) as exc:  # the worker's traceback is in the message
         print(f"ctxforge train: training failed: {exc}\nRun the same command again to resume from the last checkpoint.")
         return 1
     print("\nstage      status    steps  final loss  checkpoint")

