@@ -85,6 +85,11 @@ class GeneratorConfig(StrictModel):
     timeout_s: float = Field(300.0, gt=0, description="http backend: per-request timeout.")
     max_retries: int = Field(8, ge=0, description="http backend: retries on 429/5xx/timeouts/connection errors, with exponential backoff.")
     retry_base_s: float = Field(1.0, gt=0, description="http backend: first backoff wait; doubles per retry (Retry-After is honoured).")
+    schema_length_bounds: bool = Field(
+        True,
+        description="http backend: send minLength/maxLength in the JSON schema. OpenAI's strict structured outputs "
+        "reject them: set false there (lengths are still checked when answers are validated).",
+    )
     retry_failed: bool = Field(False, description="On rerun, retry requests that were recorded as failed (finished ok requests are never redone).")
 
     @field_validator("concurrency")

@@ -87,3 +87,16 @@ def test_vllm_backend_generates_schema_valid_json_on_gpu(ray_local, tiny_model_p
     schema = json.loads(rows[0]["schema"])
     assert len(out) == 4 and all(r["error"] == "" for r in out)
     assert sum(validate_output(r["output_text"], schema)[0] is not None for r in out) >= 3
+
+
+def test_http_payload_can_leave_out_length_bounds_for_strict_endpoints():
+    from ctxforge.pipeline.generators.http import HTTPGeneratorUDF
+
+    row = request(7)
+    with_bounds = HTTPGeneratorUDF("http://127.0.0.1:9/v1", "m", "NO_SUCH_KEY_VAR", 1, 1.0, 0, 0.01)._payload(row)
+    without = HTTPGeneratorUDF("http://127.0.0.1:9/v1", "m", "NO_SUCH_KEY_VAR", 1, 1.0, 0, 0.01,
+                               length_bounds=False)._payload(row)
+    sent = json.dumps(without["response_format"])
+    assert "maxLength" in json.dumps(with_bounds["response_format"])  # control: bounds are sent by default
+    assert "maxLength" not in sent and "minLength" not in sent
+    assert without["response_format"]["json_schema"]["schema"]["required"] == ["question", "answer", "evidence_quote"]

@@ -84,20 +84,35 @@ def _chunk_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.T
     return (ce * weights.to(ce.dtype) * (targets != IGNORE)).sum()
 
 
-def tiled_weighted_ce(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor,
+def _num_tiles(local_targets: int, chunk_tokens: int, device: torch.device) -> int:
+    """Tiles this step's lm_head runs on every rank: the max over ranks. Under ZeRO-3 each lm_head call
+    all-gathers its weight, so ranks calling it a different number of times (a shard with fewer targets,
+    or none) would mismatch collectives; empty tiles keep the count equal."""
+    import torch.distributed as dist
+
+    tiles = -(-local_targets // chunk_tokens)
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([tiles], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # [1] per rank -> [1] max over the world
+        tiles = int(t.item())
+    return max(tiles, 1)
+
+
+def tiled_weighted_ce(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
                       weights: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
     """[b, s, h] hidden, [b, s] targets and weights -> [] sum of w_t * CE_t over this rank's tokens.
 
     Only positions with a non-zero weight are projected to the vocabulary (prompt tokens cost nothing),
-    chunk by chunk under activation checkpointing.
+    `chunk_tokens` at a time under activation checkpointing. With torch.distributed up, every rank runs
+    the same number of tiles (see `_num_tiles`); call it on every rank.
     """
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_t, flat_w = targets.reshape(-1), weights.reshape(-1)
     keep = (flat_t != IGNORE) & (flat_w != 0)
     idx = keep.nonzero(as_tuple=True)[0]
     total = flat_h.new_zeros((), dtype=_upcast(flat_h).dtype) + 0.0 * flat_h.sum()  # keeps the graph when no target here
-    for start in range(0, idx.numel(), chunk_tokens):
-        sel = idx[start:start + chunk_tokens]
+    for tile in range(_num_tiles(idx.numel(), chunk_tokens, hidden.device)):
+        sel = idx[tile * chunk_tokens:(tile + 1) * chunk_tokens]
         h, t, w = flat_h[sel], flat_t[sel], flat_w[sel]
         if torch.is_grad_enabled() and h.requires_grad:
             total = total + checkpoint(_chunk_loss, h, lm_head, t, w, use_reentrant=False)

@@ -64,6 +64,7 @@ class HTTPBackend(GeneratorBackend):
                 "timeout_s": self.cfg.timeout_s,
                 "max_retries": self.cfg.max_retries,
                 "retry_base_s": self.cfg.retry_base_s,
+                "length_bounds": self.cfg.schema_length_bounds,
             },
             # One actor (the concurrency is inside it). Threads mostly wait on sockets, so a small CPU
             # share: a full CPU on a 2-CPU cluster starves the upstream tasks and Ray Data stalls.
@@ -100,6 +101,7 @@ class HTTPGeneratorUDF:
         timeout_s: float,
         max_retries: int,
         retry_base_s: float,
+        length_bounds: bool = True,
     ):
         import httpx
 
@@ -107,6 +109,7 @@ class HTTPGeneratorUDF:
         self.model = model
         self.max_retries = max_retries
         self.retry_base_s = retry_base_s
+        self.length_bounds = length_bounds
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(api_key_env or "", "")
         if api_key:
@@ -131,6 +134,9 @@ class HTTPGeneratorUDF:
         return rows_batch([{**row, **res} for row, res in zip(rows, results)])
 
     def _payload(self, row: dict[str, Any]) -> dict[str, Any]:
+        schema = json.loads(row["schema"])
+        if not self.length_bounds:
+            schema = strip_length_bounds(schema)
         return {
             "model": self.model,
             "messages": parse_messages(row["messages"]),
@@ -140,7 +146,7 @@ class HTTPGeneratorUDF:
             "seed": int(row["seed"]),
             "response_format": {
                 "type": "json_schema",
-                "json_schema": {"name": row["schema_name"], "schema": json.loads(row["schema"]), "strict": True},
+                "json_schema": {"name": row["schema_name"], "schema": schema, "strict": True},
             },
         }
 
@@ -186,6 +192,15 @@ class HTTPGeneratorUDF:
             pool.shutdown(wait=False, cancel_futures=True)
         if client is not None:
             client.close()
+
+
+def strip_length_bounds(schema: Any) -> Any:
+    """The schema without minLength/maxLength anywhere (for endpoints whose strict mode rejects them)."""
+    if isinstance(schema, dict):
+        return {k: strip_length_bounds(v) for k, v in schema.items() if k not in ("minLength", "maxLength")}
+    if isinstance(schema, list):
+        return [strip_length_bounds(v) for v in schema]
+    return schema
 
 
 def _parse_completion(resp) -> dict[str, Any]:
