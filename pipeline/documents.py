@@ -120,8 +120,8 @@ def load_doc_states(table: Path, doc_ids: list[str]) -> list[DocState]:
     dataset = pads.dataset(str(table), format="parquet")
     rows = dataset.to_table(filter=pc.field("doc_id").isin(doc_ids) & (pc.field("skip_reason") == "")).to_pylist()
     by_id = {}
-    for row in rows:
-        by_id.setdefault(row["doc_id"], row)
+    for row in sorted(rows, key=lambda r: (r["source"], r["line"])):
+        by_id.setdefault(row["doc_id"], row)  # the first in input order, as select_documents kept it
     states = []
     for doc_id in doc_ids:
         row = by_id[doc_id]

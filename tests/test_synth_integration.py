@@ -94,19 +94,20 @@ def set_of_requests(out: Path) -> set[str]:
 
 
 def test_http_backend_with_faults_grounds_and_retries(ray_local, tmp_path, tiny_tokenizer):
-    # every request fails once with a 500 (transport retry), and one in ten first returns non-JSON
-    with FakeOpenAIServer(schedule=(500,), p_malformed=0.0) as server:
+    # every request meets a 429, then a 500, then a timeout before it is answered: all retried by the backend
+    with FakeOpenAIServer(schedule=(429, 500, "timeout"), timeout_sleep_s=3.0) as server:
         out = tmp_path / "http"
         cfg = config(out, "generator.backend=http", f"generator.base_url={server.base_url}",
-                     "generator.model=fake-qwen", "generator.concurrency=4", "generator.retry_base_s=0.01",
-                     "grounding.on_ungrounded=drop")
+                     "generator.model=fake-qwen", "generator.concurrency=8", "generator.retry_base_s=0.01",
+                     "generator.timeout_s=0.5", "grounding.on_ungrounded=drop")
         synthesize(cfg)
         stats = server.stats.snapshot()
         base_url = server.base_url
     manifest = json.loads((out / "manifest.json").read_text())
     total = manifest["requests"]["total"]
     assert total["failed"] == 0 and total["ok"] == total["requests"] - total["cache_hits"]
-    assert stats["by_status"][500] == total["ok"]  # one 500 per request, each retried by the backend
+    # one of each fault per request, each retried by the backend
+    assert stats["by_status"][429] == stats["by_status"][500] == stats["faults"]["timeout"] == total["ok"]
     assert manifest["grounding"]["overall"]["rate"] > 0.5  # the fake quotes the prompt verbatim
     assert manifest["generator"]["base_url"] == base_url
     check_samples(out, tiny_tokenizer, {"2K": 2048, "4K": 4096})
