@@ -85,7 +85,7 @@ def main():
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     args = ap.parse_args()
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     default_bif = http_backend.BATCHES_IN_FLIGHT
     print(f"latency {args.latency:.3f} s, {args.rounds} rounds per concurrency; ratio = achieved / (c / latency)")

@@ -2,9 +2,9 @@
 
     ctxforge synth --config tiny [key=value ...]   synthesize long-context training samples
     ctxforge demo [key=value ...]                  every stage built so far, on the embedded default
+    ctxforge serve --model PATH                    an OpenAI-compatible endpoint on Ray Serve
+    ctxforge eval --config eval-tiny [key=value]   RULER + InfiniteBench, report and plots
     ctxforge model tiny OUT_DIR                    materialize the tiny model as a HF model directory
-
-Stages still being built (train, serve, eval) are not listed until they exist.
 """
 
 from __future__ import annotations
@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "model, King James Bible corpus)")
     _add_config_args(demo, DEFAULT_SYNTH_CONFIG)
 
+    from ctxforge.serve.command import add_eval_arguments, add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible API (Ray Serve)"))
+    add_eval_arguments(sub.add_parser("eval", help="RULER + InfiniteBench against one or more endpoints: results, "
+                                                   "Markdown table and plots"))
+
     model = sub.add_parser("model", help="model utilities")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     tiny = model_sub.add_parser("tiny", help="materialize the tiny Qwen2-architecture model (config.json, safetensors, "
@@ -93,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run_synth(args)
         if args.command == "demo":
             return _run_synth(args, demo=True)
+        if args.command == "serve":
+            from ctxforge.serve.command import run_serve
+            return run_serve(args)
+        if args.command == "eval":
+            from ctxforge.serve.command import run_eval
+            return run_eval(args)
         if args.command == "model" and args.model_command == "tiny":
             from ctxforge.models import materialize_tiny_model
             path = materialize_tiny_model(args.out_dir, seed=args.seed, overwrite=args.overwrite)

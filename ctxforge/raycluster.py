@@ -25,8 +25,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress: 
         ray.init(address=address, log_to_driver=True)
         mode = "cluster"
     else:
-        # An embedded local Ray; the dashboard is off (it costs seconds and memory on a laptop).
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # A fresh embedded local Ray, even when a `ray start` cluster runs on this machine (a bare ray.init()
+        # would attach to it and then refuse num_cpus); set run.address=auto or RAY_ADDRESS to use that one.
+        # The dashboard is off: it costs seconds and memory on a laptop.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
         mode = "local"
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import textwrap
 import time
 
@@ -66,7 +67,12 @@ def run_serve(args) -> int:
     init_ray(progress=False)
     url = run_app(cfg, api_key)
     print(f"serving {cfg.model} as {cfg.model_id()!r} at {url}  (auth: {'bearer key from $' + cfg.api_key_env if api_key else 'none'})")
-    print("Ctrl-C to stop.", flush=True)
+    print("Ctrl-C (or SIGTERM) to stop.", flush=True)
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # `kill PID`, container stop: shut Serve down cleanly too
     try:
         while True:
             time.sleep(3600)

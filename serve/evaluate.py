@@ -28,27 +28,47 @@ log = logging.getLogger(__name__)
 IB_SYSTEM = "You are a helpful assistant"
 
 
-def ruler_items(cfg: EvalConfig, tokenizer, window: int, out: dict) -> list[EvalItem]:
-    """RULER requests for every (task, length) that can run; skipped ones are noted in `out`."""
+def ruler_groups(cfg: EvalConfig, window: int, out: dict) -> list[tuple[int, str]]:
+    """The (length, task) pairs that can run; skipped tasks and lengths are noted in `out`."""
     rc = cfg.ruler
     sources = RulerSources(rc.haystack, rc.squad_path, rc.hotpotqa_path)
-    sizer = PromptSizer(tokenizer)
-    items = []
     out["skipped"] = {t: r for t in rc.tasks if (r := sources.skipped(t))}
     out["skipped_lengths"] = {str(n): f"longer than the endpoint's window ({window})" for n in rc.lengths if n > window}
-    for length in [n for n in rc.lengths if n <= window]:
-        for task in [t for t in rc.tasks if t not in out["skipped"]]:
-            t0 = time.perf_counter()
-            samples = generate_task(task, length, rc.num_samples, rc.seed, sizer, sources, rc.depths)
-            log.info("RULER %s @ %d: %d samples built in %.1fs", task, length, len(samples), time.perf_counter() - t0)
-            for s in samples:
-                body = {"messages": [{"role": "user", "content": s.input}, {"role": "assistant", "content": s.answer_prefix}],
-                        "continue_final_message": True, "add_generation_prompt": False,
-                        "max_tokens": s.tokens_to_generate, "temperature": cfg.client.temperature, "top_p": cfg.client.top_p}
-                meta = {"benchmark": "ruler", "task": task, "length": length, "index": s.index, "outputs": s.outputs,
-                        "depths": s.depths, "prompt_tokens": s.prompt_tokens}
-                items.append(EvalItem(body, meta, lambda pred, t=task, g=s.outputs: rm.score_sample(t, pred, g)))
+    return [(n, t) for n in rc.lengths if n <= window for t in rc.tasks if t not in out["skipped"]]
+
+
+def ruler_items(cfg: EvalConfig, tokenizer, length: int, task: str) -> list[EvalItem]:
+    """One (length, task) group of RULER requests: the prompt + answer prefix as a prefilled assistant turn."""
+    rc = cfg.ruler
+    t0 = time.perf_counter()
+    samples = generate_task(task, length, rc.num_samples, rc.seed, PromptSizer(tokenizer),
+                            RulerSources(rc.haystack, rc.squad_path, rc.hotpotqa_path), rc.depths)
+    log.info("RULER %s @ %d: %d samples built in %.1fs", task, length, len(samples), time.perf_counter() - t0)
+    items = []
+    for s in samples:
+        body = {"messages": [{"role": "user", "content": s.input}, {"role": "assistant", "content": s.answer_prefix}],
+                "continue_final_message": True, "add_generation_prompt": False,
+                "max_tokens": s.tokens_to_generate, "temperature": cfg.client.temperature, "top_p": cfg.client.top_p}
+        meta = {"benchmark": "ruler", "task": task, "length": length, "index": s.index, "outputs": s.outputs,
+                "depths": s.depths, "prompt_tokens": s.prompt_tokens}
+        items.append(EvalItem(body, meta, lambda pred, t=task, g=s.outputs: rm.score_sample(t, pred, g)))
     return items
+
+
+async def run_ruler(cfg: EvalConfig, client: EvalClient, tokenizer, window: int, out: dict) -> list[Record]:
+    """Build and send RULER group by group; the next group is built (a CPU thread: tokenizing up to 1M-token
+    prompts) while the current one is being answered, and only two groups of prompts are held at a time."""
+    groups = ruler_groups(cfg, window, out)
+    records: list[Record] = []
+    if not groups:
+        return records
+    building = asyncio.create_task(asyncio.to_thread(ruler_items, cfg, tokenizer, *groups[0]))
+    for i in range(len(groups)):
+        items = await building
+        if i + 1 < len(groups):
+            building = asyncio.create_task(asyncio.to_thread(ruler_items, cfg, tokenizer, *groups[i + 1]))
+        records += await client.run(items)
+    return records
 
 
 def infinitebench_items(cfg: EvalConfig, tokenizer, window: int, out: dict) -> list[EvalItem]:
@@ -130,7 +150,7 @@ async def _evaluate_endpoint(cfg: EvalConfig, entry: EndpointConfig, base_url: s
     records: list[Record] = []
     if cfg.ruler.enabled:
         ruler: dict = {}
-        recs = await client.run(ruler_items(cfg, tokenizer, window, ruler))
+        recs = await run_ruler(cfg, client, tokenizer, window, ruler)
         summarize_ruler(recs, ruler)
         result["ruler"] = ruler
         records += recs

@@ -5,8 +5,11 @@ filler (essay words, noise lines, distractor needles, list words, documents). As
 once per (task, length) by search so that `tokens(chat template(input + answer_prefix)) +
 tokens_to_generate <= length`, then lowered per sample until that sample fits. Prompt templates,
 answer prefixes, needle formats, frequencies and tokens_to_generate are RULER's (scripts/synthetic.yaml,
-scripts/data/synthetic/*.py). Unlike RULER, every sample draws from its own Random seeded by
-(seed, task, length, index), so a sample can be rebuilt alone and is the same in every process.
+scripts/data/synthetic/*.py). Deliberate differences, none of which changes what a task asks or how it is scored: every sample
+draws from its own Random seeded by (seed, task, length, index), so a sample can be rebuilt alone and
+is the same in every process; essay needles go at the sentence boundary nearest to depth % of the
+characters (RULER: sentence index len(sentences) x depth, which drifts when sentences vary in length);
+sentences are split by a rule instead of NLTK punkt (its data is not on PyPI).
 This module knows nothing about HTTP or scoring (ruler_metrics.py).
 """
 
@@ -250,7 +253,11 @@ def _qa_builder(spec: dict, sources: RulerSources, index: int):
     def build(n: int, rng: random.Random):
         gold, more = item["context"], item["more_context"]
         if n >= len(docs):
-            chosen = list(range(len(docs)))
+            # More documents than the dataset has (SQuAD dev is ~180K tokens): every document once, then
+            # distractors again in a shuffled cycle (RULER main also repeats the corpus to reach long lengths).
+            others = [i for i in range(len(docs)) if i not in set(gold)]
+            rng.shuffle(others)
+            chosen = list(range(len(docs))) + [others[k % len(others)] for k in range(n - len(docs))]
         elif n - len(gold) > len(more):
             rest = [i for i in range(len(docs)) if i not in set(gold) | set(more)]
             chosen = gold + more + rng.sample(rest, max(0, n - len(gold) - len(more)))
@@ -260,7 +267,7 @@ def _qa_builder(spec: dict, sources: RulerSources, index: int):
         rng.shuffle(texts)
         context = "\n\n".join(f"Document {i + 1}:\n{d}" for i, d in enumerate(texts))
         return QA_TEMPLATE.format(context=context, query=item["query"]), QA_PREFIX, list(item["outputs"]), []
-    return build, len(docs)
+    return build, None
 
 
 def _unit(task: str) -> str:

@@ -99,6 +99,14 @@ def test_gpu_builder_config_is_built_without_vllm(tmp_path):
     assert "num_replicas" not in llm["deployment_config"]
 
 
+def test_vllm_backend_refuses_an_api_key_it_cannot_check(tmp_path):
+    from ctxforge.serve.app import build_vllm_app
+
+    path = _checkpoint(tmp_path, max_position_embeddings=4096)
+    with pytest.raises(ValueError, match=r"CTXFORGE_API_KEY.*cannot check it"):
+        build_vllm_app(ServeConfig(model=path, backend="vllm"), path, api_key="k")
+
+
 @pytest.mark.gpu
 def test_vllm_app_builds_on_gpu(tiny_model_path):
     pytest.importorskip("vllm")

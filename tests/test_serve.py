@@ -200,3 +200,23 @@ def test_sse_wire_format_ends_with_done(served):
     assert events[-1] == "data: [DONE]"
     first = json.loads(events[0].removeprefix("data: "))
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_lm_eval_local_chat_completions_works_unchanged(served, monkeypatch):
+    """lm-evaluation-harness's `local-chat-completions` model (what `lm_eval --model local-chat-completions
+    --model_args base_url=.../v1/chat/completions,model=tiny --apply_chat_template` builds)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.api_models import JsonChatStr
+    from lm_eval.models.openai_completions import LocalChatCompletion
+
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)  # lm-eval's local models send it as the bearer key
+    lm = LocalChatCompletion(base_url=served + "/chat/completions", model="tiny", num_concurrent=2, max_retries=1,
+                             max_gen_toks=6)
+    chats = [json.dumps([{"role": "user", "content": f"Say something about {w}."}]) for w in ("rivers", "hills")]
+    reqs = [Instance("generate_until", {}, (JsonChatStr(c), {"until": ["never-seen"], "max_gen_toks": 6}), i)
+            for i, c in enumerate(chats)]
+    outs = lm.generate_until(reqs)
+    direct = [_post(served, "/chat/completions", {"messages": json.loads(c), "max_tokens": 6, "temperature": 0,
+                                                   "seed": 1234}).json()["choices"][0]["message"]["content"] for c in chats]
+    assert outs == direct and all(outs), (lm_eval.__version__, outs)
