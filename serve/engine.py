@@ -84,18 +84,14 @@ class HFEngine(Engine):
 
     def __init__(self, model_path: str, model_id: str, max_model_len: int, device: str = "auto", dtype: str = "auto"):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import GenerationConfig
+
+        from ctxforge.models import load_causal_lm
 
         self._torch = torch
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" else "float32"
-        self.device = device
         self.model_id = model_id
         self.max_model_len = max_model_len
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+        self.model, self.tokenizer, self.device = load_causal_lm(model_path, device, dtype)
         eos = set()
         try:
             gen_eos = GenerationConfig.from_pretrained(model_path).eos_token_id

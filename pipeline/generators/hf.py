@@ -23,18 +23,13 @@ class HFGeneratorUDF:
     def __init__(self, model_path: str, device: str, dtype: str, max_model_len: int):
         import torch
         import xgrammar as xgr
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" else "float32"
+        from ctxforge.models import load_causal_lm
+
         self.torch = torch
         self.xgr = xgr
-        self.device = device
         self.max_model_len = max_model_len
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+        self.model, self.tokenizer, self.device = load_causal_lm(model_path, device, dtype)
         vocab = self.model.config.vocab_size
         self.compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab))
         self.grammars: dict[str, object] = {}
