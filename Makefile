@@ -34,6 +34,7 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_chunking.py
 	$(BIN)/python bench/bench_http_throughput.py
+	$(BIN)/python bench/bench_serve.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
