@@ -2,6 +2,8 @@
 
     ctxforge synth --config tiny [key=value ...]   synthesize long-context training samples
     ctxforge demo [key=value ...]                  every stage built so far, on the embedded default
+    ctxforge train --config train-tiny [key=value] the staged curriculum on Ray Train (resumes when rerun)
+    ctxforge plan --config train-llama8b-1m        memory per GPU and the smallest GPU count / SP degree per stage
     ctxforge serve --model PATH                    an OpenAI-compatible endpoint on Ray Serve
     ctxforge eval --config eval-tiny [key=value]   RULER + InfiniteBench, report and plots
     ctxforge model tiny OUT_DIR                    materialize the tiny model as a HF model directory
@@ -57,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(demo, DEFAULT_SYNTH_CONFIG)
 
     from ctxforge.serve.command import add_eval_arguments, add_serve_arguments
+    from ctxforge.train.command import add_plan_arguments, add_train_arguments
+
+    add_train_arguments(sub.add_parser("train", help="fine-tune through the staged long-context curriculum "
+                                                     "(Ray Train, DeepSpeed Ulysses SP)"))
+    add_plan_arguments(sub.add_parser("plan", help="estimate GPU memory per stage and the smallest GPU count / SP "
+                                                   "degree that fits"))
 
     add_serve_arguments(sub.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible API (Ray Serve)"))
     add_eval_arguments(sub.add_parser("eval", help="RULER + InfiniteBench against one or more endpoints: results, "
@@ -99,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run_synth(args)
         if args.command == "demo":
             return _run_synth(args, demo=True)
+        if args.command == "train":
+            from ctxforge.train.command import run_train
+            return run_train(args)
+        if args.command == "plan":
+            from ctxforge.train.command import run_plan
+            return run_plan(args)
         if args.command == "serve":
             from ctxforge.serve.command import run_serve
             return run_serve(args)

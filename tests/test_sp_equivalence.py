@@ -221,3 +221,29 @@ def test_flash_attn_varlen_keeps_packed_documents_apart(tiny_model_path, tiny_to
         torch.testing.assert_close(packed[offset:offset + len(s)], ce(collate([s], "pack", "sample", pad)),
                                    rtol=2e-2, atol=2e-2)
         offset += len(s)
+
+
+def test_document_spans_follow_position_resets():
+    from ctxforge.train.sequence_parallel import document_spans
+
+    pos = torch.tensor([0, 1, 2, 0, 1, 0, 0, 1, 2, 3])
+    assert document_spans(pos) == [(0, 3), (3, 5), (5, 6), (6, 10)]
+
+
+def test_padding_is_its_own_document_and_shards_are_contiguous():
+    from ctxforge.train.sequence_parallel import (ParallelLayout, SequenceParallelError, pad_to_multiple,
+                                                  shard_sequence)
+
+    batch = {"input_ids": torch.arange(5)[None], "position_ids": torch.tensor([[0, 1, 2, 0, 1]]),
+             "target_ids": torch.tensor([[1, 2, -100, 4, -100]]), "weights": torch.ones(1, 5, dtype=torch.float64)}
+    padded = pad_to_multiple(batch, 4, pad_id=99)
+    assert padded["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert padded["target_ids"][0, 5:].tolist() == [-100] * 3 and padded["weights"][0, 5:].sum() == 0
+    halves = [shard_sequence(padded, r, 2)["input_ids"].tolist() for r in range(2)]
+    assert halves == [[[0, 1, 2, 3]], [[4, 99, 99, 99]]]
+    with pytest.raises(SequenceParallelError, match=r"5 % 2 = 1"):
+        shard_sequence(batch, 0, 2)
+    layout = ParallelLayout.build(world_size=8, rank=5, sp_degree=4)
+    assert (layout.dp_degree, layout.dp_rank, layout.sp_rank) == (2, 1, 1)
+    with pytest.raises(SequenceParallelError, match=r"6 % 4 = 2"):
+        ParallelLayout.build(world_size=6, rank=0, sp_degree=4)

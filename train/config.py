@@ -95,8 +95,9 @@ class RuntimeConfig(StrictModel):
     ray_address: str | None = Field(None, description="Ray cluster address; null = RAY_ADDRESS or a local Ray")
     num_cpus: int | None = Field(None, description="CPUs of a local Ray (null = all)")
     progress: bool = Field(True, description="progress bar on rank 0")
-    fail_at_step: int = Field(0, ge=0, description="fault injection for resume tests: rank 0 exits after the forward/"
-                                                   "backward of this step (before the optimizer step); 0 = never")
+    fail_at_step: int = Field(0, ge=0, description="fault injection for resume tests: in a run that did not start "
+                                                   "from a checkpoint, rank 0 exits after the forward/backward of this "
+                                                   "step (before the optimizer step); 0 = never")
 
 
 class TrainConfig(StrictModel):

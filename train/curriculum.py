@@ -71,20 +71,10 @@ def preflight(cfg: TrainConfig, tokenizer, tok_hash: str) -> dict:
 
 
 def start_ray(address: str | None, num_cpus: int | None, progress: bool) -> None:
-    """Join `address` (a cluster, e.g. from `ray job submit`) or start a fresh embedded local Ray.
-
-    Not init_ray's no-address path: `ray.init(num_cpus=...)` attaches to any `ray start` cluster already
-    running on the machine and then refuses num_cpus ("When connecting to an existing cluster, num_cpus
-    and num_gpus must not be provided"); address="local" always starts our own.
-    """
-    import ray
-
+    """Join `address` (a cluster, e.g. from `ray job submit`) or start a fresh embedded local Ray."""
     from ctxforge.raycluster import init_ray
 
-    if address:
-        init_ray(address, progress=progress)
-    elif not ray.is_initialized():
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    init_ray(address, num_cpus=num_cpus, progress=progress)
 
 
 def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,

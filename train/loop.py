@@ -118,6 +118,7 @@ def train_stage_worker(payload: dict) -> None:
               f"{'resuming at step ' + str(start) if start else 'from ' + payload['init_model']}", flush=True)
     bar = tqdm(total=total_steps, initial=start, desc=f"stage {stage.name}", disable=layout.rank != 0 or not rt.progress)
     pad_id, sp = payload["pad_id"], stage.sp_degree
+    comm = device if payload["backend"] == "nccl" else torch.device("cpu")  # where collective buffers live
     engine.train()
     for step in range(start, total_steps):
         t0 = time.perf_counter()
@@ -126,25 +127,25 @@ def train_stage_worker(payload: dict) -> None:
                for j in range(stage.grad_accum)]
         batches = [collate([samples[i] for i in mb], stage.batching, stage.loss_weighting, pad_id, rows) for mb in ids]
         k, m, t, r = step_counts(len(batches), sum(b.num_samples for b in batches),
-                                 sum(b.num_targets for b in batches), stage.sp_degree, device=None,
+                                 sum(b.num_targets for b in batches), stage.sp_degree, device=comm,
                                  extra=sum(b.real_tokens for b in batches))
         scale = step_scale(stage.loss_weighting, k, m, t)
         lr = scheduler.get_last_lr()[0]  # the lr this step's update uses (engine.step advances the schedule)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=comm)
         for n, mb in enumerate(batches):
             tensors = pad_to_multiple(mb.tensors, sp, pad_id)
             tensors["weights"] = tensors["weights"] * scale
             local = {key: v.to(device) for key, v in shard_sequence(tensors, layout.sp_rank, sp).items()}
             loss = engine(**local)
             engine.backward(loss * backward_scale(sp))
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double().to(comm)
             if n < len(batches) - 1:
                 engine.step()  # accumulates; DeepSpeed steps the optimizer at the last micro-batch
         dist.all_reduce(loss_sum)  # [] per rank -> [] sum over every rank = sum over the step's K packs
-        if rt.fail_at_step == step + 1:
+        if rt.fail_at_step == step + 1 and checkpoint is None:  # only a fresh run dies; its restart gets past
             _crash(loss_sum.item() / k, step, metrics_path, layout.rank)
         engine.step()
-        peaks = torch.tensor([peak_memory_bytes(device)], dtype=torch.int64)
+        peaks = torch.tensor([peak_memory_bytes(device)], dtype=torch.int64, device=comm)
         all_peaks = [torch.zeros_like(peaks) for _ in range(layout.world_size)]
         dist.all_gather(all_peaks, peaks)  # [1] per rank -> world_size x [1]
         dt = time.perf_counter() - t0

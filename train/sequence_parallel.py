@@ -11,7 +11,7 @@ Why a core attention of our own: DeepSpeed's wrapper drops `attention_mask` for 
 except flex (see design/sequence-parallel.md §0.2), so with plain sdpa packed documents attend
 across their boundaries. It does all-gather the global `position_ids` and pass them on, so
 `doc_masked_sdpa` (registered as "ctxforge_doc_sdpa") rebuilds the block-diagonal causal mask from
-them, the rule of transformers' `find_packed_sequence_indices`. On GPU the core is
+them, the rule of transformers' `find_packed_sequence_indices`, and runs causal sdpa per document. On GPU the core is
 "flash_attention_2", which reads the same position_ids and switches to varlen. Everything else
 (sharding, collectives, loss) is the same code on CPU and GPU.
 
@@ -37,27 +37,19 @@ class SequenceParallelError(ValueError):
 # Document-masked attention (the CPU core; the GPU core is flash-attn varlen)
 
 
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """[b, s] position ids -> [b, s] document index: a new document starts where the position does not
-    continue the previous one (pos[t] != pos[t-1] + 1), as in `find_packed_sequence_indices`."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return torch.cumsum(starts.to(torch.int64), dim=1)
-
-
-def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """[b, s] -> [b, 1, s, s] bool: query t sees key u iff u <= t and both are in the same document."""
-    doc = document_ids(position_ids)
-    s = position_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+def document_spans(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """[s] position ids of one row -> [(start, end)) of each document, in order."""
+    starts = (torch.nonzero(position_ids[1:] != position_ids[:-1] + 1).flatten() + 1).tolist()
+    bounds = [0, *starts, int(position_ids.shape[0])]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def doc_masked_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """HF attention interface: query [b, h, s, d], key/value [b, h_kv, s, d] -> ([b, s, h, d], None).
 
-    The mask comes from `position_ids` (global ones under SP: DeepSpeed all-gathers them), never from
-    `attention_mask`, which the Ulysses wrapper drops.
+    Causal attention inside each document only, one sdpa call per document: the varlen semantics of
+    flash-attn on CPU (cost sum n_i^2, no [s, s] mask). Documents come from `position_ids` (global ones
+    under SP: DeepSpeed all-gathers them), never from `attention_mask`, which the Ulysses wrapper drops.
     """
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
@@ -68,9 +60,13 @@ def doc_masked_sdpa(module, query, key, value, attention_mask, dropout: float = 
     if groups > 1:  # GQA: [b, h_kv, s, d] -> [b, h, s, d]
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    mask = document_causal_mask(position_ids)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    rows = []
+    for b in range(query.shape[0]):
+        docs = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                               dropout_p=dropout, scale=scaling, is_causal=True)
+                for s, e in document_spans(position_ids[b])]
+        rows.append(torch.cat(docs, dim=2))  # n_docs x [1, h, n_i, d] -> [1, h, s, d]
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
 def register_doc_sdpa() -> None:
@@ -81,13 +77,6 @@ def register_doc_sdpa() -> None:
 
     if ALL_ATTENTION_FUNCTIONS.get(DOC_SDPA) is None:
         AttentionInterface.register(DOC_SDPA, doc_masked_sdpa)
-
-
-def restore_doc_sdpa() -> None:
-    """Undo a Ulysses registration over DOC_SDPA in this process (DeepSpeed replaces the entry globally)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    ALL_ATTENTION_FUNCTIONS[DOC_SDPA] = doc_masked_sdpa
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,11 +182,3 @@ def shard_sequence(batch: dict[str, torch.Tensor], sp_rank: int, sp_degree: int)
     local = s // sp_degree
     return {k: v[:, sp_rank * local:(sp_rank + 1) * local].contiguous() for k, v in batch.items()}
 
-
-def sp_all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable SUM over the SP group: [] per rank -> [] (the same total on every rank)."""
-    if group is None:
-        return value
-    import torch.distributed.nn.functional as dist_fn
-
-    return dist_fn.all_reduce(value, group=group)
