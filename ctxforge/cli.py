@@ -1,7 +1,7 @@
 """The `ctxforge` command line. The only place that reads argv and the environment for configs.
 
     ctxforge synth --config tiny [key=value ...]   synthesize long-context training samples
-    ctxforge demo [key=value ...]                  every stage built so far, on the embedded default
+    ctxforge demo [key=value ...]                  every stage chained on the embedded default (runs/tiny)
     ctxforge train --config train-tiny [key=value] the staged curriculum on Ray Train (resumes when rerun)
     ctxforge plan --config train-llama8b-1m        memory per GPU and the smallest GPU count / SP degree per stage
     ctxforge serve --model PATH                    an OpenAI-compatible endpoint on Ray Serve
@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_options_epilog(SynthConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(synth, DEFAULT_SYNTH_CONFIG)
 
-    demo = sub.add_parser("demo", help="run the stages built so far on the embedded default (local Ray, CPU, tiny "
-                                       "model, King James Bible corpus)")
-    _add_config_args(demo, DEFAULT_SYNTH_CONFIG)
+    demo = sub.add_parser("demo", help="every stage on the embedded default: synthesize -> train -> serve + evaluate "
+                                       "(local Ray, CPU, tiny model, King James Bible corpus; outputs in runs/tiny)")
+    _add_config_args(demo, DEFAULT_SYNTH_CONFIG)  # --config and overrides apply to the synthesis stage
 
     from ctxforge.serve.command import add_eval_arguments, add_serve_arguments
     from ctxforge.train.command import add_plan_arguments, add_train_arguments
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_synth(args, demo: bool = False) -> int:
+def _run_synth(args) -> int:
     from ctxforge.pipeline.config import SynthConfig
     from ctxforge.pipeline.run import synthesize
     from ctxforge.pipeline.write import print_summary
@@ -90,11 +90,6 @@ def _run_synth(args, demo: bool = False) -> int:
     print_summary(report)
     print(f"\nsamples:  {report.out_dir}/samples/<stage>/part-*.parquet\nQA:       {report.out_dir}/qa/qa.parquet\n"
           f"manifest: {report.out_dir}/manifest.json")
-    if demo:
-        print("\nThe demo ran the synthesis stage with the random-weight tiny model: its text and scores mean "
-              "nothing; it proves the pipeline end to end. For real data, e.g.:\n"
-              "  ctxforge synth --config qwen72b-vllm input.path=/data/books output.dir=/data/ctxforge\n"
-              "(training, serving and evaluation stages are being built: issues #3-#5)")
     return 0
 
 
@@ -106,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "synth":
             return _run_synth(args)
         if args.command == "demo":
-            return _run_synth(args, demo=True)
+            from ctxforge.demo import run_demo
+            return run_demo(args.config, args.overrides)
         if args.command == "train":
             from ctxforge.train.command import run_train
             return run_train(args)

@@ -77,6 +77,10 @@ def start_ray(address: str | None, num_cpus: int | None, progress: bool) -> None
     init_ray(address, num_cpus=num_cpus, progress=progress)
 
 
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().absolute())
+
+
 def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
                    ray_address: str | None = None) -> CurriculumReport:
     """Train every unfinished stage. `ray_address`: a cluster to join (None: runtime.ray_address, else a
@@ -88,6 +92,11 @@ def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
 
     from ctxforge.models import load_tokenizer, resolve_model_path, tokenizer_hash
 
+    # Ray Train workers do not run in the driver's working directory: local paths must be absolute
+    cfg = cfg.model_copy(deep=True)
+    cfg.input.dir = _absolute(cfg.input.dir)
+    if cfg.input.short_data:
+        cfg.input.short_data = _absolute(cfg.input.short_data)
     out = Path(cfg.output.dir).expanduser().absolute()
     storage = cfg.output.storage_path or str(out / "ray")
     model_path = resolve_model_path(cfg.model)
