@@ -1,0 +1,39 @@
+"""The README's main command, as a new user runs it: `ctxforge demo` from an empty working directory
+(relative output paths), then again, which must reuse everything finished."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["input.limit=2", "qa.hierarchical_per_document=3", "qa.diverse_per_document=2"]
+
+
+def test_demo_runs_every_stage_and_rerun_reuses_what_is_finished(tmp_path):
+    cmd = [sys.executable, "-m", "ctxforge", "demo", *SMALL, "run.progress=false"]
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    runs = tmp_path / "runs" / "tiny"
+    manifest = json.loads((runs / "synth" / "manifest.json").read_text())
+    assert manifest["input"]["documents"] == 2
+    for stage in ("4K", "8K"):
+        assert (runs / "train" / "checkpoints" / stage / "config.json").is_file()
+    results = json.loads((runs / "eval" / "results.json").read_text())
+    assert set(results["models"]) == {"base", "trained"}
+    assert (runs / "eval" / "report.md").is_file() and list((runs / "eval" / "plots").glob("*.png"))
+    assert "scores mean nothing" in first.stdout and "report:" in first.stdout
+
+    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    again = json.loads((runs / "synth" / "manifest.json").read_text())
+    assert again["requests"]["cache_hits"] == again["requests"]["total"]["requests"] > 0
+    assert again["requests"]["total"]["sent"] == 0
+    assert "already complete" in second.stdout + second.stderr   # both training stages skipped
+    rerun = json.loads((runs / "eval" / "results.json").read_text())
+    for model in rerun["models"].values():
+        assert model["requests"]["cached"] == model["requests"]["total"] > 0
