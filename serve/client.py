@@ -88,7 +88,7 @@ class ResultCache:
 
 
 class EndpointError(RuntimeError):
-    pass
+    """A request that failed after every retry (the message says why); recorded, never fatal to the run."""
 
 
 class EvalClient:

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -144,7 +143,13 @@ class LocalCluster:
                 except psutil.NoSuchProcess:
                     pass
             psutil.wait_procs(procs, timeout=20)
-        left = [p for p in self._processes() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        left = []
+        for p in self._processes():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(p)
+            except psutil.NoSuchProcess:
+                pass
         shutil.rmtree(self.root, ignore_errors=True)
         return left
 
@@ -171,7 +176,7 @@ class LocalCluster:
         m = re.search(r"Status for job '[^']+': (?:JobStatus\.)?(\w+)", out)
         return m.group(1) if m else out
 
-    def wait(self, submission_id: str, timeout_s: float = 240) -> str:
+    def wait(self, submission_id: str, timeout_s: float = 240) -> tuple[str, str]:
         """Block until the job ends (`ray job logs --follow`), then return its status and logs."""
         proc = self._ray("job", "logs", f"--address={self.dashboard}", "--follow", submission_id,
                          timeout=timeout_s, check=False)
@@ -550,3 +555,115 @@ def test_readme_commands_are_ctxforge_stages_with_packaged_configs():
         assert check_stage_command(c) == [], c
     for node_type in re.findall(r"`(gpu_spot|train_h100|head)`", text):
         assert node_type in _load("aws.yaml")["available_node_types"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# real multi-node cluster (slow)
+# ---------------------------------------------------------------------------------------------------------
+
+def _cache_rows(db: Path) -> tuple[int, int]:
+    if not db.exists():
+        return 0, 0
+    con = sqlite3.connect(str(db), timeout=30)
+    try:
+        return con.execute("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM results").fetchone()
+    except sqlite3.OperationalError:         # table not created yet
+        return 0, 0
+    finally:
+        con.close()
+
+
+def _samples(out: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    rows = {}
+    for f in sorted((out / "samples").glob("*/part-*.parquet")):
+        t = pq.read_table(f, columns=["sample_id", "input_ids", "loss_mask"]).to_pylist()
+        rows.update({r["sample_id"]: (r["input_ids"], r["loss_mask"]) for r in t})
+    return rows
+
+
+@pytest.fixture
+def cluster():
+    """Head (0 CPUs, as in cluster/aws.yaml) + one 2-CPU worker node; every process killed afterwards."""
+    c = LocalCluster()
+    try:
+        c.start_head(num_cpus=0)
+        c.add_worker("w1", num_cpus=2)
+        yield c
+    finally:
+        left = c.stop()
+        assert left == [], f"processes left running: {left}"
+
+
+@pytest.mark.slow
+def test_synth_then_train_as_ray_jobs(cluster):
+    synth_out, train_out = cluster.root / "synth", cluster.root / "train"
+    cluster.submit(["ctxforge", "synth", "--config", "tiny", f"output.dir={synth_out}", *SYNTH_SMALL], "synth")
+    status, logs = cluster.wait("synth")
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "Ray cluster:" in logs                    # the driver joined the cluster (RAY_ADDRESS), no local Ray
+    manifest = json.loads((synth_out / "manifest.json").read_text())
+    parts = sorted((synth_out / "samples" / "4K").glob("part-*.parquet"))
+    assert parts and manifest["stages"]["4K"]["samples_built"] == len(_samples(synth_out)) >= 1
+    rows, distinct = _cache_rows(synth_out / "work" / "requests.sqlite")
+    assert rows == distinct == manifest["requests"]["total"]["requests"] > 0
+
+    # training reads the synthesis output; one stage, 2 gloo workers (1 CPU each) on the worker node,
+    # one optimizer step (sort batching: one sample per micro-batch so both data-parallel ranks get one)
+    cluster.submit(["ctxforge", "train", "--config", "train-tiny", f"input.dir={synth_out}", f"output.dir={train_out}",
+                    "stages=[{name: 4K, data_stage: 4K, max_seq_len: 4096, workers: 2, sp_degree: 1, "
+                    "batching: sort, batch_size: 1, max_steps: 1, checkpoint_every: 1, rope: {theta: 2000000}}]",
+                    "runtime.progress=false", "runtime.max_failures=0"], "train")
+    status, logs = cluster.wait("train")
+    assert status == "SUCCEEDED", logs[-4000:]
+    ckpt = train_out / "checkpoints" / "4K"
+    config = json.loads((ckpt / "config.json").read_text())
+    rope = config.get("rope_parameters") or config
+    assert rope["rope_theta"] == 2000000                          # the stage's RoPE is written into the checkpoint
+    assert (ckpt / "model.safetensors").stat().st_size > 0 and (ckpt / "stage_complete.json").exists()
+    assert list((train_out / "ray" / "tiny-4K").glob("checkpoint_*/train_state.json"))   # a Ray Train checkpoint
+
+
+@pytest.mark.slow
+def test_worker_node_killed_during_synthesis(cluster):
+    """SIGKILL the worker node (the only node with CPUs, so the generator actor and every Ray Data task run
+    there) in the middle of synthesis, then let a replacement node join, as the autoscaler does after a
+    spot reclaim. Measured truth (Ray 2.60): the job does NOT fail — Ray Data restarts its actor
+    (max_restarts=-1) and retries its tasks on the new node; the driver on the head keeps its state.
+    The request cache ends with exactly one row per request. Resubmitting the same command (the documented
+    recovery path when a job does fail) then answers every request from the cache and writes the same samples."""
+    out = cluster.root / "synth"
+    db = out / "work" / "requests.sqlite"
+    cmd = ["ctxforge", "synth", "--config", "tiny", f"output.dir={out}", *SYNTH_SMALL]
+    cluster.submit(cmd, "synth-1")
+    deadline = time.monotonic() + 240            # a bound so a broken run cannot hang CI, not a timing assertion
+    while _cache_rows(db)[0] == 0:
+        assert cluster.status("synth-1") in ("PENDING", "RUNNING"), cluster.logs("synth-1")[-4000:]
+        assert time.monotonic() < deadline, "no request finished"
+        time.sleep(0.5)
+    before, _ = _cache_rows(db)
+    assert cluster.kill_node("w1") > 0
+    assert cluster._processes("w1") == []
+    assert cluster.status("synth-1") == "RUNNING"  # the driver lives on the head
+    cluster.add_worker("w2", num_cpus=2)
+
+    status, logs = cluster.wait("synth-1", timeout_s=300)
+    assert status == "SUCCEEDED", logs[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows, distinct = _cache_rows(db)
+    total = manifest["requests"]["total"]
+    assert rows == distinct == total["requests"] > before       # work was finished after the kill, on w2
+    assert total["failed"] == 0 and manifest["requests"]["cache_hits"] == 0
+    first = _samples(out)
+    assert first
+
+    # the recovery path for a job that does fail: the same submit again
+    cluster.submit(cmd, "synth-2")
+    status, logs = cluster.wait("synth-2")
+    assert status == "SUCCEEDED", logs[-4000:]
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["requests"]["cache_hits"] == again["requests"]["total"]["requests"] == rows
+    assert again["requests"]["total"]["sent"] == 0
+    assert _cache_rows(db) == (rows, rows)
+    assert _samples(out) == first

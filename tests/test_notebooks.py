@@ -138,8 +138,14 @@ def test_02_evaluation(eval_dir, monkeypatch):
     assert _pngs(_tagged(nb, "score-vs-length")) == 1
     assert _pngs(_tagged(nb, "tasks-vs-length")) == 1
     text = _text(nb)
-    needles = sum(len(results["models"]["base"]["ruler"]["niah_depth"]) for _ in [0])
-    assert f"base: {needles} needles" in text
+    for name in ("base", "trained"):
+        needles = len(results["models"][name]["ruler"]["niah_depth"])
+        assert needles > 0 and f"{name}: {needles} needles" in text
+    # the trained-minus-base table has a number for every length (a score of 0 is a score, not a gap)
+    diff = [o["data"]["text/plain"] for c in nb.cells for o in c.get("outputs", [])
+            if "points over" in "".join(str(v) for v in o.get("data", {}).values())]
+    assert diff
+    assert "NaN" not in _text(nb).split("points over **base**")[1].split("</table>")[0]
     assert "points over **base**" in text and "meaningless" in text
 
 
