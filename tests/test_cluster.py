@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,11 +38,6 @@ RAY = str(VENV_BIN / "ray")
 # a real local multi-node Ray cluster
 # ---------------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class LocalCluster:
     """A head node and worker nodes started with `ray start`, each with its own temp dir and ports."""
@@ -50,8 +45,8 @@ class LocalCluster:
     def __init__(self):
         # short root: Ray's unix socket paths must stay under ~107 characters
         self.root = Path(tempfile.mkdtemp(prefix="cfx-", dir="/tmp"))
-        self.gcs_port = _free_port()
-        self.dashboard_port = _free_port()
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = dict(os.environ)
@@ -75,17 +70,17 @@ class LocalCluster:
         return proc
 
     def _node_ports(self) -> list[str]:
-        return ["--node-ip-address=127.0.0.1", f"--node-manager-port={_free_port()}",
-                f"--object-manager-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-                f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}"]
+        return ["--node-ip-address=127.0.0.1", f"--node-manager-port={free_port()}",
+                f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={free_port()}"]
 
     def start_head(self, num_cpus: int = 0) -> None:
         temp = self.root / "h"
         self.nodes["head"] = temp
         self._ray("start", "--head", f"--num-cpus={num_cpus}", f"--port={self.gcs_port}",
                   f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                  f"--ray-client-server-port={_free_port()}", "--disable-usage-stats", f"--temp-dir={temp}",
+                  f"--ray-client-server-port={free_port()}", "--disable-usage-stats", f"--temp-dir={temp}",
                   *self._node_ports())
 
     def add_worker(self, name: str, num_cpus: int = 2) -> None:

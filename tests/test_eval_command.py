@@ -5,26 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 
 import pytest
+from ports import free_port
 
 from ctxforge.config import ConfigError, load_config, packaged_config_names
 from ctxforge.serve import command
 from ctxforge.serve.config import EvalConfig, ServeConfig, checkpoint_context_length
-
-
-@pytest.fixture(scope="module")
-def ray_private():
-    """A private 2-CPU local Ray (never attaches to a cluster someone else started on this machine)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 @pytest.mark.parametrize("name", [n for n in packaged_config_names() if n.startswith(("eval-", "serve-"))])
@@ -117,12 +104,10 @@ def test_vllm_app_builds_on_gpu(tiny_model_path):
 
 
 @pytest.mark.slow
-def test_eval_command_serves_the_tiny_model_itself(ray_private, tmp_path, capsys):
+def test_eval_command_serves_the_tiny_model_itself(ray_local, tmp_path, capsys):
     from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     parser = argparse.ArgumentParser()
     command.add_eval_arguments(parser)
     args = parser.parse_args(["--config", "eval-tiny", f"output_dir={tmp_path}", f"serve.port={port}",

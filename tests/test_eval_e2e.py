@@ -4,10 +4,10 @@ report files written, and a rerun served entirely from the cache."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from ctxforge.serve import ruler_metrics as rm
 from ctxforge.serve.config import EvalConfig
@@ -19,33 +19,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_private():
-    """A private 2-CPU local Ray (address="local": never attaches to a cluster someone else started on
-    this machine with `ray start`)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def endpoint(ray_private, tiny_model_path):
+def endpoint(ray_local, tiny_model_path):
     from ray import serve
 
     from ctxforge.serve.app import run_app
     from ctxforge.serve.config import ServeConfig
 
-    cfg = ServeConfig(model=tiny_model_path, port=_free_port(), max_model_len=4096, max_ongoing_requests=8,
+    cfg = ServeConfig(model=tiny_model_path, port=free_port(), max_model_len=4096, max_ongoing_requests=8,
                       app_name="test-eval-e2e")
     yield run_app(cfg, api_key=API_KEY)
     serve.shutdown()

@@ -5,10 +5,10 @@ served endpoint — and produce the figures they promise, so they cannot rot."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -19,12 +19,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 CELL_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def eval_dir(ray_local, tiny_model_path, tmp_path_factory):
     from ctxforge.serve.evaluate import evaluate
 
     out = tmp_path_factory.mktemp("eval")
-    endpoint = run_app(ServeConfig(model=tiny_model_path, port=_free_port(), max_model_len=4096,
+    endpoint = run_app(ServeConfig(model=tiny_model_path, port=free_port(), max_model_len=4096,
                                    max_ongoing_requests=8, app_name="test-notebooks"))
     try:
         cfg = EvalConfig.model_validate({

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 
 import httpx
 import pytest
+from ports import free_port
 
 API_KEY = "test-key-123"
 WINDOW = 512
@@ -19,34 +19,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_private():
-    """A private 2-CPU local Ray (address="local": never attaches to a cluster someone else started on
-    this machine with `ray start`)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(ray_private, tiny_model_path):
+def served(ray_local, tiny_model_path):
     from ray import serve
 
     from ctxforge.serve.app import run_app
     from ctxforge.serve.config import ServeConfig
 
     # max_ongoing_requests=2 so that the concurrency test really exercises Serve's queue.
-    cfg = ServeConfig(model=tiny_model_path, served_model_name="tiny", port=_free_port(), max_model_len=WINDOW,
+    cfg = ServeConfig(model=tiny_model_path, served_model_name="tiny", port=free_port(), max_model_len=WINDOW,
                       max_ongoing_requests=2, app_name="test-serve")
     url = run_app(cfg, api_key=API_KEY)
     yield url

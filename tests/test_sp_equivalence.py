@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
+from ports import free_port
 import torch
 import torch.multiprocessing as mp
 
@@ -28,12 +28,6 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Count to five."},
      {"role": "assistant", "content": "One, two, three, four, five."}],
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_samples(tokenizer):
@@ -140,7 +134,7 @@ def _worker(rank: int, world: int, port: int, model_path: str, out_dir: str, cor
 @pytest.fixture(scope="module")
 def sp2_results(tiny_model_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("sp2")
-    mp.spawn(_worker, args=(2, _free_port(), tiny_model_path, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), tiny_model_path, str(out)), nprocs=2, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -156,7 +150,7 @@ def test_sp2_loss_and_grads_equal_single_process(sp2_results, case):
 @pytest.mark.slow
 def test_sp4_replicates_kv_heads_and_still_equals_single_process(tiny_model_path, tmp_path):
     """SP 4 > 2 KV heads: DeepSpeed replicates each KV head 2x before the all-to-all (4 gloo processes)."""
-    mp.spawn(_worker, args=(4, _free_port(), tiny_model_path, str(tmp_path)), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, free_port(), tiny_model_path, str(tmp_path)), nprocs=4, join=True)
     for r in range(4):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         for case in ("packed", "single"):
@@ -189,7 +183,7 @@ def test_sp2_with_flash_attn_varlen_equals_single_gpu(tiny_model_path, tmp_path)
     pytest.importorskip("flash_attn")
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs for SP degree 2")
-    mp.spawn(_worker, args=(2, _free_port(), tiny_model_path, str(tmp_path), "flash_attention_2", "bfloat16", "nccl"),
+    mp.spawn(_worker, args=(2, free_port(), tiny_model_path, str(tmp_path), "flash_attention_2", "bfloat16", "nccl"),
              nprocs=2, join=True)
     for r in range(2):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
