@@ -31,10 +31,13 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
 
+# bench_train_packing reads the demo's synthesis output (runs/tiny/synth): run `make demo` first.
 bench: $(STAMP)
 	$(BIN)/python bench/bench_chunking.py
 	$(BIN)/python bench/bench_http_throughput.py
 	$(BIN)/python bench/bench_serve.py
+	$(BIN)/python bench/bench_train_sp.py
+	$(BIN)/python bench/bench_train_packing.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
