@@ -5,7 +5,8 @@ Fault injection (runtime.fail_at_step=2): in a run that did not start from a che
 2's loss after its forward/backward and dies. Invocation 1 (max_failures=0) dies in stage 4K. Invocation 2
 (same command, max_failures=1) resumes 4K from the checkpoint Ray Train registered, recomputes step 2 with
 the same loss, then trains 8K (SP 2, 8K's RoPE) from 4K's weights; 8K's rank 0 dies at step 2 and
-FailureConfig restarts the worker group from 8K's step-1 checkpoint, again with the same loss.
+FailureConfig restarts the worker group from 8K's step-1 checkpoint (from scratch if Ray had not yet
+registered it), again with the same loss. The fault fires once per stage, so a restart always gets past it.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ class RuntimeConfig(StrictModel):
     progress: bool = Field(True, description="progress bar on rank 0")
     fail_at_step: int = Field(0, ge=0, description="fault injection for resume tests: in a run that did not start "
                                                    "from a checkpoint, rank 0 exits after the forward/backward of this "
-                                                   "step (before the optimizer step); 0 = never")
+                                                   "step (before the optimizer step), once per stage; 0 = never")
 
 
 class TrainConfig(StrictModel):

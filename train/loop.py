@@ -142,7 +142,9 @@ def train_stage_worker(payload: dict) -> None:
             if n < len(batches) - 1:
                 engine.step()  # accumulates; DeepSpeed steps the optimizer at the last micro-batch
         dist.all_reduce(loss_sum)  # [] per rank -> [] sum over every rank = sum over the step's K packs
-        if rt.fail_at_step == step + 1 and checkpoint is None:  # only a fresh run dies; its restart gets past
+        # Only a fresh run dies, and once per stage: a restart gets past it even when Ray had not yet
+        # registered the checkpoint reported just before the crash (the restart then starts from scratch).
+        if rt.fail_at_step == step + 1 and checkpoint is None and not _crashed_before(metrics_path):
             _crash(loss_sum.item() / k, step, metrics_path, layout.rank)
         engine.step()
         peaks = torch.tensor([peak_memory_bytes(device)], dtype=torch.int64, device=comm)
@@ -172,6 +174,12 @@ def train_stage_worker(payload: dict) -> None:
         else:
             ray.train.report(report)
     bar.close()
+
+
+def _crashed_before(metrics_path: Path) -> bool:
+    if not metrics_path.is_file():
+        return False
+    return any(json.loads(line).get("crashed") for line in metrics_path.read_text().splitlines() if line.strip())
 
 
 def _crash(loss: float, step: int, metrics_path: Path, rank: int) -> None:
