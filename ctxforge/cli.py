@@ -14,20 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import textwrap
 
-from ctxforge.config import ConfigError, PreflightError, describe_fields, load_config, packaged_config_names
+from ctxforge.config import ConfigError, PreflightError, load_config, options_help, packaged_config_names
 
 DEFAULT_SYNTH_CONFIG = "tiny"
-
-
-def _options_epilog(model) -> str:
-    lines = ["options (override any as key=value after --config; lists as YAML, e.g. concat.stages.0.samples=2):", ""]
-    for key, typ, default, desc in describe_fields(model):
-        lines.append(f"  {key}  ({typ}, default {default})")
-        for part in textwrap.wrap(desc, 92):
-            lines.append(f"      {part}")
-    return "\n".join(lines)
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -51,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "hierarchical + diverse QA with a generator (hf | vllm | http), check grounding, and concatenate "
                     "documents into curriculum-stage samples with answer-only loss masks. Reruns resume from the "
                     "request cache in OUTPUT/work/.",
-        epilog=_options_epilog(SynthConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=options_help(SynthConfig, "options (override any as key=value after --config; lists as YAML, e.g. "
+                                                     "concat.stages.0.samples=2):"), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(synth, DEFAULT_SYNTH_CONFIG)
 
     demo = sub.add_parser("demo", help="every stage on the embedded default: synthesize -> train -> serve + evaluate "

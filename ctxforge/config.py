@@ -9,6 +9,7 @@ It knows nothing about what any stage does with its config.
 from __future__ import annotations
 
 import json
+import textwrap
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
@@ -138,6 +139,9 @@ def describe_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str,
         if sub is not None:
             rows.extend(describe_fields(sub, key + "."))
             continue
+        if field.is_required():
+            rows.append((key, _type_name(annotation), "required", field.description or ""))
+            continue
         default = field.get_default(call_default_factory=True)
         if isinstance(default, BaseModel):
             default = default.model_dump(mode="json")
@@ -145,6 +149,17 @@ def describe_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str,
             default = [d.model_dump(mode="json") for d in default]
         rows.append((key, _type_name(annotation), json.dumps(default, default=str), field.description or ""))
     return rows
+
+
+def options_help(model: type[BaseModel], header: str, extra: tuple[str, ...] = ()) -> str:
+    """The `--help` epilog of a stage: every dotted key with its type, default and description."""
+    lines = [header, ""]
+    for key, typ, default, desc in describe_fields(model):
+        # defaults are JSON text, so a string default prints quoted and never reads as the bare word
+        lines.append(f"  {key}  ({typ}, {'required' if default == 'required' else 'default ' + default})")
+        lines.extend(f"      {part}" for part in textwrap.wrap(desc, 92))
+    lines.extend(extra)
+    return "\n".join(lines)
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:

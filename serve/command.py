@@ -9,21 +9,17 @@ import argparse
 import logging
 import os
 import signal
-import textwrap
 import time
 
-from ctxforge.config import apply_overrides, describe_fields, load_config, packaged_config_names
+from ctxforge.config import apply_overrides, load_config, options_help, packaged_config_names
 
 log = logging.getLogger(__name__)
 DEFAULT_EVAL_CONFIG = "eval-tiny"
 
 
 def _epilog(model) -> str:
-    lines = ["options (override any as key=value after the flags; lists as YAML, e.g. ruler.lengths=[1024,2048]):", ""]
-    for key, typ, default, desc in describe_fields(model):
-        lines.append(f"  {key}  ({typ}, default {default})")
-        lines += [f"      {part}" for part in textwrap.wrap(desc, 92)]
-    return "\n".join(lines)
+    return options_help(model, "options (override any as key=value after the flags; lists as YAML, e.g. "
+                               "ruler.lengths=[1024,2048]):")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

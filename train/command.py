@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import textwrap
 
-from ctxforge.config import ConfigError, PreflightError, describe_fields, load_config, packaged_config_names
+from ctxforge.config import ConfigError, PreflightError, load_config, options_help, packaged_config_names
 
 DEFAULT_TRAIN_CONFIG = "train-tiny"
 
 
 def _epilog(model) -> str:
-    lines = ["options (override any as key=value after --config; list items by index, e.g. stages.0.lr=1e-5):", ""]
-    for key, typ, default, desc in describe_fields(model):
-        lines.append(f"  {key}  ({typ}, default {default})")
-        lines.extend(f"      {part}" for part in textwrap.wrap(desc, 92))
-    lines.append("  stages.N.*  see StageConfig: name, data_stage, max_seq_len, rope.{theta,type,factor,...}, lr, "
-                 "schedule, warmup_steps, min_lr_ratio, epochs, max_steps, workers, sp_degree, batching, batch_size, "
-                 "grad_accum, loss_weighting, short_ratio, checkpoint_every")
-    return "\n".join(lines)
+    return options_help(
+        model, "options (override any as key=value after --config; list items by index, e.g. stages.0.lr=1e-5):",
+        extra=("  stages.N.*  see StageConfig: name, data_stage, max_seq_len, rope.{theta,type,factor,...}, lr, "
+               "schedule, warmup_steps, min_lr_ratio, epochs, max_steps, workers, sp_degree, batching, batch_size, "
+               "grad_accum, loss_weighting, short_ratio, checkpoint_every",))
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
