@@ -290,7 +290,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         if self.path.rstrip("/") != "/v1/chat/completions":
             return self._send_json(404, {"error": {"message": f"no route {self.path}"}})
-        fake, stats = self.fake, self.fake.stats
+        stats = self.fake.stats
         with stats.lock:
             if stats.first_request_at is None:
                 stats.first_request_at = time.monotonic()

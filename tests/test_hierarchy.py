@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pytest
 
 from ctxforge.config import load_config
 from ctxforge.pipeline.config import SynthConfig

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from ctxforge.pipeline.cache import RequestCache
 from ctxforge.pipeline.config import GeneratorConfig, LimitsConfig
