@@ -27,6 +27,7 @@ import logging.config
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -86,6 +87,9 @@ def quiet_ray(config_dir: Path | None = None) -> None:
     for handler in logging.getLogger("ray").handlers:  # "Started a local Ray instance." and the like
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+    # Ray Data warns once per pass whose requests are fewer than the generator actors (a global summary pass
+    # of one request): expected, and not something to act on.
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
     _State.quiet = True
 
 
