@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import time
@@ -129,6 +130,9 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench-context-extension")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("ctxforge").setLevel(logging.INFO)  # a line per pass, stage and RULER group
 
     from ctxforge.console import quiet_ray
     from ctxforge.models import resolve_model_path

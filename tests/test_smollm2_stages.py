@@ -3,7 +3,7 @@ ChatML template without generation markers), on CPU: synthesis with it as genera
 mask, its curriculum on Ray Train (SP 3 = SP 1; the loss decreases), and its serving + RULER evaluation.
 
 The corpus is synthesized once per session (conftest.smollm2_corpus); the two training runs are shared by
-the tests of this module.
+the tests of this module. Tests that run a stage are marked slow.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from ports import free_port
-
-pytestmark = pytest.mark.slow
 
 # Observed on Obadiah (KJV) with the smollm2 config: see the README's demo section for the rate of a run.
 GROUNDING_FLOOR = 0.10
@@ -51,6 +49,7 @@ def _masked_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
 # synthesis
 
 
+@pytest.mark.slow
 def test_smollm2_synthesis_writes_valid_partly_grounded_qa(smollm2_corpus):
     import sqlite3
 
@@ -127,6 +126,7 @@ def test_smollm2_loss_mask_is_exactly_the_answers_and_their_im_end(smollm2_token
         assistant_mask_from_template(CONVERSATION, tok)
 
 
+@pytest.mark.slow
 def test_smollm2_synthesized_sample_masks_its_answers(smollm2_corpus, smollm2_tokenizer):
     tok = smollm2_tokenizer
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -172,6 +172,7 @@ def smollm2_runs(smollm2_corpus, ray_local, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_smollm2_sp3_equals_sp1_on_the_same_batch(smollm2_runs, smollm2_path):
     from safetensors import safe_open
 
@@ -196,10 +197,26 @@ def test_smollm2_sp3_equals_sp1_on_the_same_batch(smollm2_runs, smollm2_path):
     assert config["rope_parameters"]["rope_theta"] == 200000.0 and config["num_key_value_heads"] == 3
 
 
+@pytest.mark.slow
 def test_smollm2_loss_decreases_over_a_few_steps(smollm2_runs):
     losses = smollm2_runs["sp1"]["losses"]
     assert len(losses) == 3 and all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.95 * losses[0], losses
+
+
+def test_shipped_smollm2_configs_fit_smollm2(smollm2_path):
+    from transformers import AutoConfig
+
+    from ctxforge.config import load_config
+    from ctxforge.pipeline.config import SynthConfig
+    from ctxforge.train.config import TrainConfig
+
+    train = load_config(TrainConfig, "train-smollm2")
+    train.validate_for(AutoConfig.from_pretrained(smollm2_path), available_workers=3)
+    assert [s.sp_degree for s in train.stages] == [1, 3] and train.model == "ctxforge:smollm2"
+    synth = load_config(SynthConfig, "smollm2")
+    assert synth.generator.model == synth.target.tokenizer == train.model
+    assert {s.name for s in synth.concat.stages} == {s.data_stage for s in train.stages}
 
 
 def test_smollm2_refuses_sp2_with_the_arithmetic(smollm2_path, tmp_path):
@@ -258,6 +275,7 @@ def smollm2_endpoint(smollm2_path, tmp_path_factory):
         log_file.close()
 
 
+@pytest.mark.slow
 def test_smollm2_served_scores_on_ruler_niah(smollm2_endpoint, tmp_path):
     from ctxforge.config import load_config
     from ctxforge.serve.config import EvalConfig
