@@ -64,10 +64,10 @@ def smollm2_tokenizer(smollm2_path):
     return load_tokenizer(smollm2_path)
 
 
-SMOLLM2_CORPUS = [  # one short book (Obadiah, 837 tokens: 3 passages of <= 320 tokens), a few QA, one 2K sample
-    "input.limit=1", "input.max_document_tokens=900", "qa.hierarchical_per_document=3", "qa.diverse_per_document=1",
+SMOLLM2_CORPUS = [  # one short book (Obadiah, 837 tokens: 5 passages of <= 192 tokens), 7+ QA, one 2K sample
+    "input.limit=1", "input.max_document_tokens=900",
     "grounding.on_ungrounded=flag",  # keep every validated QA: the training tests need a sample whatever the rate
-    "concat.n1_hierarchical=3", "concat.n1_diverse=1", "concat.n2_earlier_diverse=0", "concat.n3_followups=0",
+    "concat.n1_hierarchical=4", "concat.n1_diverse=3", "concat.n2_earlier_diverse=0", "concat.n3_followups=0",
     "concat.stages=[{name: 2K, target_tokens: 2048, documents_per_sample: 1, samples: 1}]",
 ]
 

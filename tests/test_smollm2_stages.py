@@ -74,16 +74,18 @@ def test_smollm2_synthesis_writes_valid_partly_grounded_qa(smollm2_corpus):
     grounding = manifest["grounding"]["overall"]
     print(f"\nSmolLM2 on Obadiah: {grounding['grounded']} of {grounding['total']} QA grounded ({grounding['rate']:.0%}); "
           f"{len(ok)} of {len(rows)} requests ok")
-    assert len(qa) == grounding["total"] >= 3
+    assert len(qa) == grounding["total"] >= 6
     assert grounding["rate"] >= GROUNDING_FLOOR
     assert sum(r["grounded"] for r in qa) == grounding["grounded"]
-    # a grounded answer's quote is text of the book itself (normalized, fuzzy >= 90, as the stage checks it)
+    # a grounded quote is text the generator was shown: the book, or (for global and section questions) the
+    # summaries it wrote (normalized, fuzzy >= 90, as the stage checks it); an invented quote is neither
     from ctxforge.pipeline.grounding import ground_quote
 
-    book = _document_text()
+    shown = [_document_text()] + [obj["summary"] for p, obj in ok if p.startswith("summary")]
     for r in qa:
         if r["grounded"]:
-            assert ground_quote(r["evidence_quote"], [book], 90.0, 12)[0], r["evidence_quote"]
+            assert ground_quote(r["evidence_quote"], shown, 90.0, 12)[0], r["evidence_quote"]
+    assert not ground_quote("Jonah sailed to Tarshish in a great ship of gold and silver.", shown, 90.0, 12)[0]
 
 
 def _document_text() -> str:
@@ -151,9 +153,10 @@ def _train_config(corpus: Path, out: Path, workers: int, sp: int):
     from ctxforge.config import load_config
     from ctxforge.train.config import TrainConfig
 
+    cpus = 0.6 if workers > 1 else 2  # three workers share the 2 CPUs; a single one gets both (2 torch threads)
     return load_config(TrainConfig, "train-smollm2", [
         f"input.dir={corpus}", f"output.dir={out}", "runtime.progress=false", "runtime.max_failures=0",
-        f"stages={STAGE.format(workers=workers, sp=sp)}"])
+        f"runtime.cpus_per_worker={cpus}", f"stages={STAGE.format(workers=workers, sp=sp)}"])
 
 
 @pytest.fixture(scope="module")
