@@ -26,7 +26,6 @@ import logging
 import logging.config
 import os
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator
@@ -67,7 +66,7 @@ def quiet_ray(config_dir: Path | None = None) -> None:
     """
     import sys
 
-    import ray  # noqa: F401 - configures the `ray` logger, whose console handlers are lowered below
+    import ray  # importing it configures the `ray` logger, whose console handlers are lowered below
     import yaml
 
     from ctxforge.models import default_cache_dir
@@ -84,7 +83,7 @@ def quiet_ray(config_dir: Path | None = None) -> None:
     os.environ[_RAY_DATA_CONFIG_ENV] = str(path)
     if "ray.data" in sys.modules:  # Ray Data configured itself at import time: apply the same config now
         logging.config.dictConfig(config)
-    for handler in logging.getLogger("ray").handlers:  # "Started a local Ray instance." and the like
+    for handler in logging.getLogger(ray.__name__).handlers:  # "Started a local Ray instance." and the like
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
     # Ray Data warns once per pass whose requests are fewer than the generator actors (a global summary pass
@@ -169,5 +168,4 @@ def follow_training(metrics_dir: Path, emit: Callable[[str], None] = print, poll
     finally:
         stop.set()
         thread.join()
-        poll()
-        time.sleep(0)
+        poll()  # rows written after the last tick
