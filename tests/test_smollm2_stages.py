@@ -21,6 +21,9 @@ import pytest
 
 from ports import free_port
 
+# Real-model stages on a shared 2-core machine: the corpus fixture alone can take longer than the suite's default
+pytestmark = pytest.mark.timeout(2400)
+
 # Observed on Obadiah (KJV) with the smollm2 config: see the README's demo section for the rate of a run.
 GROUNDING_FLOOR = 0.10
 
