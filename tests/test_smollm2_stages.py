@@ -77,7 +77,8 @@ def test_smollm2_synthesis_writes_valid_partly_grounded_qa(smollm2_corpus):
     grounding = manifest["grounding"]["overall"]
     print(f"\nSmolLM2 on Obadiah: {grounding['grounded']} of {grounding['total']} QA grounded ({grounding['rate']:.0%}); "
           f"{len(ok)} of {len(rows)} requests ok")
-    assert len(qa) == grounding["total"] >= 6
+    duplicates = manifest["qa"]["dropped"].get("duplicate_question", 0)  # policy flag: only duplicates are dropped
+    assert len(qa) == grounding["total"] - duplicates >= 5
     assert grounding["rate"] >= GROUNDING_FLOOR
     assert sum(r["grounded"] for r in qa) == grounding["grounded"]
     # a grounded quote is text the generator was shown: the book, or (for global and section questions) the
