@@ -97,6 +97,9 @@ def run_eval(args) -> int:
 
     cfg = load_config(EvalConfig, args.config, args.overrides, default=DEFAULT_EVAL_CONFIG)
     api_keys = {m.name: os.environ.get(m.api_key_env) or None for m in cfg.models if m.base_url}
+    if cfg.longgen.enabled and cfg.longgen.judge.base_url:
+        from ctxforge.serve.evaluate import JUDGE_KEY
+        api_keys[JUDGE_KEY] = os.environ.get(cfg.longgen.judge.api_key_env) or None
     results = evaluate(cfg, api_keys, config_label=args.config or DEFAULT_EVAL_CONFIG)
     for name, m in results["models"].items():
         r = m.get("ruler") or {}
@@ -106,6 +109,10 @@ def run_eval(args) -> int:
             parts.append(f"{r['label']} avg {r['average']:.1f}" if r.get("average") is not None else "RULER: no scores")
         if ib:
             parts.append(f"InfiniteBench avg {ib['average']:.1f}" if ib.get("average") is not None else "InfiniteBench: no scores")
+        lg = m.get("longgen") or {}
+        if lg:
+            parts.append(f"long-output length score {lg['score']:.1f}, median {lg['words'].get('median')} words"
+                         if lg.get("score") is not None else "long-output: no scores")
         print(f"{name}: {'; '.join(parts)}  ({m['requests']['total']} requests, {m['requests']['errors']} errors)")
     print(f"\nreport:  {cfg.output_dir}/report.md\nresults: {cfg.output_dir}/results.json\nplots:   {cfg.output_dir}/plots/")
     return 0 if all(m["requests"]["errors"] == 0 for m in results["models"].values()) else 1

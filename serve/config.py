@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ctxforge.config import StrictModel
+from ctxforge.lengthen.longgen import LongGenConfig
 
 RULER_TASKS = (
     "niah_single_1", "niah_single_2", "niah_single_3",
@@ -152,6 +153,8 @@ class EvalConfig(StrictModel):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="How to serve a model whose base_url is null (`model` is overridden per entry).")
     ruler: RulerConfig = Field(default_factory=RulerConfig)
     infinitebench: InfiniteBenchConfig = Field(default_factory=InfiniteBenchConfig)
+    longgen: LongGenConfig = Field(default_factory=LongGenConfig, description="Long-output generation (LonGen-style "
+                                   "word-count targets; ctxforge.lengthen.longgen).")
     client: ClientConfig = Field(default_factory=ClientConfig)
     references: list[ReferenceRow] = Field(default_factory=list, description="Published numbers shown as reference rows.")
     ray_num_cpus: int = Field(0, ge=0, description="CPUs of the embedded local Ray when a model is served here (0 = all).")

@@ -26,6 +26,7 @@ from ctxforge.serve.ruler_tasks import TASKS, PromptSizer, RulerSources, generat
 
 log = logging.getLogger(__name__)
 IB_SYSTEM = "You are a helpful assistant"
+JUDGE_KEY = "longgen.judge"  # api_keys entry of the long-output quality judge
 
 
 def ruler_groups(cfg: EvalConfig, window: int, out: dict) -> list[tuple[int, str]]:
@@ -135,7 +136,7 @@ def _latency(records: list[Record]) -> dict:
 
 
 async def _evaluate_endpoint(cfg: EvalConfig, entry: EndpointConfig, base_url: str, api_key: str | None,
-                             cache: ResultCache) -> dict:
+                             cache: ResultCache, judge_api_key: str | None = None) -> dict:
     from ctxforge.models import load_tokenizer, resolve_model_path
 
     cards = await list_models(base_url, api_key)
@@ -160,6 +161,11 @@ async def _evaluate_endpoint(cfg: EvalConfig, entry: EndpointConfig, base_url: s
         summarize_infinitebench(recs, inf)
         result["infinitebench"] = inf
         records += recs
+    if cfg.longgen.enabled:
+        from ctxforge.lengthen.longgen import run_longgen
+        longgen: dict = {}
+        records += await run_longgen(cfg.longgen, client, tokenizer, window, longgen, cache, cfg.client, judge_api_key)
+        result["longgen"] = longgen
     result["latency"] = _latency(records)
     result["requests"] = {"total": len(records), "cached": sum(r.cached for r in records),
                           "errors": sum(r.error is not None for r in records)}
@@ -176,6 +182,7 @@ def evaluate(cfg: EvalConfig, api_keys: dict[str, str | None] | None = None, con
     from ctxforge.serve.report import write_report
 
     api_keys = api_keys or {}
+    judge_key = api_keys.get(JUDGE_KEY)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = ResultCache(out_dir / "cache.sqlite")
@@ -185,9 +192,10 @@ def evaluate(cfg: EvalConfig, api_keys: dict[str, str | None] | None = None, con
         for entry in cfg.models:
             t0 = time.perf_counter()
             if entry.base_url:
-                res = asyncio.run(_evaluate_endpoint(cfg, entry, entry.base_url, api_keys.get(entry.name), cache))
+                res = asyncio.run(_evaluate_endpoint(cfg, entry, entry.base_url, api_keys.get(entry.name), cache,
+                                                     judge_key))
             else:
-                res = _evaluate_served_here(cfg, entry, cache)
+                res = _evaluate_served_here(cfg, entry, cache, judge_key)
             res["wall_s"] = time.perf_counter() - t0
             results["models"][entry.name] = res
             log.info("model %s done in %.1fs", entry.name, res["wall_s"])
@@ -198,7 +206,8 @@ def evaluate(cfg: EvalConfig, api_keys: dict[str, str | None] | None = None, con
     return results
 
 
-def _evaluate_served_here(cfg: EvalConfig, entry: EndpointConfig, cache: ResultCache) -> dict:
+def _evaluate_served_here(cfg: EvalConfig, entry: EndpointConfig, cache: ResultCache,
+                          judge_api_key: str | None = None) -> dict:
     from ray import serve
 
     from ctxforge.raycluster import init_ray
@@ -209,6 +218,6 @@ def _evaluate_served_here(cfg: EvalConfig, entry: EndpointConfig, cache: ResultC
                                              "served_model_name": entry.served_model_name})
     base_url = run_app(serve_cfg, api_key=None)
     try:
-        return asyncio.run(_evaluate_endpoint(cfg, entry, base_url, None, cache))
+        return asyncio.run(_evaluate_endpoint(cfg, entry, base_url, None, cache, judge_api_key))
     finally:
         serve.delete(serve_cfg.app_name)

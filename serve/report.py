@@ -174,10 +174,12 @@ def write_report(results: dict, out_dir: str | Path) -> dict:
     """Write results.json, report.md and plots/*.png under out_dir; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots = _plots(results, out / "plots")
+    from ctxforge.lengthen import longgen
+    plots = _plots(results, out / "plots") + longgen.plot(results, out / "plots")
     results["plots"] = [str(Path(p).relative_to(out)) for p in plots]
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    md = markdown(results)
+    from ctxforge.lengthen import longgen
+    md = markdown(results) + "\n".join(longgen.markdown(results))
     if plots:
         md += "\n## Plots\n\n" + "\n".join(f"![{Path(p).stem}]({Path(p).relative_to(out)})" for p in plots) + "\n"
     (out / "report.md").write_text(md, encoding="utf-8")

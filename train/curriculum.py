@@ -97,6 +97,8 @@ def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
     cfg.input.dir = _absolute(cfg.input.dir)
     if cfg.input.short_data:
         cfg.input.short_data = _absolute(cfg.input.short_data)
+    if cfg.input.long_output:
+        cfg.input.long_output = _absolute(cfg.input.long_output)
     out = Path(cfg.output.dir).expanduser().absolute()
     storage = cfg.output.storage_path or str(out / "ray")
     model_path = resolve_model_path(cfg.model)

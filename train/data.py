@@ -157,8 +157,21 @@ def read_short_mix(path: str | Path, tokenizer, num_samples: int, max_seq_len: i
     return [rendered[rng.randrange(len(rendered))] for _ in range(num_samples)]
 
 
-def short_count(num_long: int, short_ratio: float) -> int:
-    """Short samples so that they make `short_ratio` of the stage's samples (0.4 -> 40% short)."""
+def short_count(num_long: int, short_ratio: float, other_ratio: float = 0.0) -> int:
+    """Mixed-in samples so that they make `short_ratio` of the stage's samples (0.4 -> 40% short) when another
+    mix takes `other_ratio` (the short and the long-output mix: each counts with the other's ratio here)."""
     if short_ratio <= 0:
         return 0
-    return round(num_long * short_ratio / (1.0 - short_ratio))
+    return round(num_long * short_ratio / (1.0 - short_ratio - other_ratio))
+
+
+def read_long_output_mix(set_dir: str | Path, num_samples: int, max_seq_len: int, tokenizer_hash: str,
+                         seed: int) -> list[Sample]:
+    """`num_samples` samples of a long-output set (`ctxforge lengthen`'s final/: stage `long_output` in the sample
+    contract, same checks as a stage's shards), each used once before any is repeated, in a seeded order."""
+    data = read_stage(set_dir, "long_output", max_seq_len, tokenizer_hash)
+    if not data.samples:
+        raise DataError(f"{set_dir}: no long-output sample fits max_seq_len {max_seq_len} ({data.stats})")
+    order = random.Random(f"long_output:{seed}").sample(range(len(data.samples)), len(data.samples))
+    return [Sample(s.sample_id, s.input_ids, s.loss_mask, source="long_output")
+            for s in (data.samples[order[i % len(order)]] for i in range(num_samples))]

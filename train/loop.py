@@ -24,7 +24,7 @@ import torch
 
 from .batching import collate, plan_microbatches
 from .config import TrainConfig
-from .data import DataError, read_short_mix, read_stage, short_count
+from .data import DataError, read_long_output_mix, read_short_mix, read_stage, short_count
 from .engine import backward_scale, build_engine, load_checkpoint, peak_memory_bytes, save_checkpoint, worker_device
 from .loss import step_counts, step_scale
 from .model import load_stage_model, resolve_attention
@@ -40,10 +40,16 @@ def load_samples(cfg: TrainConfig, index: int, tokenizer_hash: str, tokenizer=No
     data = read_stage(cfg.input.dir, stage.data_stage or stage.name, stage.max_seq_len, tokenizer_hash,
                       cfg.input.strict)
     samples = list(data.samples)
-    n_short = short_count(len(samples), stage.short_ratio)
+    n_short = short_count(len(data.samples), stage.short_ratio, stage.long_output_ratio)
     if n_short:
         samples += read_short_mix(cfg.input.short_data, tokenizer, n_short, stage.max_seq_len, cfg.runtime.seed)
     data.stats["short"] = n_short
+    # the long-output mix (ctxforge lengthen's final set): already tokenized, so no tokenizer needed here
+    n_long_output = short_count(len(data.samples), stage.long_output_ratio, stage.short_ratio)
+    if n_long_output:
+        samples += read_long_output_mix(cfg.input.long_output, n_long_output, stage.max_seq_len, tokenizer_hash,
+                                        cfg.runtime.seed)
+    data.stats["long_output"] = n_long_output
     return samples, data.stats
 
 
