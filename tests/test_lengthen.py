@@ -232,3 +232,14 @@ def test_long_output_mix_adds_the_configured_share(tmp_path, tiny_tokenizer):
                                                 "long_output_ratio": 0.5}]})
     manifest = json.loads((tmp_path / "final" / "manifest.json").read_text())
     assert manifest["stages"]["long_output"]["samples_built"] == 2
+
+
+def test_help_documents_every_option(capsys):
+    from ctxforge.cli import build_parser
+    from ctxforge.config import describe_fields
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["lengthen", "--help"])
+    text = capsys.readouterr().out
+    for key, *_ in describe_fields(LengthenConfig):
+        assert key in text, key
