@@ -8,6 +8,9 @@ generator); the acceptance rates of the extension rounds, tries and attempts; wa
 A 135M model does not write 8,000 good words: the figures show that the loop runs and lengths move.
 
     python bench/bench_lengthen.py [OUT_DIR] [key=value ...]     # default OUT_DIR runs/bench-lengthen
+
+Sized for a shared 2-core CPU (about an hour): 8 self-instructed instructions and one extension try per
+response (BENCH_OVERRIDES); later key=value arguments override these.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from ctxforge.lengthen.checks import count_words, length_stats
 from ctxforge.lengthen.config import LengthenConfig
 from ctxforge.lengthen.loop import make_backend, run_lengthen
 from ctxforge.lengthen.tasks import ResponseTask, Role, drive
+
+BENCH_OVERRIDES = ["iterations=1", "self_instruct.count=8", "extend.max_tries=1", "run.progress=false"]
 
 
 def after_responses(cfg: LengthenConfig, model: str, instructions: list[dict], out: Path) -> tuple[list[int], dict]:
@@ -42,9 +47,12 @@ def after_responses(cfg: LengthenConfig, model: str, instructions: list[dict], o
 
 
 def main(argv: list[str]) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = Path(argv[0] if argv and "=" not in argv[0] else "runs/bench-lengthen").resolve()
     overrides = [a for a in argv if "=" in a]
-    cfg = load_config(LengthenConfig, "lengthen-smollm2", [f"output.dir={out}", "iterations=1", *overrides])
+    cfg = load_config(LengthenConfig, "lengthen-smollm2", [f"output.dir={out}", *BENCH_OVERRIDES, *overrides])
     t0 = time.time()
     manifest = run_lengthen(cfg, "lengthen-smollm2 (bench)")
     loop_s = time.time() - t0

@@ -67,7 +67,6 @@ class ChecksConfig(StrictModel):
                                                     "repetitive and rejected (published: 13); 0 = off.")
     end_punctuation: bool = Field(True, description="A text must end with sentence-final or closing punctuation, "
                                                     "else it is truncated and rejected (published check).")
-    paragraph_chars: int = Field(4000, ge=20, description="Max characters of one paragraph (JSON schema bound).")
 
 
 class AcceptConfig(StrictModel):

@@ -1,9 +1,10 @@
 """Prompts, JSON schemas and seed instructions of the Self-Lengthen loop (our wording of the published recipe).
 
-Every request is structured (JSON schema), like every synthesis request: answers come back as
-`{"paragraphs": [...]}`, so paragraph boundaries are explicit and a completion cut by the token budget
-fails validation instead of passing as a short text. Training samples hold the plain text (paragraphs
-joined by blank lines) after the bare instruction or the extend prompt, never the JSON hint.
+Self-instruct and judge requests are structured (JSON schema). Responses and extensions are free text
+(schema None): long prose inside a JSON string fights the model's own newlines, and a small model closes
+the string at its first line break (SmolLM2-135M answered `{"text": "1. Light"}`) or fills a list of
+paragraphs with placeholders (`["first paragraph", "second paragraph"]`). A free-text answer cut by the
+token budget is caught by the truncation check. Training samples hold exactly the text the model wrote.
 
 The extend prompt asks to enrich, not continue (Self-Lengthen's extend_response template). The
 completion step of an extension round is phrased as a chat turn (the draft, the enriched beginning, "write
@@ -52,12 +53,6 @@ COMPLETE = (
     "remaining parts of the draft in the same way, up to the end of the draft. Do not repeat the beginning.\n\n"
     "Instruction: {instruction}\n\nDraft:\n\n{draft}\n\nBeginning of the enriched version:\n\n{beginning}"
 )
-PARAGRAPHS_HINT = "\n\nReply as JSON: {\"paragraphs\": [\"first paragraph\", \"second paragraph\", ...]}"
-
-
-def paragraphs_schema(max_chars: int) -> dict:
-    return {"type": "object", "additionalProperties": False, "required": ["paragraphs"],
-            "properties": {"paragraphs": {"type": "array", "items": {"type": "string", "maxLength": max_chars}}}}
 
 
 def instruction_schema(max_chars: int) -> dict:
@@ -69,9 +64,10 @@ JUDGE_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["s
                 "properties": {"suitable": {"type": "boolean"}}}
 
 
-def join_paragraphs(answer: dict) -> str:
-    """The plain text of a `{"paragraphs": [...]}` answer: non-blank paragraphs joined by blank lines."""
-    return "\n\n".join(p.strip() for p in answer.get("paragraphs", []) if isinstance(p, str) and p.strip())
+def answer_text(answer: dict) -> str:
+    """The text of a free-text answer (the pass runner hands it over as {"text": ...}), stripped."""
+    text = answer.get("text")
+    return text.strip() if isinstance(text, str) else ""
 
 
 def extend_prompt(instruction: str, draft: str) -> str:
@@ -80,8 +76,7 @@ def extend_prompt(instruction: str, draft: str) -> str:
 
 def prompt_set_hash() -> str:
     """Changes whenever a prompt, schema or topic changes, so edited prompts never reuse stale answers."""
-    blob = json.dumps([PROMPT_SET_VERSION, TOPICS, SELF_INSTRUCT, JUDGE_INSTRUCTION, EXTEND, COMPLETE,
-                       PARAGRAPHS_HINT], ensure_ascii=False)
+    blob = json.dumps([PROMPT_SET_VERSION, TOPICS, SELF_INSTRUCT, JUDGE_INSTRUCTION, EXTEND, COMPLETE], ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

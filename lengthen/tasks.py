@@ -136,13 +136,12 @@ class ResponseTask:
     def next_request(self) -> Request:
         c = self.cfg
         return Request("initial_response", self.instruction_id, f"initial:s{self.sample}:t{self.tries}",
-                       _messages(c, self.instruction + prompts.PARAGRAPHS_HINT), "paragraphs",
-                       prompts.paragraphs_schema(c.checks.paragraph_chars), c.responses.max_tokens)
+                       _messages(c, self.instruction), "text", None, c.responses.max_tokens)
 
     def feed(self, answer: dict | None) -> None:
         reason = "request_failed"
         if answer is not None:
-            text = prompts.join_paragraphs(answer)
+            text = prompts.answer_text(answer)
             reason = check_text(text, self.cfg.checks.repeat_ngram, self.cfg.checks.end_punctuation)
             if not reason:
                 self.text, self.done = text, True
@@ -207,14 +206,14 @@ class ExtensionTask:
         else:
             user = prompts.COMPLETE.format(instruction=self.instruction, draft=self.current,
                                            beginning="\n\n".join(self.kept))
-        return Request("extend_" + self.phase, self.response_id, key, _messages(c, user + prompts.PARAGRAPHS_HINT),
-                       "paragraphs", prompts.paragraphs_schema(c.checks.paragraph_chars), c.extend.max_tokens)
+        return Request("extend_" + self.phase, self.response_id, key, _messages(c, user), "text", None,
+                       c.extend.max_tokens)
 
     def feed(self, answer: dict | None) -> None:
         if self.phase == "former":
             if answer is None:
                 return self._end_round("request_failed")
-            paragraphs = [p for p in prompts.join_paragraphs(answer).split("\n\n") if p]
+            paragraphs = split_paragraphs(prompts.answer_text(answer))
             if not paragraphs:
                 return self._end_round("empty")
             self.kept = paragraphs[:max(1, int(len(paragraphs) * self.cfg.extend.keep_fraction))]
@@ -222,7 +221,7 @@ class ExtensionTask:
             return
         if answer is None:
             return self._end_round("request_failed")
-        candidate = "\n\n".join([*self.kept, prompts.join_paragraphs(answer)]).strip()
+        candidate = "\n\n".join([*self.kept, prompts.answer_text(answer)]).strip()
         verdict = round_verdict(candidate, count_words(self.best), self.cfg.checks.repeat_ngram,
                                 self.cfg.checks.end_punctuation)
         if not verdict:

@@ -147,13 +147,13 @@ def test_extension_round_extends_the_first_half_keeps_two_thirds_and_completes()
     former = task.next_request()
     assert "Alpha is first.\n\nBeta is second." in former.messages[-1]["content"]
     assert "Gamma" not in former.messages[-1]["content"]             # only the first half is extended
-    task.feed({"paragraphs": ["Alpha, the first letter, opens every list.", "Beta follows it closely.",
-                              "A third paragraph the round throws away."]})
+    task.feed({"text": "Alpha, the first letter, opens every list.\n\nBeta follows it closely.\n\n"
+                       "A third paragraph the round throws away."})
     latter = task.next_request()
     assert latter.key.endswith(":latter") and "Delta is fourth." in latter.messages[-1]["content"]
     assert "throws away" not in latter.messages[-1]["content"]       # 2/3 of 3 paragraphs kept
-    task.feed({"paragraphs": ["Gamma, the third letter, names a ray of light.", "Delta closes the set with a river "
-                              "mouth that spreads into many channels."]})
+    task.feed({"text": "Gamma, the third letter, names a ray of light.\n\nDelta closes the set with a river "
+                       "mouth that spreads into many channels."})
     assert task.done and task.rounds_accepted == 1
     assert task.extended.startswith("Alpha, the first letter") and "throws away" not in task.extended
     assert count_words(task.extended) > 1.2 * count_words(initial)
@@ -162,8 +162,8 @@ def test_extension_round_extends_the_first_half_keeps_two_thirds_and_completes()
 def test_a_failed_try_starts_over_from_the_initial_response():
     cfg = _cfg("extend.rounds=1", "extend.max_tries=2", "checks.end_punctuation=true")
     task = ExtensionTask(cfg, "Write.", "r0", "One sentence here.\n\nAnother one here.", attempt=0)
-    task.feed({"paragraphs": ["Extended start."]})
-    task.feed({"paragraphs": ["and it stops mid"]})                  # truncated: round rejected, try fails
+    task.feed({"text": "Extended start."})
+    task.feed({"text": "and it stops mid"})                  # truncated: round rejected, try fails
     assert not task.done and task.tries == 1 and task.current == task.initial
     assert task.round_reasons["truncated"] == 1 and task.try_reasons["under_ratio"] == 1
     assert task.next_request().key == "extend:a0:t1:r0:former"       # a new request, not the cached one
@@ -243,3 +243,21 @@ def test_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for key, *_ in describe_fields(LengthenConfig):
         assert key in text, key
+
+
+def test_free_text_requests_go_unconstrained_through_every_backend():
+    from ctxforge.pipeline.generators.http import HTTPGeneratorUDF
+    from ctxforge.pipeline.generators.vllm import _preprocess
+    from ctxforge.pipeline.passes import validate_output
+    from ctxforge.pipeline.requests import Request, request_row
+
+    req = Request("initial_response", "d", "k", [{"role": "user", "content": "Write."}], "text", None, 64)
+    row = request_row(req.finalize("m", 0.7, 0.9, "v"), 1, 0.7, 0.9)
+    assert row["schema"] == ""
+    assert validate_output("  Some prose.\n\nMore.  ", None) == ({"text": "Some prose.\n\nMore."}, "")
+    assert validate_output("   ", None) == (None, "empty_output")
+    assert validate_output("Some prose.", {"type": "object"})[1] == "invalid_json"   # structured stays strict
+    udf = HTTPGeneratorUDF("http://127.0.0.1:1/v1", "m", "", 1, 1.0, 0, 0.1)
+    assert "response_format" not in udf._payload(row)
+    assert "response_format" in udf._payload({**row, "schema": '{"type": "object"}'})
+    assert "structured_outputs" not in _preprocess(row)["sampling_params"]
