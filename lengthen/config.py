@@ -10,20 +10,20 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from ctxforge.config import StrictModel
+from ctxforge.config import PathStr, StrictModel
 from ctxforge.lengthen.length_control import TYPES
 from ctxforge.pipeline.config import GeneratorConfig
 from ctxforge.train.config import RuntimeConfig, StageConfig
 
 
 class OutputConfig(StrictModel):
-    dir: str = Field("runs/lengthen", description="Output directory: iter_NNN/ per iteration, final/ (the long-output "
+    dir: PathStr = Field("runs/lengthen", description="Output directory: iter_NNN/ per iteration, final/ (the long-output "
                                                   "sample set), work/requests.sqlite (request cache), manifest.json.")
     rows_per_shard: int = Field(256, ge=1, description="Samples per Parquet shard.")
 
 
 class SeedsConfig(StrictModel):
-    path: str = Field("builtin", description="Seed instructions: builtin (40 long-writing instructions shipped with "
+    path: PathStr = Field("builtin", description="Seed instructions: builtin (40 long-writing instructions shipped with "
                                              "ctxforge), a .jsonl file with an 'instruction' field per row, or a text "
                                              "file with one instruction per line.")
 

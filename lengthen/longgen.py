@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from ctxforge.config import StrictModel
+from ctxforge.config import PathStr, StrictModel
 from ctxforge.lengthen.checks import count_words, length_stats
 from ctxforge.lengthen.length_control import TYPES, Constraint, constraint, length_score
 from ctxforge.lengthen.prompts import load_instructions
@@ -49,7 +49,7 @@ class JudgeConfig(StrictModel):
 
 class LongGenConfig(StrictModel):
     enabled: bool = Field(False, description="Run the long-output evaluation.")
-    instructions: str = Field("builtin", description="Long-writing instructions: builtin (12 shipped with ctxforge), "
+    instructions: PathStr = Field("builtin", description="Long-writing instructions: builtin (12 shipped with ctxforge), "
                                                      "a .jsonl file with an 'instruction' field, or a text file with one "
                                                      "per line; cycled over the (target, type) cells.")
     targets: list[int] = Field(default_factory=lambda: [2000, 4000, 6000, 8000],

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ctxforge.config import StrictModel
+from ctxforge.config import PathStr, StrictModel
 
 from .rope import RopeConfig
 from .sequence_parallel import check_sp_degree
@@ -70,7 +70,7 @@ class InputConfig(StrictModel):
     strict: bool = Field(False, description="a sample longer than its stage is an error (false: dropped, counted)")
     short_data: str | None = Field(None, description="JSONL/Parquet chat dataset with a 'messages' column for the "
                                                      "short-data mix")
-    long_output: str | None = Field(None, description="long-output sample set for the long-output mix: the final/ "
+    long_output: PathStr | None = Field(None, description="long-output sample set for the long-output mix: the final/ "
                                                       "folder of `ctxforge lengthen` (samples/long_output/ + manifest)")
 
 
