@@ -9,7 +9,7 @@ A 135M model does not write 8,000 good words: the figures show that the loop run
 
     python bench/bench_lengthen.py [OUT_DIR] [key=value ...]     # default OUT_DIR runs/bench-lengthen
 
-Sized for a shared 2-core CPU (about an hour): 8 self-instructed instructions and one extension try per
+Sized for a shared 2-core CPU (about an hour): 6 self-instructed instructions and one extension try per
 response (BENCH_OVERRIDES); later key=value arguments override these.
 """
 
@@ -26,7 +26,7 @@ from ctxforge.lengthen.config import LengthenConfig
 from ctxforge.lengthen.loop import make_backend, run_lengthen
 from ctxforge.lengthen.tasks import ResponseTask, Role, drive
 
-BENCH_OVERRIDES = ["iterations=1", "self_instruct.count=8", "extend.max_tries=1", "run.progress=false"]
+BENCH_OVERRIDES = ["iterations=1", "self_instruct.count=6", "extend.max_tries=1", "run.progress=false"]
 
 
 def after_responses(cfg: LengthenConfig, model: str, instructions: list[dict], out: Path) -> tuple[list[int], dict]:
