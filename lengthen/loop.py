@@ -215,7 +215,9 @@ class Lengthener:
                  for r in responses for a in range(cfg.extend.attempts)]
         stats = drive(tasks, self._role("extender", model), cfg, f"iteration {it} extension")
         ids = {r.response_id: r.instruction_id for r in responses}
-        done = [Extension(t.extension_id, ids[t.response_id], t.instruction, t.initial, t.extended, it)
+        # the iteration in the id: iterations that answer the same instruction (self_instruct.count = 0) must not
+        # produce samples with the same id
+        done = [Extension(f"it{it}:{t.extension_id}", ids[t.response_id], t.instruction, t.initial, t.extended, it)
                 for t in tasks if t.extended]
         a = cfg.accept
         bounded = [e for e in done if (not a.min_words or count_words(e.extended) >= a.min_words)
