@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ctxforge.config import StrictModel
+from ctxforge.train.rope import RopeConfig, stage_rope_parameters
 
 RULER_TASKS = (
     "niah_single_1", "niah_single_2", "niah_single_3",
@@ -34,7 +35,13 @@ class ServeConfig(StrictModel):
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="hf = transformers deployment (CPU or one GPU); vllm = ray.serve.llm with the vLLM engine; auto = vllm when a CUDA GPU and vllm are present, else hf.")
     host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    app_name: str = Field("ctxforge", description="Ray Serve application name.")
+    app_name: str = Field("ctxforge", description="Ray Serve application name (unique on the cluster).")
+    route_prefix: str = Field("/", description="HTTP route prefix of this application: the API is at <prefix>/v1. Every "
+                                                "application on one Ray Serve cluster needs its own prefix.")
+    rope: RopeConfig | None = Field(None, description="RoPE override applied to the checkpoint's config before serving "
+                                                      "(zero-shot RoPE scaling, e.g. {type: yarn, factor: 8, "
+                                                      "original_max_position_embeddings: 131072}); vLLM gets it as "
+                                                      "hf_overrides. null = the checkpoint's own RoPE.")
     max_model_len: int = Field(0, ge=0, description="Context window in tokens (prompt + completion); 0 = from the checkpoint's config (max_position_embeddings x RoPE scaling factor).")
     api_key_env: str = Field("CTXFORGE_API_KEY", description="Environment variable holding a bearer API key that guards every route; unset or empty = no auth. Read only by the CLI.")
     num_replicas: int = Field(1, ge=1, description="Replicas when autoscaling is off (min_replicas = max_replicas = 0).")
@@ -56,6 +63,13 @@ class ServeConfig(StrictModel):
         if self.max_replicas and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         return self
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v):
+        if not v.startswith("/") or (len(v) > 1 and v.endswith("/")):
+            raise ValueError(f"route_prefix must start with '/' and not end with one (except '/' itself), got {v!r}")
+        return v
 
     def model_id(self) -> str:
         if self.served_model_name:
@@ -165,27 +179,64 @@ class EvalConfig(StrictModel):
         return v
 
 
-def checkpoint_context_length(model_path: str) -> int:
-    """The window a checkpoint's RoPE setup is built for, from its config.json.
-
-    transformers >= 5 writes `rope_parameters`, older checkpoints `rope_scaling`. For yarn/linear/dynamic
-    scaling with a `factor`, the window is original_max_position_embeddings (or max_position_embeddings)
-    x factor, unless max_position_embeddings already states more; llama3 scaling keeps
-    max_position_embeddings (Llama-3.1 writes 131072 there).
-    """
+def read_checkpoint_config(model_path: str) -> dict:
+    """The checkpoint's config.json as a dict (its text_config for multimodal wrappers)."""
     path = Path(model_path) / "config.json"
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"model {model_path!r}: cannot read {path}: {exc}") from exc
-    cfg = cfg.get("text_config", cfg)
+    return cfg.get("text_config", cfg)
+
+
+def rope_parameters(cfg: dict) -> dict:
+    """A config.json's RoPE setting as a transformers v5 `rope_parameters` dict (older checkpoints
+    write `rope_scaling` with `type` and `rope_theta` beside it)."""
+    if cfg.get("rope_parameters"):
+        return dict(cfg["rope_parameters"])
+    params = {k: v for k, v in (cfg.get("rope_scaling") or {}).items() if k != "type"}
+    params["rope_type"] = (cfg.get("rope_scaling") or {}).get("rope_type") or (cfg.get("rope_scaling") or {}).get("type") or "default"
+    if cfg.get("rope_theta") is not None:
+        params["rope_theta"] = cfg["rope_theta"]
+    return params
+
+
+def context_length(cfg: dict, rope: dict) -> int:
+    """The window a config's RoPE setup is built for: for yarn/linear/dynamic/longrope scaling with a
+    `factor`, original_max_position_embeddings (or max_position_embeddings) x factor, unless
+    max_position_embeddings already states more; llama3 scaling keeps max_position_embeddings
+    (Llama-3.1 writes 131072 there)."""
     max_pos = int(cfg.get("max_position_embeddings") or 0)
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
     factor = rope.get("factor")
     if rope_type in ("linear", "dynamic", "yarn", "longrope") and factor:
         original = int(rope.get("original_max_position_embeddings") or max_pos)
         max_pos = max(max_pos, int(original * float(factor)))
+    return max_pos
+
+
+def checkpoint_context_length(model_path: str, rope: RopeConfig | None = None) -> int:
+    """The window of a checkpoint (config.json), or of the checkpoint with a RoPE override applied."""
+    cfg = read_checkpoint_config(model_path)
+    params = rope_parameters(cfg)
+    if rope is not None:
+        params = stage_rope_parameters(params, rope)
+    max_pos = context_length(cfg, params)
     if max_pos <= 0:
         raise ValueError(f"model {model_path!r}: config.json has no max_position_embeddings; set max_model_len")
     return max_pos
+
+
+def rope_label(rope: RopeConfig | None, window: int) -> str:
+    """How a RoPE override reads in a report row, e.g. 'zero-shot RoPE yarn x8.0 from 131072 to 1048576'."""
+    if rope is None:
+        return ""
+    parts = [f"zero-shot RoPE {rope.type or 'default'}"]
+    if rope.factor:
+        parts.append(f"x{rope.factor:g}")
+    if rope.theta:
+        parts.append(f"theta {rope.theta:g}")
+    if rope.original_max_position_embeddings:
+        parts.append(f"from {rope.original_max_position_embeddings}")
+    parts.append(f"to {window}")
+    return " ".join(parts)
