@@ -64,10 +64,10 @@ def check(cfg) -> None:
     lc = cfg.lmeval
     if not lc.enabled:
         return
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise PreflightError("lmeval.enabled needs lm-evaluation-harness: pip install 'ctxforge[lmeval]'") from None
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise PreflightError("lmeval.enabled needs lm-evaluation-harness: pip install 'ctxforge[lmeval]'")
     if not lc.tasks:
         raise PreflightError("lmeval.tasks is empty: name the lm-eval tasks to run, e.g. lmeval.tasks=[mmlu]")
     if lc.include_path and not Path(lc.include_path).expanduser().is_dir():
