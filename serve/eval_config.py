@@ -99,6 +99,7 @@ class LmEvalConfig(StrictModel):
     enabled: bool = Field(False, description="Run lm-evaluation-harness tasks through the endpoint's /v1/completions (needs the lmeval extra: pip install 'ctxforge[lmeval]').")
     tasks: list[str] = Field(default_factory=list, description="lm-eval task (or group) names, e.g. [mmlu]; your own task YAMLs in include_path are found by their `task` name.")
     include_path: PathStr | None = Field(None, description="Directory of task YAMLs (local dataset_path / data_files: datasets come from your files, never the hub).")
+    builtin_tasks: bool = Field(True, description="Also look tasks up in lm-eval's own registry (thousands of YAMLs, indexed at start); false = only include_path (starts in seconds).")
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; null = each task's default.")
     limit: float | None = Field(None, gt=0, description="Examples per task (an int), or a fraction of each task (< 1); null = all.")
     batch_size: int = Field(8, ge=1, description="Prompts per /v1/completions request (log-likelihood requests are batched).")

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 def _task_manager(lc):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(Path(lc.include_path).expanduser()) if lc.include_path else None)
+    return TaskManager(include_path=str(Path(lc.include_path).expanduser()) if lc.include_path else None,
+                       include_defaults=lc.builtin_tasks or not lc.include_path)
 
 
 def run_lmeval(lc, base_url: str, model_id: str, tokenizer_path: str, window: int, api_key: str | None,

@@ -150,7 +150,11 @@ def check(cfg, api_keys: dict) -> None:
         load_cases(lc.path, lc.few_shots_path)
     except (OSError, ValueError) as exc:
         raise PreflightError(str(exc)) from None
-    check_endpoint(lc.judge.base_url, api_keys.get("judge"), f"longbench_chat.judge.base_url ({lc.judge.model})")
+    cards = check_endpoint(lc.judge.base_url, api_keys.get("judge"), f"longbench_chat.judge.base_url ({lc.judge.model})")
+    served = [c.get("id") for c in cards]
+    if lc.judge.model not in served:
+        raise PreflightError(f"longbench_chat.judge.model {lc.judge.model!r} is not served at {lc.judge.base_url} "
+                             f"(it lists {', '.join(map(str, served[:5]))}{', ...' if len(served) > 5 else ''})")
 
 
 def _judge_body(lc, case: dict, answer: str, attempt: int) -> dict:

@@ -39,7 +39,11 @@ def preflight_eval(cfg, api_keys: dict) -> None:
     for i, entry in enumerate(cfg.models):
         name = f"models.{i} ({entry.name})"
         if entry.base_url:
-            check_endpoint(entry.base_url, api_keys.get(entry.name), name)
+            cards = check_endpoint(entry.base_url, api_keys.get(entry.name), name)
+            ids = [c.get("id") for c in cards]
+            if entry.served_model_name and entry.served_model_name not in ids:
+                raise PreflightError(f"models.{i}.served_model_name {entry.served_model_name!r} is not served at "
+                                     f"{entry.base_url} (it lists {', '.join(map(str, ids[:5]))})")
         else:
             check_model(entry.model, f"models.{i}.model", entry.rope)
         tok_key = f"models.{i}.tokenizer" if entry.tokenizer else f"models.{i}.model"

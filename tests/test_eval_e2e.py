@@ -188,6 +188,7 @@ def lmeval_run(endpoint, tiny_model_path, tiny_tokenizer, tmp_path_factory):
         "output_dir": str(root / "out"), "models": [{"name": "tiny", "model": tiny_model_path, "base_url": endpoint}],
         "ruler": {"enabled": False},
         "lmeval": {"enabled": True, "tasks": ["ctx_mc", "ctx_gen"], "include_path": str(tasks), "batch_size": 4,
+                   "builtin_tasks": False,
                    "concurrency": 2}})
     preflight_eval(cfg, {"tiny": API_KEY})
     return cfg, root, first, evaluate(cfg, api_keys={"tiny": API_KEY}, config_label="lmeval")
@@ -245,12 +246,15 @@ def test_longbench_chat_judge_flow_on_fixtures(endpoint, tiny_model_path, tmp_pa
     from ctxforge.serve.evaluate import evaluate
     from ctxforge.serve.preflight import preflight_eval
 
+    import httpx
+
     data = FIXTURES / "longbench_chat"
+    served_id = httpx.get(endpoint + "/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"][0]["id"]
     cfg = EvalConfig.model_validate({
         "output_dir": str(tmp_path), "models": [{"name": "tiny", "model": tiny_model_path, "base_url": endpoint}],
         "ruler": {"enabled": False},
         "longbench_chat": {"enabled": True, "path": str(data / "test_cases.json"), "few_shots_path": str(data / "few_shots.json"),
-                           "max_tokens": 12, "judge": {"base_url": endpoint, "model": "tiny", "api_key_env": "X",
+                           "max_tokens": 12, "judge": {"base_url": endpoint, "model": served_id, "api_key_env": "X",
                                                        "structured": True, "analysis_chars": 40, "max_tokens": 120,
                                                        "max_attempts": 3}}})
     keys = {"tiny": API_KEY, "judge": API_KEY}
