@@ -231,6 +231,8 @@ class LongBenchChat(Benchmark):
         return await run_longbench_chat(ctx)
 
     def summary(self, result: dict) -> str:
+        if result.get("mean") is None:
+            return "LongBench-Chat: no questions"
         fails = f", {result['failed']} failed" if result.get("failed") else ""
         return f"LongBench-Chat mean {result['mean']:.2f}/10 ({result['n']} questions{fails})"
 
