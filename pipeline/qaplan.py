@@ -6,8 +6,9 @@ tree alone (no generated text), so a rerun plans exactly the same questions:
     global    from the global summary (at least 1, qa.global_ratio of the base budget)
     section   one per chosen section, spread over the document
     chunk     detail questions; sections no section question reached come first, so with a budget
-              of at least one question per section EVERY section is reached, and otherwise the
-              questions are spread evenly over the whole document
+              of at least one question per section EVERY section is reached; with fewer questions than
+              sections, section and chunk questions alternate over sections spread evenly over the
+              whole document
     followup  qa.followup_ratio of the budget, hanging off base questions spread along the sequence
   diverse (qa.diverse_per_document): a sampled type, then its evidence (1 chunk, 2-3 chunks far apart,
     or the summaries for thematic questions)
@@ -62,13 +63,19 @@ def _hierarchical_plan(doc, cfg: SynthConfig, rng: random.Random) -> list[Planne
     global_ev = [doc.global_id] + [doc.section_summary_id(j) for j in range(n_sec)]
     for v in range(n_global):
         items.append(PlannedQA("", "hierarchical", "global", global_ev, order=-1 + v * 1e-3, variant=v))
-    section_set = _spread(n_sec, n_section)
+    if 0 < rest <= n_sec:
+        # fewer questions than sections: one each for sections spread over the whole document, alternating types
+        targets = _spread(n_sec, rest)
+        section_set, chunk_sections = targets[::2], targets[1::2]
+    else:
+        section_set = _spread(n_sec, n_section)
+        chunk_sections = chunk_question_sections(n_sec, set(section_set), n_chunk)
     for j in section_set:
         s = doc.sections[j]
         ev = [doc.chunks[i].chunk_id for i in range(s.chunk_start, s.chunk_end)]
         items.append(PlannedQA("", "hierarchical", "section", ev, order=s.chunk_start - 0.5, section=j))
     per_chunk_count: dict[int, int] = {}
-    for j in chunk_question_sections(n_sec, set(section_set), n_chunk):
+    for j in chunk_sections:
         s = doc.sections[j]
         # a chunk of the section not asked about yet, when there is one
         fresh = [i for i in range(s.chunk_start, s.chunk_end) if i not in per_chunk_count]

@@ -22,6 +22,7 @@ from ctxforge.pipeline.documents import build_documents_table, load_doc_states, 
 from ctxforge.pipeline.generate import PASSES, QAAssembler, WaveGenerator
 from ctxforge.pipeline.hierarchy import Planner
 from ctxforge.pipeline.passes import PassRunner, PassStats
+from ctxforge.pipeline.prompts import PromptSetError, load_prompt_set
 from ctxforge.pipeline.write import SynthReport, write_qa_table, write_stage_samples, write_manifest
 from ctxforge.raycluster import init_ray
 
@@ -43,6 +44,10 @@ def cache_dir() -> str:
 
 
 def preflight(cfg: SynthConfig) -> Preflight:
+    try:
+        load_prompt_set(cfg.generator.prompts)  # every template's placeholders, before any work
+    except PromptSetError as exc:
+        raise PreflightError(str(exc)) from None
     try:
         target_path = resolve_model_path(cfg.target.tokenizer, cache_dir())
     except FileNotFoundError as exc:
