@@ -14,6 +14,8 @@ import random
 from collections import Counter
 from typing import Any, Sequence
 
+from ctxforge.config import PreflightError
+
 from .config import ConcatConfig, StageConfig
 from .records import DocumentQA
 from .render import Rendered, render_detailed, special_tokens_in_contents
@@ -36,6 +38,11 @@ from .schedule import (  # noqa: F401  (the schedule's names are part of this mo
 )
 
 HISTOGRAM_BINS = 10
+
+
+class EmptyStageError(PreflightError):
+    """A stage that built none of its samples: the run fails (after writing what it made) naming the stage,
+    the reason and the key to change."""
 
 
 def sample_id(stage_name: str, seed: int, index: int) -> str:

@@ -60,6 +60,7 @@ class SynthReport:
     wall_s: float
     tiny_model: bool = False
     notes: list[str] = field(default_factory=list)
+    boilerplate: dict = field(default_factory=dict)   # documents stripped of each kind of wrapper at read time
 
 
 def _atomic_table(path: Path, table: pa.Table) -> None:
@@ -134,7 +135,7 @@ def write_manifest(path: Path, report: SynthReport) -> None:
                       "temperature": cfg.generator.temperature, "top_p": cfg.generator.top_p},
         "tokenizer": {"spec": cfg.target.tokenizer, "path": report.tokenizer_path, "hash": report.tokenizer_hash},
         "input": {"records_read": report.records_read, "documents": report.documents,
-                  "skipped_by_reason": report.skipped},
+                  "skipped_by_reason": report.skipped, "boilerplate_stripped": report.boilerplate},
         "chunking": {"small_chunks": report.chunks, "sections": report.sections, "document_tokens": report.tokens},
         "estimate": report.estimate,
         "requests": {
