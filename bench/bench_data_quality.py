@@ -286,7 +286,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in corpus_docs()), encoding="utf-8")
-    cfg = load_config(SynthConfig, "tiny", [f"output.dir={out}", f"input.path={corpus}", *OVERRIDES])
+    # the packaged tiny config turns content checks off (random weights); a real model gets them where they exist
+    checks = ["checks.enabled=true"] if "checks" in SynthConfig.model_fields else []
+    cfg = load_config(SynthConfig, "tiny", [f"output.dir={out}", f"input.path={corpus}", *OVERRIDES, *checks])
     wall = 0.0
     if not args.measure_only:
         from ctxforge.pipeline.run import synthesize

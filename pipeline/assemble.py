@@ -141,7 +141,7 @@ class QAAssembler:
                 continue
             self.generated[f"summary/{qtype}"] += 1
             support = lexical_support(summary, [source])
-            if support < self.cfg.checks.min_summary_support:
+            if self.cfg.checks.enabled and support < self.cfg.checks.min_summary_support:
                 self.dropped["unsupported_summary"] += 1
                 continue
             tag = "global" if section < 0 else f"m{section:04d}"

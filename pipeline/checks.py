@@ -80,6 +80,8 @@ def _input_text(request) -> str | None:
 def check_output(request, obj: dict) -> str:
     """The first failed content check of a schema-valid output, as a reason string; "" when it passes."""
     checks: ChecksConfig = request.meta.get("checks") or _DEFAULT
+    if not checks.enabled:
+        return ""
     props = (request.schema or {}).get("properties", {})
     for name in _CHECKED_FIELDS:
         value = obj.get(name)

@@ -198,6 +198,7 @@ class ChecksConfig(StrictModel):
     """Content checks every generated output passes before it is accepted; a failure is retried with a new seed,
     then recorded as failed with its reason (e.g. truncated, placeholder:summary, repetitive:answer)."""
 
+    enabled: bool = Field(True, description="Run the content checks (false only for a random-weight model, whose outputs are noise).")
     truncation: bool = Field(True, description="Fail a string that fills its schema cap without ending a sentence (reason truncated).")
     min_summary_ratio: float = Field(
         0.03, ge=0.0, le=1.0,

@@ -36,7 +36,7 @@ def make_state(summaries: dict | None = None) -> DocState:
 
 
 def cfg(*overrides):
-    return load_config(SynthConfig, "tiny", ["grounding.on_ungrounded=drop", *overrides])
+    return load_config(SynthConfig, "tiny", ["checks.enabled=true", "grounding.on_ungrounded=drop", *overrides])
 
 
 def item(key, qtype, chunks=(0,), kind="hierarchical", parent="", order=0.0):

@@ -20,7 +20,7 @@ CHUNK = ("The miller counted forty sacks of barley in the loft, and his daughter
 
 @pytest.fixture(scope="module")
 def planner():
-    cfg = load_config(SynthConfig, "tiny", ["limits.summary_chars=160", "limits.answer_chars=120"])
+    cfg = load_config(SynthConfig, "tiny", ["checks.enabled=true", "limits.summary_chars=160", "limits.answer_chars=120"])
     return Planner(cfg, lambda text: len(text.split()))
 
 
@@ -94,6 +94,12 @@ def test_hidden_structure_references():
         assert not refers_to_hidden_structure(q), q
 
 
+def test_checks_can_be_switched_off_for_a_random_weight_model(summary_request):
+    off = summary_request.meta["checks"].model_copy(update={"enabled": False})
+    request = summary_request.__class__(**{**summary_request.__dict__, "meta": {**summary_request.meta, "checks": off}})
+    assert check_output(request, {"summary": "..."}) == ""
+
+
 def test_validate_hook_runs_schema_then_content_checks(qa_request):
     assert validate(qa_request, "not json") == (None, "invalid_json")
     assert validate(qa_request, json.dumps(qa(answer="How many sacks of barley did the miller count")))[1] == "restated_question"
@@ -102,7 +108,7 @@ def test_validate_hook_runs_schema_then_content_checks(qa_request):
 
 
 def test_hidden_references_can_be_kept(planner):
-    cfg = load_config(SynthConfig, "tiny", ["checks.hidden_references=keep"])
+    cfg = load_config(SynthConfig, "tiny", ["checks.enabled=true", "checks.hidden_references=keep"])
     p = Planner(cfg, lambda text: len(text.split()))
     doc = make_doc(3)
     fill_summaries(p, doc)
