@@ -88,5 +88,8 @@ class WaveGenerator:
             progress = sum(len(d.asked) for d in docs) > asked_before
         if self.cfg.grounding.judge:
             got = self._run("judge", [r for d in docs for r in judge_requests(p, d)], f"{wave_label} judge")
+            per_doc: dict[str, dict] = {}
+            for (doc_id, key), a in got.items():
+                per_doc.setdefault(doc_id, {})[key] = a
             for d in docs:
-                record_verdicts(d, {key: a for (doc_id, key), a in got.items() if doc_id == d.doc_id})
+                record_verdicts(d, per_doc.get(d.doc_id, {}))

@@ -111,10 +111,13 @@ class Planner:
         }
 
     # -- requests -------------------------------------------------------------------------------
-    def _render(self, name: str, text: str, **values) -> tuple[str, tuple[int, int]]:
-        """The template filled in, and the [start, end) span of `text` in it (for input-relative checks)."""
+    def _render(self, name: str, text: str, **values) -> tuple[str, tuple[int, int] | None]:
+        """The template filled in, and the [start, end) span of `text` in it (for input-relative checks;
+        None when the template does not show the text)."""
         user = self.prompts.render(name, text=_TEXT_MARK, **values)
-        at = user.index(_TEXT_MARK)
+        at = user.find(_TEXT_MARK)
+        if at < 0:
+            return user, None
         return user[:at] + text + user[at + len(_TEXT_MARK):], (at, at + len(text))
 
     def _summary(self, doc: DocState, pass_name: str, key: str, name: str, text: str, **values) -> Request:
