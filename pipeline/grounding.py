@@ -183,6 +183,8 @@ class GroundingStats:
             if what != "support_scored":
                 by_type[qtype][what] = n
         for qtype, entry in by_type.items():
+            if "hidden_reference" in entry:
+                entry["hidden_reference_rate"] = entry["hidden_reference"] / entry["total"]
             scored = self.type_extra.get((qtype, "support_scored"), 0)
             if scored:
                 entry["mean_answer_support"] = self.support_sum[qtype] / scored
