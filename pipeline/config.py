@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ctxforge.config import StrictModel
+from ctxforge.config import PathStr, StrictModel
 
 
 class InputConfig(StrictModel):
@@ -112,7 +112,7 @@ class GeneratorConfig(StrictModel):
         "reject them: set false there (lengths are still checked when answers are validated).",
     )
     retry_failed: bool = Field(False, description="On rerun, retry requests that were recorded as failed (finished ok requests are never redone).")
-    prompts: str | None = Field(
+    prompts: PathStr | None = Field(
         None,
         description="A prompt-set YAML file replacing the packaged one (ctxforge/pipeline/prompts.yaml: copy it and "
         "edit). Its placeholders are checked before the run; its hash is part of every request id.",
