@@ -13,6 +13,7 @@ samples) with its own definitions, so the same script measures any version of th
   quote grounding the evidence quote is in the DOCUMENT text the student sees (normalized; rapidfuzz
                   partial ratio >= 90) within the question's evidence chunks; questions written from
                   summaries are checked against the whole document
+  two_chunks      questions over several passages whose quotes are found in at least two of them
   answer support  share of the answer's content words (stop words out) found in that evidence; "supp"
                   = answers with support >= 0.5
   self-contained  questions that name no hidden structure ("this passage", "section 2", ...)
@@ -192,7 +193,11 @@ def measure(out: Path, cfg) -> dict:
         item = plan[(doc_id, key)]
         chunk_texts = [d.evidence_text(e) for e in item.evidence_ids if ":summary" not in e]
         evidence = "\n".join(chunk_texts) if chunk_texts else d.text
-        c["grounded"] += grounded(obj["evidence_quote"], evidence)
+        quotes = obj.get("evidence_quotes") or [obj.get("evidence_quote", "")]
+        c["grounded"] += any(grounded(q, evidence) for q in quotes)
+        if len(chunk_texts) >= 2:  # a question over several passages: quotes found in how many of them
+            c["multi_passage"] += 1
+            c["two_chunk_evidence"] += sum(any(grounded(q, t) for q in quotes) for t in chunk_texts) >= 2
         s = support(obj["answer"], evidence, stop)
         supports[qtype].append(s)
         c["supported"] += s >= 0.5
@@ -202,7 +207,8 @@ def measure(out: Path, cfg) -> dict:
         c["near_dup"] += any(fuzz.token_set_ratio(q, p) >= 90 for p in questions_by_doc[doc_id])
         questions_by_doc[doc_id].append(q)
 
-    qa_rows = pq.read_table(out / "qa" / "qa.parquet").to_pylist()
+    qa_path = out / "qa" / "qa.parquet"  # absent when measuring a run that did not finish (--measure-only)
+    qa_rows = pq.read_table(qa_path).to_pylist() if qa_path.is_file() else []
     kept_by_type = Counter(r["qtype"] for r in qa_rows)
     kept_sections = defaultdict(set)
     for r in qa_rows:
@@ -225,13 +231,16 @@ def measure(out: Path, cfg) -> dict:
         entry = {"finished": c["finished"], "validity": c["ok"] / max(1, c["finished"]),
                  "truncated": c["truncated"] / ok, "degenerate": c["degenerate"] / ok}
         if qtype != "summary":
+            if c["multi_passage"]:
+                entry["two_chunks"] = c["two_chunk_evidence"] / c["multi_passage"]
             entry.update(grounded=c["grounded"] / ok, support=_mean(supports[qtype]), supported=c["supported"] / ok,
                          self_contained=c["self_contained"] / ok, near_dup=c["near_dup"] / ok,
                          kept=kept_by_type.get(qtype, 0))
         by_type[qtype] = entry
     coverage = {doc_id: {"planned": f"{planned_sections[doc_id][0]}/{planned_sections[doc_id][1]}",
                          "kept": f"{len(kept_sections[doc_id])}/{len(docs[doc_id].sections)}"} for doc_id in docs}
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     return {"by_type": by_type, "coverage": coverage, "stages": stages, "failures": dict(failures),
             "documents": {d.doc_id: {"tokens": d.n_tokens, "chunks": len(d.chunks), "sections": len(d.sections)}
                           for d in docs.values()},
@@ -249,8 +258,8 @@ def _mean(values: list[float]) -> float:
 
 
 def print_tables(result: dict, label: str) -> None:
-    cols = ["finished", "validity", "grounded", "support", "supported", "self_contained", "near_dup", "truncated",
-            "degenerate", "kept"]
+    cols = ["finished", "validity", "grounded", "two_chunks", "support", "supported", "self_contained", "near_dup",
+            "truncated", "degenerate", "kept"]
     print(f"\n## {label}: per question type (over validated outputs)\n")
     print("| type | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
