@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 class ReadingBackend(GeneratorBackend):
     """Summaries: "..." on a request's first attempt (a placeholder), then the first sentence of the text.
-    Questions: about the first sentence of the text, quoting it. Judge: yes unless the answer mentions the smith."""
+    Questions: answered by the first sentence of the text, quoting it; the question counts the questions
+    already asked that its prompt lists. Judge: yes unless the answer mentions the smith."""
 
     name = "reading"
 
@@ -37,8 +38,8 @@ class ReadingBackend(GeneratorBackend):
             rows = batch_rows(batch)
             for row in rows:
                 user = json.loads(row["messages"])[-1]["content"]
-                text = re.search(r"<text(?: 1)?>\n(.*?)\n</text", user, re.S)
-                sentence = (text.group(1) if text else user).split(". ")[0].strip().rstrip(".") + "."
+                text = re.search(r"<text(?: 1)?>\n(.*?)\n</text", user, re.S) or re.search(r"\[1\] (.*)", user)
+                sentence = text.group(1).split(". ")[0].strip().rstrip(".") + "."
                 if row["schema_name"] == "summary":
                     first_attempt = attempt_seed(row["request_id"], 1) == row["seed"]
                     out = {"summary": "..." if first_attempt else sentence}
@@ -47,7 +48,7 @@ class ReadingBackend(GeneratorBackend):
                 else:
                     asked = len(re.findall(r"^- ", user, re.M))
                     quote = sentence.rstrip(".")
-                    out = {"question": f"What happens when {quote.lower()} ({asked})?", "answer": sentence}
+                    out = {"question": f"Which event about {sentence.split()[0]} is told here ({asked})?", "answer": sentence}
                     out.update({"evidence_quotes": [quote, quote]} if row["schema_name"] == "qa_multi"
                                else {"evidence_quote": quote})
                 row.update(output_text=json.dumps(out), prompt_tokens=10, completion_tokens=5, error="")
@@ -60,7 +61,8 @@ def test_rounds_checks_and_judge_through_the_pass_runner(ray_local, tmp_path):
     cfg = load_config(SynthConfig, "tiny", [
         "checks.enabled=true", "grounding.judge=true", "grounding.on_ungrounded=drop", "generator.max_attempts=3",
         "qa.hierarchical_per_document=4", "qa.diverse_per_document=6", "qa.duplicate_threshold=100",
-        "qa.diverse_type_weights={local_specific: 1.0}"])
+        "qa.diverse_type_weights={local_specific: 1.0}",
+        "limits.question_chars=200", "limits.answer_chars=300", "limits.quote_chars=200", "limits.summary_chars=300"])
     planner = Planner(cfg, lambda text: len(text.split()))
     backend = ReadingBackend()
     gen = WaveGenerator(cfg, planner, PassRunner(backend, RequestCache(tmp_path / "c.sqlite"), cfg.generator), "m")
