@@ -179,8 +179,10 @@ def print_summary(report: SynthReport, console=None) -> None:
     ]
     for name, st in report.stages.items():
         fill = st.get("fill", {})
-        rows.append((f"stage {name} samples (fill mean)",
-                     f"{st.get('samples_built', 0)}/{st['samples_requested']} ({fill.get('mean', 0):.0%})"))
+        qa = st.get("qa_turns_per_sample", {})
+        rows.append((f"stage {name} samples (fill mean, QA per sample)",
+                     f"{st.get('samples_built', 0)}/{st['samples_requested']} ({fill.get('mean', 0):.0%}, "
+                     f"{qa.get('mean', 0):.1f})"))
     rows.append(("wall time", f"{report.wall_s:.1f} s"))
     for k, v in rows:
         table.add_row(k, v)
