@@ -19,7 +19,7 @@ from ctxforge.config import PreflightError
 from .config import ConcatConfig, StageConfig
 from .records import DocumentQA
 from .render import Rendered, render_detailed, special_tokens_in_contents
-from .schedule import (  # noqa: F401  (the schedule's names are part of this module's interface)
+from .schedule import (  # the schedule's names are part of this module's interface (__all__)
     PART_DIVERSE,
     PART_EARLIER,
     PART_FOLLOWUP,
@@ -37,6 +37,12 @@ from .schedule import (  # noqa: F401  (the schedule's names are part of this mo
     stable_int,
 )
 
+__all__ = [
+    "PART_DIVERSE", "PART_EARLIER", "PART_FOLLOWUP", "PART_HIERARCHICAL", "PART_REST_DIVERSE",
+    "PART_REST_HIERARCHICAL", "PART_SUMMARY", "REST_PARTS", "EmptyStageError", "PlannedTurn", "SamplePlan",
+    "StagePlanner", "build_messages", "build_stage_samples", "cut_document", "plan_conversation", "render_sample",
+    "sample_id", "stable_int", "stage_failure",
+]
 HISTOGRAM_BINS = 10
 
 

@@ -9,9 +9,8 @@ before it); the optional judge pass runs last. QA records are assembled in assem
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
-from ctxforge.pipeline.assemble import QAAssembler  # noqa: F401  (re-exported: run.py imports it from here)
+from ctxforge.pipeline.assemble import QAAssembler
 from ctxforge.pipeline.config import SynthConfig
 from ctxforge.pipeline.hierarchy import DocState, Planner
 from ctxforge.pipeline.judge import judge_requests, record_verdicts
@@ -19,6 +18,8 @@ from ctxforge.pipeline.passes import PassRunner, PassStats
 from ctxforge.pipeline.requests import Request
 
 log = logging.getLogger(__name__)
+
+__all__ = ["PASSES", "QAAssembler", "WaveGenerator"]  # QAAssembler lives in assemble.py; run.py imports it here
 
 PASSES = ("summary_small", "summary_section", "summary_global", "qa", "followup", "judge")
 
