@@ -195,7 +195,7 @@ def measure(out: Path, cfg) -> dict:
         evidence = "\n".join(chunk_texts) if chunk_texts else d.text
         quotes = obj.get("evidence_quotes") or [obj.get("evidence_quote", "")]
         c["grounded"] += any(grounded(q, evidence) for q in quotes)
-        if len(chunk_texts) >= 2:  # a question over several passages: quotes found in how many of them
+        if len(chunk_texts) >= 2 and item.kind == "diverse":  # several passages: quotes found in how many
             c["multi_passage"] += 1
             c["two_chunk_evidence"] += sum(any(grounded(q, t) for q in quotes) for t in chunk_texts) >= 2
         s = support(obj["answer"], evidence, stop)
