@@ -17,6 +17,7 @@ supported by the text they summarize (checks.min_summary_support).
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 
 from rapidfuzz import fuzz
@@ -85,6 +86,8 @@ class QAAssembler:
     def _check(self, doc, item, ans: dict, chunk_section: dict[str, int]) -> QARecord:
         """The record of one answer with its quote grounding, answer support and judge verdict."""
         g = self.cfg.grounding
+        # NFC: tokenizers that normalize (Qwen2's does) would otherwise train on text other than the record's
+        ans = {k: unicodedata.normalize("NFC", v) if isinstance(v, str) else v for k, v in ans.items()}
         quotes = list(ans.get("evidence_quotes") or [ans.get("evidence_quote", "")])
         chunk_ids = [e for e in item.evidence_ids if e in chunk_section]
         document_texts = doc.document_texts(item.evidence_ids)
@@ -136,7 +139,7 @@ class QAAssembler:
                 wanted.append((doc.section_summary_id(s.index), "section_summary", text, ids, s.index, question))
         out = []
         for sid, qtype, source, evidence, section, question in wanted:
-            summary = doc.summaries.get(sid)
+            summary = unicodedata.normalize("NFC", doc.summaries.get(sid) or "")
             if not summary:
                 continue
             self.generated[f"summary/{qtype}"] += 1
