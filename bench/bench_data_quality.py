@@ -228,14 +228,17 @@ def measure(out: Path, cfg) -> dict:
     by_type = {}
     for qtype, c in sorted(per.items()):
         ok = max(1, c["ok"])
-        entry = {"finished": c["finished"], "validity": c["ok"] / max(1, c["finished"]),
-                 "truncated": c["truncated"] / ok, "degenerate": c["degenerate"] / ok}
-        if qtype != "summary":
+        entry = {"finished": c["finished"], "validity": c["ok"] / max(1, c["finished"])}
+        if c["ok"]:  # rates over validated outputs: none when nothing validated
+            entry.update(truncated=c["truncated"] / ok, degenerate=c["degenerate"] / ok)
+        if qtype != "summary" and c["ok"]:
             if c["multi_passage"]:
                 entry["two_chunks"] = c["two_chunk_evidence"] / c["multi_passage"]
             entry.update(grounded=c["grounded"] / ok, support=_mean(supports[qtype]), supported=c["supported"] / ok,
                          self_contained=c["self_contained"] / ok, near_dup=c["near_dup"] / ok,
                          kept=kept_by_type.get(qtype, 0))
+        elif qtype != "summary":
+            entry["kept"] = kept_by_type.get(qtype, 0)
         by_type[qtype] = entry
     coverage = {doc_id: {"planned": f"{planned_sections[doc_id][0]}/{planned_sections[doc_id][1]}",
                          "kept": f"{len(kept_sections[doc_id])}/{len(docs[doc_id].sections)}"} for doc_id in docs}
