@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from ctxforge.config import StrictModel
 
-from .rope import RopeConfig
+from .rope import RopeConfig, check_trainable, dynamic_rope_message, stage_rope_parameters
 from .sequence_parallel import check_sp_degree
 
 
@@ -57,6 +57,8 @@ class StageConfig(StrictModel):
             raise ValueError(f"stage {self.name}: workers {self.workers} is not a multiple of sp_degree "
                              f"{self.sp_degree} ({self.workers} % {self.sp_degree} = {self.workers % self.sp_degree}); "
                              f"workers = dp_degree x sp_degree")
+        if self.rope.type == "dynamic":
+            raise ValueError(dynamic_rope_message(f"stage {self.name}: rope.type"))
         if self.batching == "pack" and self.batch_size != 1:
             raise ValueError(f"stage {self.name}: batching=pack uses one packed row per micro-batch; "
                              f"batch_size must be 1 (got {self.batch_size})")
@@ -119,7 +121,11 @@ class TrainConfig(StrictModel):
     def validate_for(self, model_config, available_workers: int | None = None) -> None:
         """Checks that need the model's config (heads) and, when known, the cluster size."""
         text = model_config.get_text_config()
+        rope = dict(getattr(text, "rope_parameters", None) or {})
         for stage in self.stages:
+            rope = stage_rope_parameters(rope, stage.rope)  # each stage starts from the previous stage's config
+            kept = " (the model's own, kept by the stage)" if stage.rope.type is None else ""
+            check_trainable(rope, f"stage {stage.name}: rope{kept}")
             check_sp_degree(stage.sp_degree, text.num_attention_heads, text.num_key_value_heads,
                             where=f"stage {stage.name}")
             if available_workers is not None and stage.workers > available_workers:
