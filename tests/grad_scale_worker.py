@@ -11,7 +11,7 @@ DeepSpeed's `get_global_grad_norm()` / reference must be 1.
 Layouts: world 2 = dp1 x sp2 with grad_accum 2 (both packs on one SP group, one after the other);
 world 4 = dp2 x sp2 with grad_accum 1 (one pack per SP group). Same K, M and reference in both.
 
-`told_sp=True` is the negative control: DeepSpeed is given the SP mpu and `sequence_parallel_size` (what
+`told_sp` (ZeRO stages) is the negative control: DeepSpeed is given the SP mpu and `sequence_parallel_size` (what
 the trainer did before); its ZeRO-0/1/2 paths then sum over SP ranks instead of averaging.
 """
 
@@ -96,7 +96,7 @@ def _ds_step(model_path: str, tokenizer, zero_stage: int, world: int, rank: int,
 
 
 def worker(rank: int, world: int, port: int, model_path: str, out_dir: str, sp: int, zero_stages: list[int],
-           told_sp: bool = False) -> None:
+           told_sp: tuple[int, ...] = ()) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -113,8 +113,10 @@ def worker(rank: int, world: int, port: int, model_path: str, out_dir: str, sp: 
     result = {"reference": ref}
     for stage in zero_stages:
         result[f"zero{stage}"] = _ds_step(model_path, tokenizer, stage, world, rank, sp, False) / ref
-        if told_sp:
-            result[f"zero{stage}_told_sp"] = _ds_step(model_path, tokenizer, stage, world, rank, sp, True) / ref
+    # Last: an engine given an mpu leaves it in DeepSpeed's global groups state (check_flat_world would refuse
+    # every later engine of this process).
+    for stage in told_sp:
+        result[f"zero{stage}_told_sp"] = _ds_step(model_path, tokenizer, stage, world, rank, sp, True) / ref
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
     import torch.distributed as dist
@@ -123,7 +125,7 @@ def worker(rank: int, world: int, port: int, model_path: str, out_dir: str, sp: 
 
 
 def run(world: int, sp: int, zero_stages: list[int], model_path: str, out_dir: str, port: int,
-        told_sp: bool = False) -> list[dict]:
+        told_sp: tuple[int, ...] = ()) -> list[dict]:
     import torch.multiprocessing as mp
 
     mp.spawn(worker, args=(world, port, model_path, out_dir, sp, zero_stages, told_sp), nprocs=world, join=True)
