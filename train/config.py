@@ -19,6 +19,9 @@ from .rope import RopeConfig, check_trainable, dynamic_rope_message, stage_rope_
 from .sequence_parallel import check_sp_degree
 
 
+LAYOUT_KEYS = ("workers", "sp_degree", "grad_accum")
+
+
 class StageConfig(StrictModel):
     name: str = Field(description="stage name; checkpoints go to OUTPUT/checkpoints/<name>")
     data_stage: str | None = Field(None, description="synthesis manifest stage whose shards this stage reads; "
@@ -66,7 +69,8 @@ class StageConfig(StrictModel):
 
 
 class InputConfig(StrictModel):
-    dir: str = Field(description="synthesis output directory (samples/<stage>/part-*.parquet + manifest.json)")
+    dir: str = Field(description="synthesis output directory (samples/<stage>/part-*.parquet + manifest.json): a "
+                                 "local path or an object-store URI (s3://, gs://, file://; read through pyarrow)")
     strict: bool = Field(False, description="a sample longer than its stage is an error (false: dropped, counted)")
     short_data: str | None = Field(None, description="JSONL/Parquet chat dataset with a 'messages' column for the "
                                                      "short-data mix")
@@ -77,6 +81,12 @@ class OutputConfig(StrictModel):
     name: str = Field("ctxforge", description="run name; Ray Train runs are <name>-<stage>")
     storage_path: str | None = Field(None, description="Ray Train storage (local path or s3://, gs://); "
                                                        "null = OUTPUT/ray")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers rank 0 logs every step to (loss, lr, grad norm, "
+                                          "tokens/s, memory): tensorboard (OUTPUT/tensorboard), mlflow "
+                                          "(output.mlflow_uri), wandb (needs wandb installed and a login)")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; null = the local file store "
+                                                     "OUTPUT/mlruns (offline)")
 
 
 class RuntimeConfig(StrictModel):
@@ -133,12 +143,14 @@ class TrainConfig(StrictModel):
                                  f"{stage.sp_degree}) but the cluster offers {available_workers}")
 
     def stage_fingerprint(self, index: int) -> str:
-        """What decides a stage's loss curve: model, input, the stage and every earlier stage, seed, dtype.
-        Runtime knobs (progress, failures, fault injection, storage) are left out, so a resume with them
-        changed is still the same run."""
+        """What decides what a stage computes: model, input, the stage and every earlier stage, seed, dtype.
+        Left out, so that a rerun with them changed resumes: runtime knobs (progress, failures, fault
+        injection, storage, trackers) and the layout (`LAYOUT_KEYS`: workers, sp_degree, grad_accum), which
+        changes how a step is spread over ranks, not the data order or the loss (schedule.py says what a
+        different dp x grad_accum changes)."""
         payload = {
             "model": self.model, "input": self.input.model_dump(mode="json"),
-            "stages": [s.model_dump(mode="json") for s in self.stages[:index + 1]],
+            "stages": [s.model_dump(mode="json", exclude=set(LAYOUT_KEYS)) for s in self.stages[:index + 1]],
             "runtime": self.runtime.model_dump(mode="json", include={"seed", "dtype", "attention", "zero_stage",
                                                                      "loss_chunk_tokens"}),
         }

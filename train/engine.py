@@ -20,7 +20,6 @@ engine.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -30,7 +29,6 @@ import torch
 from .config import RuntimeConfig, StageConfig
 from .model import weighted_loss_sum
 
-HF_DIR, DS_DIR, STATE_FILE, DS_TAG = "hf", "deepspeed", "train_state.json", "state"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
                    "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
@@ -151,24 +149,6 @@ def export_hf(engine, lm, out_dir: Path, tokenizer_dir: str) -> None:
         src = Path(tokenizer_dir) / name
         if src.is_file() and not (out_dir / name).exists():
             shutil.copy2(src, out_dir / name)
-
-
-def save_checkpoint(engine, lm, ckpt_dir: Path, state: dict, tokenizer_dir: str) -> None:
-    """One Ray Train checkpoint directory per rank (Ray merges them): deepspeed/ holds every rank's ZeRO
-    shard of weights, optimizer and scheduler; rank 0 adds hf/ and train_state.json."""
-    engine.save_checkpoint(str(ckpt_dir / DS_DIR), tag=DS_TAG, client_state={"train_state": state})
-    export_hf(engine, lm, ckpt_dir / HF_DIR, tokenizer_dir)
-    if engine.global_rank == 0:
-        (ckpt_dir / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-
-
-def load_checkpoint(engine, ckpt_dir: Path) -> dict:
-    """Restore weights, optimizer and scheduler; return the train_state saved with them."""
-    path, client = engine.load_checkpoint(str(ckpt_dir / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if path is None:
-        raise FileNotFoundError(f"{ckpt_dir / DS_DIR}: no DeepSpeed checkpoint '{DS_TAG}' to resume from")
-    return client["train_state"]
 
 
 def peak_memory_bytes(device: torch.device) -> int:
