@@ -118,15 +118,12 @@ def no_pad_tokenizer(tiny_model_path, tmp_path_factory):
     from ctxforge.models import load_tokenizer
 
     folder = tmp_path_factory.mktemp("nopad")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (Path(tiny_model_path) / name).is_file():
-            shutil.copy(Path(tiny_model_path) / name, folder / name)
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = folder / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            data.pop("pad_token", None)
-            path.write_text(json.dumps(data))
+    for src in Path(tiny_model_path).iterdir():
+        if src.suffix != ".safetensors":
+            shutil.copy(src, folder / src.name)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["pad_token"] = None  # null, not absent: Qwen2Tokenizer would default it to <|endoftext|>
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
     tok = load_tokenizer(str(folder))
     assert tok.pad_token_id is None
     return tok
@@ -199,8 +196,9 @@ def _tfrecord_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def test_tensorboard_and_mlflow_write_real_event_data_offline(tmp_path):
+def test_tensorboard_and_mlflow_write_real_event_data_offline(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     from ctxforge.train.tracking import Tracker
 
     cfg = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"),

@@ -6,9 +6,11 @@ ranks); the same numbers as metrics/<stage>.jsonl, which is always written.
 - tensorboard: event files under OUTPUT/tensorboard/<stage>/ (tensorboardX, what Ray's own TensorBoard
   logger uses); `tensorboard --logdir OUTPUT/tensorboard`.
 - mlflow: Ray Train's integration (`ray.air.integrations.mlflow.setup_mlflow`), one run per stage (and per
-  resume, with the step numbers continuing) in experiment `output.name`; tracking URI `output.mlflow_uri`,
-  default a local file store OUTPUT/mlruns (works offline; `mlflow ui --backend-store-uri ...`). Needs
-  the `tracking` extra (mlflow-skinny).
+  resume, with the step numbers continuing) in experiment `output.name`; tracking URI `output.mlflow_uri`
+  (a server, or sqlite:///... with mlflow's database extras), default a local file store OUTPUT/mlruns
+  (works offline with the light mlflow-skinny; MLflow 3 keeps that backend in maintenance mode and wants
+  MLFLOW_ALLOW_FILE_STORE=true, which ctxforge sets for the file store it chooses itself;
+  `mlflow ui --backend-store-uri file://OUTPUT/mlruns`). Needs the `tracking` extra (mlflow-skinny).
 - wandb: Ray Train's integration (`setup_wandb`), project `output.name`, run `<name>-<stage>`; needs
   `pip install wandb` and the user's login or WANDB_API_KEY (WANDB_MODE=offline works too).
 
@@ -18,6 +20,7 @@ A tracker that cannot start (package missing) is refused at preflight (`check_av
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 GIB = 1024 ** 3
@@ -60,6 +63,8 @@ class Tracker:
             if name == "tensorboard":
                 sinks.append(_TensorBoard(out / "tensorboard" / stage.name))
             elif name == "mlflow":
+                if not cfg.output.mlflow_uri:
+                    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
                 sinks.append(_MLflow(cfg.output.mlflow_uri or (out / "mlruns").as_uri(), cfg.output.name, run_name,
                                      params))
             elif name == "wandb":
