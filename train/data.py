@@ -159,12 +159,13 @@ class StageIndex:
             shown = _display(self.filesystem, self.files[f])
             table = _open_parquet(self.filesystem, self.files[f]).read_row_group(g, columns=READ_COLUMNS)
             for k in ks:
-                row = table.slice(int(self.rows[k]), 1).to_pylist()[0]
-                sample = Sample(row["sample_id"], np.asarray(row["input_ids"], dtype=np.int64),
-                                np.asarray(row["loss_mask"], dtype=np.int8))
-                n = int(row["num_tokens"])
+                row = table.slice(int(self.rows[k]), 1)  # Arrow -> numpy, no Python ints per token
+                sample = Sample(row.column("sample_id")[0].as_py(),
+                                row.column("input_ids").combine_chunks().flatten().to_numpy().astype(np.int64),
+                                row.column("loss_mask").combine_chunks().flatten().to_numpy().astype(np.int8))
+                n = int(row.column("num_tokens")[0].as_py())
                 if len(sample) != n or len(sample.loss_mask) != n or n != int(self.lengths[k]):
-                    raise DataError(f"{shown}: sample {row['sample_id']}: num_tokens {n} but {len(sample)} input_ids "
+                    raise DataError(f"{shown}: sample {sample.sample_id}: num_tokens {n} but {len(sample)} input_ids "
                                     f"and {len(sample.loss_mask)} loss_mask entries")
                 found[k] = sample
             del table
