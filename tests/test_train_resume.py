@@ -71,6 +71,7 @@ def uninterrupted(ray_local, synth, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # five Ray Train runs; about 3 min on an idle 2-core machine
 def test_resume_is_exact_with_the_same_layout_and_across_layouts(ray_local, synth, uninterrupted, tmp_path):
     from ray.train import TrainingFailedError
 
