@@ -244,9 +244,11 @@ def test_stage_data_stream_is_the_same_for_every_layout(tmp_path, tiny_tokenizer
     """Data position carries over a layout change: the micro-batch stream does not depend on dp x grad_accum."""
     from ctxforge.train.schedule import Position, StepSchedule
 
-    plans = {e: [[e * 100 + i] for i in range(7)] for e in range(3)}     # 7 micro-batches per epoch
-    two = StepSchedule(plans.__getitem__, per_step=2, epochs=3)
-    four = StepSchedule(plans.__getitem__, per_step=4, epochs=3)
+    def plan(epoch):                                                   # 7 micro-batches per epoch
+        return [[epoch * 100 + i] for i in range(7)]
+
+    two = StepSchedule(plan, per_step=2, epochs=3)
+    four = StepSchedule(plan, per_step=4, epochs=3)
     assert two.steps_left(Position()) == 9 and four.steps_left(Position()) == 3
     steps = list(two.steps(Position()))
     assert [s.microbatches for s in steps[:4]] == [[[0], [1]], [[2], [3]], [[4], [5]], [[100], [101]]]
@@ -256,8 +258,9 @@ def test_stage_data_stream_is_the_same_for_every_layout(tmp_path, tiny_tokenizer
     rest = list(four.steps(pos, done=4))
     assert [s.microbatches for s in rest] == [[[102], [103], [104], [105]], [[200], [201], [202], [203]]]
     assert four.steps_left(pos, done=4) == 2
-    capped = StepSchedule(plans.__getitem__, per_step=4, epochs=1, max_steps=5)
-    assert capped.steps_left(Position(), 0) == 5 and len(list(capped.steps(Position()))) == 5
+    capped = StepSchedule(plan, per_step=4, epochs=1, max_steps=5)    # max_steps: epochs repeat, 1 step each
+    assert capped.steps_left(Position(), 0) == 5
+    assert [s.epoch for s in capped.steps(Position())] == [0, 1, 2, 3, 4]
 
 
 def test_short_mix_reads_through_the_same_filesystems(tmp_path, tiny_tokenizer):
