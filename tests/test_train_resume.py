@@ -109,7 +109,7 @@ def test_resume_is_exact_with_the_same_layout_and_across_layouts(ray_local, synt
     final = out / "checkpoints" / "4K"
     assert (final / "model.safetensors").is_file() and json.loads((final / "stage_complete.json").read_text())["final"]
     # Intermediate checkpoints hold ZeRO shards and state only; the HF export is at the stage end.
-    ckpts = sorted((out / "ray" / "resume-4K").glob("checkpoint_*"))
+    ckpts = sorted(c for c in (out / "ray" / "resume-4K").glob("checkpoint_*") if c.is_dir())
     states = {json.loads((c / "train_state.json").read_text())["step"]: c for c in ckpts}
     assert not (states[6] / "hf").exists() and (states[8] / "hf" / "model.safetensors").is_file()
     assert (states[6] / "universal" / "CONVERTED").is_file()  # the 2 -> 1 worker resume resharded step 6
