@@ -202,7 +202,7 @@ def test_long_output_mix_adds_the_configured_share(tmp_path, tiny_tokenizer):
     from ctxforge.lengthen.data import generator_messages, sample_row, write_sample_sets
     from ctxforge.models import tokenizer_hash
     from ctxforge.train.config import TrainConfig
-    from ctxforge.train.loop import load_samples
+    from ctxforge.train.loop import open_source
 
     tok_hash = tokenizer_hash(tiny_tokenizer)
 
@@ -216,13 +216,15 @@ def test_long_output_mix_adds_the_configured_share(tmp_path, tiny_tokenizer):
     cfg = TrainConfig.model_validate({
         "model": "ctxforge:tiny", "input": {"dir": str(tmp_path / "synth"), "long_output": str(tmp_path / "final")},
         "stages": [{"name": "4K", "max_seq_len": 4096, "long_output_ratio": 0.25}]})
-    samples, stats = load_samples(cfg, 0, tok_hash)
-    assert stats["long_output"] == 2 and len(samples) == 8           # 2 of 8 = 25%
+    source = open_source(cfg, 0, tok_hash)
+    samples, stats = source.read(list(range(len(source)))), source.stats
+    assert stats["long_output"] == 2 and len(samples) == 8 == len(source.lengths)   # 2 of 8 = 25%
     assert [s.source for s in samples].count("long_output") == 2
     assert {s.sample_id for s in samples if s.source == "long_output"} == {r["sample_id"] for r in rows("long_output", 2)}
     # negative control: ratio 0 mixes nothing; a missing set is refused before any work
     cfg0 = cfg.model_copy(update={"stages": [cfg.stages[0].model_copy(update={"long_output_ratio": 0.0})]})
-    assert all(s.source == "long" for s in load_samples(cfg0, 0, tok_hash)[0])
+    source0 = open_source(cfg0, 0, tok_hash)
+    assert all(s.source == "long" for s in source0.read(list(range(len(source0)))))
     with pytest.raises(ValueError, match="input.long_output is not set"):
         TrainConfig.model_validate({"model": "m", "input": {"dir": "x"},
                                     "stages": [{"name": "a", "max_seq_len": 64, "long_output_ratio": 0.2}]})

@@ -8,16 +8,14 @@ import math
 
 import pytest
 
-from ctxforge.lengthen.longgen import eval_constraint, longgen_items, parse_judgement
-from ctxforge.serve.config import EvalConfig
+from ctxforge.serve.eval_config import EvalConfig, LongGenConfig
+from ctxforge.serve.eval_longgen import eval_constraint, longgen_items, parse_judgement
 from fake_openai_server import FakeOpenAIServer
 
 
 def test_eval_constraints_and_budgets(tiny_tokenizer):
     assert eval_constraint("range", 4000).text == "Write between 3000 and 5000 words."
     assert (eval_constraint("above", 2000).lower, eval_constraint("above", 2000).upper) == (2000, 3000)
-    from ctxforge.lengthen.longgen import LongGenConfig
-
     cfg = LongGenConfig(enabled=True, targets=[2000, 8000], samples=2)
     out: dict = {}
     items = longgen_items(cfg, tiny_tokenizer, 8192, out)
@@ -38,7 +36,8 @@ def test_judgement_parsing():
 
 
 def test_longgen_in_eval_against_an_endpoint(tmp_path, tiny_model_path):
-    from ctxforge.serve.evaluate import JUDGE_KEY, evaluate
+    from ctxforge.serve.evaluate import evaluate
+    from ctxforge.serve.preflight import preflight_eval
 
     with FakeOpenAIServer() as server:
         cfg = EvalConfig.model_validate({
@@ -46,15 +45,16 @@ def test_longgen_in_eval_against_an_endpoint(tmp_path, tiny_model_path):
             "models": [{"name": "fake", "model": tiny_model_path, "base_url": server.base_url, "max_model_len": 4096}],
             "longgen": {"enabled": True, "targets": [20, 40], "samples": 1,
                         "judge": {"base_url": server.base_url, "model": "fake"}}})
-        results = evaluate(cfg, {JUDGE_KEY: None})
+        preflight_eval(cfg, {"longgen_judge": None})
+        results = evaluate(cfg, {"longgen_judge": None})
         first = server.stats.requests
         lg = results["models"]["fake"]["longgen"]
-        assert lg["n"] == 8 and lg["errors"] == 0 and set(lg["by_type"]) == {"about", "range", "above", "below"}
+        assert lg["n"] == 8 and lg["errors"] == 0 and results["models"]["fake"]["requests"]["total"] == 8 and set(lg["by_type"]) == {"about", "range", "above", "below"}
         assert 0 <= lg["score"] <= 100 and lg["words"]["n"] == 8
         assert lg["quality"]["errors"] == 0 and lg["quality"]["n"] + lg["quality"]["unparsed"] == 8
         assert first == 16                                                   # 8 answers + 8 judgements
         report = (tmp_path / "report.md").read_text()
         assert "## Long-output generation" in report and (tmp_path / "plots" / "longgen_lengths.png").is_file()
-        again = evaluate(cfg, {JUDGE_KEY: None})
+        again = evaluate(cfg, {"longgen_judge": None})
         assert server.stats.requests == first                                # all from the cache
         assert again["models"]["fake"]["longgen"]["score"] == lg["score"]

@@ -1,4 +1,4 @@
-"""Long-output evaluation for `ctxforge eval` (section `longgen`): LonGen-style word-count constraints.
+"""Long-output generation as an evaluation benchmark (section `longgen`): LonGen-style word-count constraints.
 
 Each request is a long-writing instruction plus a constraint with a word-count target (default 2K-8K words):
 about N, between A and B (N ± N/4), at least N, at most N. An answer is scored with LonGen's length score
@@ -8,7 +8,10 @@ quality (1-10 on seven dimensions, as Self-Lengthen's quality_eval; length is ex
 summary reports the score per constraint type and per target, and the output-length distribution.
 
 Requests go through serve.client.EvalClient (bounded concurrency, retries, the per-sample result cache),
-so a rerun resends nothing already answered or judged. This module reads no environment variables.
+so a rerun resends nothing already answered or judged. Word counts, constraints and the score come from
+ctxforge.lengthen (the same rules the Self-Lengthen loop writes its length suffixes with). A failed
+request scores 0 and is counted. This module reads no environment variables (the judge's key arrives
+in ctx.api_keys["longgen_judge"]).
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ import math
 import re
 from pathlib import Path
 
-from pydantic import Field, field_validator
-
-from ctxforge.config import PathStr, StrictModel
+from ctxforge.config import PreflightError
 from ctxforge.lengthen.checks import count_words, length_stats
 from ctxforge.lengthen.length_control import TYPES, Constraint, constraint, length_score
 from ctxforge.lengthen.prompts import load_instructions
+from ctxforge.serve.benchmarks import Benchmark, EndpointContext, mean_with_failures, register
+from ctxforge.serve.client import EvalClient, EvalItem
 
+MAX_JUDGED_CHARS = 60000  # longer answers are cut before judging (and marked "cut")
 JUDGE_DIMENSIONS = ("relevance", "coherence", "accuracy", "consistency", "clarity", "creativity", "engagement")
 JUDGE_PROMPT = (
     "You are a strict judge of writing quality. Rate the response below to a request for a long text on each "
@@ -37,61 +41,15 @@ JUDGE_PROMPT = (
 )
 
 
-class JudgeConfig(StrictModel):
-    base_url: str | None = Field(None, description="OpenAI-compatible endpoint of the quality judge, e.g. "
-                                                   "https://api.openai.com/v1; null = no quality judge.")
-    model: str = Field("gpt-4o", description="Judge model id sent in `model` (the published evaluation used GPT-4o).")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the judge's API key.")
-    max_tokens: int = Field(1024, ge=16, description="Completion budget of a judgement.")
-    max_response_chars: int = Field(60000, ge=100, description="Longer answers are cut to this many characters "
-                                                               "before judging (marked as cut).")
-
-
-class LongGenConfig(StrictModel):
-    enabled: bool = Field(False, description="Run the long-output evaluation.")
-    instructions: PathStr = Field("builtin", description="Long-writing instructions: builtin (12 shipped with ctxforge), "
-                                                     "a .jsonl file with an 'instruction' field, or a text file with one "
-                                                     "per line; cycled over the (target, type) cells.")
-    targets: list[int] = Field(default_factory=lambda: [2000, 4000, 6000, 8000],
-                               description="Word-count targets N (LonGen: 2K-8K words).")
-    types: list[str] = Field(default_factory=lambda: list(TYPES),
-                             description="Constraint types: about N, range (N - N/4 to N + N/4), above (at least N), "
-                                         "below (at most N).")
-    samples: int = Field(2, ge=1, description="Requests per (target, type) cell.")
-    tokens_per_word: float = Field(1.6, gt=0, description="Completion budget = 1.5 x the constraint's upper bound in "
-                                                          "words x this (enough to reach a zero score), capped by the "
-                                                          "endpoint's window.")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature (greedy decoding loops on long outputs).")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling p.")
-    seed: int = Field(0, description="Per-request sampling seed base (request i sends seed + i).")
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-
-    @field_validator("targets")
-    @classmethod
-    def _targets(cls, v):
-        if not v or min(v) < 1:
-            raise ValueError(f"targets must be a non-empty list of positive word counts, got {v}")
-        return sorted(set(v))
-
-    @field_validator("types")
-    @classmethod
-    def _types(cls, v):
-        bad = [t for t in v if t not in TYPES]
-        if bad or not v:
-            raise ValueError(f"unknown or no constraint type(s) {bad}; known: {list(TYPES)}")
-        return v
-
-
 def eval_constraint(kind: str, target: int) -> Constraint:
     if kind == "range":
         return constraint("range", target - target // 4, target + target // 4)
     return constraint(kind, target)
 
 
-def longgen_items(cfg: LongGenConfig, tokenizer, window: int, out: dict):
-    """The EvalItems of every (target, type, sample) cell that fits the window; skipped cells noted in `out`."""
-    from ctxforge.serve.client import EvalItem
-
+def longgen_items(cfg, tokenizer, window: int, out: dict) -> list[EvalItem]:
+    """The EvalItems (cfg: the `longgen` section) of every (target, type, sample) cell that fits the window;
+    skipped cells noted in `out`."""
     instructions = load_instructions(cfg.instructions, "longgen_instructions.jsonl")
     items, skipped, n = [], {}, 0
     for target in cfg.targets:
@@ -128,18 +86,18 @@ def parse_judgement(text: str) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-async def judge_records(cfg: JudgeConfig, records: list, label: str, client_cfg, api_key: str | None, cache) -> dict:
-    """Judge every answered record; adds meta['quality'] and returns {n, mean, errors, unparsed}."""
-    from ctxforge.serve.client import EvalClient, EvalItem
-
+async def judge_records(cfg, records: list, label: str, client_cfg, api_key: str | None, cache) -> dict:
+    """Judge (cfg: eval_config.JudgeConfig) every answered record; adds meta['quality'] and returns
+    {n, mean, errors, unparsed}."""
     answered = [r for r in records if r.error is None and r.prediction]
     items = []
     for r in answered:
-        response = r.prediction[:cfg.max_response_chars]
+        response = r.prediction[:MAX_JUDGED_CHARS]
         body = {"messages": [{"role": "user", "content": JUDGE_PROMPT.format(query=r.meta["query"], response=response)}],
-                "max_tokens": cfg.max_tokens, "temperature": 0.0}
+                "max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
         items.append(EvalItem(body, {"benchmark": "longgen-judge", "of": r.key, "cut": len(r.prediction) > len(response)},
                               parse_judgement))
+    client_cfg = client_cfg.model_copy(update={"concurrency": cfg.concurrency})
     client = EvalClient(cfg.base_url, cfg.model, f"judge:{cfg.model}:{label}", client_cfg, api_key, cache)
     judged = await client.run(items)
     scores = []
@@ -155,15 +113,16 @@ async def judge_records(cfg: JudgeConfig, records: list, label: str, client_cfg,
 def summarize(records: list, out: dict) -> None:
     """Scores per type / target / overall and the output-length distribution (words) into `out`."""
     ok = [r for r in records if r.error is None]
-    out["n"], out["errors"] = len(ok), len(records) - len(ok)
+    out["n"], out["errors"] = len(records), len(records) - len(ok)
 
-    def mean(rs):
-        return sum(r.score for r in rs) / len(rs) if rs else None
+    def mean(rs):  # a failed request counts 0 (mean_with_failures)
+        return mean_with_failures(rs)["score"]
 
-    out["by_type"] = {t: mean([r for r in ok if r.meta["type"] == t]) for t in TYPES if any(r.meta["type"] == t for r in ok)}
-    targets = sorted({r.meta["target"] for r in ok})
-    out["by_target"] = {str(n): mean([r for r in ok if r.meta["target"] == n]) for n in targets}
-    out["score"] = mean(ok)
+    out["by_type"] = {t: mean([r for r in records if r.meta["type"] == t]) for t in TYPES
+                      if any(r.meta["type"] == t for r in records)}
+    targets = sorted({r.meta["target"] for r in records})
+    out["by_target"] = {str(n): mean([r for r in records if r.meta["target"] == n]) for n in targets}
+    out["score"] = mean(records)
     words = [count_words(r.prediction or "") for r in ok]
     out["words"] = length_stats(words)
     out["words_by_target"] = {str(n): length_stats([count_words(r.prediction or "") for r in ok
@@ -172,17 +131,9 @@ def summarize(records: list, out: dict) -> None:
     out["budget_bound"] = sum(1 for r in ok if (r.usage or {}).get("completion_tokens", 0) >= r.meta["max_tokens"])
 
 
-async def run_longgen(cfg: LongGenConfig, client, tokenizer, window: int, out: dict, cache, client_cfg,
-                      judge_api_key: str | None = None) -> list:
-    """Send, score, optionally judge and summarize the long-output requests of one endpoint."""
-    records = await client.run(longgen_items(cfg, tokenizer, window, out))
-    summarize(records, out)
-    if cfg.judge.base_url:
-        out["quality"] = await judge_records(cfg.judge, records, client.model_label, client_cfg, judge_api_key, cache)
-    return records
 
 
-def markdown(results: dict) -> list[str]:
+def longgen_markdown(results: dict) -> list[str]:
     """The report section: length score per type and target, quality, and the output-length distribution."""
     models = {n: m["longgen"] for n, m in results["models"].items() if m.get("longgen")}
     if not models:
@@ -210,7 +161,7 @@ def markdown(results: dict) -> list[str]:
     return lines + [""]
 
 
-def plot(results: dict, plot_dir: Path) -> list[str]:
+def longgen_plots(results: dict, plot_dir: Path) -> list[str]:
     """plots/longgen_lengths.png: the output-length distribution (words) per model, targets marked."""
     models = {n: m["longgen"] for n, m in results["models"].items() if m.get("longgen") and m["longgen"].get("word_counts")}
     if not models:
@@ -237,3 +188,40 @@ def plot(results: dict, plot_dir: Path) -> list[str]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [str(path)]
+
+
+@register
+class LongGen(Benchmark):
+    key = "longgen"
+    title = "Long-output generation"
+
+    def preflight(self, cfg, api_keys: dict) -> None:
+        lg = cfg.longgen
+        try:
+            load_instructions(lg.instructions, "longgen_instructions.jsonl")
+        except ValueError as exc:
+            raise PreflightError(f"longgen.instructions: {exc}") from None
+        if lg.judge.base_url and not lg.judge.model:
+            raise PreflightError("longgen.judge.base_url is set but longgen.judge.model is not")
+
+    async def run(self, ctx: EndpointContext):
+        lg, out = ctx.cfg.longgen, {}
+        records = await ctx.client.run(longgen_items(lg, ctx.tokenizer, ctx.window, out))
+        summarize(records, out)
+        if lg.judge.base_url:
+            out["quality"] = await judge_records(lg.judge, records, ctx.entry.name, ctx.cfg.client,
+                                                 ctx.api_keys.get("longgen_judge"), ctx.client.cache)
+        return out, records
+
+    def summary(self, result: dict) -> str:
+        if result.get("score") is None:
+            return "long-output: no scores"
+        quality = (result.get("quality") or {}).get("mean")
+        return (f"long-output length score {result['score']:.1f}, median {result['words'].get('median')} words"
+                + (f", quality {quality:.1f}" if quality is not None else ""))
+
+    def markdown(self, results: dict) -> list[str]:
+        return longgen_markdown(results)
+
+    def plots(self, results: dict, plot_dir: Path) -> list[str]:
+        return longgen_plots(results, plot_dir)
