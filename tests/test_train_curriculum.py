@@ -62,7 +62,7 @@ def test_two_stage_curriculum_survives_a_killed_worker_and_resumes(synth_output,
     out = tmp_path / "train"
     crashed = _train(synth_output, out, "runtime.max_failures=0")
     assert crashed.returncode == 1, crashed.stdout[-4000:] + crashed.stderr[-4000:]
-    assert "Run the same command again to resume" in crashed.stdout
+    assert "Run the same command again to resume" in crashed.stderr
     assert not (out / "checkpoints" / "4K").exists()
 
     # Ray Train resumes from the latest checkpoint its controller registered before the crash (normally
