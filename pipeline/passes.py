@@ -18,6 +18,7 @@ import jsonschema
 import ray
 
 from ctxforge.pipeline.cache import RequestCache
+from ctxforge.pipeline.checks import check_output
 from ctxforge.pipeline.config import GeneratorConfig
 from ctxforge.pipeline.generators.base import GeneratorBackend, batch_rows
 from ctxforge.pipeline.requests import Request, request_row
@@ -108,6 +109,9 @@ class PassRunner:
                         obj, reason = None, f"backend:{row['error']}"
                     else:
                         obj, reason = validate_output(row["output_text"], req.schema)
+                        if obj is not None:  # the schema holds: now the content (checks.py)
+                            reason = check_output(req, obj)
+                            obj = None if reason else obj
                     if obj is not None:
                         answers[req.request_id] = obj
                         stats.ok += 1

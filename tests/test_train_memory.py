@@ -168,7 +168,7 @@ def _zero3_worker(rank: int, world: int, port: int, model_path: str, out_dir: st
         full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
         part = sum(p.ds_tensor.numel() for p in params) if path == "zero_init" else None
         expected_part = sum(math.ceil(p.ds_numel / world) for p in params) if path == "zero_init" else None
-        engine, _ = build_engine(lm, stage, runtime, cpu, rows=1, total_steps=1, mpu=None)
+        engine, _ = build_engine(lm, stage, runtime, cpu, rows=1, total_steps=1)
         torch.manual_seed(100 + rank)                   # different micro-batch lengths per rank: 150 vs 70
         n = 150 if rank == 0 else 70
         ids = torch.randint(0, lm.config.vocab_size, (1, n))
