@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_train_sp.py
 	$(BIN)/python bench/bench_train_packing.py
 	$(BIN)/python bench/bench_lengthen.py
+	$(BIN)/python bench/bench_plan.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
