@@ -1,215 +1,100 @@
 """Algorithm 2 (He et al. 2025): several documents and their QA in one multi-turn conversation.
 
-Pure Python and seeded; the Ray stage calls `build_stage_samples` once per curriculum stage.
-
-Per sample: pick documents that fit the stage's token budget (`_DocumentCycler`), plan the QA turns
-(`plan_conversation`, the published schedule: after document t, N1 hierarchical + N1 diverse QA of t,
-N2 diverse QA of earlier documents, and per earlier document with probability p N3 hierarchical QA
-continuing its reading-order sequence), write the messages, render them with the target tokenizer's
-chat template (render.py), and trim from the end until the sample fits `target_tokens`.
-
-Determinism: every random choice of sample i comes from `random.Random` seeded with a stable hash of
-(cfg.seed, stage.name, i) (Python's `hash()` is salted per process). Document choice also depends on how
-often each document was used by samples 0..i-1 (that is how usage is spread), so a stage is
-reproducible as a whole, sample by sample in order.
+The plan (documents, cuts, turns; pure and seeded) is schedule.py's. Here each planned sample is
+rendered with the target tokenizer's chat template (render.py) and fitted: when it is longer than
+the stage's target, the optional rest-of-last-document turns go first, then whole turns from the
+end, then documents from the end (re-planned). `render_sample` is independent per sample, so it can
+run in parallel; `build_stage_samples` runs plan then render for a stage and gathers statistics.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections import Counter, deque
-from typing import Any, Callable, NamedTuple, Sequence
+from collections import Counter
+from typing import Any, Sequence
+
+from ctxforge.config import PreflightError
 
 from .config import ConcatConfig, StageConfig
-from .records import DocumentQA, QARecord
-from .render import Rendered, render_detailed
+from .records import DocumentQA
+from .render import Rendered, render_detailed, special_tokens_in_contents
+from .schedule import (  # the schedule's names are part of this module's interface (__all__)
+    PART_DIVERSE,
+    PART_EARLIER,
+    PART_FOLLOWUP,
+    PART_HIERARCHICAL,
+    PART_REST_DIVERSE,
+    PART_REST_HIERARCHICAL,
+    PART_SUMMARY,
+    REST_PARTS,
+    PlannedTurn,
+    SamplePlan,
+    StagePlanner,
+    build_messages,
+    cut_document,
+    plan_conversation,
+    stable_int,
+)
 
-PART_HIERARCHICAL = "hierarchical"  # N1: next hierarchical QA of the document just read
-PART_DIVERSE = "diverse"            # N1: diverse QA of the document just read
-PART_EARLIER = "earlier_diverse"    # N2: diverse QA of earlier documents
-PART_FOLLOWUP = "followup"          # N3: revisit, continuing an earlier document's hierarchy
-TURN_OVERHEAD_TOKENS = 12           # template tokens per QA turn (role headers, end tokens), for estimates only
+__all__ = [
+    "PART_DIVERSE", "PART_EARLIER", "PART_FOLLOWUP", "PART_HIERARCHICAL", "PART_REST_DIVERSE",
+    "PART_REST_HIERARCHICAL", "PART_SUMMARY", "REST_PARTS", "EmptyStageError", "PlannedTurn", "SamplePlan",
+    "StagePlanner", "build_messages", "build_stage_samples", "cut_document", "plan_conversation", "render_sample",
+    "sample_id", "stable_int", "stage_failure",
+]
 HISTOGRAM_BINS = 10
 
 
-class PlannedTurn(NamedTuple):
-    doc_index: int   # index into the sample's documents
-    qa: QARecord
-    block: int       # the document block t (0-based) whose schedule asked it; interleaved layout opens doc t there
-    part: str        # PART_*
-
-
-def stable_int(*parts: Any) -> int:
-    """A 64-bit integer from the parts, identical across processes and Python versions."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big")
+class EmptyStageError(PreflightError):
+    """A stage that built none of its samples: the run fails (after writing what it made) naming the stage,
+    the reason and the key to change."""
 
 
 def sample_id(stage_name: str, seed: int, index: int) -> str:
     return hashlib.sha256(f"sample\x1f{stage_name}\x1f{seed}\x1f{index}".encode("utf-8")).hexdigest()[:24]
 
 
-def _rng(*parts: Any) -> random.Random:
-    return random.Random(stable_int(*parts))
+def _turn_costs(rendered: Rendered) -> list[int]:
+    """Tokens each turn adds: from the end of the previous answer to the end of its own."""
+    ends = [rendered.tokens_before(end) for _, end in rendered.assistant_spans]
+    return [e - (ends[i - 1] if i else 0) for i, e in enumerate(ends)]
 
 
-def plan_conversation(
-    docs: Sequence[DocumentQA], cfg: ConcatConfig, rng: random.Random, shortfalls: Counter | None = None
-) -> list[PlannedTurn]:
-    """The QA schedule of one sample, documents in the given order: one PlannedTurn per QA turn, in turn
-    order (a named tuple whose first two fields are (doc_index, qa)). No QA is asked twice.
-
-    Hierarchical QA are consumed through one cursor per document, so N1 and later revisits walk the
-    document's reading-order sequence without gaps. When a document runs out, what is left is taken
-    and the missing count is added to `shortfalls[part]`.
-    """
-    shortfalls = shortfalls if shortfalls is not None else Counter()
-    cursors = [0] * len(docs)
-    diverse_left = [list(d.diverse) for d in docs]
-    turns: list[PlannedTurn] = []
-
-    def next_hierarchical(s: int, n: int, block: int, part: str) -> None:
-        seq = docs[s].hierarchical
-        take = seq[cursors[s]: cursors[s] + n]
-        cursors[s] += len(take)
-        shortfalls[part] += n - len(take)
-        turns.extend(PlannedTurn(s, qa, block, part) for qa in take)
-
-    for t in range(len(docs)):
-        next_hierarchical(t, cfg.n1_hierarchical, t, PART_HIERARCHICAL)
-        own = diverse_left[t]
-        picked = rng.sample(range(len(own)), min(cfg.n1_diverse, len(own)))
-        shortfalls[PART_DIVERSE] += cfg.n1_diverse - len(picked)
-        turns.extend(PlannedTurn(t, own[i], t, PART_DIVERSE) for i in picked)
-        taken = set(picked)
-        diverse_left[t] = [qa for i, qa in enumerate(own) if i not in taken]
-        if t > 0:
-            # N2 is drawn from the union of the earlier documents' unused diverse QA (uniform over QA).
-            pool = [(s, i) for s in range(t) for i in range(len(diverse_left[s]))]
-            chosen = rng.sample(pool, min(cfg.n2_earlier_diverse, len(pool)))
-            shortfalls[PART_EARLIER] += cfg.n2_earlier_diverse - len(chosen)
-            turns.extend(PlannedTurn(s, diverse_left[s][i], t, PART_EARLIER) for s, i in chosen)
-            gone = set(chosen)
-            for s in range(t):
-                diverse_left[s] = [qa for i, qa in enumerate(diverse_left[s]) if (s, i) not in gone]
-        for s in range(t):
-            # rng.random() is drawn for every earlier document whatever p is, so p only changes the outcome.
-            if rng.random() < cfg.p_revisit:
-                next_hierarchical(s, cfg.n3_followups, t, PART_FOLLOWUP)
-    return turns
+def _drop_rest(docs, turns, cfg, tokenizer, target, counters):
+    """Drop rest-of-last-document turns (diverse first, each from its end) until the sample fits or none is left."""
+    while True:
+        messages, opened = build_messages(docs, turns, cfg)
+        rendered = render_detailed(messages, tokenizer, contents_as_text=cfg.special_tokens == "as_text")
+        excess = len(rendered.input_ids) - target
+        rest = [i for i in reversed(range(len(turns))) if turns[i].part == PART_REST_DIVERSE]
+        rest += [i for i in reversed(range(len(turns))) if turns[i].part == PART_REST_HIERARCHICAL]
+        if excess <= 0 or not rest:
+            return turns, messages, opened, rendered
+        costs = _turn_costs(rendered)
+        gone, freed = set(), 0
+        for i in rest:
+            gone.add(i)
+            freed += costs[i]
+            if freed >= excess:
+                break
+        counters["rest_turns_dropped_to_fit"] += len(gone)
+        turns = [t for i, t in enumerate(turns) if i not in gone]
 
 
-def _doc_header(i: int, doc: DocumentQA) -> str:
-    title = (doc.title or "").strip()
-    return f"Document {i + 1}: {title}" if title else f"Document {i + 1}"
-
-
-def _question(turn: PlannedTurn, docs: Sequence[DocumentQA]) -> str:
-    q = turn.qa.question.strip()
-    if len(docs) < 2:
-        return q
-    # The same question text could fit several documents: say which one is meant.
-    title = (docs[turn.doc_index].title or "").strip()
-    name = f"Document {turn.doc_index + 1} ({title})" if title else f"Document {turn.doc_index + 1}"
-    return f"About {name}: {q}"
-
-
-def build_messages(docs: Sequence[DocumentQA], turns: Sequence[PlannedTurn], cfg: ConcatConfig) -> tuple[list[dict], list[int]]:
-    """The conversation and the indices of the documents that made it into the context, in order.
-
-    upfront: the first user turn holds every document, then the first question. interleaved: document t
-    opens the first user turn at or after its block (so a document whose block has no turn still
-    appears before the next question, and a document after the last turn is left out).
-    """
-    messages: list[dict] = []
-    if cfg.system_prompt:
-        messages.append({"role": "system", "content": cfg.system_prompt})
-    opened: list[int] = []
-    for n, turn in enumerate(turns):
-        if cfg.layout == "upfront":
-            new = list(range(len(docs))) if n == 0 else []
-        else:
-            new = [i for i in range(len(opened), len(docs)) if i <= turn.block]
-        opened.extend(new)
-        parts = [f"{_doc_header(i, docs[i])}\n\n{docs[i].text.strip()}" for i in new]
-        parts.append(_question(turn, docs))
-        messages.append({"role": "user", "content": "\n\n".join(parts)})
-        messages.append({"role": "assistant", "content": turn.qa.answer.strip()})
-    return messages, opened
-
-
-class _DocumentCycler:
-    """Spreads document usage: documents are taken from a shuffled queue; used ones go to the back of
-    the next cycle (reshuffled, so combinations differ between cycles); ones that did not fit the
-    remaining budget of a sample stay at the front and are tried first by the next sample."""
-
-    def __init__(self, docs: list[DocumentQA], rng):
-        order = list(docs)
-        rng.shuffle(order)
-        self.queue: deque[DocumentQA] = deque(order)
-        self.used: list[DocumentQA] = []
-        self.uses: Counter = Counter()
-
-    def take(self, k: int, room: Callable[[int], int], header_tokens: int, rng) -> list[DocumentQA]:
-        """Up to k distinct documents; the m-th is accepted when all m documents fit `room(m)` tokens
-        (room shrinks with m: more documents bring more QA turns)."""
-        picked: list[DocumentQA] = []
-        skipped: list[DocumentQA] = []
-        used_tokens = 0
-        refilled = False
-        while len(picked) < k:
-            if not self.queue:
-                if refilled or not self.used:
-                    break  # every document was looked at once: the pool can't supply more
-                rng.shuffle(self.used)
-                self.queue.extend(self.used)
-                self.used = []
-                refilled = True
-            doc = self.queue.popleft()
-            cost = doc.n_tokens + header_tokens
-            if used_tokens + cost <= room(len(picked) + 1):
-                picked.append(doc)
-                used_tokens += cost
-            else:
-                skipped.append(doc)
-        self.queue.extendleft(reversed(skipped))
-        self.used.extend(picked)
-        self.uses.update(d.doc_id for d in picked)
-        return picked
-
-
-class _Estimates:
-    """Token estimates used only to choose documents; the rendered length is what is enforced."""
-
-    def __init__(self, docs: Sequence[DocumentQA], cfg: ConcatConfig):
-        chars = sum(len(d.text) for d in docs)
-        self.tokens_per_char = (sum(d.n_tokens for d in docs) / chars) if chars else 0.3
-        qa_chars = [len(q.question) + len(q.answer) for d in docs for q in (*d.hierarchical, *d.diverse)]
-        mean_chars = (sum(qa_chars) / len(qa_chars)) if qa_chars else 0.0
-        # + ~40 chars for the "About Document i (title): " prefix
-        self.turn_tokens = int((mean_chars + 40) * self.tokens_per_char) + TURN_OVERHEAD_TOKENS
-        self.fixed = int(len(cfg.system_prompt) * self.tokens_per_char) + 2 * TURN_OVERHEAD_TOKENS
-        self.header = 16
-        self.cfg = cfg
-
-    def qa_tokens(self, k: int) -> int:
-        c = self.cfg
-        turns = k * (c.n1_hierarchical + c.n1_diverse) + (k - 1) * c.n2_earlier_diverse
-        turns += c.p_revisit * c.n3_followups * k * (k - 1) / 2
-        return int(max(turns, 1) * self.turn_tokens)
-
-
-def _fit(docs: list[DocumentQA], cfg: ConcatConfig, tokenizer: Any, target: int, plan_seed: int, counters: Counter):
-    """Plan, render and trim until the sample fits; drop documents from the end when not even one QA fits."""
+def _fit(plan: SamplePlan, cfg: ConcatConfig, tokenizer: Any, target: int, counters: Counter):
+    """Render and trim until the sample fits; drop documents from the end when not even one turn fits."""
+    docs = plan.documents
     for k in range(len(docs), 0, -1):
         sub = docs[:k]
         shortfalls: Counter = Counter()
-        turns = plan_conversation(sub, cfg, random.Random(plan_seed), shortfalls)
+        turns = plan_conversation(sub, cfg, random.Random(plan.seed), shortfalls)
+        turns, messages, opened, rendered = _drop_rest(sub, turns, cfg, tokenizer, target, counters)
         j = len(turns)
         while j >= 1:
-            messages, opened = build_messages(sub, turns[:j], cfg)
-            rendered = render_detailed(messages, tokenizer)
+            if j < len(turns):
+                messages, opened = build_messages(sub, turns[:j], cfg)
+                rendered = render_detailed(messages, tokenizer, contents_as_text=cfg.special_tokens == "as_text")
             if len(rendered.input_ids) <= target:
                 counters["turns_dropped_to_fit"] += len(turns) - j
                 counters["documents_dropped_to_fit"] += len(docs) - len(opened)
@@ -232,6 +117,37 @@ def _turns_within(rendered: Rendered, target: int) -> int:
     return n
 
 
+def render_sample(plan: SamplePlan, stage: StageConfig, cfg: ConcatConfig, tokenizer: Any, tokenizer_hash: str,
+                  counters: Counter) -> dict | None:
+    """One sample row (ctxforge.schema.SAMPLE_SCHEMA) from its plan, or None when not even one turn fits."""
+    fitted = _fit(plan, cfg, tokenizer, stage.target_tokens, counters)
+    if fitted is None:
+        return None
+    in_context, turns, messages, rendered = fitted
+    chunks = list(dict.fromkeys(e for t in turns for e in t.qa.evidence_ids))
+    # in_context is always a prefix of the planned documents, so doc_index addresses it directly
+    counters["documents_unasked"] += len(in_context) - len({t.doc_index for t in turns})
+    counters["documents_cut"] += plan.cut
+    counters["qa_left_out_by_cuts"] += plan.qa_cut
+    for t in turns:
+        counters[f"part:{t.part}"] += 1
+    return {
+        "sample_id": sample_id(stage.name, cfg.seed, plan.index),
+        "stage": stage.name,
+        "target_tokens": stage.target_tokens,
+        "num_tokens": len(rendered.input_ids),
+        "num_loss_tokens": int(sum(rendered.loss_mask)),
+        "input_ids": rendered.input_ids,
+        "loss_mask": rendered.loss_mask,
+        "messages": messages,
+        "documents": [d.doc_id for d in in_context],
+        "chunks": chunks,
+        "qa_ids": [t.qa.qa_id for t in turns],
+        "num_questions": len(turns),
+        "ungrounded_questions": sum(1 for t in turns if not t.qa.grounded),
+    }
+
+
 def _summary(values: list[float]) -> dict:
     if not values:
         return {"min": 0, "mean": 0.0, "max": 0}
@@ -244,72 +160,46 @@ def build_stage_samples(
     """Build `stage.samples` rows (ctxforge.schema.SAMPLE_SCHEMA) and the stage's statistics.
 
     No row exceeds `stage.target_tokens`. Cost is dominated by tokenizing each rendered sample once
-    (about 8 s per 1M tokens for Qwen2's BPE on one core), twice when the sample had to be trimmed.
+    (about 8 s per 1M tokens for Qwen2's BPE on one core), a few times when the sample had to be trimmed.
     Stats: samples_built/skipped (+ skip_reasons), documents_per_sample histogram, qa_turns_per_sample
-    and fill (min/mean/max), token_length_histogram (10 bins over [0, target]), shortfalls per schedule
-    part, documents/turns dropped to fit, documents_unasked, and pool usage.
+    and fill (min/mean/max), turns by schedule part, token_length_histogram (10 bins over [0, target]),
+    shortfalls per schedule part, documents/turns dropped to fit, documents cut (and the QA they left out),
+    documents_unasked, and pool usage.
     """
-    est = _Estimates(documents, cfg)
-    target = stage.target_tokens
-    min_cost = est.fixed + est.header + est.qa_tokens(1)
-    no_qa = [d for d in documents if not d.hierarchical and not d.diverse]
-    too_long = [d for d in documents if (d.hierarchical or d.diverse) and d.n_tokens + min_cost > target]
-    eligible = [d for d in documents if (d.hierarchical or d.diverse) and d.n_tokens + min_cost <= target]
-    cycler = _DocumentCycler(eligible, _rng("concat-order", cfg.seed, stage.name))
+    def exclude(doc: DocumentQA) -> str:
+        if cfg.special_tokens == "skip_document" and special_tokens_in_contents([{"content": doc.text}], tokenizer):
+            return "special_tokens"
+        return ""
 
+    planner = StagePlanner(stage, documents, cfg, exclude)
+    target = stage.target_tokens
     rows: list[dict] = []
     counters: Counter = Counter()
     skip_reasons: Counter = Counter()
     docs_hist: Counter = Counter()
     turns_per_sample: list[int] = []
     fills: list[float] = []
-    lengths: list[int] = []
-    k_wanted = stage.documents_per_sample
     for index in range(stage.samples):
-        rng = _rng("concat-sample", cfg.seed, stage.name, index)
-        chosen = cycler.take(k_wanted, lambda m: target - est.fixed - est.qa_tokens(m), est.header, rng)
-        if len(chosen) < k_wanted:
-            counters["samples_short_of_documents"] += 1
-        if not chosen:
+        plan = planner.plan(index)
+        if plan is None:
             skip_reasons["no_document_fits"] += 1
             continue
-        fitted = _fit(chosen, cfg, tokenizer, target, rng.getrandbits(64), counters)
-        if fitted is None:
+        row = render_sample(plan, stage, cfg, tokenizer, tokenizer_hash, counters)
+        if row is None:
             skip_reasons["no_qa_turn_fits"] += 1
             continue
-        in_context, turns, messages, rendered = fitted
-        chunks = list(dict.fromkeys(e for t in turns for e in t.qa.evidence_ids))
-        # in_context is always a prefix of the chosen documents, so doc_index addresses it directly
-        counters["documents_unasked"] += len(in_context) - len({t.doc_index for t in turns})
-        n_tokens = len(rendered.input_ids)
-        rows.append(
-            {
-                "sample_id": sample_id(stage.name, cfg.seed, index),
-                "stage": stage.name,
-                "target_tokens": target,
-                "num_tokens": n_tokens,
-                "num_loss_tokens": int(sum(rendered.loss_mask)),
-                "input_ids": rendered.input_ids,
-                "loss_mask": rendered.loss_mask,
-                "messages": messages,
-                "documents": [d.doc_id for d in in_context],
-                "chunks": chunks,
-                "qa_ids": [t.qa.qa_id for t in turns],
-                "num_questions": len(turns),
-                "ungrounded_questions": sum(1 for t in turns if not t.qa.grounded),
-                "tokenizer_hash": tokenizer_hash,
-            }
-        )
-        docs_hist[len(in_context)] += 1
-        turns_per_sample.append(len(turns))
-        fills.append(n_tokens / target)
-        lengths.append(n_tokens)
+        row["tokenizer_hash"] = tokenizer_hash
+        rows.append(row)
+        docs_hist[len(row["documents"])] += 1
+        turns_per_sample.append(row["num_questions"])
+        fills.append(row["num_tokens"] / target)
+    counters.update(planner.counters)
 
     bin_width = target / HISTOGRAM_BINS
     hist = [0] * HISTOGRAM_BINS
-    for n in lengths:
-        hist[min(int(n / bin_width), HISTOGRAM_BINS - 1)] += 1
-    uses = [cycler.uses.get(d.doc_id, 0) for d in eligible]
+    for r in rows:
+        hist[min(int(r["num_tokens"] / bin_width), HISTOGRAM_BINS - 1)] += 1
+    uses = [planner.cycler.uses.get(d.doc_id, 0) for d in planner.eligible]
     stats = {
         "stage": stage.name,
         "target_tokens": target,
@@ -317,10 +207,12 @@ def build_stage_samples(
         "samples_built": len(rows),
         "samples_skipped": sum(skip_reasons.values()),
         "skip_reasons": dict(skip_reasons),
-        "documents_per_sample_requested": k_wanted,
+        "documents_per_sample_requested": stage.documents_per_sample,
         "documents_per_sample": {str(k): v for k, v in sorted(docs_hist.items())},
         "samples_short_of_documents": counters["samples_short_of_documents"],
         "qa_turns_per_sample": _summary(turns_per_sample),
+        "turns_by_part": {k.split(":", 1)[1]: v for k, v in sorted(counters.items()) if k.startswith("part:")},
+        "summary_turns": counters[f"part:{PART_SUMMARY}"],
         "fill": _summary(fills),
         "token_length_histogram": {
             "edges": [round(i * bin_width) for i in range(HISTOGRAM_BINS + 1)],
@@ -329,15 +221,41 @@ def build_stage_samples(
         "shortfalls": {k.split(":", 1)[1]: v for k, v in sorted(counters.items()) if k.startswith("shortfall:") and v},
         "documents_dropped_to_fit": counters["documents_dropped_to_fit"],
         "turns_dropped_to_fit": counters["turns_dropped_to_fit"],
+        "rest_turns_dropped_to_fit": counters["rest_turns_dropped_to_fit"],
+        "documents_cut": counters["documents_cut"],
+        "qa_left_out_by_cuts": counters["qa_left_out_by_cuts"],
         "documents_unasked": counters["documents_unasked"],
         "ungrounded_questions": sum(r["ungrounded_questions"] for r in rows),
         "pool": {
             "documents": len(documents),
-            "eligible": len(eligible),
-            "too_long": len(too_long),
-            "without_qa": len(no_qa),
+            "eligible": len(planner.eligible),
+            "too_long": planner.pool["too_long"],
+            "without_qa": planner.pool["without_qa"],
+            "special_tokens": planner.pool["special_tokens"],
             "used_distinct": sum(1 for u in uses if u),
             "uses": _summary(uses),
         },
     }
     return rows, stats
+
+
+def stage_failure(stats: dict, cfg: ConcatConfig) -> str:
+    """The one-line error of a stage that built no sample although some were requested ("" otherwise):
+    the stage, the reason, and the keys to change."""
+    if not stats["samples_requested"] or stats["samples_built"]:
+        return ""
+    name, pool = stats["stage"], stats["pool"]
+    reasons = dict(stats["skip_reasons"])
+    why = ", ".join(f"{k}: {v}" for k, v in reasons.items()) or "no sample planned"
+    if pool["eligible"] == 0:
+        parts = [f"{pool[k]} {k.replace('_', ' ')}" for k in ("too_long", "without_qa", "special_tokens") if pool[k]]
+        why += f"; no usable document ({', '.join(parts) or 'none given'})"
+    hints = [f"raise concat.stages[{name}].target_tokens (now {stats['target_tokens']})"]
+    if pool["too_long"]:
+        hints.append("set concat.cut_long_documents=true" if not cfg.cut_long_documents else
+                     "lower chunking.small_tokens or chunking.smalls_per_medium (smaller sections can be cut to fit)")
+    if pool["without_qa"]:
+        hints.append("check grounding.on_ungrounded and the generator (documents without kept QA)")
+    if pool["special_tokens"]:
+        hints.append("set concat.special_tokens=as_text")
+    return f"stage {name}: built 0 of {stats['samples_requested']} samples ({why}). To fix: " + "; or ".join(hints)

@@ -1,25 +1,27 @@
-"""Algorithm 1 over a wave of documents: the five generation passes, then QA records with grounding.
+"""Algorithm 1 over a wave of documents: the generation passes, then QA records with grounding.
 
 Each pass collects every document's requests, runs them as one Ray Data job (PassRunner), and
-writes the answers back into the documents' state; the next pass plans from that state.
+writes the answers back into the documents' state; the next pass plans from that state. Questions
+and follow-ups run in rounds of the requests that are ready (a repeated question waits for the one
+before it); the optional judge pass runs last. QA records are assembled in assemble.py.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
+from ctxforge.pipeline.assemble import QAAssembler
 from ctxforge.pipeline.config import SynthConfig
-from ctxforge.pipeline.grounding import GroundingStats, ground_quote, normalize
 from ctxforge.pipeline.hierarchy import DocState, Planner
+from ctxforge.pipeline.judge import judge_requests, record_verdicts
 from ctxforge.pipeline.passes import PassRunner, PassStats
-from ctxforge.pipeline.prompts import prompt_set_hash
-from ctxforge.pipeline.records import DocumentQA, QARecord
 from ctxforge.pipeline.requests import Request
 
 log = logging.getLogger(__name__)
 
-PASSES = ("summary_small", "summary_section", "summary_global", "qa", "followup")
+__all__ = ["PASSES", "QAAssembler", "WaveGenerator"]  # QAAssembler lives in assemble.py; run.py imports it here
+
+PASSES = ("summary_small", "summary_section", "summary_global", "qa", "followup", "judge")
 
 
 class WaveGenerator:
@@ -28,7 +30,7 @@ class WaveGenerator:
         self.planner = planner
         self.runner = runner
         self.model = generator_model
-        self.prompt_hash = prompt_set_hash()
+        self.prompt_hash = planner.prompts.hash
         self.pass_stats: dict[str, PassStats] = {p: PassStats() for p in PASSES}
 
     def _run(self, pass_name: str, requests: list[Request], label: str) -> dict[tuple[str, str], dict]:
@@ -72,62 +74,23 @@ class WaveGenerator:
 
         for d in docs:
             p.make_plan(d)
-        got = self._run("qa", [r for d in docs for r in p.qa_requests(d)], f"{wave_label} questions")
-        self._store_answers(docs, got)
-        got = self._run("followup", [r for d in docs for r in p.followup_requests(d)], f"{wave_label} follow-ups")
-        self._store_answers(docs, got)
-
-    @staticmethod
-    def _store_answers(docs: list[DocState], got: dict) -> None:
-        for d in docs:
-            for item in d.plan:
-                a = got.get((d.doc_id, item.key))
-                if a:
-                    d.answers[item.key] = a
-
-
-class QAAssembler:
-    """Turns answered plans into QA records: grounding check, duplicate removal, ordering."""
-
-    def __init__(self, cfg: SynthConfig):
-        self.cfg = cfg
-        self.grounding = GroundingStats()
-        self.generated = Counter()      # by kind/qtype, before grounding and dedup
-        self.dropped = Counter()        # ungrounded_dropped, duplicate_question
-
-    def assemble(self, doc: DocState) -> tuple[DocumentQA, list[QARecord]]:
-        g = self.cfg.grounding
-        records: list[QARecord] = []
-        seen_questions: set[str] = set()
-        reading_order: dict[str, float] = {}
-        for item in doc.plan:
-            ans = doc.answers.get(item.key)
-            if ans is None:
-                continue
-            self.generated[f"{item.kind}/{item.qtype}"] += 1
-            grounded, score, reason = ground_quote(ans["evidence_quote"], doc.available_texts(item.evidence_ids),
-                                                   g.min_score, g.min_quote_chars)
-            self.grounding.add(doc.doc_id, item.qtype, grounded, reason)
-            record = QARecord(
-                qa_id=f"{doc.doc_id}:{item.key}", doc_id=doc.doc_id, kind=item.kind, qtype=item.qtype,
-                order=0, question=ans["question"], answer=ans["answer"], evidence_ids=list(item.evidence_ids),
-                evidence_quote=ans["evidence_quote"], grounded=grounded, grounding_score=float(score),
-                parent_qa_id=f"{doc.doc_id}:{item.parent}" if item.parent else "",
-            )
-            reading_order[record.qa_id] = item.order
-            qnorm = normalize(record.question)
-            if qnorm in seen_questions:
-                self.dropped["duplicate_question"] += 1
-                continue
-            if not grounded and g.on_ungrounded == "drop":
-                self.dropped["ungrounded_dropped"] += 1
-                continue
-            seen_questions.add(qnorm)
-            records.append(record)
-        hier = sorted((r for r in records if r.kind == "hierarchical"), key=lambda r: reading_order[r.qa_id])
-        diverse = [r for r in records if r.kind == "diverse"]
-        for n, r in enumerate(hier):
-            r.order = n
-        for n, r in enumerate(diverse):
-            r.order = n
-        return DocumentQA(doc.doc_id, doc.title, doc.text, doc.n_tokens, hier, diverse), hier + diverse
+        by_id = {d.doc_id: d for d in docs}
+        round_, progress = 0, True
+        while progress and any(p.qa_requests_pending(d) for d in docs):
+            # rounds of the ready requests: a repeated question waits for the one before it
+            round_ += 1
+            asked_before = sum(len(d.asked) for d in docs)
+            for pass_name, build, what in (("qa", p.qa_requests, "questions"), ("followup", p.followup_requests, "follow-ups")):
+                reqs = [r for d in docs for r in build(d)]
+                if reqs:
+                    got = self._run(pass_name, reqs, f"{wave_label} {what} (round {round_})")
+                    for r in reqs:
+                        p.record(by_id[r.doc_id], r.key, got.get((r.doc_id, r.key)))
+            progress = sum(len(d.asked) for d in docs) > asked_before
+        if self.cfg.grounding.judge:
+            got = self._run("judge", [r for d in docs for r in judge_requests(p, d)], f"{wave_label} judge")
+            per_doc: dict[str, dict] = {}
+            for (doc_id, key), a in got.items():
+                per_doc.setdefault(doc_id, {})[key] = a
+            for d in docs:
+                record_verdicts(d, per_doc.get(d.doc_id, {}))

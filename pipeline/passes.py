@@ -18,6 +18,7 @@ import jsonschema
 import ray
 
 from ctxforge.pipeline.cache import RequestCache
+from ctxforge.pipeline.checks import check_output
 from ctxforge.pipeline.config import GeneratorConfig
 from ctxforge.pipeline.generators.base import GeneratorBackend, batch_rows
 from ctxforge.pipeline.requests import Request, request_row
@@ -53,10 +54,13 @@ class PassStats:
         }
 
 
-def validate_output(text: str, schema: dict) -> tuple[dict | None, str]:
-    """(object, "") when text is a JSON object matching schema with non-blank strings, else (None, reason)."""
+def validate_output(text: str, schema: dict | None) -> tuple[dict | None, str]:
+    """(object, "") when text is a JSON object matching schema with non-blank strings, else (None, reason).
+    A free-text request (schema None) answers {"text": the stripped text}."""
     if not text or not text.strip():
         return None, "empty_output"
+    if schema is None:
+        return {"text": text.strip()}, ""
     try:
         # strict=False: xgrammar's bounded strings admit raw control characters (tabs) that strict JSON rejects
         obj = json.loads(text, strict=False)
@@ -108,6 +112,9 @@ class PassRunner:
                         obj, reason = None, f"backend:{row['error']}"
                     else:
                         obj, reason = validate_output(row["output_text"], req.schema)
+                        if obj is not None:  # the schema holds: now the content (checks.py)
+                            reason = check_output(req, obj)
+                            obj = None if reason else obj
                     if obj is not None:
                         answers[req.request_id] = obj
                         stats.ok += 1

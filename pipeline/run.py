@@ -17,11 +17,14 @@ from pathlib import Path
 from ctxforge.config import PreflightError
 from ctxforge.models import TINY_MODEL_SPEC, load_tokenizer, resolve_model_path, tokenizer_hash
 from ctxforge.pipeline.cache import RequestCache
+from ctxforge.pipeline.concat import EmptyStageError, stage_failure
 from ctxforge.pipeline.config import SynthConfig
-from ctxforge.pipeline.documents import build_documents_table, load_doc_states, select_documents
+from ctxforge.pipeline.documents import (boilerplate_counts, build_documents_table, load_doc_states, no_document_error,
+                                         select_documents)
 from ctxforge.pipeline.generate import PASSES, QAAssembler, WaveGenerator
 from ctxforge.pipeline.hierarchy import Planner
 from ctxforge.pipeline.passes import PassRunner, PassStats
+from ctxforge.pipeline.prompts import PromptSetError, load_prompt_set
 from ctxforge.pipeline.write import SynthReport, write_qa_table, write_stage_samples, write_manifest
 from ctxforge.raycluster import init_ray
 
@@ -43,6 +46,10 @@ def cache_dir() -> str:
 
 
 def preflight(cfg: SynthConfig) -> Preflight:
+    try:
+        load_prompt_set(cfg.generator.prompts)  # every template's placeholders, before any work
+    except PromptSetError as exc:
+        raise PreflightError(str(exc)) from None
     try:
         target_path = resolve_model_path(cfg.target.tokenizer, cache_dir())
     except FileNotFoundError as exc:
@@ -106,8 +113,7 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
     table, reused = build_documents_table(cfg, pre.target_path, pre.tokenizer_hash, work, pre.cache_dir)
     kept, skipped, n_records = select_documents(table, cfg.input.limit)
     if not kept:
-        raise PreflightError(f"input.path {cfg.input.path!r}: no usable document among {n_records} records "
-                             f"(skipped: {dict(skipped)})")
+        raise PreflightError(no_document_error(cfg, skipped, n_records))
     estimate = estimate_requests(cfg, kept)
     log.info("documents table %s; %d documents kept of %d records; estimate %s",
              "reused" if reused else "built", len(kept), n_records, estimate)
@@ -149,7 +155,11 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
         passes={p: generator.pass_stats[p] for p in PASSES}, totals=totals, cache_counts=cache_counts,
         qa_generated=dict(assembler.generated), qa_dropped=dict(assembler.dropped), qa_kept=len(qa_records),
         grounding=assembler.grounding.to_dict(), stages=stage_reports, wall_s=time.time() - started,
+        boilerplate=boilerplate_counts(table),
         tiny_model=TINY_MODEL_SPEC in (cfg.generator.model, cfg.target.tokenizer),
     )
     write_manifest(out / "manifest.json", report)
+    empty = [msg for msg in (stage_failure(st, cfg.concat) for st in stage_reports.values()) if msg]
+    if empty:  # everything is written (a rerun reuses it); the run still fails, saying what to change
+        raise EmptyStageError(" | ".join(empty))
     return report

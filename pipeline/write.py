@@ -20,7 +20,7 @@ from ctxforge import __version__
 from ctxforge.pipeline.concat import build_stage_samples
 from ctxforge.pipeline.config import StageConfig, SynthConfig
 from ctxforge.pipeline.passes import PassStats
-from ctxforge.pipeline.prompts import PROMPT_SET_VERSION, prompt_set_hash
+from ctxforge.pipeline.prompts import load_prompt_set
 from ctxforge.pipeline.records import DocumentQA, QARecord
 from ctxforge.schema import SAMPLE_SCHEMA
 
@@ -29,6 +29,8 @@ QA_SCHEMA = pa.schema([
     ("order", pa.int64()), ("question", pa.string()), ("answer", pa.string()),
     ("evidence_ids", pa.list_(pa.string())), ("evidence_quote", pa.string()), ("grounded", pa.bool_()),
     ("grounding_score", pa.float64()), ("parent_qa_id", pa.string()), ("request_id", pa.string()),
+    ("quote_grounded", pa.bool_()), ("grounding_basis", pa.string()), ("answer_support", pa.float64()),
+    ("judge", pa.string()), ("evidence_quotes", pa.list_(pa.string())), ("section_end", pa.int64()),
 ])
 
 
@@ -58,6 +60,7 @@ class SynthReport:
     wall_s: float
     tiny_model: bool = False
     notes: list[str] = field(default_factory=list)
+    boilerplate: dict = field(default_factory=dict)   # documents stripped of each kind of wrapper at read time
 
 
 def _atomic_table(path: Path, table: pa.Table) -> None:
@@ -120,17 +123,19 @@ def _notes(report: SynthReport) -> list[str]:
 def write_manifest(path: Path, report: SynthReport) -> None:
     report.notes = _notes(report)
     cfg = report.config
+    prompt_set = load_prompt_set(cfg.generator.prompts)
     manifest = {
         "ctxforge_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "notes": report.notes,
         "config_source": report.config_label,
         "config": cfg.model_dump(mode="json"),
-        "generator": {**report.backend, "prompt_set_version": PROMPT_SET_VERSION, "prompt_set_hash": prompt_set_hash(),
+        "generator": {**report.backend, "prompt_set_version": prompt_set.version, "prompt_set_hash": prompt_set.hash,
+                      "prompt_set_path": prompt_set.path,
                       "temperature": cfg.generator.temperature, "top_p": cfg.generator.top_p},
         "tokenizer": {"spec": cfg.target.tokenizer, "path": report.tokenizer_path, "hash": report.tokenizer_hash},
         "input": {"records_read": report.records_read, "documents": report.documents,
-                  "skipped_by_reason": report.skipped},
+                  "skipped_by_reason": report.skipped, "boilerplate_stripped": report.boilerplate},
         "chunking": {"small_chunks": report.chunks, "sections": report.sections, "document_tokens": report.tokens},
         "estimate": report.estimate,
         "requests": {
@@ -174,8 +179,10 @@ def print_summary(report: SynthReport, console=None) -> None:
     ]
     for name, st in report.stages.items():
         fill = st.get("fill", {})
-        rows.append((f"stage {name} samples (fill mean)",
-                     f"{st.get('samples_built', 0)}/{st['samples_requested']} ({fill.get('mean', 0):.0%})"))
+        qa = st.get("qa_turns_per_sample", {})
+        rows.append((f"stage {name} samples (fill mean, QA per sample)",
+                     f"{st.get('samples_built', 0)}/{st['samples_requested']} ({fill.get('mean', 0):.0%}, "
+                     f"{qa.get('mean', 0):.1f})"))
     rows.append(("wall time", f"{report.wall_s:.1f} s"))
     for k, v in rows:
         table.add_row(k, v)

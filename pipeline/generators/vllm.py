@@ -30,7 +30,7 @@ def _preprocess(row: dict) -> dict:
             "top_p": float(row["top_p"]),
             "max_tokens": int(row["max_tokens"]),
             "seed": int(row["seed"]),
-            "structured_outputs": {"json": json.loads(row["schema"])},
+            **({"structured_outputs": {"json": json.loads(row["schema"])}} if row["schema"] else {}),
         },
         "orig_messages": row["messages"], "schema": row["schema"], "schema_name": row["schema_name"],
         "max_tokens": row["max_tokens"], "temperature": row["temperature"], "top_p": row["top_p"], "seed": row["seed"],
