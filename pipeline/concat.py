@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
 from .config import ConcatConfig, StageConfig
@@ -179,14 +180,37 @@ class _DocumentCycler:
         return picked
 
 
+@dataclass(frozen=True)
+class PoolDocument:
+    """What the plan knows of a document: its size and how many QA it has, not its text or QA contents
+    (those stay on disk until a worker renders the samples that use it)."""
+
+    doc_id: str
+    n_tokens: int
+    n_chars: int
+    n_hierarchical: int
+    n_diverse: int
+    qa_chars: int        # sum of len(question) + len(answer) over its QA
+
+    @classmethod
+    def of(cls, doc: DocumentQA) -> "PoolDocument":
+        qa = (*doc.hierarchical, *doc.diverse)
+        return cls(doc.doc_id, doc.n_tokens, len(doc.text), len(doc.hierarchical), len(doc.diverse),
+                   sum(len(q.question) + len(q.answer) for q in qa))
+
+    @property
+    def has_qa(self) -> bool:
+        return bool(self.n_hierarchical or self.n_diverse)
+
+
 class _Estimates:
     """Token estimates used only to choose documents; the rendered length is what is enforced."""
 
-    def __init__(self, docs: Sequence[DocumentQA], cfg: ConcatConfig):
-        chars = sum(len(d.text) for d in docs)
-        self.tokens_per_char = (sum(d.n_tokens for d in docs) / chars) if chars else 0.3
-        qa_chars = [len(q.question) + len(q.answer) for d in docs for q in (*d.hierarchical, *d.diverse)]
-        mean_chars = (sum(qa_chars) / len(qa_chars)) if qa_chars else 0.0
+    def __init__(self, pool: Sequence[PoolDocument], cfg: ConcatConfig):
+        chars = sum(d.n_chars for d in pool)
+        self.tokens_per_char = (sum(d.n_tokens for d in pool) / chars) if chars else 0.3
+        n_qa = sum(d.n_hierarchical + d.n_diverse for d in pool)
+        mean_chars = (sum(d.qa_chars for d in pool) / n_qa) if n_qa else 0.0
         # + ~40 chars for the "About Document i (title): " prefix
         self.turn_tokens = int((mean_chars + 40) * self.tokens_per_char) + TURN_OVERHEAD_TOKENS
         self.fixed = int(len(cfg.system_prompt) * self.tokens_per_char) + 2 * TURN_OVERHEAD_TOKENS
@@ -238,90 +262,150 @@ def _summary(values: list[float]) -> dict:
     return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
 
 
-def build_stage_samples(
-    stage: StageConfig, documents: Sequence[DocumentQA], cfg: ConcatConfig, tokenizer: Any, tokenizer_hash: str
-) -> tuple[list[dict], dict]:
-    """Build `stage.samples` rows (ctxforge.schema.SAMPLE_SCHEMA) and the stage's statistics.
+@dataclass(frozen=True)
+class SamplePlan:
+    """Sample `index` of a stage: its documents in order and the seed of its QA schedule."""
 
-    No row exceeds `stage.target_tokens`. Cost is dominated by tokenizing each rendered sample once
-    (about 8 s per 1M tokens for Qwen2's BPE on one core), twice when the sample had to be trimmed.
-    Stats: samples_built/skipped (+ skip_reasons), documents_per_sample histogram, qa_turns_per_sample
-    and fill (min/mean/max), token_length_histogram (10 bins over [0, target]), shortfalls per schedule
-    part, documents/turns dropped to fit, documents_unasked, and pool usage.
+    index: int
+    doc_ids: tuple[str, ...]
+    plan_seed: int
+    short_of_documents: bool    # fewer documents than stage.documents_per_sample were available
+
+
+@dataclass
+class StagePlan:
+    samples: list[SamplePlan]
+    skip_reasons: Counter       # samples not planned at all (no_document_fits)
+    pool: dict                  # pool statistics for the manifest
+    samples_short_of_documents: int
+
+
+@dataclass
+class SampleResult:
+    index: int
+    row: dict | None            # a SAMPLE_SCHEMA row, or None when no QA turn fits
+    counters: Counter           # turns/documents dropped to fit, shortfalls, documents_unasked
+
+
+def plan_stage(stage: StageConfig, pool: Sequence[PoolDocument], cfg: ConcatConfig) -> StagePlan:
+    """The seeded, sequential part of Algorithm 2: which documents each sample gets, and its schedule seed.
+
+    Cheap (no text, no tokenizer). Document choice depends on how often each document was used by the
+    samples before (that is how usage is spread), so this runs sample by sample, in order. The
+    conversation itself (which QA, how many fit) is `render_sample`'s job, from `plan_seed`, and
+    any number of workers can do that part.
     """
-    est = _Estimates(documents, cfg)
+    est = _Estimates(pool, cfg)
     target = stage.target_tokens
     min_cost = est.fixed + est.header + est.qa_tokens(1)
-    no_qa = [d for d in documents if not d.hierarchical and not d.diverse]
-    too_long = [d for d in documents if (d.hierarchical or d.diverse) and d.n_tokens + min_cost > target]
-    eligible = [d for d in documents if (d.hierarchical or d.diverse) and d.n_tokens + min_cost <= target]
+    no_qa = [d for d in pool if not d.has_qa]
+    too_long = [d for d in pool if d.has_qa and d.n_tokens + min_cost > target]
+    eligible = [d for d in pool if d.has_qa and d.n_tokens + min_cost <= target]
     cycler = _DocumentCycler(eligible, _rng("concat-order", cfg.seed, stage.name))
-
-    rows: list[dict] = []
-    counters: Counter = Counter()
+    samples: list[SamplePlan] = []
     skip_reasons: Counter = Counter()
-    docs_hist: Counter = Counter()
-    turns_per_sample: list[int] = []
-    fills: list[float] = []
-    lengths: list[int] = []
+    short = 0
     k_wanted = stage.documents_per_sample
     for index in range(stage.samples):
         rng = _rng("concat-sample", cfg.seed, stage.name, index)
         chosen = cycler.take(k_wanted, lambda m: target - est.fixed - est.qa_tokens(m), est.header, rng)
         if len(chosen) < k_wanted:
-            counters["samples_short_of_documents"] += 1
+            short += 1
         if not chosen:
             skip_reasons["no_document_fits"] += 1
             continue
-        fitted = _fit(chosen, cfg, tokenizer, target, rng.getrandbits(64), counters)
-        if fitted is None:
-            skip_reasons["no_qa_turn_fits"] += 1
-            continue
-        in_context, turns, messages, rendered = fitted
-        chunks = list(dict.fromkeys(e for t in turns for e in t.qa.evidence_ids))
-        # in_context is always a prefix of the chosen documents, so doc_index addresses it directly
-        counters["documents_unasked"] += len(in_context) - len({t.doc_index for t in turns})
-        n_tokens = len(rendered.input_ids)
-        rows.append(
-            {
-                "sample_id": sample_id(stage.name, cfg.seed, index),
-                "stage": stage.name,
-                "target_tokens": target,
-                "num_tokens": n_tokens,
-                "num_loss_tokens": int(sum(rendered.loss_mask)),
-                "input_ids": rendered.input_ids,
-                "loss_mask": rendered.loss_mask,
-                "messages": messages,
-                "documents": [d.doc_id for d in in_context],
-                "chunks": chunks,
-                "qa_ids": [t.qa.qa_id for t in turns],
-                "num_questions": len(turns),
-                "ungrounded_questions": sum(1 for t in turns if not t.qa.grounded),
-                "tokenizer_hash": tokenizer_hash,
-            }
-        )
-        docs_hist[len(in_context)] += 1
-        turns_per_sample.append(len(turns))
-        fills.append(n_tokens / target)
-        lengths.append(n_tokens)
+        samples.append(SamplePlan(index, tuple(d.doc_id for d in chosen), rng.getrandbits(64), len(chosen) < k_wanted))
+    uses = [cycler.uses.get(d.doc_id, 0) for d in eligible]
+    pool_stats = {
+        "documents": len(pool),
+        "eligible": len(eligible),
+        "too_long": len(too_long),
+        "without_qa": len(no_qa),
+        "used_distinct": sum(1 for u in uses if u),
+        "uses": _summary(uses),
+    }
+    return StagePlan(samples, skip_reasons, pool_stats, short)
 
+
+def render_sample(plan: SamplePlan, docs: Sequence[DocumentQA], stage: StageConfig, cfg: ConcatConfig, tokenizer: Any,
+                  tokenizer_hash: str) -> SampleResult:
+    """Schedule, render and tokenize one planned sample (docs: its documents, in plan order), trimmed to fit.
+
+    A pure function of its arguments: the same plan gives the same row in any process.
+    """
+    counters: Counter = Counter()
+    fitted = _fit(list(docs), cfg, tokenizer, stage.target_tokens, plan.plan_seed, counters)
+    if fitted is None:
+        return SampleResult(plan.index, None, counters)
+    in_context, turns, messages, rendered = fitted
+    chunks = list(dict.fromkeys(e for t in turns for e in t.qa.evidence_ids))
+    # in_context is always a prefix of the chosen documents, so doc_index addresses it directly
+    counters["documents_unasked"] += len(in_context) - len({t.doc_index for t in turns})
+    n_tokens = len(rendered.input_ids)
+    row = {
+        "sample_id": sample_id(stage.name, cfg.seed, plan.index),
+        "stage": stage.name,
+        "target_tokens": stage.target_tokens,
+        "num_tokens": n_tokens,
+        "num_loss_tokens": int(sum(rendered.loss_mask)),
+        "input_ids": rendered.input_ids,
+        "loss_mask": rendered.loss_mask,
+        "messages": messages,
+        "documents": [d.doc_id for d in in_context],
+        "chunks": chunks,
+        "qa_ids": [t.qa.qa_id for t in turns],
+        "num_questions": len(turns),
+        "ungrounded_questions": sum(1 for t in turns if not t.qa.grounded),
+        "tokenizer_hash": tokenizer_hash,
+    }
+    return SampleResult(plan.index, row, counters)
+
+
+@dataclass(frozen=True)
+class SampleSummary:
+    """What the stage statistics need of a rendered sample (the row itself may live in another process)."""
+
+    index: int
+    built: bool
+    num_tokens: int = 0
+    num_documents: int = 0
+    num_questions: int = 0
+    ungrounded_questions: int = 0
+
+    @classmethod
+    def of(cls, result: SampleResult) -> "SampleSummary":
+        r = result.row
+        if r is None:
+            return cls(result.index, False)
+        return cls(result.index, True, r["num_tokens"], len(r["documents"]), r["num_questions"],
+                   r["ungrounded_questions"])
+
+
+def stage_stats(stage: StageConfig, plan: StagePlan, summaries: Sequence[SampleSummary], counters: Counter) -> dict:
+    """The stage's statistics from its plan and its samples' summaries (in sample order)."""
+    target = stage.target_tokens
+    skip_reasons = Counter(plan.skip_reasons)
+    built = [s for s in summaries if s.built]
+    skip_reasons["no_qa_turn_fits"] += sum(1 for s in summaries if not s.built)
+    skip_reasons = Counter({k: v for k, v in skip_reasons.items() if v})
+    docs_hist = Counter(s.num_documents for s in built)
+    lengths = [s.num_tokens for s in built]
     bin_width = target / HISTOGRAM_BINS
     hist = [0] * HISTOGRAM_BINS
     for n in lengths:
         hist[min(int(n / bin_width), HISTOGRAM_BINS - 1)] += 1
-    uses = [cycler.uses.get(d.doc_id, 0) for d in eligible]
-    stats = {
+    return {
         "stage": stage.name,
         "target_tokens": target,
         "samples_requested": stage.samples,
-        "samples_built": len(rows),
+        "samples_built": len(built),
         "samples_skipped": sum(skip_reasons.values()),
         "skip_reasons": dict(skip_reasons),
-        "documents_per_sample_requested": k_wanted,
+        "documents_per_sample_requested": stage.documents_per_sample,
         "documents_per_sample": {str(k): v for k, v in sorted(docs_hist.items())},
-        "samples_short_of_documents": counters["samples_short_of_documents"],
-        "qa_turns_per_sample": _summary(turns_per_sample),
-        "fill": _summary(fills),
+        "samples_short_of_documents": plan.samples_short_of_documents,
+        "qa_turns_per_sample": _summary([s.num_questions for s in built]),
+        "fill": _summary([s.num_tokens / target for s in built]),
         "token_length_histogram": {
             "edges": [round(i * bin_width) for i in range(HISTOGRAM_BINS + 1)],
             "counts": hist,
@@ -330,14 +414,33 @@ def build_stage_samples(
         "documents_dropped_to_fit": counters["documents_dropped_to_fit"],
         "turns_dropped_to_fit": counters["turns_dropped_to_fit"],
         "documents_unasked": counters["documents_unasked"],
-        "ungrounded_questions": sum(r["ungrounded_questions"] for r in rows),
-        "pool": {
-            "documents": len(documents),
-            "eligible": len(eligible),
-            "too_long": len(too_long),
-            "without_qa": len(no_qa),
-            "used_distinct": sum(1 for u in uses if u),
-            "uses": _summary(uses),
-        },
+        "ungrounded_questions": sum(s.ungrounded_questions for s in built),
+        "pool": plan.pool,
     }
-    return rows, stats
+
+
+def build_stage_samples(
+    stage: StageConfig, documents: Sequence[DocumentQA], cfg: ConcatConfig, tokenizer: Any, tokenizer_hash: str
+) -> tuple[list[dict], dict]:
+    """Build `stage.samples` rows (ctxforge.schema.SAMPLE_SCHEMA) and the stage's statistics, in this process.
+
+    `plan_stage`, then `render_sample` for each planned sample in order, then `stage_stats`; the
+    parallel path (write.py) runs the same three with the renders spread over workers.
+    No row exceeds `stage.target_tokens`. Cost is dominated by tokenizing each rendered sample once
+    (about 8 s per 1M tokens for Qwen2's BPE on one core), twice when the sample had to be trimmed.
+    Stats: samples_built/skipped (+ skip_reasons), documents_per_sample histogram, qa_turns_per_sample
+    and fill (min/mean/max), token_length_histogram (10 bins over [0, target]), shortfalls per schedule
+    part, documents/turns dropped to fit, documents_unasked, and pool usage.
+    """
+    by_id = {d.doc_id: d for d in documents}
+    plan = plan_stage(stage, [PoolDocument.of(d) for d in documents], cfg)
+    rows: list[dict] = []
+    summaries: list[SampleSummary] = []
+    counters: Counter = Counter()
+    for sp in plan.samples:
+        result = render_sample(sp, [by_id[i] for i in sp.doc_ids], stage, cfg, tokenizer, tokenizer_hash)
+        counters.update(result.counters)
+        summaries.append(SampleSummary.of(result))
+        if result.row is not None:
+            rows.append(result.row)
+    return rows, stage_stats(stage, plan, summaries, counters)
