@@ -45,6 +45,7 @@ def engine_totals(records: Iterable[dict], gpus_per_engine: float) -> dict:
         "generating_s": round(busy, 2),
         "idle_s": round(max(0.0, alive - load - busy), 2),
         "busy_fraction": round(busy / alive, 4) if alive else 0.0,
+        "requests": sum(r.get("requests", 0) for r in records),
         "request_s": round(sum(r.get("request_s", 0.0) for r in records), 2),
         "gpu_hours": round(alive * gpus_per_engine / 3600, 4),
     }

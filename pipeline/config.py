@@ -256,9 +256,8 @@ class RunConfig(StrictModel):
         if isinstance(data, dict) and "documents_per_wave" in data:
             data = dict(data)
             value = data.pop("documents_per_wave")
-            if "documents_in_flight" in data:
-                raise ValueError("run.documents_per_wave is the old name of run.documents_in_flight: give only one")
-            logging.getLogger(__name__).warning("run.documents_per_wave is deprecated: use run.documents_in_flight")
+            logging.getLogger(__name__).warning("run.documents_per_wave is deprecated: it sets run.documents_in_flight "
+                                                "(%s); use that name", value)
             data["documents_in_flight"] = value
         return data
 

@@ -88,8 +88,9 @@ def preflight(cfg: SynthConfig) -> Preflight:
             f"generator.api_key_env to the variable that holds it (null for an endpoint that takes no key)")
     try:
         backend = make_backend(cfg, generator_path)
-        backend.engine_factory()
-    except ValueError as exc:
+        if cfg.run.scheduler == "streaming":
+            backend.engine_factory()
+    except (ValueError, NotImplementedError) as exc:
         raise PreflightError(str(exc)) from None
     return Preflight(target_path, generator_path, tokenizer, tokenizer_hash(tokenizer), budget, cache_dir(), backend)
 

@@ -97,7 +97,7 @@ def test_http_backend_with_faults_grounds_and_retries(ray_local, tmp_path, tiny_
     # every request meets a 429, then a 500, then a timeout before it is answered: all retried by the backend
     with FakeOpenAIServer(schedule=(429, 500, "timeout"), timeout_sleep_s=3.0) as server:
         out = tmp_path / "http"
-        cfg = config(out, "generator.backend=http", f"generator.base_url={server.base_url}",
+        cfg = config(out, "generator.backend=http", "generator.api_key_env=null", f"generator.base_url={server.base_url}",
                      "generator.model=fake-qwen", "generator.concurrency=8", "generator.retry_base_s=0.01",
                      "generator.timeout_s=0.5", "grounding.on_ungrounded=drop")
         synthesize(cfg)
@@ -118,7 +118,7 @@ def test_http_backend_with_faults_grounds_and_retries(ray_local, tmp_path, tiny_
 def test_invalid_json_is_retried_then_recorded_as_failed(ray_local, tmp_path):
     with FakeOpenAIServer(permanent="malformed", match="Ask") as server:
         out = tmp_path / "bad-json"
-        cfg = config(out, "generator.backend=http", f"generator.base_url={server.base_url}",
+        cfg = config(out, "generator.backend=http", "generator.api_key_env=null", f"generator.base_url={server.base_url}",
                      "generator.model=fake", "generator.max_attempts=2", "generator.retry_base_s=0.01")
         synthesize(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -154,7 +154,7 @@ def test_bad_input_is_skipped_and_counted(ray_local, tmp_path):
     with FakeOpenAIServer() as server:
         out = tmp_path / "out"
         cfg = config(out, f"input.path={corpus}", "input.limit=0", "input.max_document_tokens=0",
-                     "generator.backend=http", f"generator.base_url={server.base_url}", "generator.model=fake",
+                     "generator.backend=http", "generator.api_key_env=null", f"generator.base_url={server.base_url}", "generator.model=fake",
                      "chunking.min_document_tokens=8")
         synthesize(cfg)
     manifest = json.loads((out / "manifest.json").read_text())

@@ -190,9 +190,10 @@ class GeneratorBackend(abc.ABC):
     def apply(self, ds):
         """Return a Dataset with REQUEST_COLUMNS + RESULT_COLUMNS for every input row (one job, passes mode)."""
 
-    @abc.abstractmethod
     def engine_factory(self) -> EngineFactory:
-        """What each engine actor builds once and keeps for the whole run."""
+        """What each engine actor builds once and keeps for the whole run (streaming)."""
+        raise NotImplementedError(f"generator backend {self.name!r} has no engine for the streaming scheduler; "
+                                  f"use run.scheduler=passes")
 
     def engine_range(self) -> tuple[int, int]:
         """(min, max) engine actors: generator.concurrency, an int or [min, max]."""
