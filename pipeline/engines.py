@@ -76,6 +76,16 @@ class EngineActor:
         return snap
 
 
+_ENGINE_ACTOR = None
+
+
+def _remote_engine_actor():
+    global _ENGINE_ACTOR
+    if _ENGINE_ACTOR is None:
+        _ENGINE_ACTOR = ray.remote(EngineActor)
+    return _ENGINE_ACTOR
+
+
 @dataclass
 class _Engine:
     actor: Any
@@ -132,7 +142,7 @@ class EnginePool:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
         # max_restarts=0: a lost engine is the pool's to replace, so that its requests are resent once and
         # every load is counted. max_concurrency: the slots plus room for ready()/stats() calls.
-        actor = ray.remote(EngineActor).options(max_restarts=0, max_concurrency=self.slots + 4, **opts).remote(self.factory)
+        actor = _remote_engine_actor().options(max_restarts=0, max_concurrency=self.slots + 4, **opts).remote(self.factory)
         key = f"e{self._next_id}"
         self._next_id += 1
         self.engines[key] = _Engine(actor, actor.ready.remote(), pg)
