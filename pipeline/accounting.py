@@ -128,7 +128,8 @@ def projection(cfg: SynthConfig, doc_tokens: list[int], gpus_per_engine: float, 
     by_pass = {name: {"requests": r, "prompt_tokens": p, "completion_tokens": c} for name, (r, p, c) in rows.items()}
     prompt = sum(r[1] for r in rows.values())
     completion = sum(r[2] for r in rows.values())
-    out = {"documents": len(doc_tokens), "document_tokens": sum(doc_tokens), "by_pass": by_pass,
+    out = {"documents": len(doc_tokens), "document_tokens": sum(doc_tokens), "gpus_per_engine": gpus_per_engine,
+           "by_pass": by_pass,
            "requests": sum(r[0] for r in rows.values()), "prompt_tokens": prompt, "completion_tokens": completion,
            "api_cost_usd": round(_api_cost(prompt, completion, cfg), 2)}
     tps = cfg.cost.engine_tokens_per_s
@@ -147,6 +148,6 @@ def projection_line(p: dict) -> str:
         line += f", {p['engine_hours']:,} engine-hours = {p['gpu_hours']:,} GPU-hours (${p['gpu_cost_usd']:,})"
     if p["api_cost_usd"]:
         line += f", API ${p['api_cost_usd']:,}"
-    if "gpu_hours" not in p:
+    if "gpu_hours" not in p and p["gpus_per_engine"]:
         line += " (set cost.engine_tokens_per_s to project GPU-hours)"
     return line

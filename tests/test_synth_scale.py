@@ -282,3 +282,4 @@ def test_projection_counts_requests_from_document_sizes():
     assert p["gpu_hours"] == round((tokens / 1000 + 2 * 360) * 4 / 3600, 2)
     assert "GPU-hours" in projection_line(p)
     assert "engine_tokens_per_s" in projection_line(projection(load_config(SynthConfig, "tiny", []), [100], 1, 1))
+    assert "engine_tokens_per_s" not in projection_line(projection(load_config(SynthConfig, "tiny", []), [100], 0, 1))
