@@ -7,7 +7,8 @@ idle seconds per engine, for GPU-hours), it resends exactly the requests a lost 
 whole of it runs in CPU CI (`ray.serve.llm` cannot even be imported without vLLM). The engine inside
 a vLLM actor is still `ray.data.llm`'s (generators/vllm.py).
 
-Growth and shrinkage follow the work, not the pass structure: the pool starts `min` engines, adds
+Growth and shrinkage follow the work, not the pass structure: the pool starts `min` engines when
+the first request arrives (a rerun answered from the cache loads none), adds
 engines (up to `max`) while ready requests wait for a free slot, and releases an engine above `min`
 that has had nothing to do for `generator.scale_down_idle_s`. An engine that asks for GPUs no node has
 stays pending; on a cluster the Ray autoscaler launches a node for it (spot GPU workers).
@@ -30,6 +31,7 @@ from typing import Any
 
 import ray
 
+from ctxforge.config import PreflightError
 from ctxforge.pipeline.generators.base import EngineFactory, EngineMeter, GeneratorBackend, error_result
 
 log = logging.getLogger(__name__)
@@ -106,8 +108,9 @@ class Lost:
     reason: str
 
 
-class EngineStartError(RuntimeError):
-    pass
+class EngineStartError(PreflightError):
+    """No engine could load (a bad model path, too little memory...): a one-line error, like preflight's.
+    Nothing finished is lost; the same command resumes once the cause is fixed."""
 
 
 class EnginePool:
@@ -277,6 +280,8 @@ class EnginePool:
     def autoscale(self, backlog: int) -> None:
         """Grow while requests wait for slots; release engines idle for scale_down_idle_s (never below min)."""
         now = time.monotonic()
+        if backlog == 0 and self.started == 0:
+            return  # engines start with the first request: a rerun answered from the cache loads nothing
         want = min(self.max, max(self.min, math.ceil(backlog / max(1, self.slots))))
         if len(self.engines) < want:
             for _ in range(want - len(self.engines)):

@@ -144,7 +144,6 @@ def _generate_streaming(cfg: SynthConfig, pre: Preflight, planner: Planner, cach
                         store: DocumentStore, ids: list[str], finished: _Finished) -> tuple[dict, list[dict]]:
     pool = EnginePool(pre.backend, cfg.generator.scale_down_idle_s)
     scheduler = RequestScheduler(pool, cache, cfg.generator, pre.backend.model_path, prompt_set_hash(), PASS_NAMES)
-    pool.start()
     try:
         StreamingGenerator(planner, scheduler, cfg.run.documents_in_flight).run(store.load(ids), finished)
     finally:

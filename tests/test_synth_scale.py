@@ -47,22 +47,6 @@ def outputs(out: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_hf_engine_loads_once_for_every_document_pass_and_retry(ray_local, tmp_path):
-    # one document at a time (three "waves"), every pass and retry round of each: one engine, one load
-    out = tmp_path / "hf"
-    synthesize(config(out, "input.limit=3", "run.documents_in_flight=1", "generator.concurrency=1"))
-    manifest = json.loads((out / "manifest.json").read_text())
-    engines = manifest["accounting"]["engines"]
-    total = manifest["requests"]["total"]
-    assert manifest["input"]["documents"] == 3 and total["sent"] >= total["ok"] + total["failed"] > 0
-    assert engines["engines"] == engines["loads"] == 1 and engines["lost"] == 0
-    # the one engine, loaded once, answered every attempt sent (retries of invalid JSON included)
-    assert engines["requests"] == total["sent"]
-    assert engines["load_s"] > 0 and engines["alive_s"] >= engines["load_s"] + engines["generating_s"] - 1e-6
-    assert {p for p, s in manifest["requests"]["by_pass"].items() if s["sent"]} >= {"summary_small", "qa"}
-
-
-@pytest.mark.slow
 def test_documents_stream_and_match_the_pass_per_job_design(ray_local, tmp_path):
     fake = ["generator.backend=fake", "generator.model=fake", "generator.concurrency=1",
             "generator.engine_kwargs={latency_s: 0.02, slots: 2}", "input.limit=4"]
@@ -283,3 +267,22 @@ def test_projection_counts_requests_from_document_sizes():
     assert "GPU-hours" in projection_line(p)
     assert "engine_tokens_per_s" in projection_line(projection(load_config(SynthConfig, "tiny", []), [100], 1, 1))
     assert "engine_tokens_per_s" not in projection_line(projection(load_config(SynthConfig, "tiny", []), [100], 0, 1))
+
+
+@pytest.mark.slow
+def test_an_engine_that_cannot_load_stops_the_run_with_its_reason(ray_local):
+    from ctxforge.pipeline.engines import EnginePool, EngineStartError, MAX_START_FAILURES
+    from ctxforge.pipeline.generators.base import EngineFactory
+    from ctxforge.pipeline.generators.fake import FakeBackend
+
+    class Broken(FakeBackend):
+        def engine_factory(self):   # time.sleep(-1) raises in the engine's constructor, like a model that won't load
+            return EngineFactory("ctxforge.pipeline.generators.fake:FakeEngine", {"load_s": -1.0})
+
+    pool = EnginePool(Broken(GeneratorConfig(backend="fake", num_cpus=0.25), "fake"))
+    pool.start()
+    with pytest.raises(EngineStartError, match=f"failed to start {MAX_START_FAILURES} times: .*non-negative"):
+        for _ in range(200):
+            pool.autoscale(1)
+            pool.poll(0.5)
+    assert not pool.engines and pool.started == MAX_START_FAILURES
