@@ -191,7 +191,6 @@ class StreamingGenerator:
         exhausted = False
         want_queue = 2 * self.scheduler.pool.capacity()
         last_log = time.monotonic()
-        finished = 0
         while True:
             while (not exhausted and len(self.active) < self.max_documents
                    and self.scheduler.outstanding() < want_queue):
@@ -206,9 +205,7 @@ class StreamingGenerator:
                 self.scheduler.deliver()  # cached answers advance documents at once
             if exhausted and not self.active:
                 break
-            before = len(self.active)
             self.scheduler.step()
-            finished += max(0, before - len(self.active))
             if time.monotonic() - last_log > 30:
                 last_log = time.monotonic()
                 at = Counter(f.pass_name for f in self.active.values())
