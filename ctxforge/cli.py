@@ -28,7 +28,25 @@ def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. output.dir=runs/x")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_config(model, argv: list[str] | None, default: str | None):
+    """(config, label) named by `--config` in argv (else `default`), for `--help` to show its values; (None, "")
+    when there is none or it does not load (the error is then reported by the real run, not by --help)."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    spec = default
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+    if not spec:
+        return None, ""
+    try:
+        return load_config(model, spec), spec
+    except (ConfigError, OSError, ValueError):
+        return None, ""
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from ctxforge.pipeline.config import SynthConfig
 
     parser = argparse.ArgumentParser(prog="ctxforge", description="Turn an instruct LLM into a million-token-context "
@@ -43,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "documents into curriculum-stage samples with answer-only loss masks. Reruns resume from the "
                     "request cache in OUTPUT/work/.",
         epilog=options_help(SynthConfig, "options (override any as key=value after --config; lists as YAML, e.g. "
-                                                     "concat.stages.0.samples=2):"), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                                     "concat.stages.0.samples=2):",
+                            *_help_values(SynthConfig, argv, "synth", DEFAULT_SYNTH_CONFIG)), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(synth, DEFAULT_SYNTH_CONFIG)
 
     demo = sub.add_parser("demo", help="every stage on the embedded default: synthesize -> train -> serve + evaluate "
@@ -76,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _help_values(model, argv, command: str, default: str) -> tuple:
+    """(extra, config, label) for options_help: the chosen config's values, only when `command --help` runs."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if command not in argv or not ({"-h", "--help"} & set(argv)):
+        return (), None, ""
+    config, label = chosen_config(model, argv, default)
+    return (), config, label
+
+
 def _run_synth(args) -> int:
     from ctxforge.pipeline.config import SynthConfig
     from ctxforge.pipeline.run import synthesize
@@ -90,7 +118,7 @@ def _run_synth(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

@@ -335,6 +335,10 @@ def validate_kuberay(doc: dict, clusters: dict[str, dict]) -> list[str]:
     """A KubeRay ray.io/v1 manifest. `clusters`: RayCluster name -> spec, for RayJobs with a clusterSelector."""
     kind = doc.get("kind")
     where = f"{kind} {((doc.get('metadata') or {}).get('name') or (doc.get('metadata') or {}).get('generateName'))}"
+    if kind == "PersistentVolumeClaim":
+        modes = (doc.get("spec") or {}).get("accessModes") or []
+        ok = doc.get("apiVersion") == "v1" and "ReadWriteMany" in modes
+        return [] if ok else [f"{where}: the shared volume must be a v1 PVC with accessModes [ReadWriteMany]"]
     if doc.get("apiVersion") != "ray.io/v1":
         return [f"{where}: apiVersion {doc.get('apiVersion')!r} is not ray.io/v1"]
     spec = doc.get("spec") or {}
@@ -425,6 +429,9 @@ def validate_kuberay_docs(docs: list[dict]) -> list[str]:
     errors = []
     for d in docs:
         errors += validate_kuberay(d, clusters)
+    claims = {(d.get("metadata") or {}).get("name") for d in docs if d.get("kind") == "PersistentVolumeClaim"}
+    used = set(re.findall(r"claimName': '([^']+)'", repr(docs)))
+    errors += [f"persistentVolumeClaim {name!r} is used but no manifest defines it" for name in sorted(used - claims)]
     return errors
 
 
@@ -479,7 +486,7 @@ def test_launcher_validator_negative_controls():
 def test_kuberay_manifests():
     docs = load_kuberay_dir(CLUSTER / "kuberay")
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["RayCluster", "RayJob", "RayJob", "RayJob", "RayService"]
+    assert kinds == ["PersistentVolumeClaim", "RayCluster", "RayJob", "RayJob", "RayJob", "RayService"]
     assert validate_kuberay_docs(docs) == []
     stages = sorted(d["spec"]["entrypoint"].split()[1] for d in docs if d["kind"] == "RayJob")
     assert stages == ["eval", "synth", "train"]
@@ -662,3 +669,41 @@ def test_worker_node_killed_during_synthesis(cluster):
     assert again["requests"]["total"]["sent"] == 0
     assert _cache_rows(db) == (rows, rows)
     assert _samples(out) == first
+
+
+# Values in cluster/ that only stand for the user's own (account ids, images, file systems): each must sit on a
+# line marked CHANGE-ME and be listed in the README's checklist, so nothing fake reaches `ray up` unnoticed.
+PLACEHOLDER = re.compile(r"ami-0123456789abcdef0|sg-0123456789abcdef0|subnet-0123456789abcdef0|fs-0123456789abcdef0"
+                         r"|my-gcp-project|10\.0\.0\.2:/ctxforge|ghcr\.io/your-org|storageClassName: efs-sc")
+
+
+def test_every_placeholder_is_marked_and_listed_in_the_checklist():
+    readme = (CLUSTER / "README.md").read_text()
+    checklist = readme.split("## Before the first `ray up`", 1)[1].split("\n## ", 1)[0]
+    found = set()
+    for path in sorted(CLUSTER.rglob("*")):
+        if not path.is_file() or path.name == "README.md":
+            continue
+        lines = path.read_text().splitlines()
+        for n, line in enumerate(lines):
+            for value in PLACEHOLDER.findall(line):
+                context = "\n".join(lines[max(0, n - 2): n + 1])
+                assert "CHANGE-ME" in context, f"{path.name}:{n + 1}: {value} is not marked CHANGE-ME"
+                found.add(value.replace("storageClassName: ", ""))
+    assert len(found) >= 8
+    for value in found:
+        assert value in checklist, f"{value} is missing from cluster/README.md's checklist"
+
+
+def test_job_upload_leaves_out_git_and_venv(tmp_path):
+    """`ray job submit --working-dir .` zips the repository with Ray's own packaging: .git and .venv stay home."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    root = CLUSTER.parent
+    target = tmp_path / "pkg.zip"
+    create_package(str(root), target, include_gitignore=True)
+    names = zipfile.ZipFile(target).namelist()
+    assert "pyproject.toml" in names and "cluster/aws.yaml" in names
+    assert not [n for n in names if n.startswith((".git/", ".venv/", "runs/"))]

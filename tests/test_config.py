@@ -97,3 +97,64 @@ def test_missing_input_stops_before_any_work(capsys, tmp_path):
     assert code == 2
     assert "input.path" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_unknown_key_suggests_close_matches():
+    with pytest.raises(ConfigError, match=r"unknown key 'generator.modle' \(did you mean 'model'\?\)"):
+        load_config(SynthConfig, "tiny", ["generator.modle=x"])
+    with pytest.raises(ConfigError, match=r"concat.stages.0.sampels' \(did you mean 'samples'\?\)"):
+        load_config(SynthConfig, "tiny", ["concat.stages.0.sampels=3"])
+    with pytest.raises(ConfigError) as err:  # negative control: nothing close, no suggestion
+        load_config(SynthConfig, "tiny", ["generator.zzzzzz=x"])
+    assert "did you mean" not in str(err.value)
+
+
+def test_config_of_another_stage_names_that_stage():
+    with pytest.raises(ConfigError) as err:
+        load_config(SynthConfig, "train-tiny")
+    message = str(err.value)
+    assert "`ctxforge train`" in message and message.count("\n") == 0
+
+
+def test_help_lists_list_items_and_the_chosen_configs_values(capsys):
+    keys = [row[0] for row in describe_fields(SynthConfig)]
+    assert "concat.stages.N.target_tokens" in keys
+    with pytest.raises(SystemExit):
+        build_parser(["synth", "--config", "tiny", "--help"]).parse_args(["synth", "--config", "tiny", "--help"])
+    text = capsys.readouterr().out
+    # tiny.yaml sets input.limit 4 and a second stage of 8192 tokens; the built-in defaults differ
+    assert 'concat.stages.1.target_tokens  (int, value 8192)' in text
+    assert 'input.limit  (' in text and 'value 4)' in text
+
+
+def test_paths_expand_home_and_environment(monkeypatch):
+    from ctxforge.config import expand_path
+
+    monkeypatch.setenv("CTXFORGE_TEST_ROOT", "/data/root")
+    assert expand_path("~/books") == str(__import__("pathlib").Path.home() / "books")
+    assert expand_path("$CTXFORGE_TEST_ROOT/synth") == "/data/root/synth"
+    assert expand_path("${CTXFORGE_TEST_ROOT}/x") == "/data/root/x"
+    assert expand_path("s3://bucket/books/") == "s3://bucket/books/"
+    assert expand_path("builtin:kjv") == "builtin:kjv"
+    monkeypatch.delenv("CTXFORGE_TEST_UNSET", raising=False)
+    with pytest.raises(ValueError, match="CTXFORGE_TEST_UNSET"):
+        expand_path("$CTXFORGE_TEST_UNSET/x")
+
+
+def test_deprecated_spellings_move_to_the_new_key(tmp_path, capsys):
+    from typing import ClassVar
+
+    from ctxforge.config import StrictModel
+
+    class Output(StrictModel):
+        dir: str = "out"
+
+    class Stage(StrictModel):
+        deprecated_keys: ClassVar[dict[str, str]] = {"output_dir": "output.dir"}
+        output: Output = Output()
+
+    path = tmp_path / "old.yaml"
+    path.write_text("output_dir: from-yaml\n")
+    assert load_config(Stage, str(path)).output.dir == "from-yaml"
+    assert "'output_dir' is deprecated, use 'output.dir'" in capsys.readouterr().err
+    assert load_config(Stage, str(path), ["output_dir=from-cli"]).output.dir == "from-cli"
