@@ -7,8 +7,7 @@ before any Ray work starts.
 
 from __future__ import annotations
 
-import logging
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -250,19 +249,10 @@ class RunConfig(StrictModel):
     )
     progress: bool = Field(True, description="Show Ray Data's progress bars.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_keys(cls, data):
-        if isinstance(data, dict) and "documents_per_wave" in data:
-            data = dict(data)
-            value = data.pop("documents_per_wave")
-            logging.getLogger(__name__).warning("run.documents_per_wave is deprecated: it sets run.documents_in_flight "
-                                                "(%s); use that name", value)
-            data["documents_in_flight"] = value
-        return data
-
 
 class SynthConfig(StrictModel):
+    deprecated_keys: ClassVar[dict[str, str]] = {"run.documents_per_wave": "run.documents_in_flight"}
+
     input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     target: TargetConfig = Field(default_factory=TargetConfig)

@@ -100,10 +100,10 @@ def test_http_without_its_api_key_fails_at_preflight_and_writes_nothing(tmp_path
     assert not out.exists()
 
 
-def test_documents_per_wave_is_the_old_name_of_documents_in_flight(tmp_path, caplog):
+def test_documents_per_wave_is_the_old_name_of_documents_in_flight(capsys):
     cfg = load_config(SynthConfig, "tiny", ["run.documents_per_wave=7"])
     assert cfg.run.documents_in_flight == 7
-    assert "deprecated" in caplog.text
+    assert "'run.documents_per_wave' is deprecated, use 'run.documents_in_flight'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------
