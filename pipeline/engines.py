@@ -225,13 +225,17 @@ class EnginePool:
         answered: list[tuple[Any, dict]] = []
         lost: list[Lost] = []
         dead: dict[str, str] = {}
+        try:
+            values = dict(zip(done, ray.get(done)))   # one call for the lot; per ref only when one failed
+        except Exception:
+            values = {}
         for ref in done:
             key, job_ref = waiting[ref]
             eng = self.engines.get(key)
             if eng is None or key in dead:
                 continue
             try:
-                value = ray.get(ref)
+                value = values[ref] if ref in values else ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
                     ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
                 dead[key] = f"{type(exc).__name__}"
