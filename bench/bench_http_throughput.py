@@ -109,7 +109,8 @@ def run_ray_data_llm(server, c: int, n: int, rounds: int) -> tuple[float, int]:
             "model": "fake", "messages": [{"role": "user", "content": row["content"]}], "max_tokens": 256,
             "temperature": 0.7, "top_p": 0.95,
             "response_format": {"type": "json_schema", "json_schema": {"name": "qa", "schema": SCHEMA, "strict": True}}}},
-        postprocess=lambda row: {"key": row["key"], "ok": "choices" in (row.get("http_response") or {})},
+        # Arrow merges the columns of good and error responses: an error row has choices = None
+        postprocess=lambda row: {"key": row["key"], "ok": bool((row.get("http_response") or {}).get("choices"))},
         preprocess_map_kwargs={"num_cpus": 0.05}, postprocess_map_kwargs={"num_cpus": 0.05},
     )
     todo = [{"key": r.key, "content": r.messages[0]["content"]} for r in make_requests(n, "rdl")]
