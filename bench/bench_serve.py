@@ -6,6 +6,9 @@
    gets), so the ratio isolates the serving path.
 2. Evaluation throughput: the eval client sending the same RULER-shaped requests at concurrency 1 vs 16
    (requests per second, and the ratio).
+3. Decoding features in-process, per generated token relative to plain greedy decoding: a JSON-schema
+   grammar (xgrammar mask every step), logprobs with 5 alternatives, and prompt logprobs (full-prompt
+   logits instead of the last position's).
 
     .venv/bin/python bench/bench_serve.py [--requests 12] [--max-tokens 8]
 """
@@ -57,6 +60,35 @@ def in_process_latencies(model_path: str, prompts: dict[str, str], n: int, max_t
     return out
 
 
+def feature_costs(model_path: str, n: int, max_tokens: int) -> dict[str, float]:
+    """Seconds per generated token (median of n) for plain greedy decoding and with each feature on."""
+    import torch
+
+    from ctxforge.serve.engine import HFEngine, SamplingParams
+
+    torch.set_num_threads(1)
+    engine = HFEngine(model_path, "tiny", 32768, device="cpu")
+    schema = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
+              "required": ["title", "year"]}
+    ids = engine.encode_chat([{"role": "user", "content": _prompt(300)}], True, False)
+    variants = {"plain": {}, "json_schema": {"grammar": engine.compile_constraint("json_schema", schema)},
+                "logprobs=5": {"logprobs": 5}, "prompt_logprobs=5": {"prompt_logprobs": 5}}
+
+    async def one(params: SamplingParams) -> float:
+        t0 = time.perf_counter()
+        tokens = 0
+        async for step in engine.generate(ids, params):
+            tokens = step.completion_tokens or tokens
+        return (time.perf_counter() - t0) / max(tokens, 1)
+
+    out = {}
+    for name, extra in variants.items():
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=1, **extra)
+        asyncio.run(one(params))  # warm-up (compiles nothing new: grammars are cached)
+        out[name] = statistics.median(asyncio.run(one(params)) for _ in range(n))
+    return out
+
+
 def served_latencies(base_url: str, prompts: dict[str, str], n: int, max_tokens: int) -> dict[str, list[float]]:
     import httpx
 
@@ -77,7 +109,7 @@ def served_latencies(base_url: str, prompts: dict[str, str], n: int, max_tokens:
 
 def eval_throughput(base_url: str, concurrency: int, n: int, max_tokens: int) -> float:
     from ctxforge.serve.client import EvalClient, EvalItem
-    from ctxforge.serve.config import ClientConfig
+    from ctxforge.serve.eval_config import ClientConfig
 
     items = [EvalItem({"messages": [{"role": "user", "content": f"{_prompt(200)} #{i}"}], "max_tokens": max_tokens,
                        "temperature": 0}, {"i": i}, lambda pred: 0.0) for i in range(n)]
@@ -106,6 +138,11 @@ def main() -> None:
     model_path = resolve_model_path("ctxforge:tiny")
     prompts = {"short (~30 tok)": _prompt(10), "long (~4K tok)": _prompt(3000)}
     local = in_process_latencies(model_path, prompts, args.requests, args.max_tokens)
+    costs = feature_costs(model_path, max(3, args.requests // 3), 32)
+    print("\nDecoding features (tiny model, CPU, one thread, 32 tokens after a ~400-token prompt):")
+    print(f"  {'feature':<18} {'s/token':>9} {'vs plain':>9}")
+    for name, sec in costs.items():
+        print(f"  {name:<18} {sec:>9.4f} {sec / costs['plain']:>8.2f}x")
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -32,7 +32,7 @@ from ctxforge.train.sequence_parallel import DOC_SDPA
 def synth_samples(synth_dir: str, stages: list[str], max_len: int, tok_hash: str):
     samples = []
     for stage in stages:
-        samples += read_stage(synth_dir, stage, max_len, tok_hash).samples
+        samples += read_stage(synth_dir, stage, max_len, tok_hash)[0]
     return samples
 
 

@@ -258,8 +258,9 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def load_causal_lm(model_path: str, device: str = "auto", dtype: str = "auto"):
-    """(model in eval mode, tokenizer, device) for generation: auto = CUDA with bf16 when present, else CPU fp32."""
+def load_causal_lm(model_path: str, device: str = "auto", dtype: str = "auto", config=None):
+    """(model in eval mode, tokenizer, device) for generation: auto = CUDA with bf16 when present, else CPU fp32.
+    `config`: a model config to build with instead of the checkpoint's own (e.g. a RoPE override)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -268,5 +269,6 @@ def load_causal_lm(model_path: str, device: str = "auto", dtype: str = "auto"):
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+    extra = {"config": config} if config is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), **extra).to(device).eval()
     return model, tokenizer, device

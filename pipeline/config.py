@@ -7,11 +7,12 @@ before any Ray work starts.
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ctxforge.config import StrictModel
+from ctxforge.config import PathStr, StrictModel
 
 
 class InputConfig(StrictModel):
@@ -31,6 +32,26 @@ class InputConfig(StrictModel):
     max_document_tokens: int = Field(
         0, ge=0, description="Skip documents longer than this many target-tokenizer tokens (0 = no limit)."
     )
+    strip_boilerplate: bool = Field(
+        True,
+        description="Strip known non-content wrappers at read time: Project Gutenberg's header and license "
+        "(the text between its '*** START OF ...' and '*** END OF ...' markers is kept). Counted in the manifest.",
+    )
+    boilerplate_patterns: list[str] = Field(
+        default_factory=list,
+        description="More wrappers to strip: Python regular expressions (multiline; '.' matches newlines) whose "
+        "matches are removed from every document, e.g. '^Copyright .*?All rights reserved\\.'.",
+    )
+
+    @field_validator("boilerplate_patterns")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]):
+        for n, pattern in enumerate(v):
+            try:
+                re.compile(pattern, re.M | re.S)
+            except re.error as exc:
+                raise ValueError(f"pattern {n} {pattern!r} is not a valid regular expression: {exc}") from None
+        return v
 
 
 class OutputConfig(StrictModel):
@@ -115,6 +136,11 @@ class GeneratorConfig(StrictModel):
         "reject them: set false there (lengths are still checked when answers are validated).",
     )
     retry_failed: bool = Field(False, description="On rerun, retry requests that were recorded as failed (finished ok requests are never redone).")
+    prompts: PathStr | None = Field(
+        None,
+        description="A prompt-set YAML file replacing the packaged one (ctxforge/pipeline/prompts.yaml: copy it and "
+        "edit). Its placeholders are checked before the run; its hash is part of every request id.",
+    )
 
     @field_validator("concurrency")
     @classmethod
@@ -126,7 +152,7 @@ class GeneratorConfig(StrictModel):
 
 
 class LimitsConfig(StrictModel):
-    """Character bounds written into every JSON schema (structured outputs), so output length is bounded."""
+    """Character bounds written into every JSON schema (structured outputs) and stated in the prompts."""
 
     summary_chars: int = Field(1500, ge=20, description="Max characters of a summary.")
     question_chars: int = Field(400, ge=10, description="Max characters of a question.")
@@ -153,6 +179,11 @@ class QAConfig(StrictModel):
         description=f"Sampling weights of the diverse question types ({', '.join(DIVERSE_TYPES)}).",
     )
     seed: int = Field(0, description="Seed of the per-document question plan.")
+    duplicate_threshold: float = Field(
+        90.0, ge=0, le=100,
+        description="A question whose rapidfuzz token_set_ratio to an earlier question of the same document reaches "
+        "this (normalized text, 0-100) is a duplicate and dropped, with its follow-ups (100 = exact duplicates only).",
+    )
 
     @field_validator("diverse_type_weights")
     @classmethod
@@ -169,6 +200,52 @@ class GroundingConfig(StrictModel):
     on_ungrounded: Literal["drop", "flag"] = Field("drop", description="drop = ungrounded QA never reach samples; flag = keep them, marked, and say so in the manifest.")
     min_score: float = Field(90.0, ge=0, le=100, description="Fuzzy match score (0-100, rapidfuzz partial ratio on normalized text) a quote needs.")
     min_quote_chars: int = Field(12, ge=1, description="Normalized quotes shorter than this are ungrounded (too short to prove anything).")
+    min_answer_support: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Share of the answer's content words (stop words left out) that must occur in its evidence chunks "
+        "(the whole document for questions written from summaries); below it the answer is unsupported, which "
+        "on_ungrounded treats like an ungrounded quote (0 = no check).",
+    )
+    min_evidence_chunks: int = Field(
+        2, ge=1,
+        description="Questions over several passages (multi-hop, comparison, temporal order, entity tracking) need "
+        "grounded quotes from at least this many different chunks.",
+    )
+    judge: bool = Field(
+        False,
+        description="Also ask the generator, for every answered question, 'is this answer supported by this text?' "
+        "(yes/no structured output; one request per QA). A 'no' makes the QA unsupported.",
+    )
+
+
+class ChecksConfig(StrictModel):
+    """Content checks every generated output passes before it is accepted; a failure is retried with a new seed,
+    then recorded as failed with its reason (e.g. truncated, placeholder:summary, repetitive:answer)."""
+
+    enabled: bool = Field(True, description="Run the content checks (false only for a random-weight model, whose outputs are noise).")
+    truncation: bool = Field(True, description="Fail a string that fills its schema cap without ending a sentence (reason truncated).")
+    min_summary_ratio: float = Field(
+        0.03, ge=0.0, le=1.0,
+        description="A summary must be at least this share of its input's characters (never more than half its cap).",
+    )
+    min_summary_support: float = Field(
+        0.3, ge=0.0, le=1.0,
+        description="Share of a summary's content words that must occur in its input (catches empty talk such as "
+        "'The passage is written in plain prose.'; 0 = no check).",
+    )
+    max_repeated_ngrams: float = Field(
+        0.3, gt=0.0, le=1.0,
+        description="Fail a string in which more than this share of its word 3-grams are repeats (looping output).",
+    )
+    restated_question: float = Field(
+        85.0, ge=0, le=100,
+        description="Fail an answer whose rapidfuzz ratio to its question reaches this (the answer restates the question).",
+    )
+    hidden_references: Literal["keep", "retry", "drop"] = Field(
+        "retry",
+        description="Questions that point at what the student never sees ('this passage', 'section 3', 'the text "
+        "above'): keep them (counted), retry them like any failed check, or drop them after generation.",
+    )
 
 
 class StageConfig(StrictModel):
@@ -180,6 +257,38 @@ class StageConfig(StrictModel):
 
 class ConcatConfig(StrictModel):
     seed: int = Field(0, description="Seed of Algorithm 2 (document choice, question choice, revisits).")
+    rest_of_last_document: bool = Field(
+        True,
+        description="After the published schedule, the last document of a sample gets the rest of its QA (hierarchical "
+        "in reading order, then diverse) as far as the target allows; a one-document sample so carries its "
+        "document's whole budget.",
+    )
+    min_fill: float = Field(
+        0.9, ge=0.0, le=1.0,
+        description="Choose documents (and cut long ones) so that samples fill at least this share of the target "
+        "when the corpus allows; the choice stays seeded.",
+    )
+    cut_long_documents: bool = Field(
+        True,
+        description="A document longer than a sample's room is cut at a section boundary, keeping only the QA whose "
+        "evidence lies in the kept part (counted); false = such documents are not used in that stage.",
+    )
+    summary_turns: Literal["none", "global", "global_and_sections"] = Field(
+        "global",
+        description="Summarization turns in each document's block, with a loss on the summary: the global summary "
+        "(before the document's questions), and optionally each section's summary.",
+    )
+    summary_question: str = Field("Summarize the whole document.", description="The user turn that asks for a global summary.")
+    section_summary_question: str = Field(
+        'Summarize the part of the document that begins "{start}" and ends "{end}".',
+        description="The user turn that asks for a section summary; {start} and {end} are the section's first and last words.",
+    )
+    special_tokens: Literal["as_text", "skip_document"] = Field(
+        "as_text",
+        description="Special-token strings inside contents (a document quoting '<|im_end|>'): as_text = tokenize "
+        "contents with special tokens disabled (the template's own stay control tokens); skip_document = leave such "
+        "documents out, counted.",
+    )
     layout: Literal["upfront", "interleaved"] = Field("upfront", description="upfront = all documents in the first user turn; interleaved = each document opens its own QA block.")
     n1_hierarchical: int = Field(5, ge=0, description="N1: hierarchical QA about a document right after it.")
     n1_diverse: int = Field(5, ge=0, description="N1: diverse QA about a document right after it.")
@@ -259,6 +368,7 @@ class SynthConfig(StrictModel):
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
     qa: QAConfig = Field(default_factory=QAConfig)
     grounding: GroundingConfig = Field(default_factory=GroundingConfig)
     concat: ConcatConfig = Field(default_factory=ConcatConfig)

@@ -14,6 +14,7 @@ worker read only the row groups of its documents.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -25,13 +26,15 @@ import pyarrow.parquet as pq
 
 from ctxforge.pipeline.documents import doc_state
 from ctxforge.pipeline.hierarchy import DocState
-from ctxforge.pipeline.records import DocumentQA, QARecord
+from ctxforge.pipeline.records import DocumentQA, QARecord, SectionBound
 
 QA_SCHEMA = pa.schema([
     ("qa_id", pa.string()), ("doc_id", pa.string()), ("kind", pa.string()), ("qtype", pa.string()),
     ("order", pa.int64()), ("question", pa.string()), ("answer", pa.string()),
     ("evidence_ids", pa.list_(pa.string())), ("evidence_quote", pa.string()), ("grounded", pa.bool_()),
     ("grounding_score", pa.float64()), ("parent_qa_id", pa.string()), ("request_id", pa.string()),
+    ("quote_grounded", pa.bool_()), ("grounding_basis", pa.string()), ("answer_support", pa.float64()),
+    ("judge", pa.string()), ("evidence_quotes", pa.list_(pa.string())), ("section_end", pa.int64()),
 ])
 DOC_COLUMNS = ["doc_id", "title", "text", "n_tokens", "chunks", "sections"]
 
@@ -189,12 +192,14 @@ class SampleSource:
             self.cache.move_to_end(doc_id)
             return self.cache[doc_id]
         row = self.docs.row(doc_id)
-        hier, diverse = [], []
+        lists: dict[str, list[QARecord]] = {"hierarchical": [], "diverse": [], "summary": []}
         group = self.qa.row_groups.get(doc_id)
         if group is not None:
-            for rec in self._qa_rows(group).get(doc_id, []):
-                (hier if rec["kind"] == "hierarchical" else diverse).append(QARecord(**rec))
-        doc = DocumentQA(doc_id, row["title"] or doc_id, row["text"], int(row["n_tokens"]), hier, diverse)
+            for rec in self._qa_rows(group).get(doc_id, []):   # in the order they were assembled
+                lists[rec["kind"]].append(QARecord(**rec))
+        bounds = [SectionBound(s["index"], s["char_end"], s["token_end"]) for s in json.loads(row["sections"] or "[]")]
+        doc = DocumentQA(doc_id, row["title"] or doc_id, row["text"], int(row["n_tokens"]), lists["hierarchical"],
+                         lists["diverse"], lists["summary"], bounds)
         self.cache[doc_id] = doc
         while len(self.cache) > self.keep:
             self.cache.popitem(last=False)

@@ -26,14 +26,14 @@ from ctxforge.pipeline.hierarchy import DocState
 from ctxforge.pipeline.read import BUILTIN_KJV, list_input_files, materialize_kjv, read_documents
 from ctxforge.pipeline.records import Chunk, Section
 
-COLUMNS = ("doc_id", "title", "text", "source", "line", "skip_reason", "n_tokens", "chunks", "sections")
+COLUMNS = ("doc_id", "title", "text", "source", "line", "skip_reason", "stripped", "n_tokens", "chunks", "sections")
 
 
 def _chunk_batch(batch: dict, tokenizer_path: str, chunking: dict, max_document_tokens: int) -> dict:
     tokenizer = load_tokenizer(tokenizer_path)
     out = {k: [] for k in COLUMNS}
     for i in range(len(batch["doc_id"])):
-        row = {k: batch[k][i] for k in ("doc_id", "title", "text", "source", "line", "skip_reason")}
+        row = {k: batch[k][i] for k in ("doc_id", "title", "text", "source", "line", "skip_reason", "stripped")}
         row.update(n_tokens=0, chunks="[]", sections="[]")
         if not row["skip_reason"]:
             chunks, sections, n_tokens = chunk_document(
@@ -131,3 +131,42 @@ def doc_state(row: dict) -> DocState:
     chunks = [Chunk(**c, text=text[c["char_start"]:c["char_end"]]) for c in json.loads(row["chunks"])]
     sections = [Section(**s) for s in json.loads(row["sections"])]
     return DocState(row["doc_id"], row["title"] or row["doc_id"], text, int(row["n_tokens"]), chunks, sections)
+
+
+def boilerplate_counts(table: Path) -> dict[str, int]:
+    """Documents from which each kind of wrapper was stripped at read time (gutenberg, pattern:<n>)."""
+    rows = pads.dataset(str(table), format="parquet").to_table(columns=["stripped"]).column("stripped").to_pylist()
+    counts: Counter = Counter()
+    for value in rows:
+        counts.update(k for k in (value or "").split(",") if k)
+    return dict(sorted(counts.items()))
+
+
+# skip reason -> the key that decides it (and what to do), for errors that name what to change
+SKIP_KEYS = {
+    "too_long": "raise input.max_document_tokens (now {max_document_tokens}; 0 = no limit)",
+    "too_short": "lower chunking.min_document_tokens (now {min_document_tokens})",
+    "shorter_than_chunk": "set chunking.allow_short_documents=true or lower chunking.small_tokens (now {small_tokens})",
+    "over_limit": "raise input.limit (now {limit}; 0 = no limit)",
+    "missing_text_field": "set input.text_field to the field holding the text (now {text_field!r})",
+    "text_not_string": "set input.text_field to a field holding text (now {text_field!r})",
+    "duplicate_document": "check input.id_field (now {id_field!r}): every document has the same id",
+    "invalid_json_line": "check the JSONL files or set input.format",
+    "record_not_an_object": "check the JSONL files or set input.format",
+    "empty_after_boilerplate": "set input.strip_boilerplate=false or check input.boilerplate_patterns",
+}
+
+
+def no_document_error(cfg: SynthConfig, skipped: Counter, n_records: int) -> str:
+    """The one-line error when every record was skipped: the counts, and for each reason the key to change."""
+    values = {**cfg.input.model_dump(), **cfg.chunking.model_dump()}
+    hints = []
+    for reason, _ in skipped.most_common():
+        hint = SKIP_KEYS.get(reason.split(":")[0])
+        if hint and hint.format(**values) not in hints:
+            hints.append(hint.format(**values))
+    counts = ", ".join(f"{k}: {v}" for k, v in skipped.most_common())
+    message = f"input.path {cfg.input.path!r}: no usable document among {n_records} records (skipped: {counts})"
+    if hints:
+        message += ". To fix: " + "; or ".join(hints)
+    return message

@@ -12,9 +12,14 @@ when the pass starts (`start`), and, for a pass that runs in rounds, whether ano
     comparison.
 Both send exactly the same requests (ids and seeds) for the same documents, so their outputs agree.
 
-Adding a pass (e.g. a judge after the questions) is one entry in PASSES, in dependency order:
-    Pass("judge", ask=lambda p, d: p.judge_requests(d), absorb=lambda p, d, got: p.absorb_judgements(d, got))
-with the Planner methods it names; its requests, statistics, cache entries and manifest rows follow.
+Questions and follow-ups run in rounds of the requests that are READY (hierarchy.py): a repeated
+question over the same evidence waits for the one before it and sees the questions already asked; a
+follow-up waits for its parent's answer. One step ("qa") hands out both kinds, each request under its
+own pass name ("qa", "followup") for statistics and cache. The optional judge pass (grounding.judge,
+judge.py) runs last. QA records are assembled in assemble.py.
+
+Adding a pass is one entry in PASSES, in dependency order, with the Planner methods it names; its
+requests, statistics, cache entries and manifest rows follow (list its request pass names in PASS_NAMES).
 """
 
 from __future__ import annotations
@@ -26,15 +31,16 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+from ctxforge.pipeline.assemble import QAAssembler
 from ctxforge.pipeline.config import SynthConfig
-from ctxforge.pipeline.grounding import GroundingStats, ground_quote, normalize
 from ctxforge.pipeline.hierarchy import DocState, Planner
+from ctxforge.pipeline.judge import judge_requests, record_verdicts
 from ctxforge.pipeline.passes import PassRunner, PassStats
-from ctxforge.pipeline.prompts import prompt_set_hash
-from ctxforge.pipeline.records import DocumentQA, QARecord
 from ctxforge.pipeline.requests import Request
 
 log = logging.getLogger(__name__)
+
+__all__ = ["PASSES", "PASS_NAMES", "QAAssembler", "StreamingGenerator", "WaveGenerator"]  # QAAssembler: assemble.py
 
 Answers = dict  # request key -> validated answer object (failed requests are absent)
 
@@ -72,11 +78,30 @@ def _absorb_global(p: Planner, d: DocState, got: Answers) -> None:
     p.finish_global_round(d, {key: a["summary"] for key, a in got.items()})
 
 
-def _absorb_answers(p: Planner, d: DocState, got: Answers) -> None:
+def _ask_qa(p: Planner, d: DocState) -> list[Request]:
+    return p.qa_requests(d) + p.followup_requests(d)
+
+
+def _absorb_qa(p: Planner, d: DocState, got: Answers) -> None:
+    """Every question or follow-up handed out in the round finished: answered, or failed (None)."""
     for item in d.plan:
-        a = got.get(item.key)
-        if a:
-            d.answers[item.key] = a
+        if item.key in d.asked and item.key not in d.finished:
+            p.record(d, item.key, got.get(item.key))
+
+
+def _qa_ready(d: DocState) -> bool:
+    """Whether a question or follow-up can be handed out now (another round would ask something)."""
+    for item in d.plan:
+        if item.key in d.asked or (item.after and item.after not in d.finished):
+            continue
+        if item.qtype == "followup" and item.parent not in d.finished:
+            continue
+        return True
+    return False
+
+
+def _ask_judge(p: Planner, d: DocState) -> list[Request]:
+    return judge_requests(p, d) if p.cfg.grounding.judge else []
 
 
 PASSES: tuple[Pass, ...] = (
@@ -84,10 +109,11 @@ PASSES: tuple[Pass, ...] = (
     Pass("summary_section", ask=lambda p, d: p.section_summary_requests(d), absorb=_absorb_sections),
     Pass("summary_global", ask=lambda p, d: p.global_summary_requests(d), absorb=_absorb_global,
          again=lambda d: bool(d.global_parts)),
-    Pass("qa", ask=lambda p, d: p.qa_requests(d), absorb=_absorb_answers, start=lambda p, d: p.make_plan(d)),
-    Pass("followup", ask=lambda p, d: p.followup_requests(d), absorb=_absorb_answers),
+    Pass("qa", ask=_ask_qa, absorb=_absorb_qa, start=lambda p, d: p.make_plan(d), again=_qa_ready),
+    Pass("judge", ask=_ask_judge, absorb=lambda p, d, got: record_verdicts(d, got)),
 )
-PASS_NAMES = tuple(p.name for p in PASSES)
+# the pass names requests carry (statistics, cache, manifest), in order: the "qa" step sends two kinds
+PASS_NAMES = ("summary_small", "summary_section", "summary_global", "qa", "followup", "judge")
 
 
 class DocumentFlow:
@@ -223,17 +249,21 @@ class WaveGenerator:
         self.runner = runner
         self.model = generator_model
         self.passes = passes
-        self.prompt_hash = prompt_set_hash()
-        self.pass_stats: dict[str, PassStats] = {p.name: PassStats() for p in passes}
+        self.prompt_hash = planner.prompts.hash
+        self.pass_stats: dict[str, PassStats] = {name: PassStats() for name in PASS_NAMES}
 
-    def _run(self, pass_name: str, requests: list[Request], label: str) -> dict[tuple[str, str], dict]:
-        """Answers keyed by (doc_id, request key)."""
+    def _run(self, requests: list[Request], label: str) -> dict[tuple[str, str], dict]:
+        """Answers keyed by (doc_id, request key); one Ray Data job per pass name among the requests."""
         gen = self.cfg.generator
         for req in requests:
             req.finalize(self.model, gen.temperature, gen.top_p, self.prompt_hash)
-        answers, stats = self.runner.run(requests, label)
-        self.pass_stats[pass_name].merge(stats)
-        return {(r.doc_id, r.key): answers[r.request_id] for r in requests if r.request_id in answers}
+        got = {}
+        for name in dict.fromkeys(r.pass_name for r in requests):
+            reqs = [r for r in requests if r.pass_name == name]
+            answers, stats = self.runner.run(reqs, label if name in label else f"{label} ({name})")
+            self.pass_stats.setdefault(name, PassStats()).merge(stats)
+            got.update({(r.doc_id, r.key): answers[r.request_id] for r in reqs if r.request_id in answers})
+        return got
 
     def run_wave(self, docs: list[DocState], wave_label: str) -> None:
         p = self.planner
@@ -245,56 +275,10 @@ class WaveGenerator:
             while active:
                 n = next(rounds)
                 label = f"{wave_label} {step.name}" + (f" (round {n})" if step.again is not None else "")
-                got = self._run(step.name, [r for d in active for r in step.ask(p, d)], label)
+                got = self._run([r for d in active for r in step.ask(p, d)], label)
                 for d in active:
                     step.absorb(p, d, {key: a for (doc_id, key), a in got.items() if doc_id == d.doc_id})
                 if step.again is None:
                     break
                 active = [d for d in active if step.again(d)]
 
-
-class QAAssembler:
-    """Turns answered plans into QA records: grounding check, duplicate removal, ordering."""
-
-    def __init__(self, cfg: SynthConfig):
-        self.cfg = cfg
-        self.grounding = GroundingStats()
-        self.generated = Counter()      # by kind/qtype, before grounding and dedup
-        self.dropped = Counter()        # ungrounded_dropped, duplicate_question
-
-    def assemble(self, doc: DocState) -> tuple[DocumentQA, list[QARecord]]:
-        g = self.cfg.grounding
-        records: list[QARecord] = []
-        seen_questions: set[str] = set()
-        reading_order: dict[str, float] = {}
-        for item in doc.plan:
-            ans = doc.answers.get(item.key)
-            if ans is None:
-                continue
-            self.generated[f"{item.kind}/{item.qtype}"] += 1
-            grounded, score, reason = ground_quote(ans["evidence_quote"], doc.available_texts(item.evidence_ids),
-                                                   g.min_score, g.min_quote_chars)
-            self.grounding.add(doc.doc_id, item.qtype, grounded, reason)
-            record = QARecord(
-                qa_id=f"{doc.doc_id}:{item.key}", doc_id=doc.doc_id, kind=item.kind, qtype=item.qtype,
-                order=0, question=ans["question"], answer=ans["answer"], evidence_ids=list(item.evidence_ids),
-                evidence_quote=ans["evidence_quote"], grounded=grounded, grounding_score=float(score),
-                parent_qa_id=f"{doc.doc_id}:{item.parent}" if item.parent else "",
-            )
-            reading_order[record.qa_id] = item.order
-            qnorm = normalize(record.question)
-            if qnorm in seen_questions:
-                self.dropped["duplicate_question"] += 1
-                continue
-            if not grounded and g.on_ungrounded == "drop":
-                self.dropped["ungrounded_dropped"] += 1
-                continue
-            seen_questions.add(qnorm)
-            records.append(record)
-        hier = sorted((r for r in records if r.kind == "hierarchical"), key=lambda r: reading_order[r.qa_id])
-        diverse = [r for r in records if r.kind == "diverse"]
-        for n, r in enumerate(hier):
-            r.order = n
-        for n, r in enumerate(diverse):
-            r.order = n
-        return DocumentQA(doc.doc_id, doc.title, doc.text, doc.n_tokens, hier, diverse), hier + diverse

@@ -7,37 +7,28 @@ Passes, in dependency order (each reads answers of the earlier ones):
   summary_global  the global summary from the section summaries, merged recursively in rounds when
                   they do not fit in one prompt (a one-section document reuses the section summary)
   qa              hierarchical base questions (global -> section -> chunk, reading order) and the
-                  diverse questions (typed, with their evidence), all independent of each other
+                  diverse questions (typed, with their evidence); the plan is qaplan.py's
   followup        follow-ups conditioned on a base hierarchical QA
-The plan is seeded per document (qa.seed, doc_id), so a rerun asks exactly the same requests.
+QA and follow-up requests are handed out when READY (`qa_requests`, `followup_requests` return each
+request once): a repeated question over the same evidence waits for the previous one to finish and
+sees the questions already asked; a follow-up waits for its parent's answer. A driver calls them
+again after recording answers (`record`) until both return nothing.
+Every prompt comes from the prompt set (prompts.yaml or generator.prompts); every request carries, in
+`meta`, its question type, the content-check settings and where its input lies in the user message.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import random
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ctxforge.pipeline import prompts
 from ctxforge.pipeline.config import SynthConfig
+from ctxforge.pipeline.qaplan import MULTI_PASSAGE_TYPES, PlannedQA, plan_questions
 from ctxforge.pipeline.records import Chunk, Section
 from ctxforge.pipeline.requests import Request
 
 PROMPT_OVERHEAD_TOKENS = 400  # system prompt, instructions and chat template around the evidence
-
-
-@dataclass
-class PlannedQA:
-    key: str               # "h003" (hierarchical) or "d017" (diverse)
-    kind: str              # hierarchical | diverse
-    qtype: str
-    evidence_ids: list[str]
-    order: float           # reading-order position for hierarchical QA
-    variant: int = 0
-    section: int = -1      # section index the question is about (-1 = whole document)
-    parent: str = ""       # follow-ups: key of the base QA
 
 
 @dataclass
@@ -53,6 +44,9 @@ class DocState:
     plan: list[PlannedQA] = field(default_factory=list)
     global_round: int = 0
     global_parts: list[str] = field(default_factory=list)     # summaries still to merge into the global one
+    asked: set[str] = field(default_factory=set)              # QA keys handed out as requests
+    finished: set[str] = field(default_factory=set)           # QA keys whose request finished (ok or failed)
+    judged: dict[str, bool] = field(default_factory=dict)     # QA key -> the judge's verdict (optional pass)
 
     @property
     def global_id(self) -> str:
@@ -82,25 +76,82 @@ class DocState:
         return self._chunk_index
 
 
+    def document_texts(self, evidence_ids: list[str]) -> list[str]:
+        """What the student can read of this evidence: its chunks, or the whole document when the evidence
+        is summaries (a question written from summaries is about the whole document)."""
+        chunks = [self._chunk_by_id()[e].text for e in evidence_ids if e in self._chunk_by_id()]
+        return chunks or [self.text]
+
+    def item(self, key: str) -> PlannedQA | None:
+        if getattr(self, "_plan_index_size", -1) != len(self.plan):
+            self._plan_index = {p.key: p for p in self.plan}
+            self._plan_index_size = len(self.plan)
+        return self._plan_index.get(key)
+
+
+_TEXT_MARK = "\ue010ctxforge-input\ue011"  # private-use characters: no template writes them
+
+
 class Planner:
     """Builds each pass's requests for a document; `count_tokens` sizes prompts for the generator."""
 
     def __init__(self, cfg: SynthConfig, count_tokens: Callable[[str], int]):
         self.cfg = cfg
         self.count_tokens = count_tokens
+        self.prompts = prompts.load_prompt_set(cfg.generator.prompts)
         self.summary_schema = prompts.summary_schema(cfg.limits)
         self.qa_schema = prompts.qa_schema(cfg.limits)
         gen = cfg.generator
         self.prompt_budget = gen.max_model_len - max(gen.summary_max_tokens, gen.qa_max_tokens) - PROMPT_OVERHEAD_TOKENS
+        lim = cfg.limits
+        self._rules = {
+            name: self.prompts.render(name, question_chars=lim.question_chars, answer_chars=lim.answer_chars,
+                                      quote_chars=lim.quote_chars)
+            for name in ("qa_rules", "qa_rules_multi")
+        }
 
     # -- requests -------------------------------------------------------------------------------
-    def _summary(self, doc: DocState, pass_name: str, key: str, user: str) -> Request:
-        return Request(pass_name, doc.doc_id, key, prompts.messages(user), "summary", self.summary_schema,
-                       self.cfg.generator.summary_max_tokens)
+    def _render(self, name: str, text: str, **values) -> tuple[str, tuple[int, int] | None]:
+        """The template filled in, and the [start, end) span of `text` in it (for input-relative checks;
+        None when the template does not show the text)."""
+        user = self.prompts.render(name, text=_TEXT_MARK, **values)
+        at = user.find(_TEXT_MARK)
+        if at < 0:
+            return user, None
+        return user[:at] + text + user[at + len(_TEXT_MARK):], (at, at + len(text))
 
-    def _qa(self, doc: DocState, pass_name: str, item: PlannedQA, user: str) -> Request:
-        return Request(pass_name, doc.doc_id, item.key, prompts.messages(user), "qa", self.qa_schema,
-                       self.cfg.generator.qa_max_tokens, meta={"qtype": item.qtype})
+    def _summary(self, doc: DocState, pass_name: str, key: str, name: str, text: str, **values) -> Request:
+        user, span = self._render(name, text, title=doc.title, max_chars=self.cfg.limits.summary_chars, **values)
+        return Request(pass_name, doc.doc_id, key, self.prompts.messages(user), "summary", self.summary_schema,
+                       self.cfg.generator.summary_max_tokens,
+                       meta={"qtype": "summary", "checks": self.cfg.checks, "input_span": span})
+
+    def _qa(self, doc: DocState, pass_name: str, item: PlannedQA, name: str, text: str, **values) -> Request:
+        multi = self._multi_passage(item)
+        asked = self._asked_note(doc, item)
+        user, span = self._render(
+            name, text, title=doc.title, rules=self._rules["qa_rules_multi" if multi else "qa_rules"], asked=asked,
+            self_contained=self.prompts.render("self_contained", title=doc.title), **values)
+        schema = prompts.qa_multi_schema(self.cfg.limits, len(item.evidence_ids)) if multi else self.qa_schema
+        return Request(pass_name, doc.doc_id, item.key, self.prompts.messages(user), "qa_multi" if multi else "qa",
+                       schema, self.cfg.generator.qa_max_tokens,
+                       meta={"qtype": item.qtype, "checks": self.cfg.checks, "input_span": span})
+
+    @staticmethod
+    def _multi_passage(item: PlannedQA) -> bool:
+        return item.qtype in MULTI_PASSAGE_TYPES and len(item.evidence_ids) >= 2
+
+    def _asked_note(self, doc: DocState, item: PlannedQA) -> str:
+        """The questions already asked over the same evidence (the chain of earlier variants)."""
+        questions, key = [], item.after
+        while key:
+            if key in doc.answers:
+                questions.append(doc.answers[key]["question"])
+            prev = doc.item(key)
+            key = prev.after if prev is not None else ""
+        if not questions:
+            return ""
+        return self.prompts.render("asked", questions="\n".join(f"- {q}" for q in reversed(questions)))
 
     def fits(self, text: str) -> bool:
         return self.count_tokens(text) <= self.prompt_budget
@@ -114,11 +165,8 @@ class Planner:
 
     # -- pass 1: small summaries ----------------------------------------------------------------
     def small_summary_requests(self, doc: DocState) -> list[Request]:
-        return [
-            self._summary(doc, "summary_small", doc.chunk_summary_id(c.index),
-                          prompts.SUMMARY_CHUNK.format(title=doc.title, text=self._clip(c.text)))
-            for c in doc.chunks
-        ]
+        return [self._summary(doc, "summary_small", doc.chunk_summary_id(c.index), "summary_chunk", self._clip(c.text))
+                for c in doc.chunks]
 
     # -- pass 2: section summaries --------------------------------------------------------------
     def section_summary_requests(self, doc: DocState) -> list[Request]:
@@ -129,15 +177,12 @@ class Planner:
                 continue  # filled from the chunk summary in fill_section_summaries
             text = doc.text[s.char_start:s.char_end]
             if self.fits(text):
-                user = prompts.SUMMARY_SECTION_TEXT.format(title=doc.title, section=s.index + 1,
-                                                           sections=len(doc.sections), text=text)
-            else:
-                parts = [doc.summaries.get(doc.chunk_summary_id(i)) for i in range(s.chunk_start, s.chunk_end)]
-                if any(p is None for p in parts):
-                    continue  # a chunk summary failed: this section falls back to what exists
-                user = prompts.SUMMARY_SECTION_PARTS.format(title=doc.title, section=s.index + 1,
-                                                            sections=len(doc.sections), text=_numbered(parts))
-            reqs.append(self._summary(doc, "summary_section", sid, user))
+                reqs.append(self._summary(doc, "summary_section", sid, "summary_section_text", text))
+                continue
+            parts = [doc.summaries.get(doc.chunk_summary_id(i)) for i in range(s.chunk_start, s.chunk_end)]
+            if any(p is None for p in parts):
+                continue  # a chunk summary failed: this section falls back to what exists
+            reqs.append(self._summary(doc, "summary_section", sid, "summary_section_parts", _numbered(parts)))
         return reqs
 
     def fill_section_summaries(self, doc: DocState) -> None:
@@ -165,12 +210,10 @@ class Planner:
         if not doc.global_parts:
             return []
         groups = self._group_to_fit(doc.global_parts)
-        scope = "document" if len(groups) == 1 else "stretch of the document"
-        return [
-            self._summary(doc, "summary_global", f"global:r{doc.global_round}:g{g}",
-                          prompts.SUMMARY_GLOBAL.format(title=doc.title, scope=scope, text=_numbered(group)))
-            for g, group in enumerate(groups)
-        ]
+        scope = "whole document" if len(groups) == 1 else "stretch of the document"
+        return [self._summary(doc, "summary_global", f"global:r{doc.global_round}:g{g}", "summary_global",
+                              _numbered(group), scope=scope)
+                for g, group in enumerate(groups)]
 
     def finish_global_round(self, doc: DocState, answers: dict[str, str]) -> None:
         """Merge this round's answers; done when one summary remains (failed groups are left out)."""
@@ -202,155 +245,72 @@ class Planner:
 
     # -- pass 4: base hierarchical QA + diverse QA ----------------------------------------------
     def make_plan(self, doc: DocState) -> None:
-        rng = random.Random(_seed(self.cfg.qa.seed, doc.doc_id))
-        doc.plan = self._hierarchical_plan(doc, rng) + self._diverse_plan(doc, rng)
+        doc.plan = plan_questions(doc, self.cfg)
 
-    def _hierarchical_plan(self, doc: DocState, rng: random.Random) -> list[PlannedQA]:
-        qa = self.cfg.qa
-        total = qa.hierarchical_per_document
-        n_follow = math.floor(total * qa.followup_ratio)
-        base = total - n_follow
-        n_global = max(1, round(base * qa.global_ratio))
-        rest = base - n_global
-        n_sec = len(doc.sections)
-        n_section = min(n_sec, math.ceil(rest / 2)) if rest > 0 else 0
-        n_chunk = rest - n_section
-        items: list[PlannedQA] = []
-        global_ev = [doc.global_id] + [doc.section_summary_id(j) for j in range(n_sec)]
-        for v in range(n_global):
-            items.append(PlannedQA("", "hierarchical", "global", global_ev, order=-1 + v * 1e-3, variant=v))
-        # sections spread evenly over the document so the whole of it is reached
-        chosen_sections = _spread(n_sec, n_section)
-        for j in chosen_sections:
-            s = doc.sections[j]
-            ev = [doc.chunks[i].chunk_id for i in range(s.chunk_start, s.chunk_end)]
-            items.append(PlannedQA("", "hierarchical", "section", ev, order=s.chunk_start - 0.5, section=j))
-        # chunk questions: round-robin over sections (coverage), a random chunk within each
-        per_chunk_count: dict[int, int] = {}
-        for q in range(n_chunk):
-            s = doc.sections[q % n_sec]
-            i = rng.randrange(s.chunk_start, s.chunk_end)
-            variant = per_chunk_count.get(i, 0)
-            per_chunk_count[i] = variant + 1
-            items.append(PlannedQA("", "hierarchical", "chunk", [doc.chunks[i].chunk_id],
-                                   order=i + 0.01 * variant, variant=variant, section=s.index))
-        items.sort(key=lambda p: p.order)
-        for n, item in enumerate(items):
-            item.key = f"h{n:03d}"
-        # follow-ups hang off base questions spread along the sequence
-        follow: list[PlannedQA] = []
-        parents = _spread(len(items), min(n_follow, len(items))) if items else []
-        for k in range(n_follow):
-            if not parents:
-                break
-            parent = items[parents[k % len(parents)]]
-            variant = k // len(parents)
-            follow.append(PlannedQA(f"f{k:03d}", "hierarchical", "followup", parent.evidence_ids,
-                                    order=parent.order + 0.001 * (variant + 1), variant=variant,
-                                    section=parent.section, parent=parent.key))
-        return items + follow
-
-    def _diverse_plan(self, doc: DocState, rng: random.Random) -> list[PlannedQA]:
-        weights = self.cfg.qa.diverse_type_weights
-        types = [t for t in weights if weights[t] > 0]
-        n_chunks = len(doc.chunks)
-        items = []
-        seen: dict[tuple, int] = {}
-        for n in range(self.cfg.qa.diverse_per_document):
-            qtype = rng.choices(types, weights=[weights[t] for t in types])[0]
-            idx = _diverse_evidence(qtype, n_chunks, rng)
-            if qtype == "thematic":
-                ev = [doc.global_id] + [doc.section_summary_id(j) for j in range(len(doc.sections))]
-            else:
-                if idx is None:  # the document is too short for this type's evidence
-                    qtype, idx = "local_specific", [rng.randrange(n_chunks)]
-                ev = [doc.chunks[i].chunk_id for i in idx]
-            sig = (qtype, tuple(ev))
-            variant = seen.get(sig, 0)
-            seen[sig] = variant + 1
-            items.append(PlannedQA(f"d{n:03d}", "diverse", qtype, ev, order=n, variant=variant))
-        return items
+    def _ready(self, doc: DocState, item: PlannedQA) -> bool:
+        return item.key not in doc.asked and (not item.after or item.after in doc.finished)
 
     def qa_requests(self, doc: DocState) -> list[Request]:
+        """Requests of the base and diverse questions that are ready and not handed out yet (each once)."""
         reqs = []
         gsum = doc.summaries.get(doc.global_id, "")
         for item in doc.plan:
-            if item.qtype == "followup":
+            if item.qtype == "followup" or not self._ready(doc, item):
                 continue
-            if item.kind == "hierarchical":
-                if item.qtype == "global":
-                    if not gsum:
-                        continue  # no global summary: nothing to ask from
-                    secs = _numbered([doc.summaries.get(e, "") for e in item.evidence_ids[1:]])
-                    user = prompts.QA_GLOBAL.format(title=doc.title, summary=gsum, text=self._clip(secs),
-                                                    variant=prompts.variant_note(item.variant))
-                elif item.qtype == "section":
-                    s = doc.sections[item.section]
-                    user = prompts.QA_SECTION.format(
-                        title=doc.title, summary=gsum or "(unavailable)", section=s.index + 1,
-                        sections=len(doc.sections), text=self._clip(doc.text[s.char_start:s.char_end]),
-                        variant=prompts.variant_note(item.variant))
-                else:
-                    ctx = doc.summaries.get(doc.section_summary_id(item.section), gsum) or "(unavailable)"
-                    user = prompts.QA_CHUNK.format(title=doc.title, summary=ctx, section=item.section + 1,
-                                                   text=self._clip(doc.evidence_text(item.evidence_ids[0])),
-                                                   variant=prompts.variant_note(item.variant))
+            doc.asked.add(item.key)
+            if item.qtype in ("global", "thematic") and not gsum:
+                doc.finished.add(item.key)  # no global summary: nothing to ask from
+                continue
+            if item.qtype == "global":
+                secs = _numbered([doc.summaries.get(e, "") for e in item.evidence_ids[1:]])
+                reqs.append(self._qa(doc, "qa", item, "qa_global", self._clip(secs), summary=gsum))
+            elif item.qtype == "section":
+                s = doc.sections[item.section]
+                reqs.append(self._qa(doc, "qa", item, "qa_section", self._clip(doc.text[s.char_start:s.char_end]),
+                                     summary=gsum))
+            elif item.qtype == "chunk":
+                ctx = doc.summaries.get(doc.section_summary_id(item.section), gsum)
+                reqs.append(self._qa(doc, "qa", item, "qa_chunk", self._clip(doc.evidence_text(item.evidence_ids[0])),
+                                     summary=ctx))
             else:
-                if item.qtype == "thematic" and not gsum:
-                    continue
                 texts = doc.available_texts(item.evidence_ids)
-                what = "summaries" if item.qtype == "thematic" else ("passages" if len(texts) > 1 else "passage")
-                body = "\n\n".join(f"<passage {k + 1}>\n{t}\n</passage {k + 1}>" for k, t in enumerate(texts))
-                user = prompts.QA_DIVERSE.format(what=what, title=doc.title,
-                                                 instruction=prompts.DIVERSE_INSTRUCTIONS[item.qtype],
-                                                 text=self._clip(body), variant=prompts.variant_note(item.variant))
-            reqs.append(self._qa(doc, "qa", item, user))
+                body = "\n\n".join(f"<text {k + 1}>\n{t}\n</text {k + 1}>" for k, t in enumerate(texts))
+                what = ("is a summary and summaries of its parts" if item.qtype == "thematic" else
+                        f"are {len(texts)} parts, in reading order" if len(texts) > 1 else "is a part")
+                reqs.append(self._qa(doc, "qa", item, "qa_diverse", self._clip(body), what=what, summary=gsum,
+                                     instruction=self.prompts.diverse_instructions[item.qtype]))
         return reqs
 
     # -- pass 5: follow-ups ---------------------------------------------------------------------
     def followup_requests(self, doc: DocState) -> list[Request]:
+        """Follow-ups whose parent finished (answered) and whose earlier variant finished; a follow-up
+        whose parent failed is never asked."""
         reqs = []
         for item in doc.plan:
-            if item.qtype != "followup" or item.parent not in doc.answers:
-                continue  # a follow-up whose parent failed is not asked
+            if item.qtype != "followup" or not self._ready(doc, item) or item.parent not in doc.finished:
+                continue
+            doc.asked.add(item.key)
+            if item.parent not in doc.answers:
+                doc.finished.add(item.key)
+                continue
             parent = doc.answers[item.parent]
             text = "\n\n".join(doc.available_texts(item.evidence_ids))
-            user = prompts.QA_FOLLOWUP.format(title=doc.title, question=parent["question"], answer=parent["answer"],
-                                              text=self._clip(text), variant=prompts.variant_note(item.variant))
-            reqs.append(self._qa(doc, "followup", item, user))
+            reqs.append(self._qa(doc, "followup", item, "qa_followup", self._clip(text),
+                                 question=parent["question"], answer=parent["answer"], summary=""))
         return reqs
+
+    @staticmethod
+    def qa_requests_pending(doc: DocState) -> bool:
+        """Whether questions or follow-ups of the plan are still to be handed out."""
+        return any(item.key not in doc.asked for item in doc.plan)
+
+    @staticmethod
+    def record(doc: DocState, key: str, answer: dict | None) -> None:
+        """A QA request finished: its answer (None when it failed) and the requests it unblocks."""
+        doc.finished.add(key)
+        if answer is not None:
+            doc.answers[key] = answer
 
 
 def _numbered(parts: list[str]) -> str:
     return "\n\n".join(f"[{k + 1}] {p}" for k, p in enumerate(parts))
-
-
-def _spread(n: int, k: int) -> list[int]:
-    """k indices spread evenly over range(n)."""
-    if k <= 0 or n <= 0:
-        return []
-    if k >= n:
-        return list(range(n))
-    return sorted({min(n - 1, int((q + 0.5) * n / k)) for q in range(k)})
-
-
-def _diverse_evidence(qtype: str, n_chunks: int, rng: random.Random) -> list[int] | None:
-    """Small-chunk indices for a diverse question type; None when the document is too short for it."""
-    if qtype in ("local_specific", "cause_effect", "counting"):
-        return [rng.randrange(n_chunks)]
-    if qtype in ("multi_hop", "entity_tracking"):
-        if n_chunks < 3:
-            return None
-        # one chunk from each third of the document: far apart, in reading order
-        bands = [(n_chunks * b // 3, n_chunks * (b + 1) // 3) for b in range(3)]
-        return [rng.randrange(lo, max(lo + 1, hi)) for lo, hi in bands]
-    if qtype in ("comparison", "temporal_order"):
-        if n_chunks < 2:
-            return None
-        half = n_chunks // 2
-        return [rng.randrange(0, half), rng.randrange(half, n_chunks)]
-    return []  # thematic: summaries
-
-
-def _seed(seed: int, doc_id: str) -> int:
-    return int(hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()[:12], 16)

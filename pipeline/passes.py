@@ -23,6 +23,7 @@ import jsonschema
 import ray
 
 from ctxforge.pipeline.cache import RequestCache
+from ctxforge.pipeline.checks import check_output
 from ctxforge.pipeline.config import GeneratorConfig
 from ctxforge.pipeline.generators.base import GeneratorBackend, batch_rows
 from ctxforge.pipeline.requests import Request, request_row
@@ -98,9 +99,14 @@ def validate_output(text: str, schema: dict) -> tuple[dict | None, str]:
 def validate(request: Request, text: str) -> tuple[dict | None, str]:
     """The check every generated answer goes through: (object, "") when it is usable, else (None, reason).
 
-    Today: the JSON schema of the request (validate_output). Content checks on generations plug in here.
+    First the JSON schema of the request (validate_output), then, when the schema holds, the content
+    checks of checks.py (truncation, placeholders, repetition, restated questions...).
     """
-    return validate_output(text, request.schema)
+    obj, reason = validate_output(text, request.schema)
+    if obj is None:
+        return None, reason
+    reason = check_output(request, obj)
+    return (None, reason) if reason else (obj, "")
 
 
 class PassRunner:

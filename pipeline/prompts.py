@@ -1,92 +1,141 @@
-"""The prompt set: every instruction the generator sees, and the JSON schemas its answers must match.
+"""The prompt set (a packaged, versioned YAML file the user may replace) and the JSON schemas of answers.
 
-PROMPT_SET_VERSION and the templates below feed `prompt_set_hash()`, which is part of every request
-id: editing a prompt changes the ids, so a rerun regenerates instead of reusing stale answers.
+`load_prompt_set(path)` reads `prompts.yaml` next to this module, or the user's file given as
+`generator.prompts=PATH`, and checks every template's placeholders against TEMPLATES before any work:
+an unknown placeholder, a missing required one, a missing template or a stray brace is a
+`PromptSetError` naming the file and the template. `PromptSet.hash` (of the parsed content, so
+comments do not count) is part of every request id: an edited prompt set regenerates its answers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import string
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
-from ctxforge.pipeline.config import LimitsConfig
+import yaml
 
-PROMPT_SET_VERSION = "2026-11-25.1"
+from ctxforge.pipeline.config import DIVERSE_TYPES, LimitsConfig
 
-SYSTEM = (
-    "You are a careful annotator building reading-comprehension data from long documents. "
-    "Use only the text you are given. Reply with one JSON object that matches the requested schema."
-)
+DEFAULT_PROMPTS = Path(__file__).with_name("prompts.yaml")
 
-SUMMARY_CHUNK = (
-    "Summarize the following passage from the document \"{title}\". Keep names, places, numbers, "
-    "events and their order; write plain prose.\n\n<passage>\n{text}\n</passage>\n\n"
-    "Reply as JSON: {{\"summary\": \"...\"}}"
-)
-
-SUMMARY_SECTION_TEXT = (
-    "Summarize this section of the document \"{title}\" (section {section} of {sections}). Cover its main "
-    "events, arguments and entities in order.\n\n<section>\n{text}\n</section>\n\nReply as JSON: {{\"summary\": \"...\"}}"
-)
-
-SUMMARY_SECTION_PARTS = (
-    "Here are summaries of consecutive passages forming section {section} of {sections} of the document "
-    "\"{title}\". Merge them into one summary of the section, keeping the order of events.\n\n{text}\n\n"
-    "Reply as JSON: {{\"summary\": \"...\"}}"
-)
-
-SUMMARY_GLOBAL = (
-    "Here are summaries of consecutive parts of the document \"{title}\". Write one summary of the whole "
-    "{scope}: its overall subject, structure, main entities and how it develops.\n\n{text}\n\n"
-    "Reply as JSON: {{\"summary\": \"...\"}}"
-)
-
-QA_RULES = (
-    "Ask one question whose answer is in the text, then answer it fully. Also copy a short verbatim quote "
-    "(5 to 30 words, exactly as written, no ellipsis) from the text that supports the answer. "
-    "Reply as JSON: {{\"question\": \"...\", \"answer\": \"...\", \"evidence_quote\": \"...\"}}"
-)
-
-QA_GLOBAL = (
-    "Below is a summary of the whole document \"{title}\", followed by summaries of its sections. Ask a "
-    "high-level question about the document as a whole (its theme, structure, purpose or overall arc){variant}."
-    "\n\n<summary>\n{summary}\n</summary>\n\n<sections>\n{text}\n</sections>\n\n" + QA_RULES
-)
-
-QA_SECTION = (
-    "The document \"{title}\" is summarized as:\n<summary>\n{summary}\n</summary>\n\nBelow is its section "
-    "{section} of {sections}. Ask a question about this section as a whole (what happens in it, its "
-    "argument, how it fits the document){variant}.\n\n<text>\n{text}\n</text>\n\n" + QA_RULES
-)
-
-QA_CHUNK = (
-    "The passage below comes from section {section} of the document \"{title}\", which is about:\n"
-    "<context>\n{summary}\n</context>\n\nAsk a specific, detailed question about this passage (a fact, a "
-    "name, a number, a quotation, a reason){variant}.\n\n<text>\n{text}\n</text>\n\n" + QA_RULES
-)
-
-QA_FOLLOWUP = (
-    "A reader asked about the document \"{title}\":\nQuestion: {question}\nAnswer: {answer}\n\nAsk a natural "
-    "follow-up question that goes deeper into the same part of the document, answerable from the text "
-    "below{variant}.\n\n<text>\n{text}\n</text>\n\n" + QA_RULES
-)
-
-DIVERSE_INSTRUCTIONS = {
-    "local_specific": "Ask a precise question about one specific detail of the passage.",
-    "multi_hop": "The passages are far apart in the document. Ask a question that needs facts from at least "
-                 "two of them together to answer.",
-    "thematic": "Ask a question about a theme, motif or idea that runs through the whole document.",
-    "comparison": "Ask a question that compares something in the first passage with something in the second.",
-    "temporal_order": "Ask a question about the order of events or statements across the passages.",
-    "cause_effect": "Ask a question about why something happens or what follows from it in the passage.",
-    "counting": "Ask a question whose answer is a count or a number stated or derivable in the passage.",
-    "entity_tracking": "Ask a question that tracks one person, place or object across the passages "
-                       "(what they do or how they change).",
+_QA = {"title", "text", "summary", "rules", "self_contained", "asked"}
+_RULES = {"question_chars", "answer_chars", "quote_chars"}
+# template name -> (allowed placeholders, required placeholders)
+TEMPLATES: dict[str, tuple[set[str], set[str]]] = {
+    "system": (set(), set()),
+    "summary_chunk": ({"title", "text", "max_chars"}, {"text"}),
+    "summary_section_text": ({"title", "text", "max_chars"}, {"text"}),
+    "summary_section_parts": ({"title", "text", "max_chars"}, {"text"}),
+    "summary_global": ({"title", "scope", "text", "max_chars"}, {"text"}),
+    "qa_rules": (_RULES, set()),
+    "qa_rules_multi": (_RULES, set()),
+    "self_contained": ({"title"}, set()),
+    "asked": ({"questions"}, {"questions"}),
+    "qa_global": (_QA, {"summary", "rules", "self_contained"}),
+    "qa_section": (_QA, {"text", "rules", "self_contained"}),
+    "qa_chunk": (_QA, {"text", "rules", "self_contained"}),
+    "qa_followup": (_QA | {"question", "answer"}, {"question", "answer", "text", "rules", "self_contained"}),
+    "qa_diverse": (_QA | {"what", "instruction"}, {"text", "instruction", "rules", "self_contained"}),
+    "judge": ({"text", "question", "answer"}, {"text", "question", "answer"}),
 }
 
-QA_DIVERSE = (
-    "The following {what} come from the document \"{title}\". {instruction}{variant}\n\n{text}\n\n" + QA_RULES
-)
+
+class PromptSetError(ValueError):
+    """A prompt file that cannot be used; the message names the file and the template."""
+
+
+def placeholders(template: str) -> set[str]:
+    """The {name} fields of a str.format template; raises ValueError on a stray brace or a field that
+    is not a plain name ({0}, {a.b}, {a[0]}, {}) - those would fail or leak at format time."""
+    names = set()
+    for _, field, spec, conversion in string.Formatter().parse(template):
+        if field is None:
+            continue
+        if not field.isidentifier() or spec or conversion:
+            raise ValueError(f"placeholder {{{field}{'!' + conversion if conversion else ''}"
+                             f"{':' + spec if spec else ''}}} is not a plain {{name}}")
+        names.add(field)
+    return names
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    path: str
+    version: str
+    templates: dict[str, str]
+    diverse_instructions: dict[str, str]
+    hash: str
+
+    def render(self, name: str, **values: object) -> str:
+        return self.templates[name].format(**values)
+
+    def messages(self, user: str) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.templates["system"]}, {"role": "user", "content": user}]
+
+
+def _fail(path: str, what: str) -> PromptSetError:
+    return PromptSetError(f"generator.prompts {path}: {what}")
+
+
+@lru_cache(maxsize=8)
+def _load(path: str, mtime: float) -> PromptSet:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise _fail(path, f"cannot be read as YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise _fail(path, "must be a YAML mapping of template names to texts")
+    unknown = sorted(set(data) - set(TEMPLATES) - {"version", "diverse_instructions"})
+    if unknown:
+        raise _fail(path, f"unknown template(s) {unknown}; known: {sorted(TEMPLATES)}")
+    if not isinstance(data.get("version"), (str, int, float)) or not str(data.get("version")).strip():
+        raise _fail(path, "needs a 'version' string")
+    templates = {}
+    for name, (allowed, required) in TEMPLATES.items():
+        text = data.get(name)
+        if not isinstance(text, str) or (not text.strip() and name != "self_contained"):
+            raise _fail(path, f"template '{name}' is missing or not a text")
+        try:
+            used = placeholders(text)
+        except ValueError as exc:
+            raise _fail(path, f"template '{name}': {exc} (write literal braces as {{{{ and }}}})") from None
+        if used - allowed:
+            raise _fail(path, f"template '{name}' uses unknown placeholder(s) {sorted(used - allowed)}; "
+                              f"allowed: {sorted(allowed) or 'none'}")
+        if required - used:
+            raise _fail(path, f"template '{name}' lacks required placeholder(s) {sorted(required - used)}")
+        templates[name] = text.strip()
+    instructions = data.get("diverse_instructions")
+    if not isinstance(instructions, dict) or set(instructions) != set(DIVERSE_TYPES) \
+            or not all(isinstance(v, str) and v.strip() for v in instructions.values()):
+        raise _fail(path, f"'diverse_instructions' must give one text for each of {list(DIVERSE_TYPES)}")
+    for qtype, text in instructions.items():
+        try:
+            if placeholders(text):
+                raise ValueError("takes no placeholders")
+        except ValueError as exc:
+            raise _fail(path, f"diverse_instructions.{qtype}: {exc}") from None
+    content = {"version": str(data["version"]), "templates": templates, "diverse_instructions": instructions}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    return PromptSet(path, str(data["version"]), templates, dict(instructions), digest)
+
+
+def load_prompt_set(path: str | None = None) -> PromptSet:
+    """The packaged prompt set (path None) or the user's file, validated; cached per file and mtime."""
+    p = Path(path).expanduser().resolve() if path else DEFAULT_PROMPTS
+    try:
+        mtime = p.stat().st_mtime
+    except OSError:
+        raise _fail(str(p), "does not exist") from None
+    return _load(str(p), mtime)
+
+
+def prompt_set_hash(path: str | None = None) -> str:
+    return load_prompt_set(path).hash
 
 
 def _bounded_string(max_chars: int) -> dict:
@@ -116,17 +165,25 @@ def qa_schema(limits: LimitsConfig) -> dict:
     }
 
 
-def prompt_set_hash() -> str:
-    parts = [PROMPT_SET_VERSION, SYSTEM, SUMMARY_CHUNK, SUMMARY_SECTION_TEXT, SUMMARY_SECTION_PARTS,
-             SUMMARY_GLOBAL, QA_GLOBAL, QA_SECTION, QA_CHUNK, QA_FOLLOWUP, QA_DIVERSE,
-             json.dumps(DIVERSE_INSTRUCTIONS, sort_keys=True)]
-    return hashlib.sha256("\x1e".join(parts).encode()).hexdigest()[:16]
+def qa_multi_schema(limits: LimitsConfig, passages: int) -> dict:
+    """A question over several evidence texts: one verbatim quote per text used, at least two."""
+    return {
+        "type": "object",
+        "properties": {
+            "question": _bounded_string(limits.question_chars),
+            "answer": _bounded_string(limits.answer_chars),
+            "evidence_quotes": {"type": "array", "items": _bounded_string(limits.quote_chars),
+                                "minItems": 2, "maxItems": max(2, passages)},
+        },
+        "required": ["question", "answer", "evidence_quotes"],
+        "additionalProperties": False,
+    }
 
 
-def variant_note(variant: int) -> str:
-    """Distinguishes repeated questions over the same evidence (and so their request ids)."""
-    return "" if variant == 0 else f" (this is question {variant + 1} about it: ask about something different)"
-
-
-def messages(user: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+def judge_schema() -> dict:
+    return {
+        "type": "object",
+        "properties": {"supported": {"type": "string", "enum": ["yes", "no"]}},
+        "required": ["supported"],
+        "additionalProperties": False,
+    }

@@ -1,27 +1,43 @@
 """Read documents with Ray Data from JSONL, Parquet or text/markdown files (local or object store).
 
-Every input record becomes one row {doc_id, title, text, source, line, skip_reason}. Bad input is
-never a crash: an empty document, invalid UTF-8, a binary file, a JSONL line that is not JSON, a
-missing or non-string text field each become a row with `skip_reason` set (and empty text), which
-the manifest counts. Document ids come from the input's id field, else a content hash.
+Every input record becomes one row {doc_id, title, text, source, line, skip_reason, stripped}. Bad
+input is never a crash: an empty document, invalid UTF-8, a binary file, a JSONL line that is not
+JSON, a missing or non-string text field, a format that cannot be read (`unsupported_format:pdf`) or a
+corrupt compressed file (`corrupt_compressed:gz`) each become a row with `skip_reason` set (and empty
+text), which the manifest counts. Document ids come from the input's id field, else a content hash.
+
+A UTF-8 byte-order mark at the start of a file is dropped (it would make the first JSONL line invalid
+JSON). Compressed files (.gz, .bz2, .zst, .xz) are read as their inner format: `books.jsonl.gz` is
+JSONL. Known non-content wrappers (Project Gutenberg's header and license, the user's patterns) are
+stripped from every text (boilerplate.py) and the kinds stripped are kept in `stripped`.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import lzma
 import os
 import importlib.util
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
+from ctxforge.pipeline.boilerplate import strip_boilerplate
 from ctxforge.pipeline.config import InputConfig
 
 JSONL_EXT = (".jsonl", ".json", ".ndjson")
 PARQUET_EXT = (".parquet",)
 BUILTIN_KJV = "builtin:kjv"
+# compression suffix -> pyarrow codec ("xz": the standard library's lzma)
+COMPRESSED = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd", ".xz": "xz"}
+# formats that hold text but are not read here: skipped with a reason that names them
+UNSUPPORTED = (".pdf", ".epub", ".mobi", ".azw3", ".doc", ".docx", ".odt", ".rtf", ".zip", ".tar", ".tgz", ".7z",
+               ".rar", ".xls", ".xlsx", ".ppt", ".pptx", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".mp3", ".mp4")
+ROW_KEYS = ("doc_id", "title", "text", "source", "line", "skip_reason", "stripped")
 
 
 def content_id(text: str) -> str:
@@ -74,29 +90,63 @@ def list_input_files(path: str, fmt: str) -> dict[str, list[str]]:
         infos = [info]
     else:
         infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
-    kinds: dict[str, list[str]] = {"jsonl": [], "parquet": [], "text": []}
+    kinds: dict[str, list[str]] = {"jsonl": [], "parquet": [], "text": [], "unsupported": []}
     prefix = path.split("://")[0] + "://" if "://" in path else ""
     for i in sorted(infos, key=lambda i: i.path):
         if any(part.startswith(".") for part in Path(i.path).relative_to(root).parts):
             continue  # hidden files and folders (.git, .DS_Store) are not documents
-        kind = fmt if fmt != "auto" else _kind_of(i.path)
+        kind = _kind_of(i.path) if fmt == "auto" or _kind_of(i.path) == "unsupported" else fmt
         kinds[kind].append(prefix + i.path if prefix and not i.path.startswith(prefix) else i.path)
     if not any(kinds.values()):
         raise FileNotFoundError(f"input.path {path!r} holds no files")
     return kinds
 
 
-def _kind_of(path: str) -> str:
+def _compression_of(path: str) -> tuple[str, str]:
+    """(codec or "", the path without its compression suffix)."""
     lower = path.lower()
+    for suffix, codec in COMPRESSED.items():
+        if lower.endswith(suffix):
+            return codec, path[: -len(suffix)]
+    return "", path
+
+
+def _kind_of(path: str) -> str:
+    codec, inner = _compression_of(path)
+    lower = inner.lower()
     if lower.endswith(JSONL_EXT):
         return "jsonl"
     if lower.endswith(PARQUET_EXT):
-        return "parquet"
+        return "unsupported" if codec else "parquet"  # Parquet compresses inside; a .parquet.gz is not read
+    if lower.endswith(UNSUPPORTED):
+        return "unsupported"
     return "text"
 
 
+def _format_name(path: str) -> str:
+    name = Path(path).name.lower()
+    return name.split(".", 1)[1] if "." in name else "unknown"
+
+
+def _file_bytes(item: dict) -> tuple[bytes | None, str]:
+    """The file's content, decompressed and without a UTF-8 byte-order mark; (None, reason) when unreadable."""
+    data = item["bytes"]
+    codec, _ = _compression_of(item["path"])
+    if codec:
+        try:
+            if codec == "xz":
+                data = lzma.decompress(data)
+            else:
+                data = pa.input_stream(pa.py_buffer(data), compression=codec).read()
+        except (OSError, lzma.LZMAError, pa.ArrowException):
+            return None, f"corrupt_compressed:{Path(item['path']).suffix.lstrip('.').lower()}"
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    return data, ""
+
+
 def _doc_row(record, cfg: InputConfig, source: str, line: int) -> dict:
-    row = {"doc_id": "", "title": "", "text": "", "source": source, "line": line, "skip_reason": ""}
+    row = {"doc_id": "", "title": "", "text": "", "source": source, "line": line, "skip_reason": "", "stripped": ""}
     if not isinstance(record, dict):
         row["skip_reason"] = "record_not_an_object"
         return row
@@ -110,6 +160,11 @@ def _doc_row(record, cfg: InputConfig, source: str, line: int) -> dict:
     if not text.strip():
         row["skip_reason"] = "empty_document"
         return row
+    text, stripped = strip_boilerplate(text, cfg.strip_boilerplate, cfg.boilerplate_patterns)
+    row["stripped"] = ",".join(stripped)
+    if not text.strip():
+        row["skip_reason"] = "empty_after_boilerplate"
+        return row
     raw_id = record.get(cfg.id_field)
     row["doc_id"] = str(raw_id) if raw_id not in (None, "") else content_id(text)
     title = record.get(cfg.title_field)
@@ -119,11 +174,14 @@ def _doc_row(record, cfg: InputConfig, source: str, line: int) -> dict:
 
 
 def _skip(source: str, line: int, reason: str) -> dict:
-    return {"doc_id": "", "title": "", "text": "", "source": source, "line": line, "skip_reason": reason}
+    return {"doc_id": "", "title": "", "text": "", "source": source, "line": line, "skip_reason": reason, "stripped": ""}
 
 
 def _parse_jsonl_file(item: dict, cfg: InputConfig) -> list[dict]:
-    source, data = item["path"], item["bytes"]
+    source = item["path"]
+    data, reason = _file_bytes(item)
+    if data is None:
+        return [_skip(source, 0, reason)]
     rows = []
     for n, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
@@ -145,14 +203,17 @@ def _parse_jsonl_file(item: dict, cfg: InputConfig) -> list[dict]:
 
 
 def _parse_text_file(item: dict, cfg: InputConfig) -> list[dict]:
-    source, data = item["path"], item["bytes"]
+    source = item["path"]
+    data, reason = _file_bytes(item)
+    if data is None:
+        return [_skip(source, 0, reason)]
     if b"\x00" in data[:8192]:
         return [_skip(source, 0, "binary_file")]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return [_skip(source, 0, "invalid_utf8")]
-    record = {cfg.text_field: text, cfg.title_field: Path(source).stem}
+    record = {cfg.text_field: text, cfg.title_field: Path(_compression_of(source)[1]).stem}
     return [_doc_row(record, cfg, source, 0)]
 
 
@@ -165,8 +226,28 @@ def _normalize_parquet_batch(batch: dict, cfg: InputConfig) -> dict:
     for i in range(n):
         record = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items() if k != "path"}
         rows.append(_doc_row(record, cfg, str(sources[i]), i))
-    return {k: np.array([r[k] for r in rows], dtype=object if k != "line" else np.int64) for k in
-            ("doc_id", "title", "text", "source", "line", "skip_reason")}
+    return {k: np.array([r[k] for r in rows], dtype=object if k != "line" else np.int64) for k in ROW_KEYS}
+
+
+def _raw_bytes(item: dict) -> dict:
+    """A file's bytes exactly as stored (compression=None: no decompression by extension)."""
+    path = item["path"]
+    fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    with fs.open_input_stream(inner, compression=None) as stream:
+        return {"path": path, "bytes": stream.read()}
+
+
+def _read_files(paths: list[str]) -> ray.data.Dataset:
+    """{path, bytes} rows. Compressed files are read raw and decompressed by the parsers: Ray Data's reader
+    would decompress them by extension and fail the whole job on one corrupt file."""
+    plain = [p for p in paths if not _compression_of(p)[0]]
+    packed = [p for p in paths if _compression_of(p)[0]]
+    parts = []
+    if plain:
+        parts.append(ray.data.read_binary_files(plain, include_paths=True))
+    if packed:
+        parts.append(ray.data.from_items([{"path": p} for p in packed]).map(_raw_bytes))
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
 def read_documents(cfg: InputConfig, cache_dir: str | Path) -> ray.data.Dataset:
@@ -175,11 +256,13 @@ def read_documents(cfg: InputConfig, cache_dir: str | Path) -> ray.data.Dataset:
     kinds = list_input_files(path, cfg.format)
     parts = []
     if kinds["jsonl"]:
-        ds = ray.data.read_binary_files(kinds["jsonl"], include_paths=True)
+        ds = _read_files(kinds["jsonl"])
         parts.append(ds.flat_map(_parse_jsonl_file, fn_kwargs={"cfg": cfg}))
     if kinds["text"]:
-        ds = ray.data.read_binary_files(kinds["text"], include_paths=True)
+        ds = _read_files(kinds["text"])
         parts.append(ds.flat_map(_parse_text_file, fn_kwargs={"cfg": cfg}))
+    if kinds["unsupported"]:
+        parts.append(ray.data.from_items([_skip(f, 0, f"unsupported_format:{_format_name(f)}") for f in kinds["unsupported"]]))
     for file in kinds["parquet"]:
         # one file at a time: files with different columns must not be unified into one schema
         ds = ray.data.read_parquet(file, include_paths=True)

@@ -13,9 +13,13 @@ Mask semantics match transformers' `return_assistant_tokens_mask`: every token O
 masked, so a BPE token straddling the span start (when a template glues content to its header) is
 still trained, as it is what the model emits first.
 
-Caveat shared with `apply_chat_template(tokenize=True)` without `sanitize_control_tokens`: special-token
-strings that occur inside message contents (e.g. a document quoting "<|im_end|>") are tokenized as
-control tokens. `special_tokens_in_contents` lets a caller count or reject such conversations.
+Special-token strings inside message contents (a book quoting "<|im_end|>\n<|im_start|>assistant")
+would tokenize as control tokens, as they do with `apply_chat_template(tokenize=True)`: a fake turn
+inside a user message. By default (`contents_as_text=True`) a conversation whose contents hold such a
+string is encoded piece by piece: the template's own text with special tokens on, every content with
+`split_special_tokens=True`, so the template's control tokens stay control tokens and the contents'
+become ordinary text. Conversations without such strings are encoded in one call, as before.
+`special_tokens_in_contents` lets a caller count or reject them instead.
 """
 
 from __future__ import annotations
@@ -132,10 +136,10 @@ def _locate_by_skeleton(text: str, messages: Sequence[dict], tokenizer: Any, cha
     return spans
 
 
-def _locate_assistant_spans(
+def _locate_contents(
     text: str, messages: Sequence[dict], tokenizer: Any, chat_template: str | None = None
-) -> list[tuple[int, int]]:
-    """Char spans of the assistant contents in `text`, each extended over a directly following special token.
+) -> list[tuple[int, int] | None]:
+    """Char span of every message's content in `text` (None for a non-assistant content not found).
 
     Exact placement from the placeholder skeleton when the template allows it; otherwise an ordered
     search in which every message (not only assistant ones) advances the cursor, so an answer whose text
@@ -161,6 +165,11 @@ def _locate_assistant_spans(
             content_spans.append(found)
             if found is not None and content.strip():
                 cursor = found[1]
+    return content_spans
+
+
+def _assistant_spans(text: str, messages: Sequence[dict], content_spans, tokenizer: Any) -> list[tuple[int, int]]:
+    """The assistant content spans, each extended over a directly following special token."""
     specials = _special_token_strings(tokenizer)
     spans: list[tuple[int, int]] = []
     for msg, found in zip(messages, content_spans):
@@ -202,8 +211,12 @@ def _mask_from_spans(starts: Sequence[int], ends: Sequence[int], spans: Sequence
     return mask
 
 
-def render_detailed(messages: Sequence[dict], tokenizer: Any, chat_template: str | None = None) -> Rendered:
-    """Render, tokenize once, and mask; keeps the text, spans and token offsets for callers that trim."""
+def render_detailed(messages: Sequence[dict], tokenizer: Any, chat_template: str | None = None,
+                    contents_as_text: bool = True) -> Rendered:
+    """Render, tokenize, and mask; keeps the text, spans and token offsets for callers that trim.
+
+    contents_as_text: special-token strings inside contents are encoded as ordinary text (see the module
+    docstring); False = they become control tokens, as in a plain `apply_chat_template(tokenize=True)`."""
     if not messages:
         raise ValueError("cannot render an empty conversation")
     text = tokenizer.apply_chat_template(
@@ -211,26 +224,56 @@ def render_detailed(messages: Sequence[dict], tokenizer: Any, chat_template: str
     )
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
-    spans = _locate_assistant_spans(text, messages, tokenizer, chat_template)
-    # add_special_tokens=False: the template already wrote BOS etc. (as apply_chat_template does).
-    enc = tokenizer(
-        text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False, verbose=False
-    )
-    offsets = enc["offset_mapping"]
-    starts = [o[0] for o in offsets]
-    ends = [o[1] for o in offsets]
+    content_spans = _locate_contents(text, messages, tokenizer, chat_template)
+    spans = _assistant_spans(text, messages, content_spans, tokenizer)
+    if contents_as_text and special_tokens_in_contents(messages, tokenizer):
+        ids, starts, ends = _encode_contents_as_text(text, messages, content_spans, tokenizer)
+    else:
+        # add_special_tokens=False: the template already wrote BOS etc. (as apply_chat_template does).
+        enc = tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False, verbose=False
+        )
+        ids = list(enc["input_ids"])
+        starts = [o[0] for o in enc["offset_mapping"]]
+        ends = [o[1] for o in enc["offset_mapping"]]
     return Rendered(
         text=text,
-        input_ids=list(enc["input_ids"]),
+        input_ids=ids,
         loss_mask=_mask_from_spans(starts, ends, spans),
         assistant_spans=spans,
         token_starts=starts,
     )
 
 
-def render_conversation(messages: Sequence[dict], tokenizer: Any) -> tuple[list[int], list[int]]:
+def _encode_contents_as_text(text: str, messages: Sequence[dict], content_spans, tokenizer: Any):
+    """Token ids and char offsets of `text`, encoded piece by piece: template pieces with special tokens,
+    contents with `split_special_tokens=True` (their special-token strings become ordinary text)."""
+    for i, (msg, span) in enumerate(zip(messages, content_spans)):
+        if span is None and (msg.get("content") or "").strip():
+            raise ValueError(f"message {i}: its content could not be located in the rendered template text, so its "
+                             "special-token strings cannot be encoded as text (concat.special_tokens=skip_document "
+                             "leaves such documents out)")
+    pieces, pos = [], 0
+    for span in sorted(s for s in content_spans if s is not None):
+        pieces.append((pos, span[0], False))
+        pieces.append((span[0], span[1], True))
+        pos = span[1]
+    pieces.append((pos, len(text), False))
+    ids, starts, ends = [], [], []
+    for a, b, is_content in pieces:
+        if a >= b:
+            continue
+        enc = tokenizer(text[a:b], add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
+                        verbose=False, split_special_tokens=is_content)
+        ids.extend(enc["input_ids"])
+        starts.extend(a + o[0] for o in enc["offset_mapping"])
+        ends.extend(a + o[1] for o in enc["offset_mapping"])
+    return ids, starts, ends
+
+
+def render_conversation(messages: Sequence[dict], tokenizer: Any, contents_as_text: bool = True) -> tuple[list[int], list[int]]:
     """(input_ids, loss_mask) of a conversation; the mask is 1 on assistant answers + their end-of-turn token."""
-    r = render_detailed(messages, tokenizer)
+    r = render_detailed(messages, tokenizer, contents_as_text=contents_as_text)
     return r.input_ids, r.loss_mask
 
 

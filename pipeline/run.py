@@ -24,16 +24,16 @@ from ctxforge.config import PreflightError
 from ctxforge.models import TINY_MODEL_SPEC, load_tokenizer, resolve_model_path, tokenizer_hash
 from ctxforge.pipeline.accounting import accounting, projection, projection_line
 from ctxforge.pipeline.cache import RequestCache
-from ctxforge.pipeline.concat import PoolDocument, plan_stage
+from ctxforge.pipeline.concat import EmptyStageError, PoolDocument, plan_stage, stage_failure
 from ctxforge.pipeline.config import SynthConfig
 from ctxforge.pipeline.docstore import DocumentStore, QAWriter
-from ctxforge.pipeline.documents import build_documents_table, select_documents
+from ctxforge.pipeline.documents import boilerplate_counts, build_documents_table, no_document_error, select_documents
 from ctxforge.pipeline.engines import EnginePool
 from ctxforge.pipeline.generate import PASS_NAMES, QAAssembler, StreamingGenerator, WaveGenerator
 from ctxforge.pipeline.generators.base import GeneratorBackend
 from ctxforge.pipeline.hierarchy import DocState, Planner
 from ctxforge.pipeline.passes import PassRunner, PassStats
-from ctxforge.pipeline.prompts import prompt_set_hash
+from ctxforge.pipeline.prompts import PromptSetError, load_prompt_set
 from ctxforge.pipeline.scheduler import RequestScheduler
 from ctxforge.pipeline.write import RenderPool, SynthReport, render_workers, write_manifest
 from ctxforge.raycluster import init_ray
@@ -57,6 +57,10 @@ def cache_dir() -> str:
 
 
 def preflight(cfg: SynthConfig) -> Preflight:
+    try:
+        load_prompt_set(cfg.generator.prompts)  # every template's placeholders, before any work
+    except PromptSetError as exc:
+        raise PreflightError(str(exc)) from None
     try:
         target_path = resolve_model_path(cfg.target.tokenizer, cache_dir())
     except FileNotFoundError as exc:
@@ -124,8 +128,10 @@ def estimate_requests(cfg: SynthConfig, docs: list[dict]) -> dict:
 class _Finished:
     """Takes finished documents (any order): QA records to the QA table (in order), sizes for Algorithm 2."""
 
-    def __init__(self, cfg: SynthConfig, n_documents: int, qa_path: Path):
+    def __init__(self, cfg: SynthConfig, n_documents: int, qa_path: Path, tokenizer):
         self.assembler = QAAssembler(cfg)
+        # documents with special-token strings are looked for only when they are to be left out
+        self.tokenizer = tokenizer if cfg.concat.special_tokens == "skip_document" else None
         self.writer = QAWriter(qa_path)
         self.pool: list[PoolDocument | None] = [None] * n_documents
         self.chunks = self.sections = self.tokens = self.qa_kept = 0
@@ -136,14 +142,14 @@ class _Finished:
         self.tokens += state.n_tokens
         doc_qa, records = self.assembler.assemble(state)
         self.qa_kept += len(records)
-        self.pool[rank] = PoolDocument.of(doc_qa)
+        self.pool[rank] = PoolDocument.of(doc_qa, self.tokenizer)
         self.writer.add(rank, state.doc_id, records)
 
 
 def _generate_streaming(cfg: SynthConfig, pre: Preflight, planner: Planner, cache: RequestCache,
                         store: DocumentStore, ids: list[str], finished: _Finished) -> tuple[dict, list[dict]]:
     pool = EnginePool(pre.backend, cfg.generator.scale_down_idle_s)
-    scheduler = RequestScheduler(pool, cache, cfg.generator, pre.backend.model_path, prompt_set_hash(), PASS_NAMES)
+    scheduler = RequestScheduler(pool, cache, cfg.generator, pre.backend.model_path, planner.prompts.hash, PASS_NAMES)
     try:
         StreamingGenerator(planner, scheduler, cfg.run.documents_in_flight).run(store.load(ids), finished)
     finally:
@@ -180,8 +186,7 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
     table, reused = build_documents_table(cfg, pre.target_path, pre.tokenizer_hash, work, pre.cache_dir)
     kept, skipped, n_records = select_documents(table, cfg.input.limit)
     if not kept:
-        raise PreflightError(f"input.path {cfg.input.path!r}: no usable document among {n_records} records "
-                             f"(skipped: {dict(skipped)})")
+        raise PreflightError(no_document_error(cfg, skipped, n_records))
     estimate = estimate_requests(cfg, kept)
     backend = pre.backend
     proj = projection(cfg, [d["n_tokens"] for d in kept], backend.gpus_per_engine(), backend.engine_range()[1])
@@ -195,7 +200,7 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
 
     cache = RequestCache(work / "requests.sqlite")
     planner = Planner(cfg, lambda text: len(pre.budget_tokenizer(text, add_special_tokens=False)["input_ids"]))
-    finished = _Finished(cfg, len(ids), out / "qa" / "qa.parquet")
+    finished = _Finished(cfg, len(ids), out / "qa" / "qa.parquet", pre.tokenizer)
     t = time.time()
     run = _generate_streaming if cfg.run.scheduler == "streaming" else _generate_passes
     pass_stats, engine_records = run(cfg, pre, planner, cache, store, ids, finished)
@@ -230,9 +235,13 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
         tokens=finished.tokens, estimate=estimate, passes=passes, totals=totals, cache_counts=cache_counts,
         qa_generated=dict(assembler.generated), qa_dropped=dict(assembler.dropped), qa_kept=finished.qa_kept,
         grounding=assembler.grounding.to_dict(), stages=stage_reports, wall_s=time.time() - started,
+        boilerplate=boilerplate_counts(table),
         tiny_model=TINY_MODEL_SPEC in (cfg.generator.model, cfg.target.tokenizer),
         accounting=accounting(passes, engine_records, backend.gpus_per_engine(), cfg), projection=proj,
         timings=timings,
     )
     write_manifest(out / "manifest.json", report)
+    empty = [msg for msg in (stage_failure(st, cfg.concat) for st in stage_reports.values()) if msg]
+    if empty:  # everything is written (a rerun reuses it); the run still fails, saying what to change
+        raise EmptyStageError(" | ".join(empty))
     return report

@@ -28,12 +28,12 @@ import pyarrow.parquet as pq
 
 from ctxforge import __version__
 from ctxforge.pipeline.concat import (
-    SamplePlan, SampleSummary, StagePlan, build_stage_samples, render_sample, stage_stats,
+    RenderPlan, SampleSummary, StagePlan, build_stage_samples, render_planned, stage_stats,
 )
 from ctxforge.pipeline.config import ConcatConfig, StageConfig, SynthConfig
 from ctxforge.pipeline.docstore import QA_SCHEMA, Location, QAIndex, SampleSource
 from ctxforge.pipeline.passes import PassStats
-from ctxforge.pipeline.prompts import PROMPT_SET_VERSION, prompt_set_hash
+from ctxforge.pipeline.prompts import load_prompt_set
 from ctxforge.pipeline.records import DocumentQA, QARecord
 from ctxforge.schema import SAMPLE_SCHEMA
 
@@ -69,6 +69,7 @@ class SynthReport:
     accounting: dict = field(default_factory=dict)
     projection: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)    # wall seconds per phase (read, generate, qa, samples)
+    boilerplate: dict = field(default_factory=dict)   # documents stripped of each kind of wrapper at read time
 
 
 def _atomic_table(path: Path, table: pa.Table) -> None:
@@ -130,18 +131,17 @@ class RenderWorker:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_path)
         self.source = SampleSource({}, QAIndex(qa_path, {}))
 
-    def render(self, plans: list[SamplePlan], locations: dict[str, Location], qa_row_groups: dict[str, int],
+    def render(self, plans: list[RenderPlan], locations: dict[str, Location], qa_row_groups: dict[str, int],
                stage: StageConfig, concat: ConcatConfig, tok_hash: str):
         """(Arrow table of the built rows, ([SampleSummary], Counter)) for consecutive planned samples."""
         self.source.add(locations, qa_row_groups)
         rows, summaries, counters = [], [], Counter()
-        for sp in plans:
-            result = render_sample(sp, [self.source.get(i) for i in sp.doc_ids], stage, concat, self.tokenizer,
-                                   tok_hash)
-            counters.update(result.counters)
-            summaries.append(SampleSummary.of(result))
-            if result.row is not None:
-                rows.append(result.row)
+        for rp in plans:
+            row = render_planned(rp, [self.source.get(i) for i in rp.doc_ids], stage, concat, self.tokenizer,
+                                 tok_hash, counters)
+            summaries.append(SampleSummary.of(rp.index, row))
+            if row is not None:
+                rows.append(row)
         return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), (summaries, counters)
 
     def write(self, path: str, parts: list, slices: list[tuple[int, int]]) -> int:
@@ -198,7 +198,7 @@ class RenderPool:
             ray.kill(a)
         self.actors = []
 
-    def _where(self, plans: list[SamplePlan]) -> tuple[dict[str, Location], dict[str, int]]:
+    def _where(self, plans: list[RenderPlan]) -> tuple[dict[str, Location], dict[str, int]]:
         ids = {i for sp in plans for i in sp.doc_ids}
         return ({i: self.locations[i] for i in ids},
                 {i: self.qa.row_groups[i] for i in ids if i in self.qa.row_groups})
@@ -283,13 +283,12 @@ class RenderPool:
         files: list[str] = []
         source = self.local.source
         source.add(*self._where(plan.samples))
-        for sp in plan.samples:
-            result = render_sample(sp, [source.get(i) for i in sp.doc_ids], stage, cfg.concat, self.local.tokenizer,
-                                   tok_hash)
-            counters.update(result.counters)
-            summaries.append(SampleSummary.of(result))
-            if result.row is not None:
-                rows.append(result.row)
+        for rp in plan.samples:
+            row = render_planned(rp, [source.get(i) for i in rp.doc_ids], stage, cfg.concat, self.local.tokenizer,
+                                 tok_hash, counters)
+            summaries.append(SampleSummary.of(rp.index, row))
+            if row is not None:
+                rows.append(row)
             if len(rows) == per:
                 pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), tmp / _shard_name(len(files)))
                 files.append(_shard_name(len(files)))
@@ -331,17 +330,19 @@ def _notes(report: SynthReport) -> list[str]:
 def write_manifest(path: Path, report: SynthReport) -> None:
     report.notes = _notes(report)
     cfg = report.config
+    prompt_set = load_prompt_set(cfg.generator.prompts)
     manifest = {
         "ctxforge_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "notes": report.notes,
         "config_source": report.config_label,
         "config": cfg.model_dump(mode="json"),
-        "generator": {**report.backend, "prompt_set_version": PROMPT_SET_VERSION, "prompt_set_hash": prompt_set_hash(),
+        "generator": {**report.backend, "prompt_set_version": prompt_set.version, "prompt_set_hash": prompt_set.hash,
+                      "prompt_set_path": prompt_set.path,
                       "temperature": cfg.generator.temperature, "top_p": cfg.generator.top_p},
         "tokenizer": {"spec": cfg.target.tokenizer, "path": report.tokenizer_path, "hash": report.tokenizer_hash},
         "input": {"records_read": report.records_read, "documents": report.documents,
-                  "skipped_by_reason": report.skipped},
+                  "skipped_by_reason": report.skipped, "boilerplate_stripped": report.boilerplate},
         "chunking": {"small_chunks": report.chunks, "sections": report.sections, "document_tokens": report.tokens},
         "estimate": report.estimate,
         "requests": {
@@ -389,8 +390,10 @@ def print_summary(report: SynthReport, console=None) -> None:
     ]
     for name, st in report.stages.items():
         fill = st.get("fill", {})
-        rows.append((f"stage {name} samples (fill mean)",
-                     f"{st.get('samples_built', 0)}/{st['samples_requested']} ({fill.get('mean', 0):.0%})"))
+        qa = st.get("qa_turns_per_sample", {})
+        rows.append((f"stage {name} samples (fill mean, QA per sample)",
+                     f"{st.get('samples_built', 0)}/{st['samples_requested']} ({fill.get('mean', 0):.0%}, "
+                     f"{qa.get('mean', 0):.1f})"))
     rows.append(("wall time", f"{report.wall_s:.1f} s"))
     for k, v in rows:
         table.add_row(k, v)

@@ -24,7 +24,7 @@ from typing import Callable
 
 import httpx
 
-from ctxforge.serve.config import ClientConfig
+from ctxforge.serve.eval_config import ClientConfig
 
 log = logging.getLogger(__name__)
 TRANSIENT_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -155,9 +155,17 @@ class EvalClient:
 
 
 async def list_models(base_url: str, api_key: str | None = None, timeout: float = 30.0) -> list[dict]:
+    """The endpoint's model cards; EndpointError (one line, naming the URL) when it cannot be reached."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(timeout=timeout) as http:
-        r = await http.get(f"{base_url.rstrip('/')}/models", headers=headers)
+    url = f"{base_url.rstrip('/')}/models"
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as http:
+            r = await http.get(url, headers=headers)
+    except (httpx.TransportError, httpx.TimeoutException, httpx.InvalidURL, ValueError) as exc:
+        raise EndpointError(f"cannot reach {url}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")) from None
     if r.status_code != 200:
-        raise EndpointError(f"{base_url}/models: HTTP {r.status_code}: {r.text[:300]}")
-    return r.json()["data"]
+        raise EndpointError(f"{url}: HTTP {r.status_code}: {' '.join(r.text[:300].split())}")
+    try:
+        return r.json()["data"]
+    except (ValueError, KeyError, TypeError):
+        raise EndpointError(f"{url}: not an OpenAI-compatible model list: {' '.join(r.text[:200].split())}") from None

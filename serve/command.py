@@ -57,8 +57,10 @@ def run_serve(args) -> int:
 
     from ctxforge.raycluster import init_ray
     from ctxforge.serve.app import run_app
+    from ctxforge.serve.preflight import preflight_serve
 
     cfg = serve_config_from_args(args)
+    preflight_serve(cfg)  # a missing model or an unreachable hub: one line, before Ray starts
     api_key = os.environ.get(cfg.api_key_env) or None
     init_ray(progress=False)
     url = run_app(cfg, api_key)
@@ -78,34 +80,49 @@ def run_serve(args) -> int:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from ctxforge.serve.config import EvalConfig
+    from ctxforge.serve.eval_config import EvalConfig
 
-    parser.description = ("Evaluate one or more models on RULER (generated here, any lengths) and InfiniteBench (your "
-                          "JSONL files) through their OpenAI-compatible endpoints (served here when base_url is null). "
-                          "Writes results.json, report.md and plots/ to output_dir; reruns resume from its cache.")
+    parser.description = ("Evaluate one or more models on RULER (generated here, any lengths), InfiniteBench (your JSONL "
+                          "files), lm-evaluation-harness tasks (your task YAMLs and data) and LongBench-Chat (LongAlign's "
+                          "files, an LLM judge) through their OpenAI-compatible endpoints (served here when base_url is "
+                          "null, at route /eval-<name>). Every data path and endpoint is checked first. Writes "
+                          "results.json, report.md and plots/ to output_dir; reruns resume from its cache.")
     parser.epilog = _epilog(EvalConfig)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", default=None, metavar="FILE.yaml|NAME",
                         help=f"YAML config or packaged name ({', '.join(n for n in packaged_config_names() if n.startswith('eval-'))}); "
                              f"default: {DEFAULT_EVAL_CONFIG}")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. ruler.num_samples=5")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. ruler.num_samples=5 models.1.model=/ckpt/1M models.0.base_url=null")
+
+
+def eval_api_keys(cfg) -> dict[str, str | None]:
+    """The keys the evaluation needs, read from the environment variables the config names."""
+    keys = {m.name: os.environ.get(m.api_key_env) or None for m in cfg.models if m.base_url and m.api_key_env}
+    judge = cfg.longbench_chat.judge
+    keys["judge"] = (os.environ.get(judge.api_key_env) or None) if judge.api_key_env else None
+    return keys
 
 
 def run_eval(args) -> int:
-    from ctxforge.serve.config import EvalConfig
+    from ctxforge.config import PreflightError
+    from ctxforge.serve.benchmarks import benchmarks
+    from ctxforge.serve.client import EndpointError
+    from ctxforge.serve.eval_config import EvalConfig
     from ctxforge.serve.evaluate import evaluate
+    from ctxforge.serve.preflight import preflight_eval
 
     cfg = load_config(EvalConfig, args.config, args.overrides, default=DEFAULT_EVAL_CONFIG)
-    api_keys = {m.name: os.environ.get(m.api_key_env) or None for m in cfg.models if m.base_url}
-    results = evaluate(cfg, api_keys, config_label=args.config or DEFAULT_EVAL_CONFIG)
+    api_keys = eval_api_keys(cfg)
+    preflight_eval(cfg, api_keys)
+    try:
+        results = evaluate(cfg, api_keys, config_label=args.config or DEFAULT_EVAL_CONFIG)
+    except EndpointError as exc:  # an endpoint that went away after preflight
+        raise PreflightError(str(exc)) from None
     for name, m in results["models"].items():
-        r = m.get("ruler") or {}
-        ib = m.get("infinitebench") or {}
-        parts = []
-        if r:
-            parts.append(f"{r['label']} avg {r['average']:.1f}" if r.get("average") is not None else "RULER: no scores")
-        if ib:
-            parts.append(f"InfiniteBench avg {ib['average']:.1f}" if ib.get("average") is not None else "InfiniteBench: no scores")
-        print(f"{name}: {'; '.join(parts)}  ({m['requests']['total']} requests, {m['requests']['errors']} errors)")
+        parts = [b.summary(m[b.key]) for b in benchmarks() if m.get(b.key) is not None]
+        label = f" [{m['label']}]" if m.get("label") else ""
+        print(f"{name}{label}: {'; '.join(p for p in parts if p)}  ({m['requests']['total']} requests, "
+              f"{m['requests']['errors']} failed)")
     print(f"\nreport:  {cfg.output_dir}/report.md\nresults: {cfg.output_dir}/results.json\nplots:   {cfg.output_dir}/plots/")
     return 0 if all(m["requests"]["errors"] == 0 for m in results["models"].values()) else 1

@@ -165,7 +165,9 @@ def _mc(pred: str, label: list) -> bool:
             continue
         after = pred[idx + len(prefix) + 1:]
         return len(pred) >= idx + len(prefix) + 1 and any(after.startswith(s) for s in label)
-    return next((w in label for w in pred.split() if w in ("A", "B", "C", "D")), False)
+    # Official: the first word that is a substring of "ABCD" decides, so "AB" in "I think AB or B" ends
+    # the search with a wrong answer.
+    return next((w in label for w in pred.split() if w in "ABCD"), False)
 
 
 def _code_debug(pred: str, label: list) -> bool:
@@ -189,12 +191,15 @@ def _code_debug(pred: str, label: list) -> bool:
 
 
 def _math_find(pred: str, label) -> bool:
+    """The first number in the prediction equals the gold. Official: int(first number) for an int gold,
+    which raises on "88.5"; truncating instead would score 88.5 (or 88.9) as 88. Compared as numbers, a
+    wrong number scores 0 and "88.0" still equals 88."""
     if isinstance(label, str):
-        label = float(label) if "." in label else int(label)
+        label = float(label)
     m = re.search(r"\d+\.\d+|\d+", pred)
     if m is None:
         return False
-    return (int(float(m.group(0))) if isinstance(label, int) else float(m.group(0))) == label
+    return float(m.group(0)) == float(label)
 
 
 def _math_calc(pred: str, label: list) -> float:

@@ -1,59 +1,68 @@
-"""OpenAI-compatible request and response bodies (the subset a text-only LLM endpoint serves).
+"""OpenAI-compatible request bodies (with vLLM's extensions), checked before any work.
 
-Requests ignore fields they do not know (OpenAI clients add new optional fields often; vLLM does the
-same) but validate the ones they do, so a malformed request is answered 400 naming the field.
-`continue_final_message` / `add_generation_prompt` are vLLM's chat extensions: RULER puts its answer
-prefix in a final assistant message and asks the model to continue it. Nothing here knows about
-models or HTTP.
+Every field OpenAI or vLLM defines that changes what is generated is either served or refused with
+400 naming it: a request is never answered as if a field it sent were absent. `null` means the
+field's default, as in OpenAI's API. Fields nobody defines are ignored (OpenAI clients add optional
+fields often; vLLM does the same). `RequestError(param, message)` is the one error this module
+raises after parsing; pydantic's ValidationError names the field for malformed types and ranges.
+Response bodies are built in responses.py. Nothing here knows about models or HTTP.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is served")
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    seed: int | None = None
-    logprobs: bool | int | None = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported by this endpoint")
-        return v
-
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
-
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.get("include_usage"))
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI allows top_logprobs <= 20 as well
+MAX_N = 16         # choices per prompt
+MAX_PROMPTS = 256  # prompts in one /v1/completions request
 
 
-class TextPart(BaseModel):
+class RequestError(ValueError):
+    """A request the endpoint cannot serve: answered 400 with `param` named, before any work."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsParams(_Body):
+    """vLLM's `structured_outputs` (exactly one constraint)."""
+    json_: str | dict | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class TextPart(_Body):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
@@ -65,120 +74,174 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
+# Fields OpenAI/vLLM define that this endpoint does not serve, with the values that mean "not used".
+_UNSERVED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False, True), "suffix": (None, ""), "best_of": (None, 1),
+    "use_beam_search": (None, False), "prompt_embeds": (None,), "logprob_token_ids": (None,),
+    "truncate_prompt_tokens": (None,), "bad_words": (None, []), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,), "length_penalty": (None, 1.0), "guided_whitespace_pattern": (None,),
+}
+
+
+class _Request(_Body):
+    # extra="allow" keeps unknown fields in model_extra, where check() finds the unserved ones.
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM extensions
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def check(self) -> None:
+        """Semantic checks pydantic cannot express; RequestError names the field."""
+        extra = self.model_extra or {}
+        for name, unused in _UNSERVED.items():
+            if name in extra and extra[name] not in unused:
+                raise RequestError(name, "is not served by this endpoint (send null or leave it out)")
+        if self.stream_options is not None and not self.is_stream():
+            raise RequestError("stream_options", "may only be set when stream is true")
+        if self.prompt_logprobs is not None and self.is_stream():
+            raise RequestError("prompt_logprobs", "prompt logprobs are not available when stream is true")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise RequestError("logit_bias", f"keys must be token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise RequestError("logit_bias", f"bias for token {key} must be in [-100, 100], got {bias}")
+        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise RequestError("min_tokens", f"min_tokens ({self.min_tokens}) > max_tokens ({self.max_tokens})")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise RequestError("allowed_token_ids", "must not be empty")
+        self.constraint()  # at most one structured-output constraint
+
+    def is_stream(self) -> bool:
+        return bool(self.stream)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+    def constraint(self) -> tuple[str, Any, str] | None:
+        """The structured-output constraint as (kind, value, param): kind in json_schema, json_object,
+        regex, choice, grammar; None when output is free text. More than one is a RequestError."""
+        found: list[tuple[str, Any, str]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("json_object", None, "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise RequestError("response_format.json_schema.schema", "a json_schema response format needs its schema")
+            found.append(("json_schema", rf.json_schema.schema_, "response_format.json_schema.schema"))
+        so = self.structured_outputs
+        if so is not None:
+            for kind, value in (("json_schema", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                ("grammar", so.grammar), ("json_object", so.json_object or None)):
+                if value is not None:
+                    found.append((kind, value, f"structured_outputs.{'json' if kind == 'json_schema' else kind}"))
+        for kind, value, name in (("json_schema", self.guided_json, "guided_json"), ("regex", self.guided_regex, "guided_regex"),
+                                  ("choice", self.guided_choice, "guided_choice"), ("grammar", self.guided_grammar, "guided_grammar")):
+            if value is not None:
+                found.append((kind, value, name))
+        if len(found) > 1:
+            raise RequestError(found[1][2], f"only one structured-output constraint per request (also got {found[0][2]})")
+        return found[0] if found else None
+
+
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict | None = None
 
-    @model_validator(mode="after")
-    def _prefill(self):
+    def check(self) -> None:
+        super().check()
+        if self.max_tokens == 0:
+            raise RequestError("max_tokens", "must be at least 1")
+        if self.top_logprobs and not self.logprobs:
+            raise RequestError("top_logprobs", "needs logprobs set to true")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise RequestError("continue_final_message", "needs the last message to be an assistant message")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise RequestError("add_generation_prompt", "cannot be true together with continue_final_message")
+
+    def budget(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    def generation_prompt(self) -> bool:
         if self.continue_final_message:
-            if self.messages[-1].role != "assistant":
-                raise ValueError("continue_final_message needs the last message to be an assistant message")
-            self.add_generation_prompt = False
-        if self.max_completion_tokens is not None and self.max_tokens is None:
-            self.max_tokens = self.max_completion_tokens
-        return self
+            return False
+        return True if self.add_generation_prompt is None else self.add_generation_prompt
+
+    def top_k_logprobs(self) -> int | None:
+        """Alternatives per generated token, or None when no logprobs are asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
+    echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list) and v and not isinstance(v[0], int):
-            if len(v) != 1:
-                raise ValueError(f"only one prompt per request is served, got {len(v)}")
-            v = v[0]
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt is empty")
-        return v
+    def check(self) -> None:
+        super().check()
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens", "must be at least 1 (0 is allowed only with echo)")
+        prompts = self.prompts()
+        if not prompts:
+            raise RequestError("prompt", "must not be empty")
+        if len(prompts) > MAX_PROMPTS:
+            raise RequestError("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                where = "prompt" if len(prompts) == 1 and not isinstance(self.prompt, list) else f"prompt.{i}"
+                raise RequestError(where, "must not be empty")
 
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-class ResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: ResponseMessage
-    finish_reason: Literal["stop", "length"]
-
-
-class ChatCompletion(BaseModel):
-    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=now)
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int = 0
-    delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
-
-
-class Completion(BaseModel):
-    id: str = Field(default_factory=lambda: new_id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=now)
-    owned_by: str = "ctxforge"
-    max_model_len: int
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+    def budget(self) -> int:
+        # OpenAI's and vLLM's default for /v1/completions is 16 tokens.
+        return 16 if self.max_tokens is None else self.max_tokens
 
 
 def error_body(message: str, err_type: str = "BadRequestError", param: str | None = None, code: int = 400) -> dict:

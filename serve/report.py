@@ -1,6 +1,9 @@
-"""The evaluation report: results.json, report.md (task x length tables with averages, models side by
-side, published numbers as reference rows) and PNG plots (matplotlib Agg): a needle-in-a-haystack
-depth x length heatmap per model, RULER score vs length per task, and the RULER average vs length.
+"""The evaluation report: results.json, report.md (models side by side, each benchmark's section from
+the registry, published numbers as reference rows) and PNG plots (matplotlib Agg). RULER's and
+InfiniteBench's sections live here: task x length tables with averages and failure counts, a
+needle-in-a-haystack depth x length heatmap per model, RULER score vs length per task, and the RULER
+average vs length. Scores are printed with two decimals, as RULER prints them (results.json keeps
+full precision). A model served with a RoPE override is labelled with it in every row.
 
 Input is the results dict evaluate.py builds; this module computes no scores of its own.
 """
@@ -18,7 +21,19 @@ DEPTH_BINS = 10
 
 
 def _fmt(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def row_label(name: str, m: dict) -> str:
+    """A model's row name: its config name plus its label (e.g. the zero-shot RoPE override)."""
+    return f"{name} [{m['label']}]" if m.get("label") else name
+
+
+def _cell(entry: dict | None) -> str:
+    """A task score, with its failed requests (counted as 0) when there were any."""
+    if not entry:
+        return "–"
+    return _fmt(entry.get("score")) + (f" ({entry['errors']} failed)" if entry.get("errors") else "")
 
 
 def _len_label(n: int | str) -> str:
@@ -34,69 +49,90 @@ def ruler_lengths(results: dict) -> list[int]:
     return sorted({int(n) for m in results["models"].values() for n in (m.get("ruler") or {}).get("per_length", {})})
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, sections: list[list[str]]) -> str:
     lines = ["# ctxforge evaluation report", ""]
     if results.get("config_label"):
         lines += [f"Config: `{results['config_label']}` — created {results.get('created', '')}", ""]
     models = results["models"]
-    lines += _table(["model", "endpoint", "model id", "window", "requests", "cached", "errors", "median latency (s)"],
-                    [[name, m["endpoint"], m["model_id"], str(m["max_model_len"]), str(m["requests"]["total"]),
+    lines += _table(["model", "endpoint", "model id", "window", "requests", "cached", "failed", "median latency (s)"],
+                    [[row_label(name, m), m["endpoint"], m["model_id"], str(m["max_model_len"]), str(m["requests"]["total"]),
                       str(m["requests"]["cached"]), str(m["requests"]["errors"]), _fmt(m["latency"].get("median_s"))]
                      for name, m in models.items()]) + [""]
-    lengths = ruler_lengths(results)
-    refs = [r for r in results.get("references", []) if r["benchmark"] == "ruler"]
-    if lengths:
-        lines += ["## RULER", "", "Per-length score = unweighted mean over the tasks run (RULER's aggregation); "
-                  "Avg. = mean over lengths. Metrics: string_match_all (NIAH, vt, cwe, fwe), string_match_part (QA).", ""]
-        rows = []
-        for name, m in models.items():
-            r = m.get("ruler") or {}
-            rows.append([f"{name} ({r.get('label', 'RULER')})"] + [_fmt(r.get("per_length", {}).get(str(n))) for n in lengths]
-                        + [_fmt(r.get("average"))])
-        for ref in refs:
-            vals = [ref["scores"].get(str(n)) for n in lengths]
-            known = [v for v in vals if v is not None]
-            avg = ref["scores"].get("avg", sum(known) / len(known) if len(known) == len(vals) else None)
-            rows.append([f"{ref['name']} (reference)"] + [_fmt(v) for v in vals] + [_fmt(avg)])
-        lines += _table(["model"] + [_len_label(n) for n in lengths] + ["Avg."], rows) + [""]
-        for name, m in models.items():
-            r = m.get("ruler")
-            if not r:
-                continue
-            lines += [f"### RULER tasks — {name}", ""]
-            rows = []
-            for task in RULER_TASKS:
-                per = r["tasks"].get(task)
-                if per is None:
-                    reason = r.get("skipped", {}).get(task)
-                    if reason:
-                        rows.append([task] + ["skipped"] * len(lengths) + [reason])
-                    continue
-                vals = [per.get(str(n), {}).get("score") for n in lengths]
-                known = [v for v in vals if v is not None]
-                rows.append([task] + [_fmt(v) for v in vals] + [_fmt(sum(known) / len(known) if known else None)])
-            rows.append(["**mean**"] + [_fmt(r["per_length"].get(str(n))) for n in lengths] + [_fmt(r.get("average"))])
-            lines += _table(["task"] + [_len_label(n) for n in lengths] + ["Avg."], rows) + [""]
-            for n, why in r.get("skipped_lengths", {}).items():
-                lines.append(f"- length {n} skipped: {why}")
-            lines.append("")
-    ib_models = {n: m["infinitebench"] for n, m in models.items() if m.get("infinitebench")}
-    if ib_models:
-        tasks = [t for t in IB_TASKS if any(t in m["tasks"] for m in ib_models.values())]
-        lines += ["## InfiniteBench", "", "Scores in %, each task with its own metric; Avg. over the tasks run.", ""]
-        rows = [[name] + [_fmt(m["tasks"].get(t, {}).get("score")) for t in tasks] + [_fmt(m.get("average"))]
-                for name, m in ib_models.items()]
-        for ref in [r for r in results.get("references", []) if r["benchmark"] == "infinitebench"]:
-            rows.append([f"{ref['name']} (reference)"] + [_fmt(ref["scores"].get(t)) for t in tasks] + [_fmt(ref["scores"].get("avg"))])
-        lines += _table(["model"] + tasks + ["Avg."], rows) + [""]
-        for name, m in ib_models.items():
-            for t, why in m.get("skipped", {}).items():
-                lines.append(f"- {name}: {t} skipped: {why}")
-        lines.append("")
+    lines.append("A failed request (after retries) scores 0 in its task's mean and is counted in `failed`.")
+    lines.append("")
+    for section in sections:
+        lines += section
     return "\n".join(lines)
 
 
-def _plots(results: dict, plot_dir: Path) -> list[str]:
+def ruler_markdown(results: dict) -> list[str]:
+    models = results["models"]
+    lengths = ruler_lengths(results)
+    refs = [r for r in results.get("references", []) if r["benchmark"] == "ruler"]
+    lines: list[str] = []
+    if not lengths:
+        return lines
+    lines += ["## RULER", "", "Per-length score = unweighted mean over the tasks scored at that length (RULER's "
+              "aggregation); Avg. = mean over lengths. Metrics: string_match_all (NIAH, vt, cwe, fwe), "
+              "string_match_part (QA).", ""]
+    rows = []
+    for name, m in models.items():
+        r = m.get("ruler") or {}
+        rows.append([f"{row_label(name, m)} ({r.get('label', 'RULER')})"]
+                    + [_fmt(r.get("per_length", {}).get(str(n))) for n in lengths] + [_fmt(r.get("average"))])
+    for ref in refs:
+        vals = [ref["scores"].get(str(n)) for n in lengths]
+        known = [v for v in vals if v is not None]
+        avg = ref["scores"].get("avg", sum(known) / len(known) if len(known) == len(vals) else None)
+        rows.append([f"{ref['name']} (reference)"] + [_fmt(v) for v in vals] + [_fmt(avg)])
+    lines += _table(["model"] + [_len_label(n) for n in lengths] + ["Avg."], rows) + [""]
+    for name, m in models.items():
+        r = m.get("ruler")
+        if not r:
+            continue
+        lines += [f"### RULER tasks — {row_label(name, m)}", ""]
+        rows = []
+        for task in RULER_TASKS:
+            per = r["tasks"].get(task)
+            if per is None:
+                reason = r.get("skipped", {}).get(task)
+                if reason:
+                    rows.append([task] + ["skipped"] * len(lengths) + [reason])
+                continue
+            vals = [per.get(str(n), {}).get("score") for n in lengths]
+            known = [v for v in vals if v is not None]
+            rows.append([task] + [_cell(per.get(str(n))) for n in lengths]
+                        + [_fmt(sum(known) / len(known) if known else None)])
+        counts = r.get("tasks_per_length", {})
+        rows.append(["**mean**"] + [f"{_fmt(r['per_length'].get(str(n)))} ({counts.get(str(n), 0)} tasks)"
+                                    if str(n) in r["per_length"] else "–" for n in lengths] + [_fmt(r.get("average"))])
+        lines += _table(["task"] + [_len_label(n) for n in lengths] + ["Avg."], rows) + [""]
+        for n, why in r.get("skipped_lengths", {}).items():
+            lines.append(f"- length {n} skipped: {why}")
+        lines.append("")
+    return lines
+
+
+def infinitebench_markdown(results: dict) -> list[str]:
+    models = results["models"]
+    ib_models = {n: m["infinitebench"] for n, m in models.items() if m.get("infinitebench")}
+    if not ib_models:
+        return []
+    tasks = [t for t in IB_TASKS if any(t in m["tasks"] for m in ib_models.values())]
+    lines = ["## InfiniteBench", "", "Scores in %, each task with its own metric; Avg. over the tasks run.", ""]
+    rows = [[row_label(name, models[name])] + [_cell(m["tasks"].get(t)) for t in tasks] + [_fmt(m.get("average"))]
+            for name, m in ib_models.items()]
+    for ref in [r for r in results.get("references", []) if r["benchmark"] == "infinitebench"]:
+        rows.append([f"{ref['name']} (reference)"] + [_fmt(ref["scores"].get(t)) for t in tasks] + [_fmt(ref["scores"].get("avg"))])
+    lines += _table(["model"] + tasks + ["Avg."], rows) + [""]
+    for name, m in ib_models.items():
+        for t, why in m.get("skipped", {}).items():
+            lines.append(f"- {name}: {t} skipped: {why}")
+    lines.append("")
+    return lines
+
+
+def ruler_plots(results: dict, plot_dir: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -151,7 +187,8 @@ def _plots(results: dict, plot_dir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in models.items():
         xs = [n for n in lengths if str(n) in r["per_length"]]
-        ax.plot(xs, [r["per_length"][str(n)] for n in xs], marker="o", label=f"{name} ({r['label']})")
+        ax.plot(xs, [r["per_length"][str(n)] for n in xs], marker="o",
+                label=f"{row_label(name, results['models'][name])} ({r['label']})")
     for ref in [x for x in results.get("references", []) if x["benchmark"] == "ruler"]:
         pts = sorted((int(k), v) for k, v in ref["scores"].items() if k.isdigit())
         if pts:
@@ -172,12 +209,20 @@ def _plots(results: dict, plot_dir: Path) -> list[str]:
 
 def write_report(results: dict, out_dir: str | Path) -> dict:
     """Write results.json, report.md and plots/*.png under out_dir; returns their paths."""
+    from ctxforge.serve.benchmarks import benchmarks
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots = _plots(results, out / "plots")
+    import matplotlib
+    matplotlib.use("Agg")
+    plots: list[str] = []
+    sections = []
+    for bench in benchmarks():
+        plots += bench.plots(results, out / "plots")
+        sections.append(bench.markdown(results))
     results["plots"] = [str(Path(p).relative_to(out)) for p in plots]
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    md = markdown(results)
+    md = markdown(results, sections)
     if plots:
         md += "\n## Plots\n\n" + "\n".join(f"![{Path(p).stem}]({Path(p).relative_to(out)})" for p in plots) + "\n"
     (out / "report.md").write_text(md, encoding="utf-8")

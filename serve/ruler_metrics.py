@@ -5,8 +5,10 @@
   substrings of the prediction; mean x 100;
 - `string_match_part` (qa_1, qa_2): 1 if any gold is a case-insensitive substring, else 0; mean x 100
   (upstream RULER; lm-eval's port gives partial credit here instead, which is not what we report);
-- a length's score is the unweighted mean over the tasks run at that length; `average` is the mean
-  over lengths. When tasks were skipped, the mean is over the tasks that ran, and says so.
+- a task's score at a length is the mean over its samples, a failed request counting 0 (as RULER's
+  evaluate.py scores an empty prediction); failures are counted and reported;
+- a length's score is the unweighted mean over the tasks scored at that length; `average` is the mean
+  over lengths. When tasks were skipped, the mean is over the tasks scored, and the label says so.
 """
 
 from __future__ import annotations
@@ -52,17 +54,24 @@ def score_sample(task: str, pred: str, golds: list[str]) -> float:
 
 
 def aggregate(task_scores: dict[str, dict[int, float]]) -> dict:
-    """{task: {length: score}} -> per-length mean over tasks, overall mean over lengths, and which tasks."""
+    """{task: {length: score}} -> per-length mean over the tasks scored at that length, overall mean over
+    lengths, and labels that say how many tasks each mean covers (a length where some task was not
+    scored is labelled with its own count, never with the overall one)."""
     lengths = sorted({n for per in task_scores.values() for n in per})
-    per_length = {}
+    per_length, tasks_per_length = {}, {}
     for n in lengths:
         vals = [per[n] for per in task_scores.values() if n in per]
         per_length[n] = sum(vals) / len(vals)
+        tasks_per_length[n] = len(vals)
     tasks_run = [t for t in TASKS if t in task_scores]
+    count = "13 tasks" if len(tasks_run) == len(TASKS) else f"{len(tasks_run)} of {len(TASKS)} tasks"
+    uneven = {n: k for n, k in tasks_per_length.items() if k != len(tasks_run)}
+    label = f"RULER ({count}" + "".join(f"; {n}: {k} tasks" for n, k in uneven.items()) + ")"
     return {
         "per_length": per_length,
+        "tasks_per_length": tasks_per_length,
         "average": sum(per_length.values()) / len(per_length) if per_length else None,
         "tasks": tasks_run,
-        "complete": len(tasks_run) == len(TASKS),
-        "label": "RULER (13 tasks)" if len(tasks_run) == len(TASKS) else f"RULER ({len(tasks_run)} of {len(TASKS)} tasks)",
+        "complete": len(tasks_run) == len(TASKS) and not uneven,
+        "label": label,
     }

@@ -19,6 +19,7 @@ import bisect
 import itertools
 import math
 import random
+import string
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -169,7 +170,13 @@ def _niah_builder(spec: dict, sources: RulerSources, depth: float | None) -> Cal
     return build
 
 
-def _vt_context(n: int, rng: random.Random, num_chains: int, num_hops: int, name_len: int):
+VT_ICL_TOKENS = 500  # RULER sizes its one-shot vt example to 500 tokens (variable_tracking.py main())
+VT_ICL_VALUE = "12345"
+
+
+def _vt_context(n: int, rng: random.Random, num_chains: int, num_hops: int, name_len: int, value: str | None = None):
+    """RULER's noise context for vt: n noise lines joined by a newline, each chain's assignments inserted
+    in order at sorted random positions. Returns (context, queried value, the first chain's variables)."""
     names: list[str] = []
     while len(set(names)) < num_chains * (num_hops + 1):
         names.append(rd.var_name(rng, name_len))
@@ -178,8 +185,9 @@ def _vt_context(n: int, rng: random.Random, num_chains: int, num_hops: int, name
     for c in range(num_chains):
         vs = names[c * (num_hops + 1):(c + 1) * (num_hops + 1)]
         chain_vars.append(vs)
-        chains.append([f"VAR {vs[0]} = {rng.randint(10000, 99999)}"] + [f"VAR {vs[j + 1]} = VAR {vs[j]} " for j in range(num_hops)])
-    lines = [rd.NOISE + "\n"] * n
+        first = value if value is not None else str(rng.randrange(10000, 99999))  # np.random.randint(10000, 99999)
+        chains.append([f"VAR {vs[0]} = {first}"] + [f"VAR {vs[j + 1]} = VAR {vs[j]} " for j in range(num_hops)])
+    lines = [rd.NOISE] * n
     for chain in chains:
         for j, pos in enumerate(sorted(rng.sample(range(len(lines)), len(chain)))):
             lines.insert(pos + j, chain[j])
@@ -187,16 +195,35 @@ def _vt_context(n: int, rng: random.Random, num_chains: int, num_hops: int, name
     return context, chains[0][0].split("=")[-1].strip(), chain_vars[0]
 
 
-def _vt_builder(spec: dict) -> Callable:
+def vt_icl_example(spec: dict, seed: int, count_tokens: Callable[[str], int]) -> str:
+    """RULER's one-shot vt example, built once per dataset: 3-letter variables, value 12345, the most noise
+    lines (searched from 5) that keep template + answer prefix within 500 tokens of the model's tokenizer,
+    then the answer: `<input> <VAR1 ... VAR5>\n`."""
+    hops, chains = min(10, spec["num_hops"]), spec["num_chains"]
+
+    def build(n: int):
+        ctx, query, names = _vt_context(n, random.Random(f"ruler:{seed}:vt:icl"), chains, hops, 3, VT_ICL_VALUE)
+        return VT_TEMPLATE.format(context=ctx, query=query) + VT_PREFIX.format(num_v=hops + 1, query=query), names
+
+    n = _largest_fitting(lambda m: count_tokens(build(m)[0]), VT_ICL_TOKENS, 5, None, "RULER vt one-shot example")
+    text, names = build(n)
+    return text + " " + " ".join(names) + "\n"
+
+
+def _randomize_icl(example: str, rng: random.Random, num_hops: int) -> str:
+    """RULER's randomize_icl: new names of the same length for the answer's variables, a new value."""
+    for name in example.strip().split()[-num_hops - 1:]:
+        example = example.replace(name, "".join(rng.choices(string.ascii_uppercase, k=len(name))))
+    return example.replace(VT_ICL_VALUE, str(rng.randrange(10000, 99999)))
+
+
+def _vt_builder(spec: dict, icl_example: str) -> Callable:
     hops, chains = spec["num_hops"], spec["num_chains"]
 
     def build(n: int, rng: random.Random):
-        # One-shot example first (RULER: 3-letter names, a short noise context, answer filled in).
-        ex_ctx, ex_q, ex_vars = _vt_context(12, rng, chains, hops, 3)
-        example = (VT_TEMPLATE.format(context=ex_ctx, query=ex_q) + VT_PREFIX.format(num_v=hops + 1, query=ex_q)
-                   + " ".join(ex_vars))
+        example = _randomize_icl(icl_example, rng, min(10, hops))
         context, query, golds = _vt_context(n, rng, chains, hops, 5)
-        return (example + "\n\n" + VT_TEMPLATE.format(context=context, query=query),
+        return (example + "\n" + VT_TEMPLATE.format(context=context, query=query),
                 VT_PREFIX.format(num_v=hops + 1, query=query), golds, [])
     return build
 
@@ -337,7 +364,7 @@ def generate_task(task: str, length: int, num_samples: int, seed: int, sizer: Pr
             d = depths[index % len(depths)] if depths else None
             return _niah_builder(spec, sources, d), None
         if spec["family"] == "vt":
-            return _vt_builder(spec), None
+            return _vt_builder(spec, icl), None
         if spec["family"] == "cwe":
             return _cwe_builder(spec, length, seed), len(rd.cwe_vocabulary(seed)[0])
         if spec["family"] == "fwe":
@@ -351,6 +378,9 @@ def generate_task(task: str, length: int, num_samples: int, seed: int, sizer: Pr
         text, prefix, _, _ = build(n, rng_for(index))
         return sizer.count(text, prefix)
 
+    icl = None
+    if spec["family"] == "vt":
+        icl = vt_icl_example(spec, seed, lambda text: len(sizer.tokenizer.encode(text, add_special_tokens=False)))
     build0, cap = builder_for(0)
     n_task = _largest_fitting(lambda n: count(build0, n, 0), budget, step, cap, f"RULER {task} at length {length}")
     samples = []

@@ -13,6 +13,9 @@ from ctxforge.pipeline.concat import (
     PART_EARLIER,
     PART_FOLLOWUP,
     PART_HIERARCHICAL,
+    PART_REST_DIVERSE,
+    PART_REST_HIERARCHICAL,
+    REST_PARTS,
     build_messages,
     build_stage_samples,
     plan_conversation,
@@ -79,19 +82,35 @@ def _cfg(**kw) -> ConcatConfig:
     return ConcatConfig(**kw)
 
 
-def test_schedule_single_document():
+def test_single_document_sample_carries_the_whole_budget():
+    # 25 hierarchical + 50 diverse QA, default config: every QA, hierarchical in reading order, then the diverse
     docs = [make_doc(0)]
     turns = plan_conversation(docs, _cfg(p_revisit=1.0), random.Random(0))
+    assert len(turns) == 75 and len({t.qa.qa_id for t in turns}) == 75
+    assert [t.qa.order for t in turns[:25]] == list(range(25))
+    assert all(t.qa.kind == "diverse" for t in turns[25:])
     parts = Counter(t.part for t in turns)
-    assert parts == {PART_HIERARCHICAL: 5, PART_DIVERSE: 5}  # no earlier documents: no N2, no N3
-    assert [t.qa.order for t in turns[:5]] == [0, 1, 2, 3, 4]
-    assert all(t.doc_index == 0 for t in turns)
+    assert parts == {PART_HIERARCHICAL: 5, PART_REST_HIERARCHICAL: 20, PART_DIVERSE: 5, PART_REST_DIVERSE: 45}
+    # negative control: the published schedule alone plans 5 + 5
+    turns = plan_conversation(docs, _cfg(p_revisit=1.0, rest_of_last_document=False), random.Random(0))
+    assert Counter(t.part for t in turns) == {PART_HIERARCHICAL: 5, PART_DIVERSE: 5}
+
+
+def test_last_of_several_documents_gets_the_rest_of_its_budget():
+    docs = [make_doc(i) for i in range(3)]
+    turns = plan_conversation(docs, _cfg(p_revisit=0.0), random.Random(0))
+    per_doc = Counter(t.doc_index for t in turns)
+    # docs 0 and 1: N1 (5 + 5) plus N2 draws from them; doc 2: its whole budget
+    assert per_doc[2] == 75
+    assert Counter(t.part for t in turns if t.doc_index == 2)[PART_REST_HIERARCHICAL] == 20
+    rest = [i for i, t in enumerate(turns) if t.part in REST_PARTS]
+    assert min(rest) > max(i for i, t in enumerate(turns) if t.block < 2)  # only in the last block
 
 
 @pytest.mark.parametrize("p, followups", [(1.0, 3 * (0 + 1 + 2 + 3)), (0.0, 0)])
 def test_schedule_four_documents(p, followups):
     docs = [make_doc(i) for i in range(4)]
-    turns = plan_conversation(docs, _cfg(p_revisit=p), random.Random(1))
+    turns = plan_conversation(docs, _cfg(p_revisit=p, rest_of_last_document=False), random.Random(1))
     parts = Counter(t.part for t in turns)
     assert parts[PART_HIERARCHICAL] == 4 * 5
     assert parts[PART_DIVERSE] == 4 * 5

@@ -1,5 +1,7 @@
-"""The serve/eval command surfaces: shipped configs load, --help works, flags become configs, the GPU
-builder's config, checkpoint windows, and `ctxforge eval` serving the tiny model itself end to end."""
+"""The serve/eval command surfaces: shipped configs load, --help works, flags and overrides become
+configs (models.N.*), the GPU builder's config, checkpoint windows, preflight errors as one line on
+stderr naming the key or URL, and `ctxforge eval` serving the tiny model itself (under its own route
+prefix, beside a model already served at "/") end to end."""
 
 from __future__ import annotations
 
@@ -11,7 +13,11 @@ from ports import free_port
 
 from ctxforge.config import ConfigError, load_config, packaged_config_names
 from ctxforge.serve import command
-from ctxforge.serve.config import EvalConfig, ServeConfig, checkpoint_context_length
+from ctxforge.cli import main
+from ctxforge.serve.config import ServeConfig, checkpoint_context_length
+from ctxforge.serve.eval_config import EvalConfig
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
 
 
 @pytest.mark.parametrize("name", [n for n in packaged_config_names() if n.startswith(("eval-", "serve-"))])
@@ -44,7 +50,7 @@ def test_serve_flags_and_overrides_become_a_config():
     command.add_serve_arguments(parser)
     cfg = command.serve_config_from_args(parser.parse_args(["--model", "/m/x", "--port", "9001", "max_model_len=4096"]))
     assert (cfg.model, cfg.port, cfg.max_model_len, cfg.host) == ("/m/x", 9001, 4096, "127.0.0.1")
-    with pytest.raises(ConfigError, match="unknown key 'max_len'"):
+    with pytest.raises(ConfigError, match="max_len"):
         command.serve_config_from_args(parser.parse_args(["max_len=3"]))
 
 
@@ -86,39 +92,137 @@ def test_gpu_builder_config_is_built_without_vllm(tmp_path):
     assert "num_replicas" not in llm["deployment_config"]
 
 
-def test_vllm_backend_refuses_an_api_key_it_cannot_check(tmp_path):
-    from ctxforge.serve.app import build_vllm_app
+def test_model_paths_and_endpoints_are_overridable_per_model():
+    cfg = load_config(EvalConfig, "eval-llama8b-1m", ["models.1.model=/ckpt/run7/1M", "models.0.base_url=http://h:9/v1",
+                                                      "models.0.rope.factor=4.0"])
+    assert cfg.models[1].model == "/ckpt/run7/1M" and cfg.models[0].base_url == "http://h:9/v1"
+    assert cfg.models[0].rope.factor == 4.0 and cfg.models[0].rope.type == "yarn"
+    with pytest.raises(ConfigError, match="models.2"):
+        load_config(EvalConfig, "eval-llama8b-1m", ["models.2.model=/x"])
+
+
+def test_models_served_here_get_their_own_app_and_route_with_their_rope():
+    from ctxforge.serve.evaluate import served_here_config
+
+    cfg = load_config(EvalConfig, "eval-llama8b-1m")
+    base = served_here_config(cfg, cfg.models[0])
+    assert (base.app_name, base.route_prefix) == ("eval-llama-3.1-8b-instruct", "/eval-llama-3.1-8b-instruct")
+    assert base.rope.type == "yarn" and base.max_model_len == 1048576 and base.backend == "vllm"
+    trained = served_here_config(cfg, cfg.models[1])
+    assert trained.route_prefix == "/eval-ctxforge-1m" and trained.rope is None
+    assert base.route_prefix != "/" != trained.route_prefix
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_unreachable_endpoint_is_one_line_naming_the_model_and_url(tmp_path, capsys):
+    from ports import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    code, out, err = _run(["eval", "--config", "eval-tiny", f"output_dir={tmp_path}", f"models.0.base_url={url}"], capsys)
+    line = _one_line_error(err)
+    assert code == 2 and "models.0 (tiny)" in line and url in line and out == ""
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("ruler.squad_path=/no/such/dev-v2.0.json", "ruler.squad_path"),
+    ("ruler.hotpotqa_path=/no/such/hotpot.json", "ruler.hotpotqa_path"),
+    ("ruler.haystack=/no/such/essays", "ruler.haystack"),
+    ("infinitebench.data_dir=/no/such/ib", "infinitebench.data_dir"),
+    ("longbench_chat.path=/no/such/test_cases.json", "longbench_chat.path"),
+    ("models.0.model=/no/such/model", "models.0.model"),
+])
+def test_every_data_path_is_checked_at_preflight(override, key, tmp_path, capsys):
+    extra = []
+    if key.startswith("infinitebench"):
+        extra = ["infinitebench.enabled=true"]
+    if key.startswith("longbench_chat"):
+        extra = ["longbench_chat.enabled=true", f"longbench_chat.few_shots_path={FIXTURES / 'longbench_chat' / 'few_shots.json'}",
+                 "longbench_chat.judge.base_url=http://127.0.0.1:9/v1", "longbench_chat.judge.model=j"]
+    code, _, err = _run(["eval", "--config", "eval-tiny", f"output_dir={tmp_path}", override, *extra], capsys)
+    line = _one_line_error(err)
+    assert code == 2 and key in line, line
+    assert not (tmp_path / "cache.sqlite").exists()  # nothing started
+
+
+def test_malformed_data_file_is_one_line_naming_the_key(tmp_path, capsys):
+    bad = tmp_path / "squad.json"
+    bad.write_text("{not json")
+    code, _, err = _run(["eval", "--config", "eval-tiny", f"output_dir={tmp_path / 'o'}", f"ruler.squad_path={bad}"], capsys)
+    assert code == 2 and "ruler.squad_path" in _one_line_error(err)
+
+
+def test_an_explicitly_listed_infinitebench_task_without_its_file_is_an_error(tmp_path, capsys):
+    args = ["eval", "--config", "eval-tiny", f"output_dir={tmp_path}", "infinitebench.enabled=true",
+            f"infinitebench.data_dir={FIXTURES / 'infinitebench'}"]
+    empty = tmp_path / "ib"
+    empty.mkdir()
+    (empty / "passkey.jsonl").write_text((FIXTURES / "infinitebench" / "passkey.jsonl").read_text())
+    code, _, err = _run(args[:-1] + [f"infinitebench.data_dir={empty}", "infinitebench.tasks=[passkey,kv_retrieval]"], capsys)
+    assert code == 2 and "infinitebench.tasks: kv_retrieval" in _one_line_error(err)
+
+
+def test_serve_with_a_hub_id_and_no_hub_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = _run(["serve", "--model", "Qwen/Qwen2.5-72B-Instruct-NotHere", "backend=hf"], capsys)
+    line = _one_line_error(err)
+    assert code == 2 and "model" in line and "Qwen/Qwen2.5-72B-Instruct-NotHere" in line and out == ""
+
+
+def test_vllm_app_config_checks_the_bearer_key_in_front_of_its_ingress(tmp_path):
+    from ctxforge.serve.app import vllm_builder_config
+    from ctxforge.serve.auth import key_digest
 
     path = _checkpoint(tmp_path, max_position_embeddings=4096)
-    with pytest.raises(ValueError, match=r"CTXFORGE_API_KEY.*cannot check it"):
-        build_vllm_app(ServeConfig(model=path, backend="vllm"), path, api_key="k")
+    builder = vllm_builder_config(ServeConfig(model=path, backend="vllm"), path, key_digest("s3cret-Key-42"))
+    assert builder["ingress_cls_config"]["ingress_cls"] == "ctxforge.serve.vllm_ingress:AuthOpenAiIngress"
+    assert "s3cret-Key-42" not in json.dumps(builder)  # only the digest travels to the replicas
 
 
 @pytest.mark.gpu
-def test_vllm_app_builds_on_gpu(tiny_model_path):
+def test_vllm_app_builds_on_gpu_with_a_key(tiny_model_path):
     pytest.importorskip("vllm")
     from ctxforge.serve.app import build_app
 
-    app = build_app(ServeConfig(model=tiny_model_path, backend="vllm", max_model_len=4096))
+    app = build_app(ServeConfig(model=tiny_model_path, backend="vllm", max_model_len=4096), api_key="k")
     assert app is not None
 
 
 @pytest.mark.slow
-def test_eval_command_serves_the_tiny_model_itself(ray_local, tmp_path, capsys):
+def test_eval_serves_its_model_beside_one_already_served_at_root(ray_local, tmp_path, tiny_model_path, capsys):
+    """`ctxforge serve` holds route "/" on the cluster; `ctxforge eval` serves its own model at /eval-tiny
+    through the same proxy, and both answer."""
     from ray import serve
 
+    from ctxforge.serve.app import run_app
+
     port = free_port()
+    served = run_app(ServeConfig(model=tiny_model_path, port=port, max_model_len=1024, app_name="ctxforge"))
     parser = argparse.ArgumentParser()
     command.add_eval_arguments(parser)
     args = parser.parse_args(["--config", "eval-tiny", f"output_dir={tmp_path}", f"serve.port={port}",
                               "ruler.tasks=[niah_single_1,fwe]", "ruler.lengths=[1024,8192]", "ruler.num_samples=1"])
     try:
         assert command.run_eval(args) == 0
+        import httpx
+        assert httpx.get(served + "/models").json()["data"][0]["id"] == "tiny"  # still served at "/"
     finally:
         serve.shutdown()
     out = capsys.readouterr().out
     assert "tiny: RULER (2 of 13 tasks) avg" in out
     results = json.loads((tmp_path / "results.json").read_text())
+    assert results["models"]["tiny"]["endpoint"].endswith(f":{port}/eval-tiny/v1")
     ruler = results["models"]["tiny"]["ruler"]
     assert set(ruler["per_length"]) == {"1024"}
     assert ruler["skipped_lengths"] == {"8192": "longer than the endpoint's window (4096)"}

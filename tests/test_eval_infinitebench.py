@@ -73,6 +73,12 @@ def test_middle_truncation_keeps_head_and_tail(tiny_tokenizer):
     ("longbook_qa_eng", "The bell", {"answer": ["the ship's bell"]}, pytest.approx(100 * 2 * (1 * 0.5) / 1.5)),
     ("longbook_qa_chn", "船钟。", {"answer": ["船钟"]}, 100),
     ("math_find", "The largest is 997", {"answer": [997]}, 100),
+    ("math_find", "88.5", {"answer": [88]}, 0),                           # a wrong number is wrong (not int(88.5))
+    ("math_find", "3.7", {"answer": [3]}, 0),
+    ("math_find", "It is 88.", {"answer": [88]}, 100),
+    ("math_find", "88.0", {"answer": [88]}, 100),                         # the same number
+    ("longbook_choice_eng", "I think AB or B", {"answer": ["Walking Georgie"], "options": ["x", "Walking Georgie", "z", "w"]}, 0),
+    ("longbook_choice_eng", "I think B", {"answer": ["Walking Georgie"], "options": ["x", "Walking Georgie", "z", "w"]}, 100),
     ("math_find", "3.5", {"answer": [3.5]}, 100),
     ("math_calc", "[5, 9, 2, 7]", {"answer": [[5, 9, 3, 7]]}, 50),       # leading run of correct values
     ("code_run", "The return value is -1", {"answer": [-1]}, 100),

@@ -173,3 +173,73 @@ def test_aggregate_is_unweighted_mean_over_tasks_then_lengths():
     agg = rm.aggregate(scores)
     assert agg["per_length"] == {4096: 75.0, 8192: 60.0} and agg["average"] == 67.5
     assert agg["complete"] is False and agg["label"] == "RULER (2 of 13 tasks)"
+
+
+def test_vt_is_rulers_text(sizer, sources, tiny_tokenizer):
+    """NVIDIA's variable_tracking.py: noise lines joined by one newline; the one-shot example (3-letter
+    variables) sized to the most noise lines that fit 500 tokens, its answer after "they are: " + " "."""
+    from ctxforge.serve.ruler_data import NOISE
+    from ctxforge.serve.ruler_tasks import VT_PREFIX, VT_TEMPLATE
+
+    s = generate_task("vt", 2048, 2, seed=3, sizer=sizer, sources=sources)[0]
+    example, main = s.input.split("\n\nMemorize and track", 1)
+    main_context = main.split("in the following text.\n\n", 1)[1].rsplit("\nQuestion:", 1)[0]
+    assert "\n\n" not in main_context and main_context.startswith(("The grass", "VAR "))
+    assert main_context.count(NOISE + "\n") >= 10
+    ex_input, _, ex_answer = example.rpartition("they are: ")
+    assert ex_answer.startswith(" ") and not ex_answer.startswith("  ")  # "they are: " + " " + names
+    names = ex_answer.split()
+    assert len(names) == 5 and all(len(n) == 3 and n.isupper() for n in names)
+    assert all(len(n) == 5 for n in s.outputs)
+    ex_input += "they are: "
+    ex_context = ex_input.split("in the following text.\n\n", 1)[1].rsplit("\nQuestion:", 1)[0]
+    assert "\n\n" not in ex_context and "12345" not in example  # the value is randomized per sample
+    from ctxforge.serve.ruler_tasks import vt_icl_example
+
+    count = lambda text: len(tiny_tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    base = vt_icl_example(TASKS["vt"], 3, count)  # before randomization: value 12345, as RULER sizes it
+    base_input = base.rpartition("they are: ")[0] + "they are: "
+    assert "12345" in base and count(base_input) <= 500 < count(base_input.replace(NOISE, NOISE + "\n" + NOISE, 1))
+    assert base.count(NOISE) == example.count(NOISE) >= 10
+    assert ex_input.startswith(VT_TEMPLATE.split("{context}")[0]) and VT_PREFIX.split("{num_v}")[0] in ex_input
+    # every sample shares the example's shape (same noise lines) with its own names and value
+    s2 = generate_task("vt", 2048, 2, seed=3, sizer=sizer, sources=sources)[1]
+    example2 = s2.input.split("\n\nMemorize and track", 1)[0]
+    assert example2.count(NOISE) == example.count(NOISE) and example2 != example
+
+
+def test_a_failed_request_scores_zero_and_is_counted():
+    """3 samples scored 100 and one failed: 75 (RULER's protocol), with the failure shown; a task whose every
+    request failed at a length still counts in that length's mean, and the label counts tasks scored."""
+    from ctxforge.serve.client import Record
+    from ctxforge.serve.eval_ruler import summarize
+
+    def rec(task, length, score, error=None):
+        return Record("k", {"task": task, "length": length, "depths": []}, None if error else "x",
+                      None if error else score, error=error)
+
+    records = [rec("vt", 1024, 100.0) for _ in range(3)] + [rec("vt", 1024, None, "HTTP 500")]
+    records += [rec("cwe", 1024, 50.0), rec("cwe", 2048, None, "timeout"), rec("vt", 2048, 100.0)]
+    out: dict = {}
+    summarize(records, out)
+    assert out["tasks"]["vt"]["1024"] == {"n": 4, "errors": 1, "score": 75.0, "metric": "string_match_all"}
+    assert out["tasks"]["cwe"]["2048"]["score"] == 0.0 and out["tasks"]["cwe"]["2048"]["errors"] == 1
+    assert out["per_length"] == {"1024": 62.5, "2048": 50.0} and out["tasks_per_length"] == {"1024": 2, "2048": 2}
+    assert out["label"] == "RULER (2 of 13 tasks)" and out["errors"] == 2
+
+
+def test_a_length_with_fewer_tasks_scored_says_so():
+    agg = rm.aggregate({"vt": {4096: 80.0, 8192: 60.0}, "cwe": {4096: 40.0}})
+    assert agg["per_length"] == {4096: 60.0, 8192: 60.0} and agg["tasks_per_length"] == {4096: 2, 8192: 1}
+    assert agg["label"] == "RULER (2 of 13 tasks; 8192: 1 tasks)" and agg["complete"] is False
+
+
+def test_report_prints_scores_with_two_decimals_and_failures():
+    from ctxforge.serve.report import ruler_markdown
+
+    model = {"endpoint": "e", "model_id": "m", "max_model_len": 4096, "label": "zero-shot RoPE yarn x8 to 1048576",
+             "ruler": {"label": "RULER (1 of 13 tasks)", "per_length": {"4096": 66.666666}, "tasks_per_length": {"4096": 1},
+                       "average": 66.666666, "tasks": {"vt": {"4096": {"n": 3, "errors": 1, "score": 66.666666}}}}}
+    md = "\n".join(ruler_markdown({"models": {"base": model}, "references": []}))
+    assert "66.67" in md and "66.666" not in md and "66.67 (1 failed)" in md
+    assert "base [zero-shot RoPE yarn x8 to 1048576] (RULER (1 of 13 tasks))" in md

@@ -10,13 +10,13 @@ import pytest
 from ctxforge.pipeline.config import GeneratorConfig, LimitsConfig
 from ctxforge.pipeline.generators.base import REQUEST_COLUMNS, RESULT_COLUMNS, rows_batch
 from ctxforge.pipeline.passes import validate_output
-from ctxforge.pipeline.prompts import messages, qa_schema
+from ctxforge.pipeline.prompts import load_prompt_set, qa_schema
 
 
 def request(seed: int, text: str = "The miller counted forty sacks of grain before dawn.", max_tokens: int = 160):
     schema = qa_schema(LimitsConfig(question_chars=60, answer_chars=80, quote_chars=40))
     return {
-        "request_id": f"r{seed}", "messages": json.dumps(messages(f"Ask about: {text}")),
+        "request_id": f"r{seed}", "messages": json.dumps(load_prompt_set().messages(f"Ask about: {text}")),
         "schema": json.dumps(schema), "schema_name": "qa", "max_tokens": max_tokens,
         "temperature": 0.8, "top_p": 0.95, "seed": seed,
     }

@@ -41,6 +41,18 @@ def fill_summaries(p: Planner, doc: DocState) -> None:
     doc.summaries[doc.global_id] = "global summary"
 
 
+def ask_all(p: Planner, doc: DocState) -> list:
+    """Every QA and follow-up request of the plan, round by round, each answered at once."""
+    asked = []
+    while True:
+        reqs = p.qa_requests(doc) + p.followup_requests(doc)
+        if not reqs:
+            return asked
+        for r in reqs:
+            p.record(doc, r.key, {"question": f"Q {r.key}?", "answer": "A.", "evidence_quote": "w1 w2"})
+        asked.extend(reqs)
+
+
 def test_fixed_budgets_per_document():
     p = planner()
     doc = make_doc(30)
@@ -50,7 +62,61 @@ def test_fixed_budgets_per_document():
     assert kinds == {"hierarchical": 25, "diverse": 50}
     qtypes = Counter(item.qtype for item in doc.plan if item.kind == "hierarchical")
     assert qtypes["followup"] == 7 and qtypes["global"] >= 1
-    assert len(p.qa_requests(doc)) == 25 - 7 + 50
+    first = p.qa_requests(doc)
+    assert 0 < len(first) < 25 - 7 + 50  # repeated questions over the same evidence wait for the one before
+    for r in first:
+        p.record(doc, r.key, {"question": f"Q {r.key}?", "answer": "A.", "evidence_quote": "w1 w2"})
+    keys = [r.key for r in first + ask_all(p, doc)]
+    assert len(keys) == len(set(keys)) == 75  # the whole budget, each question asked once
+
+
+def test_every_section_reached_in_a_long_document():
+    # 45 small chunks in 15 sections, default budgets: 2 global + 8 section + 8 chunk base questions
+    p = planner()
+    doc = make_doc(45)
+    p.make_plan(doc)
+    base = [i for i in doc.plan if i.qtype in ("section", "chunk")]
+    reached = {i.section for i in base}
+    assert reached == set(range(15))
+    assert {9, 11, 13} <= {i.section for i in base if i.qtype == "chunk"}  # the back half gets chunk questions
+    # fewer questions than sections: spread over the whole document, not packed at its start
+    p = planner("qa.hierarchical_per_document=6", "qa.followup_ratio=0")
+    doc = make_doc(60)
+    p.make_plan(doc)
+    sections = sorted(i.section for i in doc.plan if i.qtype in ("section", "chunk"))
+    assert len(sections) == 5 and sections[0] <= 2 and sections[-1] >= 17
+
+
+def test_repeated_question_sees_the_questions_already_asked():
+    p = planner("qa.diverse_type_weights={local_specific: 1.0}", "qa.hierarchical_per_document=1")
+    doc = make_doc(1)
+    fill_summaries(p, doc)
+    p.make_plan(doc)
+    first = p.qa_requests(doc)
+    assert [r.key for r in first if r.key.startswith("d")] == ["d000"]  # the other 49 wait for it
+    p.record(doc, "d000", {"question": "Who carried the lantern?", "answer": "A.", "evidence_quote": "q"})
+    second = [r for r in p.qa_requests(doc) if r.key.startswith("d")]
+    assert [r.key for r in second] == ["d001"]
+    prompt = second[0].messages[-1]["content"]
+    assert "already asked" in prompt and "- Who carried the lantern?" in prompt
+    assert "already asked" not in first[-1].messages[-1]["content"]
+
+
+def test_prompts_ask_for_self_contained_questions_and_state_the_limits():
+    p = planner("limits.answer_chars=777")
+    doc = make_doc(12)
+    fill_summaries(p, doc)
+    doc.summaries = {k: "the miller counts sacks" for k in doc.summaries}
+    p.make_plan(doc)
+    reqs = ask_all(p, doc)
+    assert {r.meta["qtype"] for r in reqs} >= {"global", "section", "chunk", "followup", "thematic"}
+    for r in reqs:
+        user = r.messages[-1]["content"]
+        assert "of 4" not in user and "section 2" not in user.lower()  # no hidden structure shown as a reference
+        assert 'do not say "the\n  passage"' in user or 'do not say "the passage"' in user
+        assert "777 characters" in user and '"..."' not in user
+    multi = [r for r in reqs if r.meta["qtype"] == "multi_hop"]
+    assert all(r.schema["properties"]["evidence_quotes"]["minItems"] == 2 for r in multi)
 
 
 def test_every_section_reached_and_reading_order():
@@ -77,7 +143,7 @@ def test_followups_attach_to_answered_parents_only():
     assert follow and all(f.parent.startswith("h") for f in follow)
     assert p.followup_requests(doc) == []  # no parent answered yet
     parent = follow[0].parent
-    doc.answers[parent] = {"question": "Q?", "answer": "A.", "evidence_quote": "w1 w2"}
+    p.record(doc, parent, {"question": "Q?", "answer": "A.", "evidence_quote": "w1 w2"})
     reqs = p.followup_requests(doc)
     assert reqs and all(r.key in {f.key for f in follow if f.parent == parent} for r in reqs)
     assert "Q?" in reqs[0].messages[-1]["content"]

@@ -99,8 +99,12 @@ def _worker(rank: int, world: int, port: int, model_path: str, out_dir: str, cor
         for t in g.values():
             dist.all_reduce(t, group=group)  # param-shaped partial grads -> their sum over SP ranks
         ref_loss, ref_grads = refs[name]
+        width = batch["input_ids"].shape[1] // world
         result[name] = {
             "raw_len": raw_len, "padded_len": batch["input_ids"].shape[1], "ref": ref_loss, "sp": total.item(),
+            # the last position of shard r predicts the first token of shard r + 1: a target there is what
+            # tests that labels were shifted before sharding
+            "boundary_targets": [bool(batch["target_ids"][0, (r + 1) * width - 1] != -100) for r in range(world - 1)],
             "local_targets": int((local["target_ids"] != -100).sum()),
             "max_grad_diff": max((g[n] - ref_grads[n]).abs().max().item() for n in ref_grads),
             "rel_grad_diff": max(((g[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-30)).item()
@@ -153,11 +157,20 @@ def test_sp4_replicates_kv_heads_and_still_equals_single_process(tiny_model_path
     mp.spawn(_worker, args=(4, free_port(), tiny_model_path, str(tmp_path)), nprocs=4, join=True)
     for r in range(4):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert all(res["packed"]["boundary_targets"])                     # all 3 shard edges carry a target
         for case in ("packed", "single"):
             assert res[case]["padded_len"] % 4 == 0
             assert res[case]["sp"] == pytest.approx(res[case]["ref"], rel=1e-12)
             assert res[case]["max_grad_diff"] <= 1e-10 * max(1.0, res[case]["max_grad"])
         assert abs(res["leak_loss"] - res["packed"]["ref"]) > 1e-4 * abs(res["packed"]["ref"])
+
+
+def test_the_packed_case_has_a_target_at_the_shard_boundary(sp2_results):
+    """The label at a shard edge (shard 0's last position predicts shard 1's first token) is only tested
+    when that position is a target; the packed case must have one (the single case happens not to)."""
+    for res in sp2_results:
+        assert res["packed"]["boundary_targets"] == [True]
+        assert res["single"]["boundary_targets"] == [False]
 
 
 def test_sp2_handles_a_length_the_degree_does_not_divide(sp2_results):

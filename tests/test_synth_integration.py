@@ -122,7 +122,7 @@ def test_http_backend_with_faults_grounds_and_retries(ray_local, tmp_path, tiny_
 
 
 def test_invalid_json_is_retried_then_recorded_as_failed(ray_local, tmp_path):
-    with FakeOpenAIServer(permanent="malformed", match="Ask") as server:
+    with FakeOpenAIServer(permanent="malformed", match="Write one question") as server:  # every question prompt
         out = tmp_path / "bad-json"
         cfg = config(out, "generator.backend=http", "generator.api_key_env=null", f"generator.base_url={server.base_url}",
                      "generator.model=fake", "generator.max_attempts=2", "generator.retry_base_s=0.01")

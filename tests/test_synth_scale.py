@@ -117,7 +117,7 @@ def test_lost_engine_loses_nothing_and_the_pool_grows_and_shrinks(ray_local, tmp
     from ctxforge.pipeline.cache import RequestCache
     from ctxforge.pipeline.engines import EnginePool
     from ctxforge.pipeline.generators.fake import FakeBackend, fake_answer
-    from ctxforge.pipeline.prompts import messages, summary_schema
+    from ctxforge.pipeline.prompts import load_prompt_set, summary_schema
     from ctxforge.pipeline.config import LimitsConfig
     from ctxforge.pipeline.requests import Request
     from ctxforge.pipeline.scheduler import RequestScheduler
@@ -128,7 +128,8 @@ def test_lost_engine_loses_nothing_and_the_pool_grows_and_shrinks(ray_local, tmp
     cache = RequestCache(tmp_path / "c.sqlite")
     sched = RequestScheduler(pool, cache, gen, "fake", "p", ("summary_small",))
     schema = summary_schema(LimitsConfig())
-    reqs = [Request("summary_small", f"d{i % 3}", f"k{i}", messages(f"Passage {i}: the miller counted sacks."),
+    prompt_set = load_prompt_set()
+    reqs = [Request("summary_small", f"d{i % 3}", f"k{i}", prompt_set.messages(f"Passage {i}: the miller counted sacks."),
                     "summary", schema, 64) for i in range(24)]
     answers: dict[str, dict] = {}
     sched.ask(reqs, 0, lambda req, obj: answers.__setitem__(req.key, obj))

@@ -81,7 +81,12 @@ def test_validate_for_uses_the_models_heads(tiny_model_path):
 def test_fingerprint_ignores_runtime_knobs_but_not_the_curve():
     base = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"))
     same = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"),
-                       ["runtime.progress=false", "runtime.fail_at_step=2", "runtime.max_failures=3"])
+                       ["runtime.progress=false", "runtime.fail_at_step=2", "runtime.max_failures=3",
+                        "output.report_to=[tensorboard]"])
+    # The layout is not part of what a stage computes: a rerun with more SP or workers resumes.
+    relaid = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"),
+                         ["stages.0.workers=1", "stages.0.grad_accum=2", "stages.1.sp_degree=1", "stages.1.workers=4"])
+    assert [base.stage_fingerprint(i) for i in range(2)] == [relaid.stage_fingerprint(i) for i in range(2)]
     other = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"), ["stages.0.lr=3e-4"])
     assert base.stage_fingerprint(1) == same.stage_fingerprint(1)
     assert base.stage_fingerprint(0) != other.stage_fingerprint(0)
@@ -92,9 +97,9 @@ def test_read_stage_keeps_good_rows_and_drops_over_length(tmp_path, tiny_tokeniz
     rows = _rows(tiny_tokenizer)
     _write(tmp_path, "4K", rows)
     limit = sorted(r["num_tokens"] for r in rows)[1]
-    data = read_stage(tmp_path, "4K", limit, tokenizer_hash(tiny_tokenizer))
-    assert data.stats["dropped_too_long"] == 1 and data.stats["kept"] == 2
-    with pytest.raises(DataError, match=r"has \d+ tokens, more than the stage's max_seq_len .*strict"):
+    samples, stats = read_stage(tmp_path, "4K", limit, tokenizer_hash(tiny_tokenizer))
+    assert stats["dropped_too_long"] == 1 and stats["kept"] == 2 and len(samples) == 2
+    with pytest.raises(DataError, match=r"has \d+ tokens, more than the stage's max_seq_len .*input.strict"):
         read_stage(tmp_path, "4K", limit, tokenizer_hash(tiny_tokenizer), strict=True)
 
 
@@ -133,11 +138,11 @@ def test_short_mix_renders_answer_only_masks(tmp_path, tiny_tokenizer):
 
 
 def test_resume_directory_from_a_different_config_is_refused(tmp_path):
-    from ctxforge.train.curriculum import _check_run_dir
+    from ctxforge.train.curriculum import _check_run_dir, _write_run_file
     from ctxforge.train.loop import ResumeError
 
     cfg = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"), [f"output.dir={tmp_path}"])
-    _check_run_dir(tmp_path, cfg, "a")
+    _write_run_file(tmp_path, cfg, "a", _check_run_dir(tmp_path, cfg, "a"))
     _check_run_dir(tmp_path, cfg, "a")                                   # same config: fine
     other = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"), [f"output.dir={tmp_path}", "stages.1.lr=1"])
     with pytest.raises(ResumeError, match=rf"{tmp_path}: stage 8K was started with a different config"):

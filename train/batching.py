@@ -21,6 +21,7 @@ import torch
 
 from .data import Sample
 from .loss import IGNORE, sample_base_weights, shift_targets
+from .sequence_parallel import padding_id
 
 MODES = ("pack", "sort", "naive")
 
@@ -78,18 +79,22 @@ def _sample_tensors(sample: Sample, weighting: str) -> tuple[dict[str, torch.Ten
     return {"input_ids": ids, "position_ids": torch.arange(len(ids)), "target_ids": targets, "weights": base}, n
 
 
-def collate(samples: list[Sample], mode: str, weighting: str, pad_id: int, rows: int = 1) -> MicroBatch:
+def collate(samples: list[Sample], mode: str, weighting: str, pad_id: int | None, rows: int = 1) -> MicroBatch:
     """One micro-batch. pack: [1, sum of lengths]; sort/naive: [rows, longest] with right padding (missing
-    rows are all padding, so every micro-batch has the same number of rows)."""
+    rows are all padding, so every micro-batch has the same number of rows). `pad_id` None (a tokenizer
+    without a pad token) pads with `padding_id(None)`; padding never has a target or a weight.
+    `num_samples` counts the samples with at least one target (LongAlign's M: a sample without one has no
+    N_i to divide by)."""
     parts = [_sample_tensors(s, weighting) for s in samples]
     num_targets = sum(n for _, n in parts)
+    counted = sum(1 for _, n in parts if n > 0)
     real = sum(len(s) for s in samples)
     keys = ("input_ids", "position_ids", "target_ids", "weights")
     if mode == "pack":
         tensors = {k: torch.cat([p[k] for p, _ in parts])[None] for k in keys}
-        return MicroBatch(tensors, len(samples), num_targets, real)
+        return MicroBatch(tensors, counted, num_targets, real)
     width = max(len(s) for s in samples)
-    fill = {"input_ids": pad_id, "target_ids": IGNORE, "weights": 0.0}
+    fill = {"input_ids": padding_id(pad_id), "target_ids": IGNORE, "weights": 0.0}
     out = {}
     for k in keys:
         dtype = parts[0][0][k].dtype
@@ -100,7 +105,7 @@ def collate(samples: list[Sample], mode: str, weighting: str, pad_id: int, rows:
         for r, (p, _) in enumerate(parts):
             t[r, :len(p[k])] = p[k]
         out[k] = t
-    return MicroBatch(out, len(samples), num_targets, real)
+    return MicroBatch(out, counted, num_targets, real)
 
 
 def real_token_share(lengths: list[int], plan: list[list[int]], mode: str, max_tokens: int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from ctxforge.config import ConfigError, PreflightError, load_config, options_help, packaged_config_names
 
@@ -60,10 +61,11 @@ def run_train(args) -> int:
                                 ray_address=cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS"))
     except (ConfigError, PreflightError, DataError, ResumeError, SequenceParallelError, FileNotFoundError,
             ValueError) as exc:
-        print(f"ctxforge train: {exc}")
+        print(f"ctxforge train: {one_line(exc)}", file=sys.stderr)  # names the key or the file
         return 2
     except (TrainingFailedError, RayError) as exc:  # the worker's traceback is in the message
-        print(f"ctxforge train: training failed: {exc}\nRun the same command again to resume from the last checkpoint.")
+        print(f"ctxforge train: training failed: {exc}\nRun the same command again to resume from the last checkpoint.",
+              file=sys.stderr)
         return 1
     print("\nstage      status    steps  final loss  checkpoint")
     for name, st in report.stages.items():
@@ -71,6 +73,11 @@ def run_train(args) -> int:
         print(f"{name:<10} {st['status']:<9} {st.get('steps', '-')!s:>5}  {loss:>10}  {st['checkpoint']}")
     print(f"\nmetrics: {report.output_dir}/metrics/<stage>.jsonl")
     return 0
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message on one line (a config error lists each bad key on its own line: joined with '; ')."""
+    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,8 +15,11 @@ from pydantic import Field, model_validator
 
 from ctxforge.config import StrictModel
 
-from .rope import RopeConfig
+from .rope import RopeConfig, check_trainable, dynamic_rope_message, stage_rope_parameters
 from .sequence_parallel import check_sp_degree
+
+
+LAYOUT_KEYS = ("workers", "sp_degree", "grad_accum")
 
 
 class StageConfig(StrictModel):
@@ -57,6 +60,8 @@ class StageConfig(StrictModel):
             raise ValueError(f"stage {self.name}: workers {self.workers} is not a multiple of sp_degree "
                              f"{self.sp_degree} ({self.workers} % {self.sp_degree} = {self.workers % self.sp_degree}); "
                              f"workers = dp_degree x sp_degree")
+        if self.rope.type == "dynamic":
+            raise ValueError(dynamic_rope_message(f"stage {self.name}: rope.type"))
         if self.batching == "pack" and self.batch_size != 1:
             raise ValueError(f"stage {self.name}: batching=pack uses one packed row per micro-batch; "
                              f"batch_size must be 1 (got {self.batch_size})")
@@ -64,7 +69,8 @@ class StageConfig(StrictModel):
 
 
 class InputConfig(StrictModel):
-    dir: str = Field(description="synthesis output directory (samples/<stage>/part-*.parquet + manifest.json)")
+    dir: str = Field(description="synthesis output directory (samples/<stage>/part-*.parquet + manifest.json): a "
+                                 "local path or an object-store URI (s3://, gs://, file://; read through pyarrow)")
     strict: bool = Field(False, description="a sample longer than its stage is an error (false: dropped, counted)")
     short_data: str | None = Field(None, description="JSONL/Parquet chat dataset with a 'messages' column for the "
                                                      "short-data mix")
@@ -75,6 +81,12 @@ class OutputConfig(StrictModel):
     name: str = Field("ctxforge", description="run name; Ray Train runs are <name>-<stage>")
     storage_path: str | None = Field(None, description="Ray Train storage (local path or s3://, gs://); "
                                                        "null = OUTPUT/ray")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers rank 0 logs every step to (loss, lr, grad norm, "
+                                          "tokens/s, memory): tensorboard (OUTPUT/tensorboard), mlflow "
+                                          "(output.mlflow_uri), wandb (needs wandb installed and a login)")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; null = the local file store "
+                                                     "OUTPUT/mlruns (offline)")
 
 
 class RuntimeConfig(StrictModel):
@@ -119,7 +131,11 @@ class TrainConfig(StrictModel):
     def validate_for(self, model_config, available_workers: int | None = None) -> None:
         """Checks that need the model's config (heads) and, when known, the cluster size."""
         text = model_config.get_text_config()
+        rope = dict(getattr(text, "rope_parameters", None) or {})
         for stage in self.stages:
+            rope = stage_rope_parameters(rope, stage.rope)  # each stage starts from the previous stage's config
+            kept = " (the model's own, kept by the stage)" if stage.rope.type is None else ""
+            check_trainable(rope, f"stage {stage.name}: rope{kept}")
             check_sp_degree(stage.sp_degree, text.num_attention_heads, text.num_key_value_heads,
                             where=f"stage {stage.name}")
             if available_workers is not None and stage.workers > available_workers:
@@ -127,12 +143,14 @@ class TrainConfig(StrictModel):
                                  f"{stage.sp_degree}) but the cluster offers {available_workers}")
 
     def stage_fingerprint(self, index: int) -> str:
-        """What decides a stage's loss curve: model, input, the stage and every earlier stage, seed, dtype.
-        Runtime knobs (progress, failures, fault injection, storage) are left out, so a resume with them
-        changed is still the same run."""
+        """What decides what a stage computes: model, input, the stage and every earlier stage, seed, dtype.
+        Left out, so that a rerun with them changed resumes: runtime knobs (progress, failures, fault
+        injection, storage, trackers) and the layout (`LAYOUT_KEYS`: workers, sp_degree, grad_accum), which
+        changes how a step is spread over ranks, not the data order or the loss (schedule.py says what a
+        different dp x grad_accum changes)."""
         payload = {
             "model": self.model, "input": self.input.model_dump(mode="json"),
-            "stages": [s.model_dump(mode="json") for s in self.stages[:index + 1]],
+            "stages": [s.model_dump(mode="json", exclude=set(LAYOUT_KEYS)) for s in self.stages[:index + 1]],
             "runtime": self.runtime.model_dump(mode="json", include={"seed", "dtype", "attention", "zero_stage",
                                                                      "loss_chunk_tokens"}),
         }

@@ -3,9 +3,14 @@
 Stage i starts from stage i-1's final weights (OUTPUT/checkpoints/<prev>/, Hugging Face format) with its
 own RoPE. A stage whose `stage_complete.json` matches the config is never re-run. An unfinished stage is
 a Ray Train run named <output.name>-<stage> under the storage path: running the same command again
-makes Ray Train restore its latest checkpoint (weights, optimizer, scheduler, step), and FailureConfig
-restarts crashed workers from it within one run. A directory written by a different config is refused
-before anything starts (run.json keeps each stage's fingerprint).
+makes Ray Train restore its latest checkpoint (weights, optimizer, scheduler, data position), and
+FailureConfig restarts crashed workers from it within one run. The layout (workers, sp_degree,
+grad_accum) may change between runs: it is not part of what a stage computes (config.stage_fingerprint;
+checkpoint.py reshards). A directory written by a different config is refused before anything starts
+(run.json keeps each stage's fingerprint); run.json is written only once preflight has passed, so a
+command refused at preflight (a typo in input.dir) leaves nothing that refuses the corrected one.
+
+Preflight reads metadata only: Parquet footers and the small per-sample columns (data.index_stage).
 
 Layout of OUTPUT: checkpoints/<stage>/ (final HF export + stage_complete.json), metrics/<stage>.jsonl
 (one row per step), run.json, ray/ (Ray Train storage unless output.storage_path).
@@ -18,10 +23,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import DataError
-from .engine import HF_DIR, STATE_FILE
-from .loop import ResumeError, load_samples, train_stage_worker
+from .loop import ResumeError, open_source, train_stage_worker
 
 COMPLETE = "stage_complete.json"
 
@@ -32,7 +37,8 @@ class CurriculumReport:
     stages: dict = field(default_factory=dict)  # name -> {"status": "trained"|"skipped", "checkpoint": ..., ...}
 
 
-def _check_run_dir(out: Path, cfg: TrainConfig, label: str) -> None:
+def _check_run_dir(out: Path, cfg: TrainConfig, label: str) -> dict:
+    """Refuse a directory started by another config; return the fingerprints (nothing is written)."""
     run_file = out / "run.json"
     fingerprints = {s.name: cfg.stage_fingerprint(i) for i, s in enumerate(cfg.stages)}
     if run_file.is_file():
@@ -41,10 +47,17 @@ def _check_run_dir(out: Path, cfg: TrainConfig, label: str) -> None:
             if name in previous and previous[name] != fp:
                 raise ResumeError(f"{out}: stage {name} was started with a different config (fingerprint "
                                   f"{previous[name]}, now {fp} from {label}); resume needs the same model, input, "
-                                  f"stages and seed — use another output.dir to start over")
+                                  f"stages (the layout workers/sp_degree/grad_accum may change) and seed — use "
+                                  f"another output.dir to start over")
+    return fingerprints
+
+
+def _write_run_file(out: Path, cfg: TrainConfig, label: str, fingerprints: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"config_source": label, "fingerprints": fingerprints,
-                                    "config": cfg.model_dump(mode="json")}, indent=2, sort_keys=True))
+    tmp = out / "run.json.tmp"
+    tmp.write_text(json.dumps({"config_source": label, "fingerprints": fingerprints,
+                               "config": cfg.model_dump(mode="json")}, indent=2, sort_keys=True))
+    tmp.replace(out / "run.json")
 
 
 def _completed(final_dir: Path, fingerprint: str) -> bool:
@@ -59,15 +72,46 @@ def _completed(final_dir: Path, fingerprint: str) -> bool:
 
 
 def preflight(cfg: TrainConfig, tokenizer, tok_hash: str) -> dict:
-    """Read every stage's shards on the driver: a bad shard, a foreign tokenizer or (strict) an over-long
-    sample stops the run here, before any worker starts."""
+    """Index every stage's shards on the driver from metadata (footers, lengths, tokenizer hashes): a bad
+    shard, a foreign tokenizer or (strict) an over-long sample stops the run here, before any worker starts."""
     stats = {}
     for i, stage in enumerate(cfg.stages):
-        samples, st = load_samples(cfg, i, tok_hash, tokenizer)
-        if not samples:
-            raise DataError(f"stage {stage.name}: no usable sample in {cfg.input.dir} ({st})")
-        stats[stage.name] = st
+        source = open_source(cfg, i, tok_hash, tokenizer)
+        if not len(source):
+            raise DataError(f"stage {stage.name}: no usable sample in {cfg.input.dir} ({source.stats})")
+        stats[stage.name] = source.stats
     return stats
+
+
+def prepare(cfg: TrainConfig, label: str, log=print):
+    """Everything before the first worker: resolve paths, load the tokenizer, check the config against the
+    model, refuse a foreign run directory, preflight the data, and only then write run.json.
+    Returns (cfg with absolute paths, output dir, model path, tokenizer, tokenizer hash)."""
+    from transformers import AutoConfig
+
+    from ctxforge.models import load_tokenizer, resolve_model_path, tokenizer_hash
+
+    from .tracking import check_available
+
+    # Ray Train workers do not run in the driver's working directory: local paths must be absolute
+    cfg = cfg.model_copy(deep=True)
+    cfg.input.dir = _absolute(cfg.input.dir)
+    if cfg.input.short_data:
+        cfg.input.short_data = _absolute(cfg.input.short_data)
+    out = Path(cfg.output.dir).expanduser().absolute()
+    check_available(cfg.output.report_to)
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    tok_hash = tokenizer_hash(tokenizer)
+    cfg.validate_for(AutoConfig.from_pretrained(model_path))
+    fingerprints = _check_run_dir(out, cfg, label)
+    stats = preflight(cfg, tokenizer, tok_hash)
+    for name, st in stats.items():
+        if st["dropped_too_long"]:
+            log(f"stage {name}: dropped {st['dropped_too_long']} of {st['read']} samples longer than max_seq_len "
+                f"(longest {st['longest_dropped']} tokens)")
+    _write_run_file(out, cfg, label, fingerprints)
+    return cfg, out, model_path, tokenizer, tok_hash
 
 
 def start_ray(address: str | None, num_cpus: int | None, progress: bool) -> None:
@@ -88,27 +132,9 @@ def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from transformers import AutoConfig
 
-    from ctxforge.models import load_tokenizer, resolve_model_path, tokenizer_hash
-
-    # Ray Train workers do not run in the driver's working directory: local paths must be absolute
-    cfg = cfg.model_copy(deep=True)
-    cfg.input.dir = _absolute(cfg.input.dir)
-    if cfg.input.short_data:
-        cfg.input.short_data = _absolute(cfg.input.short_data)
-    out = Path(cfg.output.dir).expanduser().absolute()
+    cfg, out, model_path, tokenizer, tok_hash = prepare(cfg, label, log)
     storage = cfg.output.storage_path or str(out / "ray")
-    model_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(model_path)
-    tok_hash = tokenizer_hash(tokenizer)
-    cfg.validate_for(AutoConfig.from_pretrained(model_path))
-    _check_run_dir(out, cfg, label)
-    stats = preflight(cfg, tokenizer, tok_hash)
-    for name, st in stats.items():
-        if st["dropped_too_long"]:
-            log(f"stage {name}: dropped {st['dropped_too_long']} of {st['read']} samples longer than max_seq_len "
-                f"(longest {st['longest_dropped']} tokens)")
 
     report = CurriculumReport(output_dir=str(out))
     init_model = model_path
@@ -142,13 +168,12 @@ def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"stage {stage.name}: Ray Train finished without a checkpoint")
-        with result.checkpoint.as_directory() as d:
-            state = json.loads((Path(d) / STATE_FILE).read_text())
-            if not state.get("final"):
-                raise RuntimeError(f"stage {stage.name}: last checkpoint is step {state['step']}, not the stage end")
-            tmp = final_dir.with_name(final_dir.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(Path(d) / HF_DIR, tmp)
+        state = ckpt.read_state(result.checkpoint)
+        if not state.get("final"):
+            raise RuntimeError(f"stage {stage.name}: last checkpoint is step {state['step']}, not the stage end")
+        tmp = final_dir.with_name(final_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt.final_export(result.checkpoint, tmp)  # hf/ only, never the ZeRO shards
         shutil.rmtree(final_dir, ignore_errors=True)
         tmp.rename(final_dir)
         (final_dir / COMPLETE).write_text(json.dumps({"fingerprint": fingerprint, **state}, indent=2, sort_keys=True))

@@ -1,32 +1,73 @@
-"""Training data: read a stage's sample shards, refuse bad input, mix in short chat data.
+"""Training data: index a stage's sample shards from their metadata, read samples by row group, mix in short chat data.
 
 Reads the synthesis contract (`ctxforge.schema.SAMPLE_SCHEMA`): `samples/<stage>/part-*.parquet` and
-`manifest.json`. Every shard is checked before any worker starts: the contract's columns, the
-tokenizer hash (it must be the training model's), and each sample's length against the stage's
-`max_seq_len` (dropped and counted, or an error when `strict`). A short-data mix (ProLong) is read from
-a user JSONL/Parquet chat dataset with a `messages` column and rendered with the same chat template
-code the synthesis stage uses, so its loss mask means the same thing.
+`manifest.json`, on a local path or an object store (`s3://`, `gs://`, `file://`, any URI pyarrow's
+filesystems know), always through `pyarrow.fs`.
 
+Two steps, so that nothing holds a stage whole:
+- `index_stage` (driver at preflight, and every worker) reads only the small columns `num_tokens`,
+  `num_loss_tokens`, `tokenizer_hash` and the Parquet footers: the contract's columns, the tokenizer hash
+  (it must be the training model's), each sample's length against the stage's `max_seq_len` (dropped
+  and counted, or an error when `strict`). It keeps (file, row group, row, length) per usable sample:
+  a few bytes per sample, whatever the token count.
+- `StageIndex.read` returns the samples of a micro-batch, reading only the row groups that hold them
+  (columns `input_ids`, `loss_mask`), one at a time. Each DP group reads what it trains on, at the step
+  it trains on it; peak memory is one row group plus one step's samples (bench/bench_train_data.py).
+
+A short-data mix (ProLong) is read from a user JSONL/Parquet chat dataset with a `messages` column and
+rendered with the same chat template code the synthesis stage uses, so its loss mask means the same.
 Batching (packs, sorted batches) lives in `batching.py`; this module only yields samples.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ctxforge.schema import missing_columns
 
-READ_COLUMNS = ["sample_id", "stage", "num_tokens", "input_ids", "loss_mask", "tokenizer_hash"]
+INDEX_COLUMNS = ["num_tokens", "num_loss_tokens", "tokenizer_hash"]
+READ_COLUMNS = ["sample_id", "num_tokens", "input_ids", "loss_mask"]
 
 
 class DataError(ValueError):
     """Bad training input; the message names the file and what is wrong with it."""
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def open_filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path (`~` expanded, made absolute) or a URI such as
+    s3://bucket/dir, gs://bucket/dir, file:///abs/dir. Raises DataError naming the location."""
+    text = str(location)
+    if is_uri(text):
+        try:
+            return pafs.FileSystem.from_uri(text)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+            raise DataError(f"{text}: cannot open this location with pyarrow's filesystems: {exc}") from exc
+    return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+
+
+def _display(fs: pafs.FileSystem, path: str) -> str:
+    return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
+
+
+def _is_file(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def read_text(fs: pafs.FileSystem, path: str) -> str:
+    with fs.open_input_stream(path) as fh:
+        return fh.read().decode("utf-8")
 
 
 @dataclass
@@ -45,106 +86,166 @@ class Sample:
         return int(self.loss_mask[1:].sum())
 
 
-@dataclass
-class StageData:
-    samples: list[Sample]
-    files: list[str]
-    stats: dict = field(default_factory=dict)
-
-
-def stage_shards(input_dir: str | Path, stage: str) -> list[Path]:
-    """The Parquet shards of one synthesis stage, named by the manifest when there is one."""
-    root = Path(input_dir).expanduser()
-    folder = root / "samples" / stage
-    manifest = root / "manifest.json"
-    if manifest.is_file():
-        stages = json.loads(manifest.read_text(encoding="utf-8")).get("stages", {})
+def stage_shards(input_dir: str | Path, stage: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and Parquet shard paths of one synthesis stage, named by the manifest when there is one."""
+    fs, root = open_filesystem(input_dir)
+    folder = posixpath.join(root, "samples", stage)
+    manifest = posixpath.join(root, "manifest.json")
+    if _is_file(fs, manifest):
+        stages = json.loads(read_text(fs, manifest)).get("stages", {})
         if stage not in stages:
-            raise DataError(f"{manifest}: no stage {stage!r} in the synthesis output (stages: {', '.join(stages) or 'none'})")
+            raise DataError(f"{_display(fs, manifest)}: no stage {stage!r} in the synthesis output "
+                            f"(stages: {', '.join(stages) or 'none'})")
         files = stages[stage].get("files")
         if files:
-            return [folder / name for name in files]
-    shards = sorted(folder.glob("part-*.parquet"))
+            return fs, [posixpath.join(folder, name) for name in files]
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise DataError(f"input.dir {input_dir}: no such directory")
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    shards = sorted(i.path for i in infos if i.type == pafs.FileType.File
+                    and posixpath.basename(i.path).startswith("part-") and i.path.endswith(".parquet"))
     if not shards:
-        raise DataError(f"{folder}: no part-*.parquet shards for stage {stage!r}")
-    return shards
+        raise DataError(f"{_display(fs, folder)}: no part-*.parquet shards for stage {stage!r}")
+    return fs, shards
 
 
-def check_shard_schema(path: Path) -> None:
+def _open_parquet(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
+    if not _is_file(fs, path):
+        raise DataError(f"{_display(fs, path)}: listed for this stage but missing")
     try:
-        schema = pq.read_schema(path)
+        return pq.ParquetFile(fs.open_input_file(path))
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
-    missing = missing_columns(schema)
+        raise DataError(f"{_display(fs, path)}: not a readable Parquet file: {exc}") from exc
+
+
+def check_shard_schema(pf: pq.ParquetFile, shown: str) -> None:
+    missing = missing_columns(pf.schema_arrow)
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)} of the sample contract (ctxforge.schema); "
+        raise DataError(f"{shown}: missing column(s) {', '.join(missing)} of the sample contract (ctxforge.schema); "
                         f"was it written by `ctxforge synth`?")
 
 
-def read_stage(input_dir: str | Path, stage: str, max_seq_len: int, tokenizer_hash: str,
-               strict: bool = False) -> StageData:
-    """All samples of a synthesis stage that fit `max_seq_len`, after the contract checks."""
-    files = stage_shards(input_dir, stage)
-    samples: list[Sample] = []
+@dataclass
+class StageIndex:
+    """Where each usable sample of a stage lives, from metadata only. Arrays are aligned: sample k is row
+    `rows[k]` of row group `groups[k]` of `files[files_of[k]]` and has `lengths[k]` tokens."""
+
+    location: str                 # input.dir as given (local path or URI); workers reopen the filesystem from it
+    files: list[str]              # paths inside that filesystem
+    files_of: np.ndarray          # int32 [n]
+    groups: np.ndarray            # int32 [n]
+    rows: np.ndarray              # int32 [n]
+    lengths: np.ndarray           # int64 [n]
+    stats: dict = field(default_factory=dict)
+    _fs: pafs.FileSystem | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        if self._fs is None:
+            self._fs = open_filesystem(self.location)[0]
+        return self._fs
+
+    def read(self, indices: list[int]) -> list[Sample]:
+        """The samples `indices` (positions in this index), in that order. Reads each needed row group once
+        (columns input_ids and loss_mask only) and drops it before the next."""
+        by_group: dict[tuple[int, int], list[int]] = {}
+        for k in indices:
+            by_group.setdefault((int(self.files_of[k]), int(self.groups[k])), []).append(k)
+        found: dict[int, Sample] = {}
+        for (f, g), ks in by_group.items():
+            shown = _display(self.filesystem, self.files[f])
+            table = _open_parquet(self.filesystem, self.files[f]).read_row_group(g, columns=READ_COLUMNS)
+            for k in ks:
+                row = table.slice(int(self.rows[k]), 1)  # Arrow -> numpy, no Python ints per token
+                sample = Sample(row.column("sample_id")[0].as_py(),
+                                row.column("input_ids").combine_chunks().flatten().to_numpy().astype(np.int64),
+                                row.column("loss_mask").combine_chunks().flatten().to_numpy().astype(np.int8))
+                n = int(row.column("num_tokens")[0].as_py())
+                if len(sample) != n or len(sample.loss_mask) != n or n != int(self.lengths[k]):
+                    raise DataError(f"{shown}: sample {sample.sample_id}: num_tokens {n} but {len(sample)} input_ids "
+                                    f"and {len(sample.loss_mask)} loss_mask entries")
+                found[k] = sample
+            del table
+        return [found[k] for k in indices]
+
+
+def index_stage(input_dir: str | Path, stage: str, max_seq_len: int, tokenizer_hash: str,
+                strict: bool = False) -> StageIndex:
+    """Index the usable samples of a synthesis stage after the contract checks, reading metadata columns only."""
+    fs, files = stage_shards(input_dir, stage)
     stats = {"read": 0, "dropped_too_long": 0, "dropped_no_target": 0, "longest_dropped": 0}
-    for path in files:
-        if not path.is_file():
-            raise DataError(f"{path}: listed for stage {stage!r} but missing")
-        check_shard_schema(path)
-        table = pq.read_table(path, columns=READ_COLUMNS)
-        hashes = set(table.column("tokenizer_hash").to_pylist())
-        wrong = sorted(h for h in hashes if h != tokenizer_hash)
-        if wrong:
-            raise DataError(f"{path}: samples were tokenized with tokenizer hash {', '.join(wrong)}, but the model's "
-                            f"tokenizer hashes to {tokenizer_hash}; re-run synthesis with this model's tokenizer "
-                            f"(target.tokenizer) or train the model the data was made for")
-        for row in table.to_pylist():
-            stats["read"] += 1
-            n = int(row["num_tokens"])
-            if n > max_seq_len:
+    cols: dict[str, list] = {"files_of": [], "groups": [], "rows": [], "lengths": []}
+    for f, path in enumerate(files):
+        shown = _display(fs, path)
+        pf = _open_parquet(fs, path)
+        check_shard_schema(pf, shown)
+        for g in range(pf.metadata.num_row_groups):
+            table = pf.read_row_group(g, columns=INDEX_COLUMNS)
+            hashes = set(table.column("tokenizer_hash").to_pylist())
+            wrong = sorted(h for h in hashes if h != tokenizer_hash)
+            if wrong:
+                raise DataError(f"{shown}: samples were tokenized with tokenizer hash {', '.join(wrong)}, but the "
+                                f"model's tokenizer hashes to {tokenizer_hash}; re-run synthesis with this model's "
+                                f"tokenizer (target.tokenizer) or train the model the data was made for")
+            lengths = table.column("num_tokens").to_numpy()
+            answers = table.column("num_loss_tokens").to_numpy()
+            stats["read"] += len(lengths)
+            too_long = lengths > max_seq_len
+            if too_long.any():
                 if strict:
-                    raise DataError(f"{path}: sample {row['sample_id']} has {n} tokens, more than the stage's "
-                                    f"max_seq_len {max_seq_len} (data.strict=true; set it false to drop such samples)")
-                stats["dropped_too_long"] += 1
-                stats["longest_dropped"] = max(stats["longest_dropped"], n)
-                continue
-            sample = Sample(row["sample_id"], np.asarray(row["input_ids"], dtype=np.int64),
-                            np.asarray(row["loss_mask"], dtype=np.int8))
-            if len(sample) != n or len(sample.loss_mask) != n:
-                raise DataError(f"{path}: sample {row['sample_id']}: num_tokens {n} but {len(sample)} input_ids and "
-                                f"{len(sample.loss_mask)} loss_mask entries")
-            if sample.num_targets == 0:
-                stats["dropped_no_target"] += 1
-                continue
-            samples.append(sample)
-    stats["kept"] = len(samples)
-    return StageData(samples=samples, files=[str(f) for f in files], stats=stats)
+                    row = int(np.argmax(too_long))
+                    raise DataError(f"{shown}: row {row} of row group {g} has {int(lengths[row])} tokens, more than the "
+                                    f"stage's max_seq_len {max_seq_len} (input.strict=true; set it false to drop such "
+                                    f"samples)")
+                stats["dropped_too_long"] += int(too_long.sum())
+                stats["longest_dropped"] = max(stats["longest_dropped"], int(lengths[too_long].max()))
+            no_target = ~too_long & (answers == 0)
+            stats["dropped_no_target"] += int(no_target.sum())
+            keep = np.nonzero(~too_long & ~no_target)[0]
+            cols["files_of"].append(np.full(len(keep), f, dtype=np.int32))
+            cols["groups"].append(np.full(len(keep), g, dtype=np.int32))
+            cols["rows"].append(keep.astype(np.int32))
+            cols["lengths"].append(lengths[keep].astype(np.int64))
+    arrays = {k: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64)) for k, v in cols.items()}
+    stats["kept"] = int(arrays["lengths"].shape[0])
+    return StageIndex(location=str(input_dir), files=files, stats=stats, _fs=fs, **arrays)
 
 
-def _read_chat_rows(path: Path) -> list[list[dict]]:
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif path.suffix == ".parquet":
-        rows = pq.read_table(path).to_pylist()
+def read_stage(input_dir: str | Path, stage: str, max_seq_len: int, tokenizer_hash: str,
+               strict: bool = False) -> tuple[list[Sample], dict]:
+    """Every usable sample of a stage in memory (small stages, tests and benchmarks; training streams)."""
+    index = index_stage(input_dir, stage, max_seq_len, tokenizer_hash, strict)
+    return index.read(list(range(len(index)))), index.stats
+
+
+def _read_chat_rows(location: str) -> list[list[dict]]:
+    fs, path = open_filesystem(location)
+    shown = _display(fs, path)
+    if not _is_file(fs, path):
+        raise DataError(f"{shown}: short-data file not found")
+    if path.endswith(".jsonl"):
+        rows = [json.loads(line) for line in read_text(fs, path).splitlines() if line.strip()]
+    elif path.endswith(".parquet"):
+        rows = pq.read_table(fs.open_input_file(path), columns=["messages"]).to_pylist()
     else:
-        raise DataError(f"{path}: short data must be .jsonl or .parquet with a 'messages' column")
+        raise DataError(f"{shown}: short data must be .jsonl or .parquet with a 'messages' column")
     convs = []
     for n, row in enumerate(rows):
         msgs = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(msgs, list) or not any(m.get("role") == "assistant" for m in msgs):
-            raise DataError(f"{path}: row {n} has no 'messages' list with an assistant turn")
+            raise DataError(f"{shown}: row {n} has no 'messages' list with an assistant turn")
         convs.append([{"role": m["role"], "content": m["content"]} for m in msgs])
     return convs
 
 
-def read_short_mix(path: str | Path, tokenizer, num_samples: int, max_seq_len: int, seed: int) -> list[Sample]:
+def read_short_mix(location: str | Path, tokenizer, num_samples: int, max_seq_len: int, seed: int) -> list[Sample]:
     """`num_samples` short chat samples (drawn with replacement when the file has fewer), answer-only mask."""
     from ctxforge.pipeline.render import render_conversation
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: short-data file not found")
-    convs = _read_chat_rows(path)
+    convs = _read_chat_rows(str(location))
     rendered = []
     for n, conv in enumerate(convs):
         ids, mask = render_conversation(conv, tokenizer)
@@ -152,7 +253,7 @@ def read_short_mix(path: str | Path, tokenizer, num_samples: int, max_seq_len: i
             rendered.append(Sample(f"short-{n}", np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int8),
                                    source="short"))
     if not rendered:
-        raise DataError(f"{path}: no conversation fits max_seq_len {max_seq_len} with an assistant answer")
+        raise DataError(f"{location}: no conversation fits max_seq_len {max_seq_len} with an assistant answer")
     rng = random.Random(seed)
     return [rendered[rng.randrange(len(rendered))] for _ in range(num_samples)]
 
@@ -162,3 +263,28 @@ def short_count(num_long: int, short_ratio: float) -> int:
     if short_ratio <= 0:
         return 0
     return round(num_long * short_ratio / (1.0 - short_ratio))
+
+
+@dataclass
+class StageSource:
+    """A stage's samples as the loop sees them: long samples (streamed from `index`) then short ones (in
+    memory, they are short). Sample k < len(index) is long sample k."""
+
+    index: StageIndex
+    short: list[Sample]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [int(n) for n in self.index.lengths] + [len(s) for s in self.short]
+
+    @property
+    def stats(self) -> dict:
+        return {**self.index.stats, "short": len(self.short)}
+
+    def __len__(self) -> int:
+        return len(self.index) + len(self.short)
+
+    def read(self, indices: list[int]) -> list[Sample]:
+        n = len(self.index)
+        long = iter(self.index.read([k for k in indices if k < n]))
+        return [next(long) if k < n else self.short[k - n] for k in indices]

@@ -1,15 +1,25 @@
 """DeepSpeed engine for one stage: ZeRO config, optimizer + schedule, checkpoint save/load, HF export.
 
 The same engine runs on CPU (gloo, fp32, torch AdamW) and GPU (NCCL, bf16, optional CPU offload).
-Gradients: DeepSpeed averages them over the sequence-data-parallel group (dp x sp ranks) and over
-grad_accum micro-batches. Our per-token weights already carry K/(N_i*M) with K = dp x grad_accum packs,
-and an SP group's ranks each hold a part of one pack's loss, so the local loss is multiplied by sp_degree
-before backward (`backward_scale`): the result is exactly the gradient of (1/K) * sum over packs.
+
+Gradient scale. DeepSpeed is given a flat data-parallel world of all W = dp x sp ranks: no SP mpu and no
+`sequence_parallel_size`. Told about SP, DeepSpeed 0.19.8 reduces inconsistently: the ZeRO-0/1/2 paths
+and ZeRO-3's contiguous all-reduce divide the sum over the dp x sp group by dp only (a sum over SP
+ranks), while ZeRO-3's reduce-scatter divides by dp x sp. Without SP in its view every path (plain
+all-reduce, ZeRO-1/2 reduce/average_tensor, ZeRO-3 reduce-scatter or all-reduce) is the plain-DP average
+over the W ranks, and `check_flat_world` refuses an engine that sees anything else. ZeRO partitions over
+the same W ranks either way. With that average, the step's gradient is
+
+    (1/W) * sum_ranks (1/grad_accum) * sum_micro grad(sp * local_loss) = (1/K) * sum_packs grad(pack_loss)
+
+(DeepSpeed divides each micro-batch's loss by grad_accum; K = dp x grad_accum packs, whose per-token
+weights already carry K/(N_i*M)); the factor sp (`backward_scale`) is there because an SP group's ranks
+each hold a part of one pack's loss. The Ulysses all-to-all runs on its own SP group, outside DeepSpeed's
+engine.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -19,7 +29,6 @@ import torch
 from .config import RuntimeConfig, StageConfig
 from .model import weighted_loss_sum
 
-HF_DIR, DS_DIR, STATE_FILE, DS_TAG = "hf", "deepspeed", "train_state.json", "state"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
                    "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
@@ -77,28 +86,44 @@ def ds_config(stage: StageConfig, runtime: RuntimeConfig, device: torch.device, 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if stage.sp_degree > 1:
-        cfg["sequence_parallel_size"] = stage.sp_degree
-        if runtime.dtype == "bfloat16":
-            cfg["seq_parallel_communication_data_type"] = "bf16"
+    # No "sequence_parallel_size" here, on purpose: see the module docstring (gradient scale). Gradients are
+    # reduced in the training dtype (DeepSpeed's default for a world without SP).
     if runtime.dtype == "bfloat16":
         cfg["bf16"] = {"enabled": True}
     return cfg
 
 
 def build_engine(lm, stage: StageConfig, runtime: RuntimeConfig, device: torch.device, rows: int, total_steps: int,
-                 mpu):
+                 extra_config: dict | None = None):
+    """DeepSpeed engine over the flat world of every rank (see the module docstring) and its LambdaLR.
+    `extra_config` is merged into the DeepSpeed config (e.g. {"checkpoint": {"load_universal": True}})."""
     import deepspeed
 
     wrapped = StageLossModel(lm, runtime.loss_chunk_tokens)
+    config = {**ds_config(stage, runtime, device, rows), **(extra_config or {})}
     engine, _, _, scheduler = deepspeed.initialize(
-        model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],
-        config=ds_config(stage, runtime, device, rows), mpu=mpu,
+        model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad], config=config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage, total_steps)))
+    check_flat_world(engine)
     return engine, scheduler
 
 
+def check_flat_world(engine) -> None:
+    """Raise unless DeepSpeed averages gradients over every rank as plain data parallelism (W ranks, no SP):
+    the premise of `backward_scale`. Guards against an SP mpu or `sequence_parallel_size` slipping in."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    sp_seen = int(getattr(engine, "sequence_parallel_size", 1))
+    group = engine.seq_data_parallel_group
+    dp_seen = dist.get_world_size(group) if dist.is_initialized() else 1
+    if sp_seen != 1 or dp_seen != world:
+        raise RuntimeError(f"DeepSpeed sees sequence_parallel_size {sp_seen} and a gradient group of {dp_seen} of "
+                           f"{world} ranks; ctxforge's gradient scale needs the flat world (no SP in DeepSpeed's view)")
+
+
 def backward_scale(sp_degree: int) -> float:
+    """Factor on each rank's local loss before `engine.backward` (see the module docstring): sp_degree."""
     return float(sp_degree)
 
 
@@ -124,24 +149,6 @@ def export_hf(engine, lm, out_dir: Path, tokenizer_dir: str) -> None:
         src = Path(tokenizer_dir) / name
         if src.is_file() and not (out_dir / name).exists():
             shutil.copy2(src, out_dir / name)
-
-
-def save_checkpoint(engine, lm, ckpt_dir: Path, state: dict, tokenizer_dir: str) -> None:
-    """One Ray Train checkpoint directory per rank (Ray merges them): deepspeed/ holds every rank's ZeRO
-    shard of weights, optimizer and scheduler; rank 0 adds hf/ and train_state.json."""
-    engine.save_checkpoint(str(ckpt_dir / DS_DIR), tag=DS_TAG, client_state={"train_state": state})
-    export_hf(engine, lm, ckpt_dir / HF_DIR, tokenizer_dir)
-    if engine.global_rank == 0:
-        (ckpt_dir / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-
-
-def load_checkpoint(engine, ckpt_dir: Path) -> dict:
-    """Restore weights, optimizer and scheduler; return the train_state saved with them."""
-    path, client = engine.load_checkpoint(str(ckpt_dir / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if path is None:
-        raise FileNotFoundError(f"{ckpt_dir / DS_DIR}: no DeepSpeed checkpoint '{DS_TAG}' to resume from")
-    return client["train_state"]
 
 
 def peak_memory_bytes(device: torch.device) -> int:

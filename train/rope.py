@@ -7,8 +7,11 @@ is built from the previous stage's weights (`stage_config`), (2) checks after th
 rotary buffers equal what the config implies (`verify_rotary`), and (3) saves that config with every
 checkpoint, so transformers and vLLM load each checkpoint with the stage's positions.
 
-Supported: theta per stage (`rope_type: default`) and the scaling types transformers knows (linear,
-dynamic, yarn, llama3), with their factor and parameters.
+Supported for training: theta per stage (`rope_type: default`) and the static scaling types transformers
+knows (linear, yarn, llama3), with their factor and parameters. `dynamic` (dynamic NTK) is refused
+(`check_trainable`): it rescales `inv_freq` at inference from the current length beyond
+`max_position_embeddings`, which a stage raises to its own length, so in training it would never rescale,
+and under SP each rank would pick a scale from its own shard.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ class RopeConfig(StrictModel):
     """A stage's RoPE setting. Unset fields keep the previous stage's (or the base model's) value."""
 
     theta: float | None = Field(None, gt=0, description="rope_theta (base); null = keep the model's")
-    type: RopeType | None = Field(None, description="rope_type: default | linear | dynamic | yarn | llama3; "
-                                                    "null = keep the model's")
+    type: RopeType | None = Field(None, description="rope_type: default | linear | yarn | llama3 (dynamic is "
+                                                    "refused for training); null = keep the model's")
     factor: float | None = Field(None, gt=0, description="scaling factor (linear, dynamic, yarn, llama3)")
     original_max_position_embeddings: int | None = Field(
         None, gt=0, description="context length the scaling is relative to (yarn, llama3)")
@@ -37,6 +40,26 @@ class RopeConfig(StrictModel):
     beta_fast: float | None = Field(None, gt=0, description="yarn only")
     beta_slow: float | None = Field(None, gt=0, description="yarn only")
     attention_factor: float | None = Field(None, gt=0, description="yarn: attention temperature; null = default")
+
+
+TRAINABLE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
+def dynamic_rope_message(where: str) -> str:
+    return (f"{where}: rope type 'dynamic' cannot be trained: dynamic NTK rescales RoPE at inference from the current "
+            f"sequence length beyond max_position_embeddings, which training raises to the stage length (it would never "
+            f"rescale), and under sequence parallelism each rank would pick its own scale; use rope.type default with a "
+            f"larger rope.theta (ABF), or linear, yarn or llama3 with a factor")
+
+
+def check_trainable(rope_parameters: dict, where: str) -> None:
+    """Raise ValueError naming the alternatives unless the RoPE type is one training can use."""
+    rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+    if rope_type == "dynamic":
+        raise ValueError(dynamic_rope_message(where))
+    if rope_type not in TRAINABLE_TYPES:
+        raise ValueError(f"{where}: rope type {rope_type!r} is not supported for training (supported: "
+                         f"{', '.join(TRAINABLE_TYPES)})")
 
 
 _SCALING_KEYS = ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor",
@@ -64,12 +87,15 @@ def stage_rope_parameters(current: dict, rope: RopeConfig) -> dict:
 
 
 def stage_config(model_path: str, rope: RopeConfig, max_seq_len: int):
-    """The model config for a stage: RoPE per the stage, max_position_embeddings >= the stage length."""
+    """The model config for a stage: RoPE per the stage, max_position_embeddings >= the stage length.
+    Raises ValueError for a RoPE type training cannot use (the model's own, when the stage keeps it)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path)
     text = config.get_text_config()
     text.rope_parameters = stage_rope_parameters(dict(text.rope_parameters or {}), rope)
+    check_trainable(text.rope_parameters, f"{model_path}: rope (the model's, kept by the stage)" if rope.type is None
+                    else "rope.type")
     text.max_position_embeddings = max(int(text.max_position_embeddings or 0), int(max_seq_len))
     text.validate_rope()
     return config

@@ -134,34 +134,62 @@ class ParallelLayout:
         return cls(world_size=world_size, rank=rank, sp_degree=sp_degree)
 
 
+_ULYSSES: dict = {}  # this process's registration: {"key": (...), "mpu": ...}
+
+
 def enable_ulysses(model, sp_degree: int, core_attn: str, micro_batch_size: int = 1):
     """Register DeepSpeed's Ulysses attention over `core_attn` for this process and return its mpu
     (None for sp_degree 1). The model must have been built with `attn_implementation=core_attn`;
-    torch.distributed (via deepspeed.init_distributed) must be up."""
+    torch.distributed (via deepspeed.init_distributed) must be up.
+
+    Idempotent for the same layout and architecture: DeepSpeed's registration wraps whatever function
+    is registered under `core_attn` and creates the SP process groups once per process, so a second
+    registration would wrap the wrapper (two all-to-alls) or fail. A different layout in the same
+    process is refused."""
     if sp_degree == 1:
         return None
     cfg = model.config.get_text_config()
     check_sp_degree(sp_degree, cfg.num_attention_heads, cfg.num_key_value_heads)
+    key = (sp_degree, core_attn, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers,
+           getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads, micro_batch_size)
+    if _ULYSSES:
+        if _ULYSSES["key"] != key:
+            raise SequenceParallelError(f"this process already registered Ulysses for (sp, attention, heads, kv heads, "
+                                        f"layers, head dim, rows) = {_ULYSSES['key']}; cannot switch to {key}")
+        return _ULYSSES["mpu"]
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
-    return UlyssesSPAttentionHF.register_with_transformers(
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model, core_attn_implementation=core_attn, sequence_parallel_size=sp_degree,
         micro_batch_size=micro_batch_size, seq_length_is_variable=True)
+    _ULYSSES.update(key=key, mpu=mpu)
+    return mpu
 
 
 # ---------------------------------------------------------------------------------------------------
 # Sharding a batch along the sequence
 
 
-def pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int, pad_id: int) -> dict[str, torch.Tensor]:
+PAD_FALLBACK_ID = 0
+
+
+def padding_id(pad_token_id: int | None) -> int:
+    """The input id written into padding: the tokenizer's pad token, or id 0 when it has none (Llama-3.1's
+    tokenizer has no pad token). Any id is right: padding is its own document (attention never mixes it
+    with real tokens), carries no target and no weight, so its value cannot reach the loss."""
+    return PAD_FALLBACK_ID if pad_token_id is None else int(pad_token_id)
+
+
+def pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int, pad_id: int | None) -> dict[str, torch.Tensor]:
     """Right-pad every [b, s] tensor so that s % multiple == 0. Padding is its own document (positions
-    0, 1, ... so it never joins the last real one), carries no target and no weight."""
+    0, 1, ... so it never joins the last real one), carries no target and no weight. `pad_id` may be None
+    (a tokenizer without a pad token): see `padding_id`."""
     s = batch["input_ids"].shape[1]
     pad = (-s) % multiple
     if pad == 0:
         return batch
     b = batch["input_ids"].shape[0]
-    fill = {"input_ids": pad_id, "target_ids": -100, "weights": 0.0, "sample_index": -1}
+    fill = {"input_ids": padding_id(pad_id), "target_ids": -100, "weights": 0.0, "sample_index": -1}
     out = {}
     for key, value in batch.items():
         if key == "position_ids":

@@ -1,9 +1,9 @@
 """The `hf` backend: transformers `generate` in engine actors (CPU, or one GPU per actor).
 
-Structured outputs through xgrammar's Hugging Face logits processor: the JSON schema is compiled
-against the model's tokenizer (cached per schema in the actor) and masks every token that would
-leave the grammar, so the output is schema-shaped JSON unless the token budget runs out first.
-`any_whitespace=False` matters: without it a random-weight model spends its budget on whitespace.
+Structured outputs through `ctxforge.structured` (xgrammar's Hugging Face logits processor, shared
+with the CPU serving engine): the JSON schema is compiled against the model's tokenizer (cached per
+schema in the actor) and masks every token that would leave the grammar, so the output is
+schema-shaped JSON unless the token budget runs out first.
 
 Requests are generated one at a time and seeded from their id, so a rerun reproduces the same text
 (batched generation with padding would make outputs depend on batch composition). The engine takes
@@ -31,28 +31,20 @@ class HFGeneratorUDF(Engine):
 
     def __init__(self, model_path: str, device: str, dtype: str, max_model_len: int, slots: int = 2):
         import torch
-        import xgrammar as xgr
 
         from ctxforge.models import load_causal_lm
+        from ctxforge.structured import Grammars
 
         self.slots = slots
         self._lock = threading.Lock()  # one generate() at a time: the others wait their turn
         log.info("hf engine: loading %s on %s", model_path, device)
         self.torch = torch
-        self.xgr = xgr
         self.max_model_len = max_model_len
         self.model, self.tokenizer, self.device = load_causal_lm(model_path, device, dtype)
-        vocab = self.model.config.vocab_size
-        self.compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab))
-        self.grammars: dict[str, object] = {}
+        self.grammars = Grammars(self.tokenizer, vocab_size=self.model.config.vocab_size)
         gen_eos = self.model.generation_config.eos_token_id
         candidates = [self.tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])]
         self.eos_ids = sorted({i for i in candidates if isinstance(i, int)})
-
-    def _grammar(self, schema: str):
-        if schema not in self.grammars:
-            self.grammars[schema] = self.compiler.compile_json_schema(schema, any_whitespace=False)
-        return self.grammars[schema]
 
     def _generate(self, row: dict) -> dict:
         torch = self.torch
@@ -65,7 +57,7 @@ class HFGeneratorUDF(Engine):
             return {"output_text": "", "prompt_tokens": n_prompt, "completion_tokens": 0,
                     "error": f"prompt_too_long: {n_prompt} prompt + {max_new} completion tokens > max_model_len {self.max_model_len}"}
         # a LogitsProcessor holds its matcher state: one per generate() call
-        processor = self.xgr.contrib.hf.LogitsProcessor(self._grammar(row["schema"]))
+        processor = self.grammars.logits_processor(self.grammars.json_schema(row["schema"]))
         input_ids = torch.tensor([prompt_ids], device=self.device)
         torch.manual_seed(int(row["seed"]))
         temperature = float(row["temperature"])

@@ -1,0 +1,79 @@
+"""Structured outputs with xgrammar, shared by every transformers-based generator (the synthesis `hf`
+backend and the CPU serving engine), so a JSON schema constrains decoding the same way in both.
+
+`Grammars(tokenizer, vocab_size)` compiles constraints against one tokenizer and caches them by
+their text: a JSON schema, any JSON object, a regular expression, a fixed choice of strings, or an
+EBNF grammar. `logits_processor(compiled)` returns xgrammar's Hugging Face logits processor, which
+masks every token that would leave the grammar; it holds its matcher state, so use a fresh one per
+generated sequence. JSON is compiled with `any_whitespace=False`: with free whitespace a weak model
+spends its whole budget on it (measured on the tiny model). vLLM uses xgrammar for the same
+`response_format` on GPU. Bad constraints raise `GrammarError` (a ValueError) with xgrammar's reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+
+class GrammarError(ValueError):
+    """A constraint xgrammar cannot compile (invalid JSON schema, regex or grammar)."""
+
+
+class Grammars:
+    """Compiled constraints for one tokenizer (thread-safe cache keyed by kind and text)."""
+
+    def __init__(self, tokenizer, vocab_size: int | None = None):
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        # vocab_size: the model's embedding rows, which real checkpoints pad beyond len(tokenizer).
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self.compiler = xgr.GrammarCompiler(info)
+        self._cache: dict[tuple[str, str], object] = {}
+        self._lock = threading.Lock()
+
+    def _compiled(self, kind: str, text: str, build):
+        key = (kind, text)
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        try:
+            compiled = build()
+        except Exception as exc:  # xgrammar raises RuntimeError/ValueError with its parser's message
+            raise GrammarError(f"{kind} cannot be compiled: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        with self._lock:
+            self._cache[key] = compiled
+        return compiled
+
+    def json_schema(self, schema: str | dict):
+        """A JSON schema (text or dict); strings' minLength/maxLength are enforced by the grammar."""
+        text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        try:
+            json.loads(text)
+        except ValueError as exc:
+            raise GrammarError(f"JSON schema is not valid JSON: {exc}") from exc
+        return self._compiled("JSON schema", text,
+                              lambda: self.compiler.compile_json_schema(text, any_whitespace=False))
+
+    def json_object(self):
+        """Any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
+        return self.json_schema('{"type": "object"}')
+
+    def regex(self, pattern: str):
+        return self._compiled("regex", pattern, lambda: self.compiler.compile_regex(pattern))
+
+    def choice(self, choices: list[str]):
+        """Exactly one of `choices` (vLLM's `choice` constraint), as an alternation of literal strings."""
+        if not choices:
+            raise GrammarError("choice needs at least one string")
+        return self.regex("(" + "|".join(re.escape(c) for c in choices) + ")")
+
+    def ebnf(self, grammar: str):
+        return self._compiled("grammar", grammar, lambda: self.compiler.compile_grammar(grammar))
+
+    def logits_processor(self, compiled):
+        """A fresh transformers LogitsProcessor enforcing `compiled` (one per generated sequence)."""
+        return self._xgr.contrib.hf.LogitsProcessor(compiled)

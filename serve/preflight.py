@@ -1,0 +1,63 @@
+"""Checks before any work, each failing with one line that names the config key or URL to fix:
+models (a local directory, a packaged model, or a hub id that can be loaded), every endpoint
+reachable (`models.N` and its URL), and every enabled benchmark's data (its own `preflight`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ctxforge.config import PreflightError
+
+
+def check_model(spec: str, key: str, rope=None) -> str:
+    """Resolve a model spec and read its config (window after a RoPE override); returns the path."""
+    from ctxforge.models import resolve_model_path
+    from ctxforge.serve.config import checkpoint_context_length
+
+    try:
+        path = resolve_model_path(spec)
+        checkpoint_context_length(path, rope)
+    except (OSError, ValueError) as exc:  # FileNotFoundError, ModelUnavailableError, no window in config.json
+        raise PreflightError(f"{key}: {' '.join(str(exc).split())}") from None
+    return path
+
+
+def check_endpoint(base_url: str, api_key: str | None, key: str, timeout: float = 20.0) -> list[dict]:
+    from ctxforge.serve.client import EndpointError, list_models
+
+    try:
+        return asyncio.run(list_models(base_url, api_key, timeout=timeout))
+    except EndpointError as exc:
+        raise PreflightError(f"{key}: {exc}") from None
+
+
+def preflight_eval(cfg, api_keys: dict) -> None:
+    from ctxforge.models import load_tokenizer
+    from ctxforge.serve.benchmarks import benchmarks
+
+    for i, entry in enumerate(cfg.models):
+        name = f"models.{i} ({entry.name})"
+        if entry.base_url:
+            cards = check_endpoint(entry.base_url, api_keys.get(entry.name), name)
+            ids = [c.get("id") for c in cards]
+            if entry.served_model_name and entry.served_model_name not in ids:
+                raise PreflightError(f"models.{i}.served_model_name {entry.served_model_name!r} is not served at "
+                                     f"{entry.base_url} (it lists {', '.join(map(str, ids[:5]))})")
+        else:
+            check_model(entry.model, f"models.{i}.model", entry.rope)
+        tok_key = f"models.{i}.tokenizer" if entry.tokenizer else f"models.{i}.model"
+        spec = entry.tokenizer or entry.model
+        try:
+            load_tokenizer(spec)
+        except (OSError, ValueError) as exc:
+            raise PreflightError(f"{tok_key} {spec!r}: cannot load its tokenizer ({' '.join(str(exc).split())[:300]})") from None
+    for bench in benchmarks():
+        if bench.enabled(cfg):
+            bench.preflight(cfg, api_keys)
+
+
+def preflight_serve(cfg) -> str:
+    """The resolved model path; PreflightError naming `model` when it is neither local, packaged, nor
+    loadable from a model hub (a hub id with no hub reachable)."""
+    return check_model(cfg.model, "model", cfg.rope)

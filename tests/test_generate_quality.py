@@ -1,0 +1,95 @@
+"""Algorithm 1 driven through the real pass runner on Ray with a backend that answers by reading its prompt:
+repeated questions run in rounds and see the earlier ones, content checks retry then fail with their
+reason, and the judge pass decides which answers stay."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from ctxforge.config import load_config
+from ctxforge.pipeline.cache import RequestCache
+from ctxforge.pipeline.config import GeneratorConfig, SynthConfig
+from ctxforge.pipeline.generate import QAAssembler, WaveGenerator
+from ctxforge.pipeline.generators.base import GeneratorBackend, batch_rows, rows_batch
+from ctxforge.pipeline.hierarchy import Planner
+from ctxforge.pipeline.passes import PassRunner
+from ctxforge.pipeline.requests import attempt_seed
+from test_assemble import make_state
+
+pytestmark = pytest.mark.slow
+
+
+class ReadingBackend(GeneratorBackend):
+    """Summaries: "..." on a request's first attempt (a placeholder), then the first sentence of the text.
+    Questions: answered by the first sentence of the text, quoting it; the question counts the questions
+    already asked that its prompt lists. Judge: yes unless the answer mentions the smith."""
+
+    name = "reading"
+
+    def __init__(self):
+        super().__init__(GeneratorConfig(), "reading")
+        self.prompts: list[str] = []
+
+    def apply(self, ds):
+        def answer(batch):
+            rows = batch_rows(batch)
+            for row in rows:
+                user = json.loads(row["messages"])[-1]["content"]
+                text = re.search(r"<text(?: 1)?>\n(.*?)\n</text", user, re.S) or re.search(r"\[1\] (.*)", user)
+                sentence = text.group(1).split(". ")[0].strip().rstrip(".") + "."
+                if row["schema_name"] == "summary":
+                    first_attempt = attempt_seed(row["request_id"], 1) == row["seed"]
+                    out = {"summary": "..." if first_attempt else sentence}
+                elif row["schema_name"] == "judge":
+                    out = {"supported": "no" if "smith" in user.split("Answer:")[1] else "yes"}
+                else:
+                    asked = len(re.findall(r"^- ", user, re.M))
+                    quote = sentence.rstrip(".")
+                    out = {"question": f"Which event about {sentence.split()[0]} is told here ({asked})?", "answer": sentence}
+                    out.update({"evidence_quotes": [quote, quote]} if row["schema_name"] == "qa_multi"
+                               else {"evidence_quote": quote})
+                row.update(output_text=json.dumps(out), prompt_tokens=10, completion_tokens=5, error="")
+            return rows_batch(rows)
+
+        return ds.map_batches(answer, batch_format="numpy", batch_size=4)
+
+
+def test_rounds_checks_and_judge_through_the_pass_runner(ray_local, tmp_path):
+    cfg = load_config(SynthConfig, "tiny", [
+        "checks.enabled=true", "grounding.judge=true", "grounding.on_ungrounded=drop", "generator.max_attempts=3",
+        "qa.hierarchical_per_document=4", "qa.diverse_per_document=6", "qa.duplicate_threshold=100",
+        "qa.diverse_type_weights={local_specific: 1.0}",
+        "limits.question_chars=200", "limits.answer_chars=300", "limits.quote_chars=200", "limits.summary_chars=300"])
+    planner = Planner(cfg, lambda text: len(text.split()))
+    backend = ReadingBackend()
+    gen = WaveGenerator(cfg, planner, PassRunner(backend, RequestCache(tmp_path / "c.sqlite"), cfg.generator), "m")
+    doc = make_state(summaries={})
+    gen.run_wave([doc], "test")
+    stats = {name: s.to_dict() for name, s in gen.pass_stats.items()}
+    # the "..." summaries failed their check and were retried with a new seed; all ended ok
+    assert stats["summary_small"]["failed_attempts_by_reason"] == {"placeholder:summary": 3}  # one per chunk
+    assert stats["summary_small"]["failed"] == 0 and stats["summary_small"]["ok"] == 3
+    # every planned question was asked once, repeated ones in later rounds, listing the questions before them
+    asked = sorted(doc.answers)
+    assert asked == sorted(item.key for item in doc.plan)
+    repeated = [item for item in doc.plan if item.after]
+    assert repeated and all(f"({_chain(doc, item)})?" in doc.answers[item.key]["question"] for item in repeated)
+    # the judge saw every answer; those about the smith were judged unsupported and dropped
+    assert stats["judge"]["requests"] == len(doc.answers)
+    assert any(v is False for v in doc.judged.values()) and any(doc.judged.values())
+    asm = QAAssembler(cfg)
+    _, records = asm.assemble(doc)
+    assert asm.dropped["judged_unsupported_dropped"] > 0
+    assert records and all(r.judge == "yes" for r in records if r.kind != "summary")
+
+
+def _chain(doc, item) -> int:
+    """How many questions came before this one over the same evidence."""
+    n, key = 0, item.after
+    while key:
+        n += 1
+        key = doc.item(key).after
+    return n
