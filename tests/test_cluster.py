@@ -257,8 +257,9 @@ def validate_launcher_config(cfg: dict) -> list[str]:
         if t.get("max_workers", 0) > cfg.get("max_workers", 0):
             errors.append(f"node type {n!r}: max_workers {t.get('max_workers')} > cluster max_workers")
     setup = " ".join(cfg.get("setup_commands") or [])
-    if 'pip install -e ".[gpu]"' not in setup:
-        errors.append('setup_commands do not install ctxforge with its GPU extra (pip install -e ".[gpu]")')
+    if 'pip install --no-build-isolation -e ".[gpu]"' not in setup:  # flash-attn's setup.py imports torch
+        errors.append('setup_commands do not install ctxforge with its GPU extra '
+                      '(pip install --no-build-isolation -e ".[gpu]")')
     if not any("--head" in c for c in cfg.get("head_start_ray_commands") or []):
         errors.append("head_start_ray_commands do not start a head")
     return errors

@@ -81,13 +81,20 @@ def one_line(exc: BaseException) -> str:
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Estimate GPU memory per rank for each stage of a train config and the smallest SP degree / "
-                          "GPU count that fits a GPU's memory (formula: design/sequence-parallel.md §7).")
+    parser.description = ("Estimate GPU memory per rank (and host memory per node) for each stage of a train config, "
+                          "the smallest GPU count / SP degree that fits a GPU's memory, and with --gpus N the layout "
+                          "each stage gets on N GPUs. The formula, term by term, is in the docstring of "
+                          "ctxforge.train.plan.")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
-    parser.add_argument("--max-sp", type=int, default=16, help="largest SP degree considered (default 16; Ulysses "
-                                                                "beyond one node's GPUs works but its all-to-all crosses "
-                                                                "the slower inter-node links)")
+    parser.add_argument("--gpus", type=int, default=None, metavar="N",
+                        help="say which stages fit on N GPUs and with which layout (dp x sp, total GPUs)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8); the largest SP "
+                                                                     "degree considered unless --max-sp is given")
+    parser.add_argument("--max-sp", type=int, default=None, help="largest SP degree considered (default: "
+                                                                 "--gpus-per-node; Ulysses beyond one node's GPUs "
+                                                                 "works but its all-to-all crosses the slower "
+                                                                 "inter-node links)")
     _config_args(parser)
 
 
@@ -95,11 +102,17 @@ def run_plan(args) -> int:
     from .config import TrainConfig
     from .plan import format_plan, plan_curriculum
 
+    max_sp = args.max_sp or args.gpus_per_node
     try:
+        for flag, value in (("--gpus", args.gpus), ("--gpus-per-node", args.gpus_per_node), ("--max-sp", max_sp)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} {value}: must be at least 1")
         cfg = load_config(TrainConfig, args.config, args.overrides, default=DEFAULT_TRAIN_CONFIG)
-        rows = plan_curriculum(cfg, gpu_memory_gib=args.gpu_memory_gib, max_sp=args.max_sp)
+        rows = plan_curriculum(cfg, gpu_memory_gib=args.gpu_memory_gib, max_sp=max_sp, gpus=args.gpus,
+                               gpus_per_node=args.gpus_per_node)
+        text = format_plan(cfg, rows, args.gpu_memory_gib, gpus=args.gpus, gpus_per_node=args.gpus_per_node)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"ctxforge plan: {exc}")
+        print(f"ctxforge plan: {one_line(exc)}", file=sys.stderr)
         return 2
-    print(format_plan(cfg, rows, args.gpu_memory_gib))
+    print(text)
     return 0

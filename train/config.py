@@ -110,6 +110,22 @@ class RuntimeConfig(StrictModel):
     fail_at_step: int = Field(0, ge=0, description="fault injection for resume tests: in a run that did not start "
                                                    "from a checkpoint, rank 0 exits after the forward/backward of this "
                                                    "step (before the optimizer step), once per stage; 0 = never")
+    tiled_mlp: bool = Field(False, description="DeepSpeed's TiledMLP on every gated MLP: its [tokens, ffn] "
+                                               "intermediates exist for ~hidden_size tokens at a time (ALST); same "
+                                               "numbers, one more MLP forward per step")
+    offload_checkpoints: bool = Field(False, description="keep each decoder layer's checkpointed input in pinned CPU "
+                                                         "memory between forward and backward (ALST; DeepSpeed's "
+                                                         "CheckpointHiddenStatesOffload); needs gradient_checkpointing")
+    wait_for_resources_s: float = Field(0, ge=0, description="preflight: seconds to wait (asking the autoscaler) for "
+                                                             "the GPUs/CPUs the largest stage needs before failing; "
+                                                             "0 = fail at once if the cluster has fewer")
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpoints(self) -> "RuntimeConfig":
+        if self.offload_checkpoints and not self.gradient_checkpointing:
+            raise ValueError("runtime.offload_checkpoints=true needs runtime.gradient_checkpointing=true (it offloads the "
+                             "checkpointed layer inputs; without checkpointing there are none)")
+        return self
 
 
 class TrainConfig(StrictModel):

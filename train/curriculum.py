@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import DataError
 from .loop import ResumeError, open_source, train_stage_worker
+from .resources import RayClusterView, check_capacity
 
 COMPLETE = "stage_complete.json"
 
@@ -138,6 +139,7 @@ def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
 
     report = CurriculumReport(output_dir=str(out))
     init_model = model_path
+    checked = False
     for i, stage in enumerate(cfg.stages):
         fingerprint = cfg.stage_fingerprint(i)
         final_dir = out / "checkpoints" / stage.name
@@ -150,15 +152,19 @@ def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
         use_gpu = cfg.runtime.device == "cuda" or (cfg.runtime.device == "auto"
                                                    and ray.cluster_resources().get("GPU", 0) > 0)
         backend = "nccl" if use_gpu else "gloo"
+        per_worker = {"CPU": cfg.runtime.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        if not checked:  # once, for this stage and every later one, before anything trains
+            capacity = check_capacity(cfg.stages[i:], per_worker, RayClusterView(), cfg.runtime.wait_for_resources_s)
+            for warning in capacity.warnings:
+                log(warning)
+            checked = True
         payload = {"config": cfg.model_dump(mode="json"), "stage_index": i, "init_model": init_model,
                    "tokenizer_dir": model_path, "tokenizer_hash": tok_hash, "pad_id": tokenizer.pad_token_id,
                    "fingerprint": fingerprint, "backend": backend, "storage": f"{storage}/{cfg.output.name}-{stage.name}",
                    "metrics_path": str(out / "metrics" / f"{stage.name}.jsonl")}
         trainer = TorchTrainer(
             train_stage_worker, train_loop_config=payload,
-            scaling_config=ScalingConfig(num_workers=stage.workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cfg.runtime.cpus_per_worker,
-                                                               **({"GPU": 1} if use_gpu else {})}),
+            scaling_config=ScalingConfig(num_workers=stage.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
             torch_config=TorchConfig(backend=backend),
             run_config=RunConfig(name=f"{cfg.output.name}-{stage.name}", storage_path=storage,
                                  failure_config=FailureConfig(max_failures=cfg.runtime.max_failures),

@@ -28,8 +28,9 @@ from . import checkpoint as ckpt
 from .batching import collate, plan_microbatches
 from .config import TrainConfig
 from .data import DataError, StageSource, index_stage, read_short_mix, short_count
-from .engine import backward_scale, build_engine, peak_memory_bytes, worker_device
+from .engine import backward_scale, build_engine, ds_config, peak_memory_bytes, worker_device
 from .loss import step_counts, step_scale
+from .memory import checkpoint_offload
 from .model import load_stage_model, resolve_attention
 from .schedule import Position, StepSchedule
 from .sequence_parallel import ParallelLayout, enable_ulysses, pad_to_multiple, shard_sequence
@@ -116,9 +117,10 @@ def train_stage_worker(payload: dict) -> None:
     total_steps = done + schedule.steps_left(pos, done)
 
     attention = resolve_attention(rt.attention, device)
-    lm = load_stage_model(payload["init_model"], stage.rope, stage.max_seq_len, attention, rt.dtype,
-                          rt.gradient_checkpointing)
     rows = 1 if stage.batching == "pack" else stage.batch_size
+    lm = load_stage_model(payload["init_model"], stage.rope, stage.max_seq_len, attention, rt.dtype,
+                          rt.gradient_checkpointing, tiled_mlp=rt.tiled_mlp,
+                          zero3_config=ds_config(stage, rt, device, rows) if rt.zero_stage == 3 else None)
     enable_ulysses(lm, stage.sp_degree, attention, micro_batch_size=rows)
     engine, scheduler = build_engine(lm.to(device), stage, rt, device, rows, total_steps,
                                      {"checkpoint": {"load_universal": True}} if reshard else None)
@@ -161,8 +163,9 @@ def train_stage_worker(payload: dict) -> None:
             tensors = pad_to_multiple(mb.tensors, sp, pad_id)
             tensors["weights"] = tensors["weights"] * scale
             local = {key: v.to(device) for key, v in shard_sequence(tensors, layout.sp_rank, sp).items()}
-            loss = engine(**local)
-            engine.backward(loss * backward_scale(sp))
+            with checkpoint_offload(rt.offload_checkpoints):  # spans forward and backward
+                loss = engine(**local)
+                engine.backward(loss * backward_scale(sp))
             loss_sum += loss.detach().double().to(comm)
             if j < len(batches) - 1:
                 engine.step()  # accumulates; DeepSpeed steps the optimizer at the last micro-batch
