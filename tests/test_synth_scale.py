@@ -48,8 +48,9 @@ def outputs(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_documents_stream_and_match_the_pass_per_job_design(ray_local, tmp_path):
+    # the judge pass and repeated questions (rounds of ready requests) stream like the other passes
     fake = ["generator.backend=fake", "generator.model=fake", "generator.concurrency=1",
-            "generator.engine_kwargs={latency_s: 0.02, slots: 2}", "input.limit=4"]
+            "generator.engine_kwargs={latency_s: 0.02, slots: 2}", "input.limit=4", "grounding.judge=true"]
     stream, passes = tmp_path / "streaming", tmp_path / "passes"
     # a typo in the input path is caught before anything is written; the corrected command then runs
     with pytest.raises(PreflightError, match="input.path"):
@@ -81,6 +82,9 @@ def test_documents_stream_and_match_the_pass_per_job_design(ray_local, tmp_path)
     assert outputs(stream) == {**outputs(passes), "qa": outputs(stream)["qa"]}
     a, b = (json.loads((o / "manifest.json").read_text()) for o in (stream, passes))
     assert a["stages"] == b["stages"] and a["grounding"] == b["grounding"]
+    by_pass = a["requests"]["by_pass"]
+    assert by_pass["judge"]["requests"] == by_pass["judge"]["ok"] == by_pass["qa"]["ok"] + by_pass["followup"]["ok"] > 0
+    assert {k: v["requests"] for k, v in by_pass.items()} == {k: v["requests"] for k, v in b["requests"]["by_pass"].items()}
     assert a["accounting"]["engines"]["loads"] == 1 < b["accounting"]["engines"]["loads"]
 
 

@@ -40,7 +40,12 @@ def _quote(text: str, max_len: int | None, words: int = 8) -> str:
 
 
 def fake_answer(schema: dict, prompt: str, name: str = "value") -> Any:
-    """A deterministic instance of the (object-of-strings) schemas the planner asks for."""
+    """A deterministic instance of the schemas the planner asks for (objects of strings, arrays of quotes,
+    enums such as the judge's yes/no: the first value)."""
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][0]
     kind = schema.get("type", "object" if "properties" in schema else "string")
     if kind == "object":
         props = schema.get("properties", {})
