@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_serve.py
 	$(BIN)/python bench/bench_train_sp.py
 	$(BIN)/python bench/bench_train_packing.py
+	$(BIN)/python bench/bench_lengthen.py
 	$(BIN)/python bench/bench_plan.py
 
 clean:

@@ -5,7 +5,8 @@
     ctxforge train --config train-tiny [key=value] the staged curriculum on Ray Train (resumes when rerun)
     ctxforge plan --config train-llama8b-1m        memory per GPU and the smallest GPU count / SP degree per stage
     ctxforge serve --model PATH                    an OpenAI-compatible endpoint on Ray Serve
-    ctxforge eval --config eval-tiny [key=value]   RULER + InfiniteBench, report and plots
+    ctxforge eval --config eval-tiny [key=value]   RULER + InfiniteBench (+ long-output), report and plots
+    ctxforge lengthen --config lengthen-tiny       Self-Lengthen generator/extender loop -> long-output samples
     ctxforge model tiny OUT_DIR                    materialize the tiny model as a HF model directory
     ctxforge model smollm2 OUT_DIR                 materialize SmolLM2-135M-Instruct (real weights) likewise
 """
@@ -81,6 +82,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_eval_arguments(sub.add_parser("eval", help="RULER + InfiniteBench against one or more endpoints: results, "
                                                    "Markdown table and plots"))
 
+    from ctxforge.lengthen.command import add_lengthen_arguments
+
+    add_lengthen_arguments(sub.add_parser("lengthen", help="Self-Lengthen: grow a model's output length with its "
+                                                           "own generator/extender loop (long-output samples)"))
+
     model = sub.add_parser("model", help="model utilities")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     tiny = model_sub.add_parser("tiny", help="materialize the tiny Qwen2-architecture model (config.json, safetensors, "
@@ -139,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             from ctxforge.serve.command import run_eval
             return run_eval(args)
+        if args.command == "lengthen":
+            from ctxforge.lengthen.command import run_lengthen_command
+            return run_lengthen_command(args)
         if args.command == "model" and args.model_command == "tiny":
             from ctxforge.models import materialize_tiny_model
             path = materialize_tiny_model(args.out_dir, seed=args.seed, overwrite=args.overwrite)

@@ -69,6 +69,7 @@ STAGE_MODELS = {
     "train": "ctxforge.train.config:TrainConfig",
     "serve": "ctxforge.serve.config:ServeConfig",
     "eval": "ctxforge.serve.config:EvalConfig",
+    "lengthen": "ctxforge.lengthen.config:LengthenConfig",
 }
 
 

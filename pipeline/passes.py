@@ -77,10 +77,13 @@ def _validator(schema: dict):
     return _VALIDATORS[key]
 
 
-def validate_output(text: str, schema: dict) -> tuple[dict | None, str]:
-    """(object, "") when text is a JSON object matching schema with non-blank strings, else (None, reason)."""
+def validate_output(text: str, schema: dict | None) -> tuple[dict | None, str]:
+    """(object, "") when text is a JSON object matching schema with non-blank strings, else (None, reason).
+    A free-text request (schema None) answers {"text": the stripped text}."""
     if not text or not text.strip():
         return None, "empty_output"
+    if schema is None:
+        return {"text": text.strip()}, ""
     try:
         # strict=False: xgrammar's bounded strings admit raw control characters (tabs) that strict JSON rejects
         obj = json.loads(text, strict=False)

@@ -20,7 +20,7 @@ class Request:
     key: str                    # what the answer fills in the document's state (e.g. "summary:s00003", "qa:h007")
     messages: list[dict[str, str]]
     schema_name: str            # summary | qa
-    schema: dict
+    schema: dict | None         # JSON schema of the answer; None = free text (long-form prose)
     max_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)
     request_id: str = ""
@@ -48,7 +48,7 @@ def request_row(req: Request, attempt: int, temperature: float, top_p: float) ->
     return {
         "request_id": req.request_id,
         "messages": json.dumps(req.messages, ensure_ascii=False),
-        "schema": json.dumps(req.schema, sort_keys=True),
+        "schema": json.dumps(req.schema, sort_keys=True) if req.schema is not None else "",
         "schema_name": req.schema_name,
         "max_tokens": int(req.max_tokens),
         "temperature": float(temperature),

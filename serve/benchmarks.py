@@ -22,7 +22,7 @@ from typing import Any
 from ctxforge.serve.client import EvalClient, Record
 
 BUILTIN = ("ctxforge.serve.eval_ruler", "ctxforge.serve.eval_infinitebench", "ctxforge.serve.lmeval",
-           "ctxforge.serve.longbench_chat")
+           "ctxforge.serve.longbench_chat", "ctxforge.serve.eval_longgen")
 
 
 @dataclass

@@ -101,6 +101,8 @@ def eval_api_keys(cfg) -> dict[str, str | None]:
     keys = {m.name: os.environ.get(m.api_key_env) or None for m in cfg.models if m.base_url and m.api_key_env}
     judge = cfg.longbench_chat.judge
     keys["judge"] = (os.environ.get(judge.api_key_env) or None) if judge.api_key_env else None
+    judge = cfg.longgen.judge  # the long-output quality judge (serve/eval_longgen.py)
+    keys["longgen_judge"] = (os.environ.get(judge.api_key_env) or None) if judge.base_url and judge.api_key_env else None
     return keys
 
 

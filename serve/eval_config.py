@@ -143,6 +143,35 @@ class LongBenchChatConfig(StrictModel):
         return self
 
 
+class LongGenConfig(StrictModel):
+    enabled: bool = Field(False, description="Run the long-output evaluation (LonGen-style word-count targets; serve/eval_longgen.py).")
+    instructions: PathStr = Field("builtin", description="Long-writing instructions: builtin (12 shipped with ctxforge), a .jsonl file with an 'instruction' field, or a text file with one per line; cycled over the (target, type) cells.")
+    targets: list[int] = Field(default_factory=lambda: [2000, 4000, 6000, 8000], description="Word-count targets N (LonGen: 2K-8K words).")
+    types: list[str] = Field(default_factory=lambda: ["about", "range", "above", "below"], description="Constraint types: about N, range (N - N/4 to N + N/4), above (at least N), below (at most N).")
+    samples: int = Field(2, ge=1, description="Requests per (target, type) cell.")
+    tokens_per_word: float = Field(1.6, gt=0, description="Completion budget = 1.5 x the constraint's upper bound in words x this (enough to reach a zero score), capped by the endpoint's window.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (greedy decoding loops on long outputs).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling p.")
+    seed: int = Field(0, description="Per-request sampling seed base (request i sends seed + i).")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Optional quality judge (base_url null = none): mean of seven 1-10 dimensions; max_attempts and structured are not used here.")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v):
+        if not v or min(v) < 1:
+            raise ValueError(f"targets must be a non-empty list of positive word counts, got {v}")
+        return sorted(set(v))
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, v):
+        known = ("about", "range", "above", "below")
+        bad = [t for t in v if t not in known]
+        if bad or not v:
+            raise ValueError(f"unknown or no constraint type(s) {bad}; known: {list(known)}")
+        return v
+
+
 class ClientConfig(StrictModel):
     concurrency: int = Field(4, ge=1, description="Requests in flight per endpoint (RULER's client uses 4).")
     max_retries: int = Field(5, ge=0, description="Retries of a request on transient errors (connection errors, 429, 5xx), with exponential backoff.")
@@ -166,6 +195,7 @@ class EvalConfig(StrictModel):
     infinitebench: InfiniteBenchConfig = Field(default_factory=InfiniteBenchConfig)
     lmeval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     longbench_chat: LongBenchChatConfig = Field(default_factory=LongBenchChatConfig)
+    longgen: LongGenConfig = Field(default_factory=LongGenConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
     references: list[ReferenceRow] = Field(default_factory=list, description="Published numbers shown as reference rows.")
     ray_num_cpus: int = Field(0, ge=0, description="CPUs of the embedded local Ray when a model is served here (0 = all).")

@@ -9,8 +9,8 @@ from ctxforge.config import ConfigError, describe_fields, load_config, packaged_
 from ctxforge.pipeline.config import SynthConfig
 
 
-# train-*, serve-* and eval-* configs are checked against their own models in those stages' tests
-SYNTH_CONFIGS = [n for n in packaged_config_names() if not n.startswith(("train-", "serve-", "eval-"))]
+# train-*, serve-*, eval-* and lengthen-* configs are checked against their own models in those stages' tests
+SYNTH_CONFIGS = [n for n in packaged_config_names() if not n.startswith(("train-", "serve-", "eval-", "lengthen-"))]
 
 
 @pytest.mark.parametrize("name", SYNTH_CONFIGS)

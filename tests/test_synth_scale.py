@@ -158,6 +158,18 @@ def test_lost_engine_loses_nothing_and_the_pool_grows_and_shrinks(ray_local, tmp
     # idle engines above the minimum are released (scale_down_idle_s=0)
     pool.autoscale(0)
     assert len(pool.engines) == 1
+    # free text (schema None, the long-output requests) through the same engines: unconstrained, validated
+    # as {"text": ...}; a structured request of the same prompt still gets JSON
+    prose = [Request("free_text", "d9", f"t{i}", prompt_set.messages(f"Write about mill {i}."), "text", None, 64)
+             for i in range(2)]
+    texts: dict[str, dict] = {}
+    sched.ask(prose, 0, lambda req, obj: texts.__setitem__(req.key, obj))
+    while sched.busy():
+        sched.step(0.05)
+    assert set(texts) == {"t0", "t1"}
+    for r in prose:
+        assert texts[r.key] == {"text": fake_answer({"type": "string"}, r.messages[-1]["content"], "text")}
+    assert sched.finish()["free_text"].ok == 2
     pool.shutdown()
     records = pool.engine_records()
     assert sum(r["lost"] for r in records) == 1 and 2 <= len(records) <= pool.started  # loaded engines only

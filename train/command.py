@@ -21,7 +21,7 @@ def _epilog(model) -> str:
         model, "options (override any as key=value after --config; list items by index, e.g. stages.0.lr=1e-5):",
         extra=("  stages.N.*  see StageConfig: name, data_stage, max_seq_len, rope.{theta,type,factor,...}, lr, "
                "schedule, warmup_steps, min_lr_ratio, epochs, max_steps, workers, sp_degree, batching, batch_size, "
-               "grad_accum, loss_weighting, short_ratio, checkpoint_every",))
+               "grad_accum, loss_weighting, short_ratio, long_output_ratio, checkpoint_every",))
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ctxforge.config import StrictModel
+from ctxforge.config import PathStr, StrictModel
 
 from .rope import RopeConfig, check_trainable, dynamic_rope_message, stage_rope_parameters
 from .sequence_parallel import check_sp_degree
@@ -49,6 +49,8 @@ class StageConfig(StrictModel):
     short_ratio: float = Field(0.0, ge=0, lt=1, description="share of short instruction samples mixed in "
                                                             "(ProLong: ~0.4); needs input.short_data")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the stage end")
+    long_output_ratio: float = Field(0.0, ge=0, lt=1, description="share of long-output samples (ctxforge lengthen) "
+                                                                  "mixed in; needs input.long_output")
 
     @property
     def dp_degree(self) -> int:
@@ -74,6 +76,8 @@ class InputConfig(StrictModel):
     strict: bool = Field(False, description="a sample longer than its stage is an error (false: dropped, counted)")
     short_data: str | None = Field(None, description="JSONL/Parquet chat dataset with a 'messages' column for the "
                                                      "short-data mix")
+    long_output: PathStr | None = Field(None, description="long-output sample set for the long-output mix: the final/ "
+                                                      "folder of `ctxforge lengthen` (samples/long_output/ + manifest)")
 
 
 class OutputConfig(StrictModel):
@@ -142,6 +146,13 @@ class TrainConfig(StrictModel):
             raise ValueError(f"stage names must be unique: {names}")
         if any(s.short_ratio > 0 for s in self.stages) and not self.input.short_data:
             raise ValueError("a stage sets short_ratio > 0 but input.short_data is not set")
+        for s in self.stages:
+            if s.long_output_ratio > 0 and not self.input.long_output:
+                raise ValueError(f"stage {s.name}: long_output_ratio > 0 but input.long_output is not set")
+            if s.short_ratio + s.long_output_ratio >= 1:
+                raise ValueError(f"stage {s.name}: short_ratio {s.short_ratio} + long_output_ratio "
+                                 f"{s.long_output_ratio} = {s.short_ratio + s.long_output_ratio} leaves no room for "
+                                 f"the stage's own samples (must be < 1)")
         return self
 
     def validate_for(self, model_config, available_workers: int | None = None) -> None:

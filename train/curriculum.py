@@ -99,6 +99,8 @@ def prepare(cfg: TrainConfig, label: str, log=print):
     cfg.input.dir = _absolute(cfg.input.dir)
     if cfg.input.short_data:
         cfg.input.short_data = _absolute(cfg.input.short_data)
+    if cfg.input.long_output:
+        cfg.input.long_output = _absolute(cfg.input.long_output)
     out = Path(cfg.output.dir).expanduser().absolute()
     check_available(cfg.output.report_to)
     model_path = resolve_model_path(cfg.model)

@@ -258,33 +258,48 @@ def read_short_mix(location: str | Path, tokenizer, num_samples: int, max_seq_le
     return [rendered[rng.randrange(len(rendered))] for _ in range(num_samples)]
 
 
-def short_count(num_long: int, short_ratio: float) -> int:
-    """Short samples so that they make `short_ratio` of the stage's samples (0.4 -> 40% short)."""
+def short_count(num_long: int, short_ratio: float, other_ratio: float = 0.0) -> int:
+    """Mixed-in samples so that they make `short_ratio` of the stage's samples (0.4 -> 40% short) when another
+    mix takes `other_ratio` (the short and the long-output mix: each counts with the other's ratio here)."""
     if short_ratio <= 0:
         return 0
-    return round(num_long * short_ratio / (1.0 - short_ratio))
+    return round(num_long * short_ratio / (1.0 - short_ratio - other_ratio))
+
+
+def read_long_output_mix(set_dir: str | Path, num_samples: int, max_seq_len: int, tokenizer_hash: str,
+                         seed: int) -> list[Sample]:
+    """`num_samples` samples of a long-output set (`ctxforge lengthen`'s final/: stage `long_output` in the sample
+    contract, same checks as a stage's shards), each used once before any is repeated, in a seeded order."""
+    samples, stats = read_stage(set_dir, "long_output", max_seq_len, tokenizer_hash)
+    if not samples:
+        raise DataError(f"{set_dir}: no long-output sample fits max_seq_len {max_seq_len} ({stats})")
+    order = random.Random(f"long_output:{seed}").sample(range(len(samples)), len(samples))
+    return [Sample(s.sample_id, s.input_ids, s.loss_mask, source="long_output")
+            for s in (samples[order[i % len(order)]] for i in range(num_samples))]
 
 
 @dataclass
 class StageSource:
-    """A stage's samples as the loop sees them: long samples (streamed from `index`) then short ones (in
-    memory, they are short). Sample k < len(index) is long sample k."""
+    """A stage's samples as the loop sees them: long samples (streamed from `index`), then the short mix and
+    the long-output mix (in memory, they are short). Sample k < len(index) is long sample k."""
 
     index: StageIndex
     short: list[Sample]
+    long_output: list[Sample] = field(default_factory=list)
 
     @property
     def lengths(self) -> list[int]:
-        return [int(n) for n in self.index.lengths] + [len(s) for s in self.short]
+        return [int(n) for n in self.index.lengths] + [len(s) for s in self.short + self.long_output]
 
     @property
     def stats(self) -> dict:
-        return {**self.index.stats, "short": len(self.short)}
+        return {**self.index.stats, "short": len(self.short), "long_output": len(self.long_output)}
 
     def __len__(self) -> int:
-        return len(self.index) + len(self.short)
+        return len(self.index) + len(self.short) + len(self.long_output)
 
     def read(self, indices: list[int]) -> list[Sample]:
         n = len(self.index)
+        mixed = self.short + self.long_output
         long = iter(self.index.read([k for k in indices if k < n]))
-        return [next(long) if k < n else self.short[k - n] for k in indices]
+        return [next(long) if k < n else mixed[k - n] for k in indices]

@@ -27,7 +27,7 @@ import torch
 from . import checkpoint as ckpt
 from .batching import collate, plan_microbatches
 from .config import TrainConfig
-from .data import DataError, StageSource, index_stage, read_short_mix, short_count
+from .data import DataError, StageSource, index_stage, read_long_output_mix, read_short_mix, short_count
 from .engine import backward_scale, build_engine, ds_config, peak_memory_bytes, worker_device
 from .loss import step_counts, step_scale
 from .memory import checkpoint_offload
@@ -46,9 +46,13 @@ def open_source(cfg: TrainConfig, index: int, tokenizer_hash: str, tokenizer=Non
     stage = cfg.stages[index]
     idx = index_stage(cfg.input.dir, stage.data_stage or stage.name, stage.max_seq_len, tokenizer_hash,
                       cfg.input.strict)
-    n_short = short_count(len(idx), stage.short_ratio)
+    n_short = short_count(len(idx), stage.short_ratio, stage.long_output_ratio)
     short = read_short_mix(cfg.input.short_data, tokenizer, n_short, stage.max_seq_len, cfg.runtime.seed) if n_short else []
-    return StageSource(idx, short)
+    # the long-output mix (ctxforge lengthen's final set): already tokenized, so no tokenizer needed here
+    n_long_output = short_count(len(idx), stage.long_output_ratio, stage.short_ratio)
+    long_output = (read_long_output_mix(cfg.input.long_output, n_long_output, stage.max_seq_len, tokenizer_hash,
+                                        cfg.runtime.seed) if n_long_output else [])
+    return StageSource(idx, short, long_output)
 
 
 def stage_schedule(source: StageSource, stage, seed: int) -> StepSchedule:

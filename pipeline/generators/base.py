@@ -12,7 +12,7 @@ scheduler (scheduler.py) or the pass runner (passes.py), the same for every back
 A request row:
   request_id  str   content-addressed id (cache key)
   messages    str   JSON list of {"role", "content"} chat messages
-  schema      str   JSON schema the completion must match (structured outputs)
+  schema      str   JSON schema the completion must match (structured outputs); "" = free text
   schema_name str   short name of that schema (summary, qa)
   max_tokens  int   completion budget
   temperature float

@@ -77,7 +77,10 @@ class FakeEngine(Engine):
         try:
             messages = json.loads(row["messages"])
             prompt = _last_user(messages)
-            text = json.dumps(fake_answer(json.loads(row["schema"]), prompt))
+            if row["schema"]:
+                text = json.dumps(fake_answer(json.loads(row["schema"]), prompt))
+            else:  # a free-text request: prose derived from the prompt
+                text = fake_answer({"type": "string"}, prompt, "text")
         except Exception as exc:  # a malformed row is that row's failure
             return error_result(f"bad request row: {type(exc).__name__}: {exc}")
         time.sleep(self.latency_s)

@@ -57,7 +57,8 @@ class HFGeneratorUDF(Engine):
             return {"output_text": "", "prompt_tokens": n_prompt, "completion_tokens": 0,
                     "error": f"prompt_too_long: {n_prompt} prompt + {max_new} completion tokens > max_model_len {self.max_model_len}"}
         # a LogitsProcessor holds its matcher state: one per generate() call
-        processor = self.grammars.logits_processor(self.grammars.json_schema(row["schema"]))
+        processor = (self.grammars.logits_processor(self.grammars.json_schema(row["schema"])) if row["schema"]
+                     else None)  # "" = a free-text request
         input_ids = torch.tensor([prompt_ids], device=self.device)
         torch.manual_seed(int(row["seed"]))
         temperature = float(row["temperature"])
@@ -67,7 +68,7 @@ class HFGeneratorUDF(Engine):
                 input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new,
                 do_sample=sample, temperature=temperature if sample else None,
                 top_p=float(row["top_p"]) if sample else None, top_k=None,
-                logits_processor=[processor], eos_token_id=self.eos_ids,
+                logits_processor=[processor] if processor else None, eos_token_id=self.eos_ids,
                 pad_token_id=self.tokenizer.pad_token_id or self.eos_ids[0],
             )
         new_tokens = out[0, n_prompt:].tolist()

@@ -167,21 +167,24 @@ class HTTPGeneratorUDF(Engine):
         self.__del__()
 
     def _payload(self, row: dict[str, Any]) -> dict[str, Any]:
-        schema = json.loads(row["schema"])
-        if not self.length_bounds:
-            schema = strip_length_bounds(schema)
-        return {
+        payload = {
             "model": self.model,
             "messages": parse_messages(row["messages"]),
             "max_tokens": int(row["max_tokens"]),
             "temperature": float(row["temperature"]),
             "top_p": float(row["top_p"]),
             "seed": int(row["seed"]),
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {"name": row["schema_name"], "schema": schema, "strict": True},
-            },
         }
+        if not row["schema"]:  # a free-text request
+            return payload
+        schema = json.loads(row["schema"])
+        if not self.length_bounds:
+            schema = strip_length_bounds(schema)
+        payload["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": row["schema_name"], "schema": schema, "strict": True},
+        }
+        return payload
 
     def _generate(self, row: dict[str, Any]) -> dict[str, Any]:
         """One request with retries; never raises, so one bad row cannot fail the dataset."""

@@ -35,13 +35,14 @@ CPU_STAGE = {"enabled": True, "num_cpus": 0.25}
 
 
 def sampling_params(row: dict) -> dict:
-    """vLLM SamplingParams fields of a request row (ray.data.llm turns structured_outputs into its params)."""
+    """vLLM SamplingParams fields of a request row (ray.data.llm turns structured_outputs into its params);
+    a free-text request (schema "") has no structured_outputs. Both the Ray Data path and the engine pool use it."""
     return {
         "temperature": float(row["temperature"]),
         "top_p": float(row["top_p"]),
         "max_tokens": int(row["max_tokens"]),
         "seed": int(row["seed"]),
-        "structured_outputs": {"json": json.loads(row["schema"])},
+        **({"structured_outputs": {"json": json.loads(row["schema"])}} if row["schema"] else {}),
     }
 
 
