@@ -171,8 +171,11 @@ class LocalCluster:
         m = re.search(r"Status for job '[^']+': (?:JobStatus\.)?(\w+)", out)
         return m.group(1) if m else out
 
-    def wait(self, submission_id: str, timeout_s: float = 240) -> tuple[str, str]:
-        """Block until the job ends (`ray job logs --follow`), then return its status and logs."""
+    def wait(self, submission_id: str, timeout_s: float = 900) -> tuple[str, str]:
+        """Block until the job ends (`ray job logs --follow`), then return its status and logs.
+
+        The limit is generous: a loaded 2-core CI machine has taken over 4 minutes for the training job.
+        """
         proc = self._ray("job", "logs", f"--address={self.dashboard}", "--follow", submission_id,
                          timeout=timeout_s, check=False)
         for _ in range(30):

@@ -12,8 +12,9 @@ far) and the next run resuming from the last checkpoint:
 4. workers 1, grad_accum 2                   -> steps 7-8 equal (ZeRO shards resharded 2 -> 1)
 
 Each layout keeps dp x grad_accum = 2 micro-batches per step, so every run computes the same steps.
-Dropping the optimizer or scheduler state on resume breaks step 4's loss and step 3's lr (checked by
-hand when this test was written: loading without optimizer/scheduler states fails it).
+Why this can fail: losses and learning rates are compared step by step with the uninterrupted run, so a
+resume that lost Adam's moments would change the updates after it (and so the next losses), and one that
+lost the scheduler's state would restart the warmup (a different lr at the first resumed step).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ P > kv heads), the core attention runs on the full sequence for h/P heads, and a
 turns `[b, s, h/P, d] -> [b, s/P, h, d]`.
 
 Why a core attention of our own: DeepSpeed's wrapper drops `attention_mask` for every backend
-except flex (see design/sequence-parallel.md §0.2), so with plain sdpa packed documents attend
+except flex (`deepspeed/runtime/sequence_parallel/ulysses_sp.py`, `UlyssesSPAttentionHF`), so with plain sdpa packed documents attend
 across their boundaries. It does all-gather the global `position_ids` and pass them on, so
 `doc_masked_sdpa` (registered as "ctxforge_doc_sdpa") rebuilds the block-diagonal causal mask from
 them, the rule of transformers' `find_packed_sequence_indices`, and runs causal sdpa per document. On GPU the core is
