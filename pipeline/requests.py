@@ -52,7 +52,8 @@ def request_row(req: Request, attempt: int, temperature: float, top_p: float,
     return {
         "request_id": req.request_id,
         "messages": json.dumps(req.messages, ensure_ascii=False),
-        "schema": json.dumps(req.schema, sort_keys=True) if req.schema is not None else "",
+        # the schema's own property order: constrained decoders write fields in it (question, then answer)
+        "schema": json.dumps(req.schema) if req.schema is not None else "",
         "schema_name": req.schema_name,
         "max_tokens": int(req.max_tokens),
         "temperature": float(temperature),

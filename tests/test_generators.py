@@ -188,3 +188,15 @@ def test_repetition_penalty_reaches_the_request_id_and_every_backend(hf_udf):
     finally:
         hf_udf.model.generate = generate
     assert seen == [1.0, 1.5]
+
+
+def test_request_rows_keep_the_schemas_property_order(hf_udf):
+    """Constrained decoders write properties in schema order: a sorted schema would make the model answer
+    before it asks (answer, evidence_quote, question)."""
+    from ctxforge.pipeline.requests import Request, request_row
+
+    schema = qa_schema(LimitsConfig())
+    req = Request("qa", "d", "k", [{"role": "user", "content": "x"}], "qa", schema, 8).finalize("m", 0.7, 0.95, "p")
+    assert list(json.loads(request_row(req, 0, 0.7, 0.95)["schema"])["properties"]) == ["question", "answer", "evidence_quote"]
+    out = hf_udf(rows_batch([{**request(9), "schema": json.dumps(schema), "max_tokens": 24}]))
+    assert out["output_text"][0].startswith('{"question": ')
