@@ -213,6 +213,8 @@ def _rename_deprecated(data: dict, overrides: list[str], aliases: dict[str, str]
         for part in parts[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and parts[-1] in node:
+            if _get_dotted(data, new) is not None:
+                raise ConfigError(f"{label}: both '{old}' (deprecated) and '{new}' are set; keep only '{new}'")
             value = node.pop(parts[-1])
             _set_dotted(data, new, value)
             print(f"{label}: '{old}' is deprecated, use '{new}'", file=sys.stderr)
@@ -226,6 +228,13 @@ def _rename_deprecated(data: dict, overrides: list[str], aliases: dict[str, str]
                 break
         renamed.append(f"{key}{sep}{raw}")
     return renamed
+
+
+def _get_dotted(data: dict, dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -314,6 +323,11 @@ def options_help(model: type[BaseModel], header: str, extra: tuple[str, ...] = (
         lines.append(f"  {key}  ({typ}, {'required' if default == 'required' else 'default ' + default})")
         lines.extend(f"      {part}" for part in textwrap.wrap(desc, 92))
     lines.extend(extra)
+    renamed = getattr(model, "deprecated_keys", {}) or {}
+    if renamed:
+        lines.append("")
+        lines.append("deprecated spellings (still accepted, with a notice): "
+                     + ", ".join(f"{old} -> {new}" for old, new in renamed.items()))
     return "\n".join(lines)
 
 

@@ -280,7 +280,7 @@ class Lengthener:
             return model
         stage = {**cfg.train.stage.model_dump(mode="json"), "name": role, "data_stage": role}
         tc = TrainConfig.model_validate({
-            "model": model, "input": {"dir": str(data_dir)},
+            "model": model, "input": {"path": str(data_dir)},
             "output": {"dir": str(idir / "train" / f"{role}-{data['content_hash'][:8]}"), "name": f"lengthen-{role}"},
             "runtime": cfg.train.runtime.model_dump(mode="json"), "stages": [stage]})
         report = run_curriculum(tc, label=f"lengthen iteration {it} {role}", log=log.info,

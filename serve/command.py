@@ -86,7 +86,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                           "files), lm-evaluation-harness tasks (your task YAMLs and data) and LongBench-Chat (LongAlign's "
                           "files, an LLM judge) through their OpenAI-compatible endpoints (served here when base_url is "
                           "null, at route /eval-<name>). Every data path and endpoint is checked first. Writes "
-                          "results.json, report.md and plots/ to output_dir; reruns resume from its cache.")
+                          "results.json, report.md and plots/ to output.dir; reruns resume from its cache.")
     parser.epilog = _epilog(EvalConfig)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", default=None, metavar="FILE.yaml|NAME",
@@ -126,5 +126,5 @@ def run_eval(args) -> int:
         label = f" [{m['label']}]" if m.get("label") else ""
         print(f"{name}{label}: {'; '.join(p for p in parts if p)}  ({m['requests']['total']} requests, "
               f"{m['requests']['errors']} failed)")
-    print(f"\nreport:  {cfg.output_dir}/report.md\nresults: {cfg.output_dir}/results.json\nplots:   {cfg.output_dir}/plots/")
+    print(f"\nreport:  {cfg.output.dir}/report.md\nresults: {cfg.output.dir}/results.json\nplots:   {cfg.output.dir}/plots/")
     return 0 if all(m["requests"]["errors"] == 0 for m in results["models"].values()) else 1

@@ -52,7 +52,7 @@ def eval_dir(ray_local, tiny_model_path, tmp_path_factory):
                                    max_ongoing_requests=8, app_name="test-notebooks"))
     try:
         cfg = EvalConfig.model_validate({
-            "output_dir": str(out),
+            "output": {"dir": str(out)},
             "models": [{"name": "base", "model": tiny_model_path, "base_url": endpoint},
                        {"name": "trained", "model": tiny_model_path, "base_url": endpoint}],
             "ruler": {"tasks": ["niah_single_1", "niah_single_2", "vt"], "lengths": [1024, 2048],

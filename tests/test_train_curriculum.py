@@ -48,7 +48,7 @@ def synth_output(tmp_path_factory):
 
 
 def _train(synth: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = ["--config", CONFIG, f"input.dir={synth}", f"output.dir={out}", "runtime.progress=false",
+    args = ["--config", CONFIG, f"input.path={synth}", f"output.dir={out}", "runtime.progress=false",
             "runtime.fail_at_step=2", *extra]
     return subprocess.run([sys.executable, "-c", TRAIN, *args], env=_env(), capture_output=True, text=True,
                           timeout=900)

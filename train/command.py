@@ -29,7 +29,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
                         help=f"train config (YAML path or packaged name: "
                              f"{', '.join(n for n in packaged_config_names() if n.startswith('train'))}); "
                              f"default: {DEFAULT_TRAIN_CONFIG}")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. input.dir=runs/x")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. input.path=runs/x")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
