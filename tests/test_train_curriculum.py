@@ -93,8 +93,10 @@ def test_two_stage_curriculum_survives_a_killed_worker_and_resumes(synth_output,
     for r in restarted:
         assert r["loss"] == pytest.approx(seen[r["step"]], rel=1e-6), (r, seen)
 
+    from ctxforge.train.curriculum import stage_checkpoint_dir
+
     for stage, theta in (("4K", 2e6), ("8K", 8e6)):
-        final = out / "checkpoints" / stage
+        final = stage_checkpoint_dir(out, stage)    # where serve/eval configs point (tests/test_real_scale.py)
         config = json.loads((final / "config.json").read_text())
         assert config["rope_parameters"]["rope_theta"] == theta
         assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
