@@ -96,6 +96,7 @@ class GeneratorConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf backend weights dtype (auto = bf16 on GPU, fp32 on CPU).")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel).")
     accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type to request, e.g. H100.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each generator actor (hf, http) or each GPU bundle of a vLLM engine requests, so that it lands only on the node type that provides them, e.g. {ctxforge_generate: 1} (the spot GPU nodes of cluster/aws.yaml); {} = none (local runs).")
     max_model_len: int = Field(32768, ge=256, description="Generator context window in tokens (prompt + completion).")
     engine_kwargs: dict = Field(default_factory=dict, description="vllm: extra vLLM engine arguments.")
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature (each request is seeded from its id, so reruns are reproducible).")

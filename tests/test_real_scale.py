@@ -110,3 +110,189 @@ def test_kuberay_jobs_and_service_keep_the_chain():
     svc = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
     (llm,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]["llm_configs"]
     assert llm["model_loading_config"]["model_source"] == _shipped()["serve"]["serve-llama8b-1m"].model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# each stage requests its node type's custom resource, and the launcher configs' node types provide it
+# ---------------------------------------------------------------------------------------------------------
+
+def _kuberay_groups(cluster_spec: dict) -> dict[str, dict]:
+    """{group: {resources, spot, gpus}} of a KubeRay cluster spec (rayStartParams.resources is JSON in a string)."""
+    import json
+
+    groups = {}
+    for g in cluster_spec.get("workerGroupSpecs") or []:
+        raw = (g.get("rayStartParams") or {}).get("resources")
+        pod = g["template"]["spec"]
+        gpus = sum(int(((c.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu", 0)) for c in pod["containers"])
+        groups[g["groupName"]] = {"resources": json.loads(raw.strip('"').replace('\\"', '"')) if raw else {},
+                                  "spot": (pod.get("nodeSelector") or {}).get("karpenter.sh/capacity-type") == "spot",
+                                  "gpus": gpus}
+    return groups
+
+
+def _launcher_node_types(name: str) -> dict[str, dict]:
+    """{node type: {resources, spot, gpus}} of a Ray cluster launcher config (aws.yaml, gcp.yaml)."""
+    cfg = yaml.safe_load((CLUSTER / name).read_text())
+    types = {}
+    for node_type, t in cfg["available_node_types"].items():
+        nc = t["node_config"]
+        spot = ((nc.get("InstanceMarketOptions") or {}).get("MarketType") == "spot"
+                or any((s or {}).get("provisioningModel") == "SPOT" for s in nc.get("scheduling") or []))
+        gpu_type = nc.get("InstanceType", nc.get("machineType", ""))
+        gpus = 8 if gpu_type.startswith(("p5.", "a3-")) else 0
+        types[node_type] = {"resources": dict(t.get("resources") or {}), "spot": spot, "gpus": gpus}
+    return types
+
+
+def stage_requests(configs: dict) -> dict[str, tuple[dict, int]]:
+    """{stage config: (custom resources of one GPU bundle/worker, GPUs one node must hold of them)}."""
+    synth = configs["synth"]["qwen72b-vllm"].generator
+    train = configs["train"]["train-llama8b-1m"]
+    serve = configs["serve"]["serve-llama8b-1m"]
+    evaluation = configs["eval"]["eval-llama8b-1m"].serve
+    return {"qwen72b-vllm": (synth.resources, synth.tensor_parallel_size),
+            "train-llama8b-1m": (train.runtime.resources, max(s.sp_degree for s in train.stages)),
+            "serve-llama8b-1m": (serve.resources, serve.tensor_parallel_size),
+            "eval-llama8b-1m": (evaluation.resources, evaluation.tensor_parallel_size)}
+
+
+def resource_errors(requests: dict[str, tuple[dict, int]], node_types: dict[str, dict], where: str) -> list[str]:
+    """A requested custom resource that no GPU node type of `node_types` provides (enough of, for one node's
+    bundles), or training's provided by a spot type."""
+    errors = []
+    for config, (wanted, per_node) in requests.items():
+        if not wanted:
+            errors.append(f"{where}: {config} requests no custom resource: it can land on any node type")
+        for key, amount in wanted.items():
+            hosts = [n for n, t in node_types.items() if t["gpus"] and t["resources"].get(key, 0) >= amount * per_node]
+            if not hosts:
+                errors.append(f"{where}: {config} requests {key}: {amount:g} per GPU, which no GPU node type provides "
+                              f"({ {n: t['resources'] for n, t in node_types.items()} })")
+            if config.startswith("train") and any(node_types[n]["spot"] for n in hosts):
+                errors.append(f"{where}: training's {key} is provided by a spot node type "
+                              f"({[n for n in hosts if node_types[n]['spot']]})")
+    return errors
+
+
+@pytest.mark.parametrize("launcher", ["aws.yaml", "gcp.yaml", "kuberay/raycluster.yaml"])
+def test_each_stage_requests_a_resource_its_node_type_provides(launcher):
+    requests = stage_requests(_shipped())
+    if launcher.startswith("kuberay"):
+        types = _kuberay_groups(yaml.safe_load((CLUSTER / launcher).read_text())["spec"])
+    else:
+        types = _launcher_node_types(launcher)
+    assert resource_errors(requests, types, launcher) == []
+    # generation on the spot GPUs, training on the on-demand ones: the two requests differ
+    assert requests["qwen72b-vllm"][0] != requests["train-llama8b-1m"][0]
+    spot_only = {k for t in types.values() if t["spot"] for k in t["resources"]}
+    assert set(requests["qwen72b-vllm"][0]) <= spot_only and not set(requests["train-llama8b-1m"][0]) & spot_only
+
+
+def test_kuberay_job_and_service_clusters_provide_what_their_stage_requests():
+    requests = stage_requests(_shipped())
+    train_job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob-train.yaml").read_text())
+    assert resource_errors({"train-llama8b-1m": requests["train-llama8b-1m"]},
+                           _kuberay_groups(train_job["spec"]["rayClusterSpec"]), "rayjob-train") == []
+    svc = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
+    assert resource_errors({"serve-llama8b-1m": requests["serve-llama8b-1m"]},
+                           _kuberay_groups(svc["spec"]["rayClusterConfig"]), "rayservice") == []
+
+
+def test_resource_check_negative_controls():
+    configs = _shipped()
+    types = _launcher_node_types("aws.yaml")
+    typo = _shipped({"train-llama8b-1m": ["runtime.resources={ctxforge_trian: 1}"]})
+    assert any("ctxforge_trian" in e for e in resource_errors(stage_requests(typo), types, "aws"))
+    none = _shipped({"train-llama8b-1m": ["runtime.resources={}"]})
+    assert any("train-llama8b-1m requests no custom resource" in e for e in resource_errors(stage_requests(none), types, "aws"))
+    on_spot = {n: {**t, "resources": {**t["resources"], "ctxforge_train": 1000}} if t["spot"] else t
+               for n, t in types.items()}
+    assert any("spot node type" in e for e in resource_errors(stage_requests(configs), on_spot, "aws"))
+    scarce = {n: {**t, "resources": {**t["resources"], "ctxforge_train": 4}} if n == "train_h100" else t
+              for n, t in types.items()}
+    assert any("ctxforge_train" in e for e in resource_errors(stage_requests(configs), scarce, "aws"))
+
+
+# --- the wiring: what each stage hands to Ray -------------------------------------------------------------
+
+def test_training_workers_request_the_training_node_resource():
+    from ctxforge.train.resources import scaling_config, worker_resources
+
+    train = _shipped()["train"]["train-llama8b-1m"]
+    per_worker = worker_resources(train.runtime, use_gpu=True)
+    assert per_worker == {"CPU": 8, "GPU": 1, "ctxforge_train": 1}
+    for stage in train.stages:
+        sc = scaling_config(stage, per_worker, use_gpu=True)
+        assert sc.num_workers == stage.workers and sc.resources_per_worker == per_worker
+    tiny = load_config(_model("train"), "train-tiny")
+    assert worker_resources(tiny.runtime, use_gpu=False) == {"CPU": tiny.runtime.cpus_per_worker}   # local: none
+
+
+class _View:
+    def __init__(self, totals):
+        self._totals = totals
+
+    def totals(self):
+        return dict(self._totals)
+
+    def node_gpus(self):
+        return [8.0]
+
+    def request(self, bundles):
+        pass
+
+
+def test_training_preflight_names_a_missing_node_resource():
+    from ctxforge.train.resources import ResourceError, check_capacity, worker_resources
+
+    train = _shipped()["train"]["train-llama8b-1m"]
+    per_worker = worker_resources(train.runtime, use_gpu=True)
+    spot_only = _View({"CPU": 192, "GPU": 8, "ctxforge_generate": 1000})
+    with pytest.raises(ResourceError, match=r"ctxforge_train 8 \(> 0\).*runtime.resources"):
+        check_capacity(train.stages, per_worker, spot_only)
+    check_capacity(train.stages, per_worker, _View({"CPU": 192, "GPU": 8, "ctxforge_train": 1000}))
+
+
+def test_serve_and_eval_replicas_request_the_generation_node_resource(tiny_model_path):
+    from ctxforge.serve.app import build_app, build_llm_config
+    from ctxforge.serve.config import ServeConfig
+    from ctxforge.serve.evaluate import served_here_config
+
+    configs = _shipped()
+    serve = configs["serve"]["serve-llama8b-1m"].model_copy(update={"max_model_len": 1048576})
+    llm = build_llm_config(serve, "/m")
+    assert llm["placement_group_config"] == {"bundle_per_worker": {"CPU": 1, "GPU": 1, "ctxforge_generate": 1},
+                                             "strategy": "PACK"}
+    evaluation = configs["eval"]["eval-llama8b-1m"]
+    for entry in evaluation.models:
+        served = served_here_config(evaluation, entry)
+        assert served.resources == {"ctxforge_generate": 1}
+        assert "ctxforge_generate" in build_llm_config(served.model_copy(update={"max_model_len": 1048576, "rope": None}), "/m")[
+            "placement_group_config"]["bundle_per_worker"]
+    # the CPU (transformers) deployment: its replica actor
+    app = build_app(ServeConfig(model=tiny_model_path, resources={"ctxforge_generate": 1}))
+    assert app._bound_deployment.ray_actor_options["resources"] == {"ctxforge_generate": 1}
+    assert "placement_group_config" not in build_llm_config(ServeConfig(model="/m", max_model_len=4096), "/m")
+
+
+class _Dataset:
+    """Records what a generator backend asks Ray Data for."""
+
+    def map_batches(self, fn, **kwargs):
+        self.kwargs = kwargs
+        return self
+
+
+def test_synthesis_generators_request_the_generation_node_resource():
+    from ctxforge.pipeline.generators.hf import HFBackend
+    from ctxforge.pipeline.generators.http import HTTPBackend
+    from ctxforge.pipeline.generators.vllm import VLLMBackend
+
+    gen = _shipped()["synth"]["qwen72b-vllm"].generator
+    pg = VLLMBackend(gen, "/models/qwen").processor_config().placement_group_config
+    assert pg["bundle_per_worker"] == {"CPU": 1, "GPU": 1, "ctxforge_generate": 1}
+    for backend, extra in ((HFBackend, {}), (HTTPBackend, {"base_url": "http://127.0.0.1:1/v1"})):
+        cfg = gen.model_copy(update={"backend": backend.name, "concurrency": 1, **extra})
+        assert backend(cfg, "/models/qwen").apply(_Dataset()).kwargs["resources"] == {"ctxforge_generate": 1}
+        assert "resources" not in backend(cfg.model_copy(update={"resources": {}}), "/m").apply(_Dataset()).kwargs

@@ -94,6 +94,7 @@ class HFBackend(GeneratorBackend):
             compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
             num_cpus=cfg.num_cpus,
             **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {}),
+            **({"resources": dict(cfg.resources)} if cfg.resources else {}),
         )
 
     def describe(self) -> dict:

@@ -76,6 +76,7 @@ class HTTPBackend(GeneratorBackend):
                 enable_true_multi_threading=True,
             ),
             num_cpus=min(self.cfg.num_cpus, 0.25),
+            **({"resources": dict(self.cfg.resources)} if self.cfg.resources else {}),
             # Several rounds of `n` requests per batch so the per-batch overhead is amortised.
             batch_size=max(self.cfg.batch_size, 4 * n),
             batch_format="numpy",

@@ -71,6 +71,9 @@ class VLLMBackend(GeneratorBackend):
             batch_size=cfg.batch_size,
             concurrency=concurrency,
             accelerator_type=cfg.accelerator_type,
+            # the engine's GPU bundles carry the generation node type's custom resource (Ray's default bundle + it)
+            **({"placement_group_config": {"bundle_per_worker": {"CPU": 1, "GPU": 1, **cfg.resources},
+                                           "strategy": "PACK"}} if cfg.resources else {}),
             should_continue_on_error=True,  # a failed row gets __inference_error__ instead of killing the job
             chat_template_stage=CPU_STAGE,
             tokenize_stage=CPU_STAGE,
