@@ -113,3 +113,45 @@ def test_train_fingerprint_survives_the_rename():
 
 # train-tiny with input.dir=/data/synth, computed by the code before the rename
 FINGERPRINTS_BEFORE_RENAME = ["505691d73adf6a08", "723c99c78e0bc292"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --help shows the chosen config's values, for every stage
+# ---------------------------------------------------------------------------------------------------------
+
+HELP = [
+    (["train", "--config", "train-llama8b-1m"], ['runtime.resources  (dict[str, float], value {"ctxforge_train": 1.0})',
+                                                  'stages.3.name  (str, value "1M")']),
+    (["plan", "--config", "train-llama8b-1m"], ["stages.3.sp_degree  (int, value 8)"]),
+    (["serve", "--config", "serve-llama8b-1m"], ["tensor_parallel_size  (int, value 8)"]),
+    (["eval", "--config", "eval-llama8b-1m"],
+     ['models.1.model  (str, value "/mnt/shared/ctxforge/train/llama8b-1m/checkpoints/1M")',
+      'output.dir  (str, value "/mnt/shared/ctxforge/eval/llama8b-1m")']),
+    (["lengthen", "--config", "lengthen-smollm2"], ['generator.model  (str, value "ctxforge:smollm2")']),
+    (["synth", "--config", "qwen72b-vllm"], ['generator.resources  (dict[str, float], value {"ctxforge_generate": 1.0})']),
+]
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,shown", HELP, ids=[h[0][0] for h in HELP])
+def test_help_shows_the_chosen_configs_values(argv, shown, capsys):
+    out = _help(argv, capsys)
+    assert f"values shown are those of {argv[2]}\n" in out
+    for line in shown:
+        assert line in out, line
+
+
+def test_help_applies_the_overrides_and_otherwise_shows_the_default_config(capsys):
+    out = _help(["train", "--config", "train-llama8b-1m", "input.path=/elsewhere"], capsys)
+    assert 'input.path  (str, value "/elsewhere")' in out
+    assert "deprecated spellings (still accepted, with a notice): input.dir -> input.path" in out
+    out = _help(["train"], capsys)                       # no --config: the default config, train-tiny
+    assert "values shown are those of train-tiny\n" in out and 'stages.0.name  (str, value "4K")' in out
+    out = _help(["serve"], capsys)                       # serve has no default file: the built-in defaults
+    assert "values shown" not in out and "tensor_parallel_size  (int, default 1)" in out
