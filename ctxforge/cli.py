@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from ctxforge.config import ConfigError, PreflightError, load_config, options_help, packaged_config_names
+from ctxforge.config import ConfigError, PreflightError, load_config, one_line, options_help, packaged_config_names
 
 DEFAULT_SYNTH_CONFIG = "tiny"
 
@@ -169,13 +169,23 @@ def main(argv: list[str] | None = None) -> int:
             from ctxforge.smollm2 import materialize_smollm2
             print(materialize_smollm2(args.out_dir, overwrite=args.overwrite))
             return 0
-    except ConfigError as exc:
-        print(f"config error:\n{exc}", file=sys.stderr)
-        return 2
-    except PreflightError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except INPUT_ERRORS as exc:
+        # Bad input (a key, a file, a URL): one line on stderr that names it, no traceback (-v adds it).
+        print(f"ctxforge {_command_name(args)}: {one_line(exc)}", file=sys.stderr)
+        if args.verbose:
+            logging.getLogger("ctxforge").exception("traceback")
         return 2
     return 1
+
+
+# What bad input raises, from any stage: config and preflight errors, a missing/foreign file or directory
+# (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError), and the stages' own ValueErrors
+# (DataError, ResumeError, ResourceError, PlanError, SequenceParallelError, pydantic's ValidationError ...).
+INPUT_ERRORS = (ConfigError, PreflightError, OSError, ValueError)
+
+
+def _command_name(args) -> str:
+    return f"{args.command} {args.model_command}" if args.command == "model" else args.command
 
 
 if __name__ == "__main__":

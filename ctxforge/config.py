@@ -33,6 +33,11 @@ class PreflightError(ValueError):
     """Bad input found before any work starts (a missing model, an unreadable input path...)."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An error message on one line: a config error lists each bad key on its own line, joined here with '; '."""
+    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
+
+
 class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated.
 

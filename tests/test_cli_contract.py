@@ -5,6 +5,8 @@ as one line naming the key, file or URL. Fast: configs are loaded and validated,
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -155,3 +157,83 @@ def test_help_applies_the_overrides_and_otherwise_shows_the_default_config(capsy
     assert "values shown are those of train-tiny\n" in out and 'stages.0.name  (str, value "4K")' in out
     out = _help(["serve"], capsys)                       # serve has no default file: the built-in defaults
     assert "values shown" not in out and "tensor_parallel_size  (int, default 1)" in out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every error: stderr, one line, naming the key, file or URL
+# ---------------------------------------------------------------------------------------------------------
+
+_LOG = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING) ")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _error_line(argv, capsys) -> str:
+    """Run the CLI; it must exit 2 with nothing on stdout and exactly one error line on stderr."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip() and not _LOG.match(line)]
+    assert code == 2 and "Traceback" not in err, (code, out, err)
+    assert len(lines) == 1, err
+    # stdout carries nothing of the error (the demo announces its first stage there before the error)
+    assert out == "" or (argv[0] == "demo" and out.startswith("== 1/3 synthesize") and lines[0] not in out), out
+    return lines[0]
+
+
+ERRORS = [
+    (["train", "--config", "train-tiny", "runtime.num_cpu=2"], ["ctxforge train: ", "runtime.num_cpu", "num_cpus"]),
+    (["train", "--config", "no-such-config"], ["ctxforge train: ", "'no-such-config'"]),
+    (["plan", "--config", "train-tiny", "model=nobody/no-such-model"], ["ctxforge plan: model: ", "'nobody/no-such-model'"]),
+    (["plan", "--config", "train-tiny", "stages.0.workerz=2"], ["ctxforge plan: ", "stages.0.workerz"]),
+    (["serve", "--model", "nobody/no-such-model"], ["ctxforge serve: model: ", "'nobody/no-such-model'"]),
+    (["serve", "--config", "serve-tiny", "max_model_lenn=4"], ["ctxforge serve: ", "max_model_lenn"]),
+    (["eval", "--config", "eval-tiny", "ruler.lenghts=[1024]"], ["ctxforge eval: ", "ruler.lenghts", "lengths"]),
+    (["eval", "--config", "eval-tiny", "models.0.model=/no/such/model"], ["ctxforge eval: models.0.model", "/no/such/model"]),
+    (["lengthen", "--config", "lengthen-tiny", "seeds.path=/no/such/seeds.jsonl"], ["ctxforge lengthen: seeds.path", "/no/such/seeds.jsonl"]),
+    (["lengthen", "--config", "lengthen-tiny", "iterationz=1"], ["ctxforge lengthen: ", "iterationz"]),
+    (["demo", "input.path=/no/such/books"], ["ctxforge demo: ", "/no/such/books"]),
+    (["demo", "generator.modle=x"], ["ctxforge demo: ", "generator.modle"]),
+]
+
+
+@pytest.mark.parametrize("argv,names", ERRORS, ids=[" ".join(e[0][:1] + e[0][-1:]) for e in ERRORS])
+def test_each_error_is_one_line_on_stderr_naming_what_to_fix(argv, names, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)              # the demo writes under ./runs: nothing must be written at all here
+    line = _error_line(argv, capsys)
+    assert line.startswith(names[0]) and all(n in line for n in names[1:]), line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreachable_eval_endpoint_names_the_model_and_url(capsys, tmp_path):
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    line = _error_line(["eval", "--config", "eval-tiny", f"output.dir={tmp_path}", f"models.0.base_url={url}"], capsys)
+    assert line.startswith("ctxforge eval: models.0 (tiny): ") and url in line
+
+
+def test_model_never_writes_over_a_file_or_a_foreign_directory(tmp_path, capsys):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me\n")
+    line = _error_line(["model", "tiny", str(precious)], capsys)
+    assert line.startswith(f"ctxforge model tiny: {precious}: exists and is not a directory")
+    assert precious.read_text() == "keep me\n"
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("keep me too\n")
+    line = _error_line(["model", "smollm2", str(folder), "--overwrite"], capsys)
+    assert line.startswith(f"ctxforge model smollm2: {folder}: a directory ctxforge did not write (it holds thesis.tex)")
+    assert (folder / "thesis.tex").read_text() == "keep me too\n" and sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("argv", [["train", "--config", "train-tiny", "input.paht=x"],
+                                  ["plan", "--config", "train-tiny", "--gpus", "0"]])
+def test_train_and_plan_errors_reach_stderr_of_the_process(argv):
+    """The real process (logging set up by the CLI itself): stdout stays empty, stderr is the one line."""
+    proc = subprocess.run([sys.executable, "-m", "ctxforge", *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not _LOG.match(line)]
+    assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1, (proc.stdout, proc.stderr)
+    assert lines[0].startswith(f"ctxforge {argv[0]}: ")

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from ctxforge.config import ConfigError, PreflightError, load_config, options_help, packaged_config_names
+from ctxforge.config import ConfigError, PreflightError, load_config, one_line, options_help, packaged_config_names
 
 DEFAULT_TRAIN_CONFIG = "train-tiny"
 
@@ -76,11 +76,6 @@ def run_train(args) -> int:
         print(f"{name:<10} {st['status']:<9} {st.get('steps', '-')!s:>5}  {loss:>10}  {st['checkpoint']}")
     print(f"\nmetrics: {report.output_dir}/metrics/<stage>.jsonl")
     return 0
-
-
-def one_line(exc: BaseException) -> str:
-    """An error message on one line (a config error lists each bad key on its own line: joined with '; ')."""
-    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser, help_config: tuple = (None, "")) -> None:
