@@ -39,6 +39,9 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_chunking.py
 	$(BIN)/python bench/bench_http_throughput.py
+	$(BIN)/python bench/bench_synth_engines.py
+	$(BIN)/python bench/bench_synth_memory.py
+	$(BIN)/python bench/bench_concat_parallel.py
 	$(BIN)/python bench/bench_serve.py
 	$(BIN)/python bench/bench_train_sp.py
 	$(BIN)/python bench/bench_train_packing.py

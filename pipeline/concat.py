@@ -1,10 +1,13 @@
 """Algorithm 2 (He et al. 2025): several documents and their QA in one multi-turn conversation.
 
-The plan (documents, cuts, turns; pure and seeded) is schedule.py's. Here each planned sample is
-rendered with the target tokenizer's chat template (render.py) and fitted: when it is longer than
-the stage's target, the optional rest-of-last-document turns go first, then whole turns from the
-end, then documents from the end (re-planned). `render_sample` is independent per sample, so it can
-run in parallel; `build_stage_samples` runs plan then render for a stage and gathers statistics.
+The plan (documents, cuts, turns; pure and seeded) is schedule.py's StagePlanner. `plan_stage` runs
+it over a stage from document sketches (`PoolDocument`: sizes and ids, no text), in the driver, and
+keeps of each sample what a renderer needs: its documents' ids, where each was cut, and its seed
+(`RenderPlan`). Each planned sample is then rendered with the target tokenizer's chat template
+(render.py) and fitted: when it is longer than the stage's target, the optional rest-of-last-document
+turns go first, then whole turns from the end, then documents from the end (re-planned).
+`render_sample` is a pure function of the plan and the documents, so any number of workers can run it
+(write.py's RenderPool); `build_stage_samples` runs plan, render and `stage_stats` in this process.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ctxforge.config import PreflightError
 
 from .config import ConcatConfig, StageConfig
 from .records import DocumentQA
-from .render import Rendered, render_detailed, special_tokens_in_contents
+from .render import Rendered, render_detailed
 from .schedule import (  # the schedule's names are part of this module's interface (__all__)
     PART_DIVERSE,
     PART_EARLIER,
@@ -29,6 +33,8 @@ from .schedule import (  # the schedule's names are part of this module's interf
     PART_SUMMARY,
     REST_PARTS,
     PlannedTurn,
+    PoolDocument,
+    QASketch,
     SamplePlan,
     StagePlanner,
     build_messages,
@@ -39,9 +45,10 @@ from .schedule import (  # the schedule's names are part of this module's interf
 
 __all__ = [
     "PART_DIVERSE", "PART_EARLIER", "PART_FOLLOWUP", "PART_HIERARCHICAL", "PART_REST_DIVERSE",
-    "PART_REST_HIERARCHICAL", "PART_SUMMARY", "REST_PARTS", "EmptyStageError", "PlannedTurn", "SamplePlan",
-    "StagePlanner", "build_messages", "build_stage_samples", "cut_document", "plan_conversation", "render_sample",
-    "sample_id", "stable_int", "stage_failure",
+    "PART_REST_HIERARCHICAL", "PART_SUMMARY", "REST_PARTS", "EmptyStageError", "PlannedTurn", "PoolDocument",
+    "QASketch", "RenderPlan", "SamplePlan", "SampleSummary", "StagePlan", "StagePlanner", "build_messages",
+    "build_stage_samples", "cut_document", "plan_conversation", "plan_stage", "render_planned", "render_sample",
+    "sample_id", "stable_int", "stage_failure", "stage_stats",
 ]
 HISTOGRAM_BINS = 10
 
@@ -145,6 +152,7 @@ def render_sample(plan: SamplePlan, stage: StageConfig, cfg: ConcatConfig, token
         "qa_ids": [t.qa.qa_id for t in turns],
         "num_questions": len(turns),
         "ungrounded_questions": sum(1 for t in turns if not t.qa.grounded),
+        "tokenizer_hash": tokenizer_hash,
     }
 
 
@@ -154,66 +162,134 @@ def _summary(values: list[float]) -> dict:
     return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
 
 
-def build_stage_samples(
-    stage: StageConfig, documents: Sequence[DocumentQA], cfg: ConcatConfig, tokenizer: Any, tokenizer_hash: str
-) -> tuple[list[dict], dict]:
-    """Build `stage.samples` rows (ctxforge.schema.SAMPLE_SCHEMA) and the stage's statistics.
+@dataclass(frozen=True)
+class RenderPlan:
+    """What a renderer needs of planned sample `index`: its documents in order, the section each was cut
+    after (-1 = whole), the schedule's seed, and the plan's cut counts."""
 
-    No row exceeds `stage.target_tokens`. Cost is dominated by tokenizing each rendered sample once
-    (about 8 s per 1M tokens for Qwen2's BPE on one core), a few times when the sample had to be trimmed.
-    Stats: samples_built/skipped (+ skip_reasons), documents_per_sample histogram, qa_turns_per_sample
-    and fill (min/mean/max), turns by schedule part, token_length_histogram (10 bins over [0, target]),
-    shortfalls per schedule part, documents/turns dropped to fit, documents cut (and the QA they left out),
-    documents_unasked, and pool usage.
+    index: int
+    doc_ids: tuple[str, ...]
+    last_sections: tuple[int, ...]
+    seed: int
+    cut: int
+    qa_cut: int
+
+    @classmethod
+    def of(cls, plan: SamplePlan, pool: dict[str, PoolDocument]) -> "RenderPlan":
+        # a cut keeps fewer sections than the document has (StagePlanner cuts before the last one)
+        last = tuple(len(d.sections) - 1 if len(d.sections) < len(pool[d.doc_id].sections) else -1
+                     for d in plan.documents)
+        return cls(plan.index, tuple(d.doc_id for d in plan.documents), last, plan.seed, plan.cut, plan.qa_cut)
+
+
+@dataclass
+class StagePlan:
+    samples: list[RenderPlan]
+    skip_reasons: Counter       # samples not planned at all (no_document_fits)
+    pool: dict                  # pool statistics for the manifest
+    counters: Counter           # the planner's counters (samples_short_of_documents)
+
+
+def plan_stage(stage: StageConfig, pool: Sequence[PoolDocument], cfg: ConcatConfig) -> StagePlan:
+    """The seeded, sequential part of Algorithm 2 (StagePlanner) over document sketches: which documents
+    each sample gets, cut where, and its schedule seed. Cheap (no text, no tokenizer), in sample order.
+
+    concat.special_tokens=skip_document needs sketches made with a tokenizer (PoolDocument.of(doc, tok)).
     """
-    def exclude(doc: DocumentQA) -> str:
-        if cfg.special_tokens == "skip_document" and special_tokens_in_contents([{"content": doc.text}], tokenizer):
-            return "special_tokens"
-        return ""
+    by_id = {d.doc_id: d for d in pool}
 
-    planner = StagePlanner(stage, documents, cfg, exclude)
-    target = stage.target_tokens
-    rows: list[dict] = []
-    counters: Counter = Counter()
+    def exclude(doc: PoolDocument) -> str:
+        if cfg.special_tokens != "skip_document":
+            return ""
+        if doc.special_tokens is None:
+            raise ValueError(f"document {doc.doc_id}: concat.special_tokens=skip_document needs PoolDocument.of(doc, "
+                             f"tokenizer)")
+        return "special_tokens" if doc.special_tokens else ""
+
+    planner = StagePlanner(stage, pool, cfg, exclude)
+    samples: list[RenderPlan] = []
     skip_reasons: Counter = Counter()
-    docs_hist: Counter = Counter()
-    turns_per_sample: list[int] = []
-    fills: list[float] = []
     for index in range(stage.samples):
         plan = planner.plan(index)
         if plan is None:
             skip_reasons["no_document_fits"] += 1
             continue
-        row = render_sample(plan, stage, cfg, tokenizer, tokenizer_hash, counters)
-        if row is None:
-            skip_reasons["no_qa_turn_fits"] += 1
-            continue
-        row["tokenizer_hash"] = tokenizer_hash
-        rows.append(row)
-        docs_hist[len(row["documents"])] += 1
-        turns_per_sample.append(row["num_questions"])
-        fills.append(row["num_tokens"] / target)
-    counters.update(planner.counters)
+        samples.append(RenderPlan.of(plan, by_id))
+    uses = [planner.cycler.uses.get(d.doc_id, 0) for d in planner.eligible]
+    pool_stats = {
+        "documents": len(pool),
+        "eligible": len(planner.eligible),
+        "too_long": planner.pool["too_long"],
+        "without_qa": planner.pool["without_qa"],
+        "special_tokens": planner.pool["special_tokens"],
+        "used_distinct": sum(1 for u in uses if u),
+        "uses": _summary(uses),
+    }
+    return StagePlan(samples, skip_reasons, pool_stats, Counter(planner.counters))
 
+
+@dataclass(frozen=True)
+class SampleSummary:
+    """What the stage statistics need of a rendered sample (the row itself may live in another process)."""
+
+    index: int
+    built: bool
+    num_tokens: int = 0
+    num_documents: int = 0
+    num_questions: int = 0
+    ungrounded_questions: int = 0
+
+    @classmethod
+    def of(cls, index: int, row: dict | None) -> "SampleSummary":
+        if row is None:
+            return cls(index, False)
+        return cls(index, True, row["num_tokens"], len(row["documents"]), row["num_questions"],
+                   row["ungrounded_questions"])
+
+
+def render_planned(plan: RenderPlan, docs: Sequence[DocumentQA], stage: StageConfig, cfg: ConcatConfig,
+                   tokenizer: Any, tokenizer_hash: str, counters: Counter) -> dict | None:
+    """`render_sample` of a RenderPlan, given its full documents (in plan order), cut where the plan cut them.
+    A pure function of its arguments: the same plan gives the same row in any process."""
+    views = [cut_document(d, last)[0] if last >= 0 else d for d, last in zip(docs, plan.last_sections)]
+    sample = SamplePlan(plan.index, views, [], plan.seed, plan.cut, plan.qa_cut)
+    return render_sample(sample, stage, cfg, tokenizer, tokenizer_hash, counters)
+
+
+def stage_stats(stage: StageConfig, plan: StagePlan, summaries: Sequence[SampleSummary], counters: Counter) -> dict:
+    """The stage's statistics from its plan, its samples' summaries (in sample order) and the renders' counters.
+
+    samples_built/skipped (+ skip_reasons), documents_per_sample histogram, qa_turns_per_sample and fill
+    (min/mean/max), turns by schedule part, summary turns, token_length_histogram (10 bins over [0, target]),
+    shortfalls per schedule part, documents/turns dropped to fit, documents cut (and the QA they left out),
+    documents_unasked, and pool usage.
+    """
+    counters = Counter(counters)
+    counters.update(plan.counters)
+    target = stage.target_tokens
+    skip_reasons = Counter(plan.skip_reasons)
+    built = [s for s in summaries if s.built]
+    skip_reasons["no_qa_turn_fits"] += sum(1 for s in summaries if not s.built)
+    skip_reasons = Counter({k: v for k, v in skip_reasons.items() if v})
+    docs_hist = Counter(s.num_documents for s in built)
     bin_width = target / HISTOGRAM_BINS
     hist = [0] * HISTOGRAM_BINS
-    for r in rows:
-        hist[min(int(r["num_tokens"] / bin_width), HISTOGRAM_BINS - 1)] += 1
-    uses = [planner.cycler.uses.get(d.doc_id, 0) for d in planner.eligible]
-    stats = {
+    for s in built:
+        hist[min(int(s.num_tokens / bin_width), HISTOGRAM_BINS - 1)] += 1
+    return {
         "stage": stage.name,
         "target_tokens": target,
         "samples_requested": stage.samples,
-        "samples_built": len(rows),
+        "samples_built": len(built),
         "samples_skipped": sum(skip_reasons.values()),
         "skip_reasons": dict(skip_reasons),
         "documents_per_sample_requested": stage.documents_per_sample,
         "documents_per_sample": {str(k): v for k, v in sorted(docs_hist.items())},
         "samples_short_of_documents": counters["samples_short_of_documents"],
-        "qa_turns_per_sample": _summary(turns_per_sample),
+        "qa_turns_per_sample": _summary([s.num_questions for s in built]),
         "turns_by_part": {k.split(":", 1)[1]: v for k, v in sorted(counters.items()) if k.startswith("part:")},
         "summary_turns": counters[f"part:{PART_SUMMARY}"],
-        "fill": _summary(fills),
+        "fill": _summary([s.num_tokens / target for s in built]),
         "token_length_histogram": {
             "edges": [round(i * bin_width) for i in range(HISTOGRAM_BINS + 1)],
             "counts": hist,
@@ -225,18 +301,33 @@ def build_stage_samples(
         "documents_cut": counters["documents_cut"],
         "qa_left_out_by_cuts": counters["qa_left_out_by_cuts"],
         "documents_unasked": counters["documents_unasked"],
-        "ungrounded_questions": sum(r["ungrounded_questions"] for r in rows),
-        "pool": {
-            "documents": len(documents),
-            "eligible": len(planner.eligible),
-            "too_long": planner.pool["too_long"],
-            "without_qa": planner.pool["without_qa"],
-            "special_tokens": planner.pool["special_tokens"],
-            "used_distinct": sum(1 for u in uses if u),
-            "uses": _summary(uses),
-        },
+        "ungrounded_questions": sum(s.ungrounded_questions for s in built),
+        "pool": plan.pool,
     }
-    return rows, stats
+
+
+def build_stage_samples(
+    stage: StageConfig, documents: Sequence[DocumentQA], cfg: ConcatConfig, tokenizer: Any, tokenizer_hash: str
+) -> tuple[list[dict], dict]:
+    """Build `stage.samples` rows (ctxforge.schema.SAMPLE_SCHEMA) and the stage's statistics, in this process.
+
+    `plan_stage` over the documents' sketches, then `render_planned` for each planned sample in order, then
+    `stage_stats`; the parallel path (write.py's RenderPool) runs the same three with the renders spread
+    over workers. No row exceeds `stage.target_tokens`. Cost is dominated by tokenizing each rendered
+    sample once (about 8 s per 1M tokens for Qwen2's BPE on one core), a few times when it had to be trimmed.
+    """
+    by_id = {d.doc_id: d for d in documents}
+    special = tokenizer if cfg.special_tokens == "skip_document" else None
+    plan = plan_stage(stage, [PoolDocument.of(d, special) for d in documents], cfg)
+    rows: list[dict] = []
+    summaries: list[SampleSummary] = []
+    counters: Counter = Counter()
+    for rp in plan.samples:
+        row = render_planned(rp, [by_id[i] for i in rp.doc_ids], stage, cfg, tokenizer, tokenizer_hash, counters)
+        summaries.append(SampleSummary.of(rp.index, row))
+        if row is not None:
+            rows.append(row)
+    return rows, stage_stats(stage, plan, summaries, counters)
 
 
 def stage_failure(stats: dict, cfg: ConcatConfig) -> str:

@@ -8,7 +8,7 @@ before any Ray work starts.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -81,13 +81,33 @@ class ChunkingConfig(StrictModel):
 
 
 class GeneratorConfig(StrictModel):
-    backend: Literal["hf", "vllm", "http"] = Field("hf", description="hf = transformers on CPU/GPU actors; vllm = ray.data.llm vLLM engine on GPU actors; http = any OpenAI-compatible endpoint.")
+    backend: Literal["hf", "vllm", "http", "fake"] = Field(
+        "hf",
+        description="hf = transformers on CPU/GPU actors; vllm = ray.data.llm's vLLM engine on GPU actors; http = any "
+        "OpenAI-compatible endpoint; fake = no model: schema-valid answers quoting the prompt after a simulated load "
+        "and latency (engine_kwargs load_s, latency_s, slots), for dry runs of scheduling and accounting.",
+    )
     model: str = Field("ctxforge:tiny", description="Generator model: a local model directory, a hub name (vllm/http), or ctxforge:tiny.")
     base_url: str | None = Field(None, description="http backend: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="http backend: environment variable holding the API key (never put keys in the config).")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY",
+        description="http backend: environment variable holding the API key (never put keys in the config); it must be "
+        "set before the run starts. null or '' = the endpoint takes no key (a local vLLM or Ray Serve endpoint).",
+    )
     concurrency: int | tuple[int, int] = Field(
         1,
-        description="hf/vllm: number of generator actors (or [min, max] for an autoscaling pool); http: requests in flight.",
+        description="hf/vllm/fake: number of engine actors (or [min, max] for a pool that grows with the queue of "
+        "ready requests and shrinks when engines idle); http: requests in flight.",
+    )
+    requests_per_engine: int | None = Field(
+        None, ge=1,
+        description="Requests in flight per engine actor (null = the backend's default: hf 2 = one generating and "
+        "one queued; vllm 256 for continuous batching; fake engine_kwargs.slots; http: concurrency).",
+    )
+    scale_down_idle_s: float = Field(
+        60.0, ge=0,
+        description="An engine above the pool's minimum that has had no request for this long is released "
+        "(its GPUs go back to the cluster's autoscaler).",
     )
     batch_size: int = Field(8, ge=1, description="Requests per Ray Data batch sent to one generator actor.")
     num_cpus: float = Field(0.5, gt=0, description="CPUs per generator actor (keep <= 0.5 on a 2-CPU machine, or Ray Data deadlocks).")
@@ -98,7 +118,11 @@ class GeneratorConfig(StrictModel):
     accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type to request, e.g. H100.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each generator actor (hf, http) or each GPU bundle of a vLLM engine requests, so that it lands only on the node type that provides them, e.g. {ctxforge_generate: 1} (the spot GPU nodes of cluster/aws.yaml); {} = none (local runs).")
     max_model_len: int = Field(32768, ge=256, description="Generator context window in tokens (prompt + completion).")
-    engine_kwargs: dict = Field(default_factory=dict, description="vllm: extra vLLM engine arguments.")
+    engine_kwargs: dict = Field(
+        default_factory=dict,
+        description="vllm: extra vLLM engine arguments; fake: load_s (seconds to 'load'), latency_s (per request), "
+        "slots (requests generated at once), num_gpus (GPUs it claims to hold, for accounting only).",
+    )
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature (each request is seeded from its id, so reruns are reproducible).")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling.")
     summary_max_tokens: int = Field(768, ge=16, description="Completion budget for a summary request.")
@@ -297,14 +321,48 @@ class ConcatConfig(StrictModel):
         return v
 
 
+class CostConfig(StrictModel):
+    """Prices for the accounting in the manifest and the projection printed before a run (0 = not priced)."""
+
+    gpu_hour_usd: float = Field(0.0, ge=0, description="Price of one GPU-hour; engine GPU time (loading, generating "
+                                "and idle alike: an engine holds its GPUs while alive) is charged at it.")
+    prompt_usd_per_mtok: float = Field(0.0, ge=0, description="API price per million prompt tokens (http backend).")
+    completion_usd_per_mtok: float = Field(0.0, ge=0, description="API price per million completion tokens (http backend).")
+    engine_tokens_per_s: float = Field(
+        0.0, ge=0,
+        description="Projection only: prompt + completion tokens one engine processes per second when full. Take it "
+        "from a previous run's manifest (accounting.measured.tokens_per_engine_busy_s); 0 = no GPU-hour projection.",
+    )
+    engine_load_s: float = Field(0.0, ge=0, description="Projection only: seconds an engine takes to load (manifest: "
+                                 "accounting.engines.load_s / loads).")
+
+
 class RunConfig(StrictModel):
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS if set (ray job submit), else start a local embedded Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (null = all).")
-    documents_per_wave: int = Field(512, ge=1, description="Documents whose generation passes run together; bounds driver memory on huge corpora.")
+    scheduler: Literal["streaming", "passes"] = Field(
+        "streaming",
+        description="streaming = every document advances to its next pass as soon as its own answers are in, on "
+        "engines loaded once per run; passes = one Ray Data job per pass and wave, engines loaded per job (the "
+        "earlier design, kept for comparison).",
+    )
+    documents_in_flight: int = Field(
+        512, ge=1,
+        description="streaming: most documents whose state the driver holds at once (new ones are admitted while the "
+        "engines have room); passes: documents per wave. Bounds driver memory on huge corpora.",
+    )
+    render_workers: int | None = Field(
+        None, ge=0,
+        description="Algorithm 2: actors that render and tokenize samples in parallel (1 CPU each); 0 = in the driver "
+        "process; null = in the driver when the stages total at most 2M target tokens (starting workers would cost "
+        "more), else one per CPU of the cluster, at most 32. The output is byte-identical for any choice.",
+    )
     progress: bool = Field(True, description="Show Ray Data's progress bars.")
 
 
 class SynthConfig(StrictModel):
+    deprecated_keys: ClassVar[dict[str, str]] = {"run.documents_per_wave": "run.documents_in_flight"}
+
     input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     target: TargetConfig = Field(default_factory=TargetConfig)
@@ -315,6 +373,7 @@ class SynthConfig(StrictModel):
     qa: QAConfig = Field(default_factory=QAConfig)
     grounding: GroundingConfig = Field(default_factory=GroundingConfig)
     concat: ConcatConfig = Field(default_factory=ConcatConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")

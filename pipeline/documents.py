@@ -122,14 +122,15 @@ def load_doc_states(table: Path, doc_ids: list[str]) -> list[DocState]:
     by_id = {}
     for row in sorted(rows, key=lambda r: (r["source"], r["line"])):
         by_id.setdefault(row["doc_id"], row)  # the first in input order, as select_documents kept it
-    states = []
-    for doc_id in doc_ids:
-        row = by_id[doc_id]
-        text = row["text"]
-        chunks = [Chunk(**c, text=text[c["char_start"]:c["char_end"]]) for c in json.loads(row["chunks"])]
-        sections = [Section(**s) for s in json.loads(row["sections"])]
-        states.append(DocState(doc_id, row["title"] or doc_id, text, int(row["n_tokens"]), chunks, sections))
-    return states
+    return [doc_state(by_id[doc_id]) for doc_id in doc_ids]
+
+
+def doc_state(row: dict) -> DocState:
+    """A documents-table row (doc_id, title, text, n_tokens, chunks, sections) as the planner's DocState."""
+    text = row["text"]
+    chunks = [Chunk(**c, text=text[c["char_start"]:c["char_end"]]) for c in json.loads(row["chunks"])]
+    sections = [Section(**s) for s in json.loads(row["sections"])]
+    return DocState(row["doc_id"], row["title"] or row["doc_id"], text, int(row["n_tokens"]), chunks, sections)
 
 
 def boilerplate_counts(table: Path) -> dict[str, int]:

@@ -1,9 +1,14 @@
-"""Run one generation pass: cached requests are skipped, the rest go through the backend on Ray Data.
+"""Per-request validation and per-pass statistics, shared by both schedulers; and the pass runner.
 
-The same loop serves every backend: results stream back to the driver as Ray Data finishes them,
-each is validated against its JSON schema and persisted at once; a response that does not validate
-(or a transport error) is sent again in the next round with a new seed, up to
-generator.max_attempts, then recorded as failed with its reason.
+`validate(request, text)` is the one check every answer goes through, whichever scheduler ran it:
+a failed check is retried with a new seed up to generator.max_attempts, then recorded as failed
+with its reason (counted per reason).
+
+`PassRunner` runs one pass as one Ray Data job (run.scheduler=passes, the earlier design kept for
+comparison): cached requests are skipped, the rest go through the backend's Ray Data transform;
+results stream back as Ray Data finishes them, each is validated and persisted at once; a response
+that does not validate (or a transport error) is sent again in the next round (a new job) with a
+new seed.
 """
 
 from __future__ import annotations
@@ -36,11 +41,14 @@ class PassStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     wall_s: float = 0.0
+    request_s: float = 0.0        # seconds requests spent in engines, summed (overlapping requests add up)
+    lost_resent: int = 0          # attempts sent again because their engine was lost (preemption)
     failures: Counter = field(default_factory=Counter)          # final failures by reason
     attempt_errors: Counter = field(default_factory=Counter)    # every failed attempt by reason
 
     def merge(self, other: "PassStats") -> None:
-        for name in ("requests", "cache_hits", "sent", "ok", "failed", "prompt_tokens", "completion_tokens", "wall_s"):
+        for name in ("requests", "cache_hits", "sent", "ok", "failed", "prompt_tokens", "completion_tokens", "wall_s",
+                     "request_s", "lost_resent"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failures.update(other.failures)
         self.attempt_errors.update(other.attempt_errors)
@@ -49,9 +57,24 @@ class PassStats:
         return {
             "requests": self.requests, "cache_hits": self.cache_hits, "sent": self.sent, "ok": self.ok,
             "failed": self.failed, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "wall_s": round(self.wall_s, 2), "failures_by_reason": dict(self.failures),
+            "wall_s": round(self.wall_s, 2), "request_s": round(self.request_s, 2), "lost_resent": self.lost_resent,
+            "failures_by_reason": dict(self.failures),
             "failed_attempts_by_reason": dict(self.attempt_errors),
         }
+
+
+_VALIDATORS: dict[str, object] = {}
+
+
+def _validator(schema: dict):
+    """One checked validator per schema: jsonschema.validate checks the schema itself on every call, which
+    costs ~20 ms, more than the rest of a request's handling in the driver."""
+    key = json.dumps(schema, sort_keys=True)
+    if key not in _VALIDATORS:
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        _VALIDATORS[key] = cls(schema)
+    return _VALIDATORS[key]
 
 
 def validate_output(text: str, schema: dict | None) -> tuple[dict | None, str]:
@@ -66,9 +89,8 @@ def validate_output(text: str, schema: dict | None) -> tuple[dict | None, str]:
         obj = json.loads(text, strict=False)
     except json.JSONDecodeError:
         return None, "invalid_json"
-    try:
-        jsonschema.validate(obj, schema)
-    except jsonschema.ValidationError as err:
+    err = jsonschema.exceptions.best_match(_validator(schema).iter_errors(obj))  # what jsonschema.validate raises
+    if err is not None:
         where = ".".join(str(p) for p in err.absolute_path) or "object"
         return None, f"schema_mismatch:{where}:{err.validator}"
     blank = [k for k, v in obj.items() if isinstance(v, str) and not v.strip()]
@@ -77,11 +99,27 @@ def validate_output(text: str, schema: dict | None) -> tuple[dict | None, str]:
     return {k: v.strip() if isinstance(v, str) else v for k, v in obj.items()}, ""
 
 
+def validate(request: Request, text: str) -> tuple[dict | None, str]:
+    """The check every generated answer goes through: (object, "") when it is usable, else (None, reason).
+
+    First the JSON schema of the request (validate_output), then, when the schema holds, the content
+    checks of checks.py (truncation, placeholders, repetition, restated questions...).
+    """
+    obj, reason = validate_output(text, request.schema)
+    if obj is None:
+        return None, reason
+    reason = check_output(request, obj)
+    return (None, reason) if reason else (obj, "")
+
+
 class PassRunner:
     def __init__(self, backend: GeneratorBackend, cache: RequestCache, gen: GeneratorConfig):
         self.backend = backend
         self.cache = cache
         self.gen = gen
+        # engine_id -> {"started_at", "load_s", "busy_s", "requests", "request_s", "ended_at"}: engines that
+        # answered (backends run through EngineUDF report themselves in every row)
+        self.engines: dict[str, dict] = {}
 
     def run(self, requests: list[Request], label: str) -> tuple[dict[str, dict], PassStats]:
         """Answers of every finished-ok request (request_id -> object) and the pass's statistics."""
@@ -103,31 +141,40 @@ class PassRunner:
             blocks = max(1, min(len(rows) // max(1, self.gen.batch_size), 200))
             ds = self.backend.apply(ray.data.from_items(rows, override_num_blocks=blocks))
             stats.sent += len(rows)
+            seen: dict[str, dict] = {}
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for row in batch_rows(batch):
                     req = by_id[row["request_id"]]
                     stats.prompt_tokens += int(row["prompt_tokens"])
                     stats.completion_tokens += int(row["completion_tokens"])
+                    if "engine_id" in row:
+                        stats.request_s += float(row["duration_s"])
+                        eng = seen.setdefault(row["engine_id"], {"started_at": row["engine_started_at"], "requests": 0,
+                                                                 "request_s": 0.0, "load_s": row["engine_load_s"]})
+                        eng["busy_s"] = max(eng.get("busy_s", 0.0), float(row["engine_busy_s"]))
+                        eng["requests"] += 1
+                        eng["request_s"] += float(row["duration_s"])
                     if row["error"]:
                         obj, reason = None, f"backend:{row['error']}"
                     else:
-                        obj, reason = validate_output(row["output_text"], req.schema)
-                        if obj is not None:  # the schema holds: now the content (checks.py)
-                            reason = check_output(req, obj)
-                            obj = None if reason else obj
+                        obj, reason = validate(req, row["output_text"])
                     if obj is not None:
                         answers[req.request_id] = obj
                         stats.ok += 1
                         self._put(req, "ok", obj, "", attempt, row)
                         continue
-                    stats.attempt_errors[_reason_class(reason)] += 1
+                    stats.attempt_errors[reason_class(reason)] += 1
                     if attempt < self.gen.max_attempts:
                         retry.append(req)
                     else:
                         stats.failed += 1
-                        stats.failures[_reason_class(reason)] += 1
+                        stats.failures[reason_class(reason)] += 1
                         self._put(req, "failed", None, reason, attempt, row)
                 self.cache.commit()  # persisted as they complete: a kill loses at most this batch
+            # The job is over: Ray Data releases its actors now, so each engine was alive until here.
+            ended = time.time()
+            for engine_id, eng in seen.items():
+                self.engines[engine_id] = {**eng, "ended_at": ended}
             pending = retry
             attempt += 1
         stats.wall_s = time.time() - start
@@ -138,10 +185,13 @@ class PassRunner:
                        int(row["prompt_tokens"]), int(row["completion_tokens"]))
 
 
-def _reason_class(reason: str) -> str:
+def reason_class(reason: str) -> str:
     """Group reasons for counting: schema_mismatch:answer:maxLength -> schema_mismatch:answer."""
     if reason.startswith("schema_mismatch:"):
         return ":".join(reason.split(":")[:2])
     if reason.startswith("backend:"):
         return reason.split(" after ")[0][:80]
     return reason
+
+
+_reason_class = reason_class  # the earlier name

@@ -62,6 +62,11 @@ class QARecord:
     evidence_quotes: list[str] = field(default_factory=list)  # every quote (questions over several passages)
     section_end: int = -1      # last section index the evidence lies in (-1 = whole document: summaries)
 
+    @property
+    def chars(self) -> int:
+        """Characters of the turn's contents (question + answer): what Algorithm 2 estimates sizes from."""
+        return len(self.question) + len(self.answer)
+
 
 @dataclass(frozen=True)
 class SectionBound:
@@ -84,3 +89,7 @@ class DocumentQA:
     diverse: list[QARecord] = field(default_factory=list)
     summaries: list[QARecord] = field(default_factory=list)     # summary turns: the global one, then sections in order
     sections: list[SectionBound] = field(default_factory=list)
+
+    @property
+    def n_chars(self) -> int:
+        return len(self.text)

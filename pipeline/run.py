@@ -1,9 +1,15 @@
-"""`ctxforge synth`: preflight -> read + chunk -> Algorithm 1 per wave -> grounding -> Algorithm 2 -> write.
+"""`ctxforge synth`: preflight -> read + chunk -> Algorithm 1 -> grounding -> Algorithm 2 -> write.
+
+Algorithm 1 streams: documents are admitted from the documents table a few at a time, each advances
+through its passes as its own answers come back, on engines that load once for the whole run
+(engines.py, scheduler.py, generate.py); a finished document's QA go to the QA table and its state
+leaves the driver. Algorithm 2 plans in the driver and renders in parallel workers (write.py).
 
 Everything written is either content-addressed (the request cache) or a deterministic function of
 it and the config (QA table, samples, manifest), written to a temporary name and renamed into place.
 So a killed run started again with the same command redoes no finished request, and its output
-equals an uninterrupted run's.
+equals an uninterrupted run's. Nothing is written before preflight has passed, so a typo costs
+nothing: the corrected command runs as if the first had never been.
 """
 
 from __future__ import annotations
@@ -16,16 +22,20 @@ from pathlib import Path
 
 from ctxforge.config import PreflightError
 from ctxforge.models import TINY_MODEL_SPEC, load_tokenizer, resolve_model_path, tokenizer_hash
+from ctxforge.pipeline.accounting import accounting, projection, projection_line
 from ctxforge.pipeline.cache import RequestCache
-from ctxforge.pipeline.concat import EmptyStageError, stage_failure
+from ctxforge.pipeline.concat import EmptyStageError, PoolDocument, plan_stage, stage_failure
 from ctxforge.pipeline.config import SynthConfig
-from ctxforge.pipeline.documents import (boilerplate_counts, build_documents_table, load_doc_states, no_document_error,
-                                         select_documents)
-from ctxforge.pipeline.generate import PASSES, QAAssembler, WaveGenerator
-from ctxforge.pipeline.hierarchy import Planner
+from ctxforge.pipeline.docstore import DocumentStore, QAWriter
+from ctxforge.pipeline.documents import boilerplate_counts, build_documents_table, no_document_error, select_documents
+from ctxforge.pipeline.engines import EnginePool
+from ctxforge.pipeline.generate import PASS_NAMES, QAAssembler, StreamingGenerator, WaveGenerator
+from ctxforge.pipeline.generators.base import GeneratorBackend
+from ctxforge.pipeline.hierarchy import DocState, Planner
 from ctxforge.pipeline.passes import PassRunner, PassStats
 from ctxforge.pipeline.prompts import PromptSetError, load_prompt_set
-from ctxforge.pipeline.write import SynthReport, write_qa_table, write_stage_samples, write_manifest
+from ctxforge.pipeline.scheduler import RequestScheduler
+from ctxforge.pipeline.write import RenderPool, SynthReport, render_workers, write_manifest
 from ctxforge.raycluster import init_ray
 
 log = logging.getLogger(__name__)
@@ -39,6 +49,7 @@ class Preflight:
     tokenizer_hash: str
     budget_tokenizer: object   # counts tokens for the generator's prompt budget
     cache_dir: str
+    backend: GeneratorBackend
 
 
 def cache_dir() -> str:
@@ -74,12 +85,24 @@ def preflight(cfg: SynthConfig) -> Preflight:
             raise PreflightError(f"generator.model {cfg.generator.model!r}: tokenizer could not be loaded: {exc}") from None
     if cfg.input.path != "builtin:kjv" and "://" not in cfg.input.path and not Path(cfg.input.path).exists():
         raise PreflightError(f"input.path {cfg.input.path!r} does not exist")
-    if cfg.generator.backend == "http" and not os.environ.get(cfg.generator.api_key_env):
-        log.warning("generator.api_key_env: $%s is not set; requests go without an API key", cfg.generator.api_key_env)
-    return Preflight(target_path, generator_path, tokenizer, tokenizer_hash(tokenizer), budget, cache_dir())
+    key_env = cfg.generator.api_key_env
+    if cfg.generator.backend == "http" and key_env and not os.environ.get(key_env):
+        raise PreflightError(
+            f"generator.api_key_env: ${key_env} is not set; export it with the endpoint's API key, or set "
+            f"generator.api_key_env to the variable that holds it (null for an endpoint that takes no key)")
+    try:
+        backend = make_backend(cfg, generator_path)
+        if cfg.run.scheduler == "streaming":
+            backend.engine_factory()
+    except (ValueError, NotImplementedError) as exc:
+        raise PreflightError(str(exc)) from None
+    return Preflight(target_path, generator_path, tokenizer, tokenizer_hash(tokenizer), budget, cache_dir(), backend)
 
 
-def make_backend(cfg: SynthConfig, model_path: str):
+def make_backend(cfg: SynthConfig, model_path: str) -> GeneratorBackend:
+    if cfg.generator.backend == "fake":
+        from ctxforge.pipeline.generators.fake import FakeBackend
+        return FakeBackend(cfg.generator, cfg.generator.model)
     if cfg.generator.backend == "hf":
         from ctxforge.pipeline.generators.hf import HFBackend
         return HFBackend(cfg.generator, model_path)
@@ -102,61 +125,120 @@ def estimate_requests(cfg: SynthConfig, docs: list[dict]) -> dict:
             "total>=": small + len(docs) + qa}
 
 
+class _Finished:
+    """Takes finished documents (any order): QA records to the QA table (in order), sizes for Algorithm 2."""
+
+    def __init__(self, cfg: SynthConfig, n_documents: int, qa_path: Path, tokenizer):
+        self.assembler = QAAssembler(cfg)
+        # documents with special-token strings are looked for only when they are to be left out
+        self.tokenizer = tokenizer if cfg.concat.special_tokens == "skip_document" else None
+        self.writer = QAWriter(qa_path)
+        self.pool: list[PoolDocument | None] = [None] * n_documents
+        self.chunks = self.sections = self.tokens = self.qa_kept = 0
+
+    def __call__(self, rank: int, state: DocState) -> None:
+        self.chunks += len(state.chunks)
+        self.sections += len(state.sections)
+        self.tokens += state.n_tokens
+        doc_qa, records = self.assembler.assemble(state)
+        self.qa_kept += len(records)
+        self.pool[rank] = PoolDocument.of(doc_qa, self.tokenizer)
+        self.writer.add(rank, state.doc_id, records)
+
+
+def _generate_streaming(cfg: SynthConfig, pre: Preflight, planner: Planner, cache: RequestCache,
+                        store: DocumentStore, ids: list[str], finished: _Finished) -> tuple[dict, list[dict]]:
+    pool = EnginePool(pre.backend, cfg.generator.scale_down_idle_s)
+    scheduler = RequestScheduler(pool, cache, cfg.generator, pre.backend.model_path, planner.prompts.hash, PASS_NAMES)
+    try:
+        StreamingGenerator(planner, scheduler, cfg.run.documents_in_flight).run(store.load(ids), finished)
+    finally:
+        pool.shutdown()
+    log.info("generation done: %d engines started, %d lost, %d requests sent again after a loss",
+             pool.started, pool.lost_engines, scheduler.lost_resent)
+    return scheduler.finish(), pool.engine_records()
+
+
+def _generate_passes(cfg: SynthConfig, pre: Preflight, planner: Planner, cache: RequestCache,
+                     store: DocumentStore, ids: list[str], finished: _Finished) -> tuple[dict, list[dict]]:
+    runner = PassRunner(pre.backend, cache, cfg.generator)
+    generator = WaveGenerator(cfg, planner, runner, pre.backend.model_path)
+    wave = cfg.run.documents_in_flight
+    for start in range(0, len(ids), wave):
+        states = list(store.load(ids[start:start + wave]))
+        generator.run_wave(states, f"wave {start // wave + 1}/{-(-len(ids) // wave)}")
+        for i, state in enumerate(states):
+            finished(start + i, state)
+    records = [{"alive_s": e["ended_at"] - e["started_at"], "load_s": e["load_s"], "busy_s": e["busy_s"],
+                "requests": e["requests"], "request_s": e["request_s"]} for e in runner.engines.values()]
+    return generator.pass_stats, records
+
+
 def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
     started = time.time()
-    pre = preflight(cfg)
+    pre = preflight(cfg)   # nothing is written before this passes
     out = Path(cfg.output.dir).expanduser().resolve()
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     init_ray(cfg.run.address, cfg.run.num_cpus, cfg.run.progress)
+    timings: dict[str, float] = {}
 
     table, reused = build_documents_table(cfg, pre.target_path, pre.tokenizer_hash, work, pre.cache_dir)
     kept, skipped, n_records = select_documents(table, cfg.input.limit)
     if not kept:
         raise PreflightError(no_document_error(cfg, skipped, n_records))
     estimate = estimate_requests(cfg, kept)
+    backend = pre.backend
+    proj = projection(cfg, [d["n_tokens"] for d in kept], backend.gpus_per_engine(), backend.engine_range()[1])
     log.info("documents table %s; %d documents kept of %d records; estimate %s",
              "reused" if reused else "built", len(kept), n_records, estimate)
+    log.info(projection_line(proj))
+    store = DocumentStore.index(table)
+    ids = [d["doc_id"] for d in kept]
+    del kept
+    timings["read_s"] = time.time() - started
 
     cache = RequestCache(work / "requests.sqlite")
-    backend = make_backend(cfg, pre.generator_path)
     planner = Planner(cfg, lambda text: len(pre.budget_tokenizer(text, add_special_tokens=False)["input_ids"]))
-    generator = WaveGenerator(cfg, planner, PassRunner(backend, cache, cfg.generator), backend.model_path)
-    assembler = QAAssembler(cfg)
-    documents, qa_records, chunk_count, section_count = [], [], 0, 0
-    wave = cfg.run.documents_per_wave
-    for start in range(0, len(kept), wave):
-        ids = [d["doc_id"] for d in kept[start:start + wave]]
-        states = load_doc_states(table, ids)
-        label = f"wave {start // wave + 1}/{-(-len(kept) // wave)}"
-        generator.run_wave(states, label)
-        for state in states:
-            chunk_count += len(state.chunks)
-            section_count += len(state.sections)
-            doc_qa, records = assembler.assemble(state)
-            documents.append(doc_qa)
-            qa_records.extend(records)
+    finished = _Finished(cfg, len(ids), out / "qa" / "qa.parquet", pre.tokenizer)
+    t = time.time()
+    run = _generate_streaming if cfg.run.scheduler == "streaming" else _generate_passes
+    pass_stats, engine_records = run(cfg, pre, planner, cache, store, ids, finished)
+    timings["generate_s"] = time.time() - t
+    qa_index = finished.writer.close()
     cache_counts = cache.count()
     cache.close()
 
-    write_qa_table(out / "qa" / "qa.parquet", qa_records)
+    t = time.time()
     stage_reports = {}
-    for stage in cfg.concat.stages:
-        stage_reports[stage.name] = write_stage_samples(out / "samples" / stage.name, stage, documents, cfg,
-                                                        pre.tokenizer, pre.tokenizer_hash)
+    workers = render_workers(cfg.run.render_workers, cfg.concat.stages)
+    render = RenderPool(workers, pre.target_path, {i: store.locations[i] for i in ids}, qa_index, pre.tokenizer)
+    try:
+        for stage in cfg.concat.stages:
+            plan = plan_stage(stage, finished.pool, cfg.concat)
+            stage_reports[stage.name] = render.write_stage(out / "samples" / stage.name, stage, plan, cfg,
+                                                           pre.tokenizer_hash)
+    finally:
+        render.close()
+    timings["samples_s"] = time.time() - t
+    timings["render_workers"] = workers
+    passes = {p: pass_stats.get(p, PassStats()) for p in PASS_NAMES}
+    passes.update({p: s for p, s in pass_stats.items() if p not in passes})
     totals = PassStats()
-    for stats in generator.pass_stats.values():
+    for stats in passes.values():
         totals.merge(stats)
+    assembler = finished.assembler
     report = SynthReport(
         out_dir=str(out), config=cfg, config_label=config_label, backend=backend.describe(),
         tokenizer_path=pre.target_path, tokenizer_hash=pre.tokenizer_hash, records_read=n_records,
-        documents=len(documents), skipped=dict(skipped), chunks=chunk_count, sections=section_count,
-        tokens=sum(d.n_tokens for d in documents), estimate=estimate,
-        passes={p: generator.pass_stats[p] for p in PASSES}, totals=totals, cache_counts=cache_counts,
-        qa_generated=dict(assembler.generated), qa_dropped=dict(assembler.dropped), qa_kept=len(qa_records),
+        documents=len(ids), skipped=dict(skipped), chunks=finished.chunks, sections=finished.sections,
+        tokens=finished.tokens, estimate=estimate, passes=passes, totals=totals, cache_counts=cache_counts,
+        qa_generated=dict(assembler.generated), qa_dropped=dict(assembler.dropped), qa_kept=finished.qa_kept,
         grounding=assembler.grounding.to_dict(), stages=stage_reports, wall_s=time.time() - started,
         boilerplate=boilerplate_counts(table),
         tiny_model=TINY_MODEL_SPEC in (cfg.generator.model, cfg.target.tokenizer),
+        accounting=accounting(passes, engine_records, backend.gpus_per_engine(), cfg), projection=proj,
+        timings=timings,
     )
     write_manifest(out / "manifest.json", report)
     empty = [msg for msg in (stage_failure(st, cfg.concat) for st in stage_reports.values()) if msg]

@@ -20,6 +20,11 @@ Per sample:
 Determinism: every random choice of sample i comes from `random.Random` seeded with a stable hash of
 (cfg.seed, stage.name, i). Document choice also depends on how often each document was used by
 samples 0..i-1, so a stage is reproducible as a whole, sample by sample in order.
+
+The plan reads only sizes and ids: text and QA lengths, section bounds, and each QA's kind and
+section. So it runs equally on full DocumentQA objects or on their `PoolDocument` sketches (no text,
+no QA contents), which is what the driver holds for a whole corpus; render workers load the full
+documents of their samples from disk and cut them where the plan says.
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter, deque
-from dataclasses import replace
-from typing import Any, Callable, NamedTuple, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 from .config import ConcatConfig, StageConfig
-from .records import DocumentQA, QARecord
+from .records import DocumentQA, QARecord, SectionBound
 
 PART_SUMMARY = "summary"             # the document's summary turns, first in its block
 PART_HIERARCHICAL = "hierarchical"   # N1: next hierarchical QA of the document just read
@@ -43,6 +48,51 @@ PART_REST_DIVERSE = "rest_diverse"            # the last document's remaining di
 REST_PARTS = (PART_REST_HIERARCHICAL, PART_REST_DIVERSE)
 TURN_OVERHEAD_TOKENS = 12            # template tokens per QA turn (role headers, end tokens), for estimates only
 CANDIDATE_WINDOW = 32                # queued documents considered for one slot
+
+
+@dataclass(frozen=True)
+class QASketch:
+    """What the plan knows of a QA record: its id, its section, its size (not its text)."""
+
+    qa_id: str
+    section_end: int
+    grounded: bool
+    chars: int           # len(question) + len(answer)
+
+    @classmethod
+    def of(cls, qa: QARecord) -> "QASketch":
+        return cls(qa.qa_id, qa.section_end, qa.grounded, qa.chars)
+
+
+@dataclass(frozen=True)
+class PoolDocument:
+    """What the plan knows of a document (a DocumentQA without its text or QA contents): sizes, ids,
+    section bounds, and whether special-token strings occur in its text (None = not looked at)."""
+
+    doc_id: str
+    title: str
+    n_tokens: int
+    n_chars: int
+    hierarchical: list[QASketch] = field(default_factory=list)
+    diverse: list[QASketch] = field(default_factory=list)
+    summaries: list[QASketch] = field(default_factory=list)
+    sections: list[SectionBound] = field(default_factory=list)
+    special_tokens: bool | None = None
+
+    @classmethod
+    def of(cls, doc: DocumentQA, tokenizer: Any = None) -> "PoolDocument":
+        """The sketch of `doc`; with a tokenizer, also whether its text holds special-token strings."""
+        special = None
+        if tokenizer is not None:
+            from .render import special_tokens_in_contents
+
+            special = bool(special_tokens_in_contents([{"content": doc.text}], tokenizer))
+        return cls(doc.doc_id, doc.title, doc.n_tokens, doc.n_chars,
+                   [QASketch.of(q) for q in doc.hierarchical], [QASketch.of(q) for q in doc.diverse],
+                   [QASketch.of(q) for q in doc.summaries], list(doc.sections), special)
+
+
+PlanDocument = Union[DocumentQA, PoolDocument]
 
 
 class PlannedTurn(NamedTuple):
@@ -179,7 +229,8 @@ def cut_document(doc: DocumentQA, last_section: int) -> tuple[DocumentQA, int]:
     diverse = [q for q in doc.diverse if keep(q)]
     summaries = [q for q in doc.summaries if keep(q)]
     left_out = (len(doc.hierarchical) + len(doc.diverse) + len(doc.summaries)) - len(hier) - len(diverse) - len(summaries)
-    cut = replace(doc, text=doc.text[:bound.char_end], n_tokens=bound.token_end, hierarchical=hier, diverse=diverse,
+    size = {"text": doc.text[:bound.char_end]} if isinstance(doc, DocumentQA) else {"n_chars": bound.char_end}
+    cut = replace(doc, **size, n_tokens=bound.token_end, hierarchical=hier, diverse=diverse,
                   summaries=summaries, sections=doc.sections[:last_section + 1])
     return cut, left_out
 
@@ -192,7 +243,7 @@ class Estimates:
     """Token estimates used only to choose documents; the rendered length is what is enforced."""
 
     def __init__(self, docs: Sequence[DocumentQA], cfg: ConcatConfig):
-        chars = sum(len(d.text) for d in docs)
+        chars = sum(d.n_chars for d in docs)
         self.tokens_per_char = (sum(d.n_tokens for d in docs) / chars) if chars else 0.3
         self.fixed = int(len(cfg.system_prompt) * self.tokens_per_char) + 2 * TURN_OVERHEAD_TOKENS
         self.header = 16
@@ -200,7 +251,7 @@ class Estimates:
 
     def turn_tokens(self, qa: QARecord, multi: bool) -> int:
         # + ~40 chars for the "About Document i (title): " prefix of multi-document samples
-        return int((len(qa.question) + len(qa.answer) + (40 if multi else 0)) * self.tokens_per_char) + TURN_OVERHEAD_TOKENS
+        return int((qa.chars + (40 if multi else 0)) * self.tokens_per_char) + TURN_OVERHEAD_TOKENS
 
     def sample(self, docs: Sequence[DocumentQA], rng_seed: int) -> tuple[int, int]:
         """Estimated tokens of a sample of these documents: (with the scheduled turns, with every planned turn).

@@ -2,36 +2,42 @@
 
 Every file goes to a temporary name first and is renamed into place, and a stage's shard folder is
 swapped in whole, so a crash leaves either the previous complete output or the new one.
+
+Algorithm 2 runs in two parts (concat.py): the seeded plan (which documents each sample gets) in the
+driver, sample by sample, from document sizes only; then rendering and tokenizing, the expensive
+part, in `RenderPool`: actors that each load the target tokenizer once, read the documents and QA of
+their samples from disk (docstore.py), render chunks of consecutive samples, and write the shards.
+Shards hold the same rows in the same order as a sequential build, so the files are byte-identical
+to `write_stage_samples`'s for any number of workers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctxforge import __version__
-from ctxforge.pipeline.concat import build_stage_samples
-from ctxforge.pipeline.config import StageConfig, SynthConfig
+from ctxforge.pipeline.concat import (
+    RenderPlan, SampleSummary, StagePlan, build_stage_samples, render_planned, stage_stats,
+)
+from ctxforge.pipeline.config import ConcatConfig, StageConfig, SynthConfig
+from ctxforge.pipeline.docstore import QA_SCHEMA, Location, QAIndex, SampleSource
 from ctxforge.pipeline.passes import PassStats
 from ctxforge.pipeline.prompts import load_prompt_set
 from ctxforge.pipeline.records import DocumentQA, QARecord
 from ctxforge.schema import SAMPLE_SCHEMA
 
-QA_SCHEMA = pa.schema([
-    ("qa_id", pa.string()), ("doc_id", pa.string()), ("kind", pa.string()), ("qtype", pa.string()),
-    ("order", pa.int64()), ("question", pa.string()), ("answer", pa.string()),
-    ("evidence_ids", pa.list_(pa.string())), ("evidence_quote", pa.string()), ("grounded", pa.bool_()),
-    ("grounding_score", pa.float64()), ("parent_qa_id", pa.string()), ("request_id", pa.string()),
-    ("quote_grounded", pa.bool_()), ("grounding_basis", pa.string()), ("answer_support", pa.float64()),
-    ("judge", pa.string()), ("evidence_quotes", pa.list_(pa.string())), ("section_end", pa.int64()),
-])
+__all__ = ["QA_SCHEMA", "RenderPool", "SynthReport", "write_manifest", "write_qa_table", "write_stage_samples"]
 
 
 @dataclass
@@ -60,6 +66,9 @@ class SynthReport:
     wall_s: float
     tiny_model: bool = False
     notes: list[str] = field(default_factory=list)
+    accounting: dict = field(default_factory=dict)
+    projection: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)    # wall seconds per phase (read, generate, qa, samples)
     boilerplate: dict = field(default_factory=dict)   # documents stripped of each kind of wrapper at read time
 
 
@@ -75,22 +84,220 @@ def write_qa_table(path: Path, records: list[QARecord]) -> None:
     _atomic_table(path, pa.Table.from_pylist(rows, schema=QA_SCHEMA))
 
 
-def write_stage_samples(folder: Path, stage: StageConfig, documents: list[DocumentQA], cfg: SynthConfig,
-                        tokenizer, tok_hash: str) -> dict:
-    rows, stats = build_stage_samples(stage, documents, cfg.concat, tokenizer, tok_hash)
+def _swap_in(tmp: Path, folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _fresh(folder: Path) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def _shard_name(n: int) -> str:
+    return f"part-{n:05d}.parquet"
+
+
+def write_stage_samples(folder: Path, stage: StageConfig, documents: list[DocumentQA], cfg: SynthConfig,
+                        tokenizer, tok_hash: str) -> dict:
+    """Algorithm 2 for one stage in this process, one sample after another (the reference for RenderPool)."""
+    rows, stats = build_stage_samples(stage, documents, cfg.concat, tokenizer, tok_hash)
+    tmp = _fresh(folder)
     per = cfg.output.rows_per_shard
     files = []
     for n, start in enumerate(range(0, len(rows), per)):
-        name = f"part-{n:05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows[start:start + per], schema=SAMPLE_SCHEMA), tmp / name)
-        files.append(name)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return {**stats, "target_tokens": stage.target_tokens, "documents_per_sample": stage.documents_per_sample,
+        pq.write_table(pa.Table.from_pylist(rows[start:start + per], schema=SAMPLE_SCHEMA), tmp / _shard_name(n))
+        files.append(_shard_name(n))
+    _swap_in(tmp, folder)
+    return _stage_report(stage, stats, files)
+
+
+def _stage_report(stage: StageConfig, stats: dict, files: list[str]) -> dict:
+    # "documents_per_sample" reports the requested count (as readers of the manifest expect); the
+    # histogram of documents per built sample keeps its own key
+    return {**stats, "documents_per_sample_histogram": stats["documents_per_sample"],
+            "target_tokens": stage.target_tokens, "documents_per_sample": stage.documents_per_sample,
             "samples_requested": stage.samples, "files": files}
+
+
+class RenderWorker:
+    """Renders planned samples: the target tokenizer loaded once, documents read from disk as needed."""
+
+    def __init__(self, tokenizer_path: str, qa_path: str, tokenizer: Any = None):
+        from ctxforge.models import load_tokenizer
+
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_path)
+        self.source = SampleSource({}, QAIndex(qa_path, {}))
+
+    def render(self, plans: list[RenderPlan], locations: dict[str, Location], qa_row_groups: dict[str, int],
+               stage: StageConfig, concat: ConcatConfig, tok_hash: str):
+        """(Arrow table of the built rows, ([SampleSummary], Counter)) for consecutive planned samples."""
+        self.source.add(locations, qa_row_groups)
+        rows, summaries, counters = [], [], Counter()
+        for rp in plans:
+            row = render_planned(rp, [self.source.get(i) for i in rp.doc_ids], stage, concat, self.tokenizer,
+                                 tok_hash, counters)
+            summaries.append(SampleSummary.of(rp.index, row))
+            if row is not None:
+                rows.append(row)
+        return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), (summaries, counters)
+
+    def write(self, path: str, parts: list, slices: list[tuple[int, int]]) -> int:
+        """Write rows [offset, offset + length) of each part (Arrow tables, in order) as one shard."""
+        import ray
+
+        tables = ray.get(parts)
+        shard = pa.concat_tables([t.slice(o, n) for t, (o, n) in zip(tables, slices)]).combine_chunks()
+        pq.write_table(shard, path)
+        return shard.num_rows
+
+
+IN_DRIVER_MAX_TOKENS = 2_000_000   # about 16 s of tokenizing on one core: less than starting workers costs
+
+
+def render_workers(setting: int | None, stages: list[StageConfig]) -> int:
+    """Actors to render with (0 = in the driver) for run.render_workers = `setting`."""
+    import ray
+
+    if setting is not None:
+        return setting
+    if sum(s.samples * s.target_tokens for s in stages) <= IN_DRIVER_MAX_TOKENS:
+        return 0
+    return max(1, min(32, int(ray.cluster_resources().get("CPU", 1))))
+
+
+class RenderPool:
+    """`workers` RenderWorker actors (1 CPU each), used for every stage, then released; 0 = in this process.
+
+    Work goes out in chunks of consecutive samples, at most two per worker at a time; a shard is
+    written (by a worker) as soon as all the samples before its end are rendered, so finished rows
+    do not pile up in the object store. Workers are restarted by Ray if their node is lost, and
+    their calls retried: rendering is a pure function of the plan.
+    """
+
+    def __init__(self, workers: int, tokenizer_path: str, locations: dict[str, Location], qa: QAIndex,
+                 tokenizer: Any = None):
+        import ray
+
+        self.n = workers
+        self.locations = locations
+        self.qa = qa
+        if workers == 0:
+            self.local = RenderWorker(tokenizer_path, qa.path, tokenizer)
+            self.actors = []
+            return
+        actor = ray.remote(RenderWorker).options(num_cpus=1, max_restarts=-1, max_task_retries=-1)
+        self.actors = [actor.remote(tokenizer_path, qa.path) for _ in range(workers)]
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def _where(self, plans: list[RenderPlan]) -> tuple[dict[str, Location], dict[str, int]]:
+        ids = {i for sp in plans for i in sp.doc_ids}
+        return ({i: self.locations[i] for i in ids},
+                {i: self.qa.row_groups[i] for i in ids if i in self.qa.row_groups})
+
+    def write_stage(self, folder: Path, stage: StageConfig, plan: StagePlan, cfg: SynthConfig, tok_hash: str) -> dict:
+        if self.n == 0:
+            return self._write_stage_here(folder, stage, plan, cfg, tok_hash)
+        import ray
+
+        samples = plan.samples
+        size = max(1, min(16, math.ceil(len(samples) / (4 * self.n)))) if samples else 1
+        chunks = [samples[i:i + size] for i in range(0, len(samples), size)]
+        tmp = _fresh(folder)
+        per = cfg.output.rows_per_shard
+        done_chunks: dict[int, tuple[Any, tuple]] = {}   # chunk index -> (table ref, (summaries, counters))
+        summaries: list[SampleSummary] = []
+        counters: Counter = Counter()
+        in_flight: dict = {}          # meta ref -> (chunk index, table ref, worker)
+        load = [0] * self.n
+        writes: list = []
+        files: list[str] = []
+        carry: list[list] = []        # [table ref, offset, rows] not yet in a shard, in sample order
+        carry_rows = 0
+        next_chunk = next_in_order = 0
+
+        def flush(final: bool) -> None:
+            nonlocal carry_rows
+            while carry_rows >= per or (final and carry_rows):
+                take, parts, slices = min(per, carry_rows), [], []
+                while take:
+                    ref, off, n = carry[0]
+                    k = min(n, take)
+                    parts.append(ref)
+                    slices.append((off, k))
+                    take -= k
+                    carry_rows -= k
+                    if k == n:
+                        carry.pop(0)
+                    else:
+                        carry[0] = [ref, off + k, n - k]
+                name = _shard_name(len(files))
+                writes.append(self.actors[len(files) % self.n].write.remote(str(tmp / name), parts, slices))
+                files.append(name)
+
+        while next_chunk < len(chunks) or in_flight:
+            while next_chunk < len(chunks) and min(load) < 2:
+                w = load.index(min(load))
+                locations, qa_groups = self._where(chunks[next_chunk])
+                table_ref, meta_ref = self.actors[w].render.options(num_returns=2).remote(
+                    chunks[next_chunk], locations, qa_groups, stage, cfg.concat, tok_hash)
+                in_flight[meta_ref] = (next_chunk, table_ref, w)
+                load[w] += 1
+                next_chunk += 1
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for meta_ref in ready:
+                index, table_ref, w = in_flight.pop(meta_ref)
+                load[w] -= 1
+                done_chunks[index] = (table_ref, ray.get(meta_ref))
+            while next_in_order in done_chunks:       # shards take rows in sample order
+                table_ref, (chunk_summaries, chunk_counters) = done_chunks.pop(next_in_order)
+                next_in_order += 1
+                summaries.extend(chunk_summaries)
+                counters.update(chunk_counters)
+                n = sum(1 for x in chunk_summaries if x.built)
+                if n:
+                    carry.append([table_ref, 0, n])
+                    carry_rows += n
+                flush(final=False)
+        flush(final=True)
+        ray.get(writes)
+        _swap_in(tmp, folder)
+        return _stage_report(stage, stage_stats(stage, plan, summaries, counters), files)
+
+    def _write_stage_here(self, folder: Path, stage: StageConfig, plan: StagePlan, cfg: SynthConfig,
+                          tok_hash: str) -> dict:
+        """The same rows and shards, rendered one after another in this process (reads from disk as it goes)."""
+        tmp = _fresh(folder)
+        per = cfg.output.rows_per_shard
+        summaries: list[SampleSummary] = []
+        counters: Counter = Counter()
+        rows: list[dict] = []
+        files: list[str] = []
+        source = self.local.source
+        source.add(*self._where(plan.samples))
+        for rp in plan.samples:
+            row = render_planned(rp, [source.get(i) for i in rp.doc_ids], stage, cfg.concat, self.local.tokenizer,
+                                 tok_hash, counters)
+            summaries.append(SampleSummary.of(rp.index, row))
+            if row is not None:
+                rows.append(row)
+            if len(rows) == per:
+                pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), tmp / _shard_name(len(files)))
+                files.append(_shard_name(len(files)))
+                rows = []
+        if rows:
+            pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), tmp / _shard_name(len(files)))
+            files.append(_shard_name(len(files)))
+        _swap_in(tmp, folder)
+        return _stage_report(stage, stage_stats(stage, plan, summaries, counters), files)
 
 
 def _notes(report: SynthReport) -> list[str]:
@@ -148,6 +355,9 @@ def write_manifest(path: Path, report: SynthReport) -> None:
         "qa": {"generated_by_type": report.qa_generated, "dropped": report.qa_dropped, "kept": report.qa_kept},
         "grounding": {**report.grounding, "policy": cfg.grounding.on_ungrounded, "min_score": cfg.grounding.min_score},
         "stages": report.stages,
+        "projection": report.projection,
+        "accounting": report.accounting,
+        "timings_s": {k: round(v, 2) for k, v in report.timings.items()},
         "wall_s": round(report.wall_s, 2),
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -164,7 +374,8 @@ def print_summary(report: SynthReport, console=None) -> None:
     table = Table(title=f"ctxforge synth: {report.out_dir}", show_header=True)
     table.add_column("what")
     table.add_column("value", justify="right")
-    gen_s = max(t.wall_s, 1e-9)
+    # passes overlap when documents stream: the generation phase's wall time, not the sum of the passes'
+    gen_s = max(report.timings.get("generate_s", t.wall_s), 1e-9)
     rows = [
         ("documents (records read)", f"{report.documents} ({report.records_read})"),
         ("skipped records", ", ".join(f"{k}={v}" for k, v in report.skipped.items()) or "0"),
@@ -187,5 +398,32 @@ def print_summary(report: SynthReport, console=None) -> None:
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+    if report.accounting:
+        console.print(accounting_table(report))
     for note in report.notes:
         console.print(f"[bold yellow]note:[/] {note}")
+
+
+def accounting_table(report: SynthReport):
+    """Per pass: requests, tokens, generating time and cost; the caption has the engines' load / idle time."""
+    from rich.table import Table
+
+    acc = report.accounting
+    e, t = acc["engines"], acc["total"]
+    gpus = e["gpus_per_engine"]
+
+    def amount(seconds: float) -> str:
+        return f"{seconds * gpus / 3600:,.3f}" if gpus else f"{seconds:,.1f}"
+
+    unit = "GPU-h" if gpus else "engine-s"
+    caption = (f"{e['engines']} engines ({e['loads']} loads, {e['lost']} lost); {unit}: loading "
+               f"{amount(t['engine_load_s'])}, generating {amount(t['engine_generating_s'])}, idle "
+               f"{amount(t['engine_idle_s'])} (busy {e['busy_fraction']:.0%}); cost ${t['cost_usd']:,.2f}")
+    table = Table(title="generation accounting", caption=caption, show_header=True)
+    for col in ("pass", "requests", "sent", "prompt tok", "compl. tok", f"gen. {unit}", "cost $"):
+        table.add_column(col, justify="left" if col == "pass" else "right")
+    rows = [(name, p) for name, p in acc["by_pass"].items()] + [("total", {**t, "engine_generating_s": t["engine_generating_s"]})]
+    for name, p in rows:
+        table.add_row(name, f"{p['requests']:,}", f"{p['sent']:,}", f"{p['prompt_tokens']:,}",
+                      f"{p['completion_tokens']:,}", amount(p["engine_generating_s"]), f"{p['cost_usd']:,.2f}")
+    return table

@@ -9,8 +9,9 @@ stdlib ThreadingHTTPServer: starts in milliseconds, a thread per connection (so 
 keep-alive connections are fine), and a handler can sleep without blocking the others.
 
 Every answer validates against the request's `response_format.json_schema.schema`; a string property
-whose name contains "quote" is a verbatim run of words from the middle of the last user message, so
-that grounding succeeds in integration tests.
+whose name contains "quote" is a verbatim run of words from the middle of the first text the last user
+message shows between <text> tags (a list of quotes: one from each text shown), so that grounding succeeds
+in integration tests wherever a real model could ground its answer.
 
 Faults (constructor keywords, changeable at runtime via `server.configure(...)`); the outcome of the
 k-th attempt (0-based) of a request, keyed by a hash of its messages, is the first that applies of:
@@ -117,6 +118,15 @@ def quote_from(text: str, max_len: int | None, words: int = 8) -> str:
     return quote
 
 
+_TEXT_BLOCK = re.compile(r"<text(?: \d+)?>\n(.*?)\n</text(?: \d+)?>", re.S)
+
+
+def text_blocks(prompt: str) -> list[str]:
+    """The texts a prompt shows between <text> / <text k> tags (the whole prompt when it has none): an
+    instruction-following model quotes from them, not from the instructions around them."""
+    return [m.group(1) for m in _TEXT_BLOCK.finditer(prompt)] or [prompt]
+
+
 def answer_for(schema: dict, prompt: str) -> Any:
     """A deterministic instance of `schema` derived from prompt (the subset of JSON Schema that
     structured outputs use: object, string, integer, number, boolean, array, enum, const, anyOf, $ref)."""
@@ -148,6 +158,10 @@ def _instance(node: dict, root: dict, prompt: str, name: str) -> Any:
         n = max(int(node.get("minItems", 1)), 1)
         if "maxItems" in node:
             n = min(n, int(node["maxItems"]))
+        if "quote" in name.lower():  # one quote from each text shown, as the prompt asks
+            blocks = text_blocks(prompt)
+            n = max(n, min(len(blocks), int(node.get("maxItems", len(blocks)))))
+            return [quote_from(blocks[i % len(blocks)], node.get("items", {}).get("maxLength")) for i in range(n)]
         return [_instance(node.get("items", {}), root, prompt, name) for _ in range(n)]
     if kind in ("integer", "number"):
         low = node.get("minimum", node.get("exclusiveMinimum", -1) + 1)
@@ -158,7 +172,7 @@ def _instance(node: dict, root: dict, prompt: str, name: str) -> Any:
         return None
     max_len = node.get("maxLength")
     if "quote" in name.lower():
-        text = quote_from(prompt, max_len)
+        text = quote_from(text_blocks(prompt)[0], max_len)
     else:
         digest = hashlib.sha256(f"{name}\0{prompt}".encode()).hexdigest()[:12]
         text = f"{name} {digest}: " + " ".join(prompt.split()[:12])

@@ -74,6 +74,60 @@ def test_vllm_processor_builds_on_cpu_without_vllm():
     assert failed["output_text"] == "" and failed["error"] == "CUDA OOM"
 
 
+def test_vllm_engine_actor_wiring_on_cpu_without_vllm():
+    """What the engine pool builds for vLLM: one placement group of tensor_parallel_size GPU bundles per
+    engine (vLLM's Ray executor places its workers there), or one GPU on the actor when TP = 1."""
+    from ctxforge.pipeline.generators.vllm import VLLMBackend, VLLMEngine, sampling_params
+
+    tp4 = VLLMBackend(GeneratorConfig(backend="vllm", tensor_parallel_size=4, concurrency=(1, 8), accelerator_type="H100",
+                                      max_model_len=32768, engine_kwargs={"gpu_memory_utilization": 0.9}), "/m/qwen72b")
+    factory = tp4.engine_factory()
+    assert factory.target.endswith(":VLLMEngine") and factory.kwargs["model_source"] == "/m/qwen72b"
+    kw = factory.kwargs["engine_kwargs"]
+    assert kw["distributed_executor_backend"] == "ray" and kw["tensor_parallel_size"] == 4
+    assert kw["max_model_len"] == 32768 and kw["gpu_memory_utilization"] == 0.9 and kw["enable_prefix_caching"]
+    assert factory.kwargs["slots"] == 256 and tp4.engine_range() == (1, 8) and tp4.gpus_per_engine() == 4
+    assert tp4.placement_bundles() == [{"GPU": 1, "CPU": 1, "accelerator_type:H100": 0.001}] * 4
+    assert tp4.actor_options() == {"num_cpus": 1, "num_gpus": 0}
+    tp1 = VLLMBackend(GeneratorConfig(backend="vllm", accelerator_type="H100", requests_per_engine=64), "/m/8b")
+    assert tp1.placement_bundles() is None and tp1.gpus_per_engine() == 1
+    assert tp1.actor_options() == {"num_cpus": 1, "num_gpus": 1, "accelerator_type": "H100"}
+    assert tp1.engine_factory().kwargs["engine_kwargs"]["distributed_executor_backend"] == "uni"
+    assert tp1.engine_factory().kwargs["slots"] == 64
+    import importlib
+    module, _, name = factory.target.partition(":")
+    assert getattr(importlib.import_module(module), name) is VLLMEngine and VLLMEngine.is_async
+    params = sampling_params(request(9))
+    assert params["seed"] == 9 and params["structured_outputs"] == {"json": json.loads(request(9)["schema"])}
+
+
+@pytest.mark.gpu
+def test_vllm_engine_in_the_pool_generates_schema_valid_json_on_gpu(ray_local, tiny_model_path):
+    pytest.importorskip("vllm")
+    from ctxforge.pipeline.engines import EnginePool
+    from ctxforge.pipeline.generators.vllm import VLLMBackend
+
+    cfg = GeneratorConfig(backend="vllm", concurrency=1, max_model_len=2048,
+                          engine_kwargs={"gpu_memory_utilization": 0.3, "enforce_eager": True})
+    pool = EnginePool(VLLMBackend(cfg, tiny_model_path))
+    pool.start()
+    rows = [request(s) for s in range(4)]
+    pending, answers = list(rows), []
+    try:
+        while len(answers) < 4:
+            while pending and pool.submit(pending[0], pending[0]["request_id"]):  # False until the engine loaded
+                pending.pop(0)
+            got, lost = pool.poll(1.0)
+            assert not lost
+            answers.extend(r for _, r in got)
+    finally:
+        pool.shutdown()
+    schema = json.loads(rows[0]["schema"])
+    assert all(r["error"] == "" for r in answers)
+    assert sum(validate_output(r["output_text"], schema)[0] is not None for r in answers) >= 3
+    assert pool.engine_records()[0]["requests"] == 4
+
+
 @pytest.mark.gpu
 def test_vllm_backend_generates_schema_valid_json_on_gpu(ray_local, tiny_model_path):
     pytest.importorskip("vllm")

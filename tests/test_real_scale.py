@@ -290,9 +290,18 @@ def test_synthesis_generators_request_the_generation_node_resource():
     from ctxforge.pipeline.generators.vllm import VLLMBackend
 
     gen = _shipped()["synth"]["qwen72b-vllm"].generator
-    pg = VLLMBackend(gen, "/models/qwen").processor_config().placement_group_config
+    vllm = VLLMBackend(gen, "/models/qwen")
+    # streaming scheduler (pipeline/engines.py): each TP-4 engine's placement group, every bundle on the node type
+    bundles = vllm.placement_bundles()
+    assert len(bundles) == 4 and all(b["ctxforge_generate"] == 1 and b["GPU"] == 1 for b in bundles)
+    one_gpu = VLLMBackend(gen.model_copy(update={"tensor_parallel_size": 1}), "/models/qwen")
+    assert one_gpu.placement_bundles() is None and one_gpu.actor_options()["resources"] == {"ctxforge_generate": 1}
+    # passes mode (ray.data.llm): the processor's placement group
+    pg = vllm.processor_config().placement_group_config
     assert pg["bundle_per_worker"] == {"CPU": 1, "GPU": 1, "ctxforge_generate": 1}
     for backend, extra in ((HFBackend, {}), (HTTPBackend, {"base_url": "http://127.0.0.1:1/v1"})):
         cfg = gen.model_copy(update={"backend": backend.name, "concurrency": 1, **extra})
+        assert backend(cfg, "/models/qwen").actor_options()["resources"] == {"ctxforge_generate": 1}
         assert backend(cfg, "/models/qwen").apply(_Dataset()).kwargs["resources"] == {"ctxforge_generate": 1}
-        assert "resources" not in backend(cfg.model_copy(update={"resources": {}}), "/m").apply(_Dataset()).kwargs
+        local = backend(cfg.model_copy(update={"resources": {}}), "/m")
+        assert "resources" not in local.apply(_Dataset()).kwargs and "resources" not in local.actor_options()

@@ -60,9 +60,14 @@ def check_samples(out: Path, tokenizer, stages: dict[str, int]) -> None:
 
 def test_hf_tiny_model_end_to_end_then_rerun_redoes_nothing(ray_local, tmp_path, tiny_tokenizer):
     out = tmp_path / "hf"
-    report = synthesize(config(out))
+    # one document at a time (two "waves"), every pass and retry round of each: one engine, loaded once
+    report = synthesize(config(out, "run.documents_in_flight=1", "generator.concurrency=1"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["input"]["documents"] == 2
+    engines, sent = manifest["accounting"]["engines"], manifest["requests"]["total"]["sent"]
+    assert engines["engines"] == engines["loads"] == 1 and engines["lost"] == 0
+    assert engines["requests"] == sent > 0   # that one engine answered every attempt (retries included)
+    assert engines["load_s"] > 0 and engines["alive_s"] >= engines["load_s"] + engines["generating_s"] - 1e-6
     assert manifest["input"]["skipped_by_reason"]["over_limit"] > 0
     assert manifest["generator"]["backend"] == "hf" and manifest["generator"]["prompt_set_hash"]
     assert manifest["tokenizer"]["hash"] == report.tokenizer_hash
@@ -76,8 +81,9 @@ def test_hf_tiny_model_end_to_end_then_rerun_redoes_nothing(ray_local, tmp_path,
     before = {p.name: p.read_bytes() for p in (out / "samples" / "2K").glob("*.parquet")}
     qa_before = pq.read_table(out / "qa" / "qa.parquet")
 
-    again = synthesize(config(out))
+    again = synthesize(config(out, "run.documents_in_flight=1", "generator.concurrency=1"))
     assert again.totals.sent == 0
+    assert again.accounting["engines"]["loads"] == 0   # everything came from the cache: no engine was started
     assert again.totals.cache_hits == again.totals.requests == total["requests"]
     assert json.loads((out / "manifest.json").read_text())["requests"]["cache_hits"] == total["requests"]
     assert {p.name: p.read_bytes() for p in (out / "samples" / "2K").glob("*.parquet")} == before
@@ -97,7 +103,7 @@ def test_http_backend_with_faults_grounds_and_retries(ray_local, tmp_path, tiny_
     # every request meets a 429, then a 500, then a timeout before it is answered: all retried by the backend
     with FakeOpenAIServer(schedule=(429, 500, "timeout"), timeout_sleep_s=3.0) as server:
         out = tmp_path / "http"
-        cfg = config(out, "generator.backend=http", f"generator.base_url={server.base_url}",
+        cfg = config(out, "generator.backend=http", "generator.api_key_env=null", f"generator.base_url={server.base_url}",
                      "generator.model=fake-qwen", "generator.concurrency=8", "generator.retry_base_s=0.01",
                      "generator.timeout_s=0.5", "grounding.on_ungrounded=drop")
         synthesize(cfg)
@@ -118,7 +124,7 @@ def test_http_backend_with_faults_grounds_and_retries(ray_local, tmp_path, tiny_
 def test_invalid_json_is_retried_then_recorded_as_failed(ray_local, tmp_path):
     with FakeOpenAIServer(permanent="malformed", match="Write one question") as server:  # every question prompt
         out = tmp_path / "bad-json"
-        cfg = config(out, "generator.backend=http", f"generator.base_url={server.base_url}",
+        cfg = config(out, "generator.backend=http", "generator.api_key_env=null", f"generator.base_url={server.base_url}",
                      "generator.model=fake", "generator.max_attempts=2", "generator.retry_base_s=0.01")
         synthesize(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -154,7 +160,7 @@ def test_bad_input_is_skipped_and_counted(ray_local, tmp_path):
     with FakeOpenAIServer() as server:
         out = tmp_path / "out"
         cfg = config(out, f"input.path={corpus}", "input.limit=0", "input.max_document_tokens=0",
-                     "generator.backend=http", f"generator.base_url={server.base_url}", "generator.model=fake",
+                     "generator.backend=http", "generator.api_key_env=null", f"generator.base_url={server.base_url}", "generator.model=fake",
                      "chunking.min_document_tokens=8")
         synthesize(cfg)
     manifest = json.loads((out / "manifest.json").read_text())

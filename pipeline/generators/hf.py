@@ -1,4 +1,4 @@
-"""The `hf` backend: transformers `generate` on Ray Data actors (CPU, or one GPU per actor).
+"""The `hf` backend: transformers `generate` in engine actors (CPU, or one GPU per actor).
 
 Structured outputs through `ctxforge.structured` (xgrammar's Hugging Face logits processor, shared
 with the CPU serving engine): the JSON schema is compiled against the model's tokenizer (cached per
@@ -6,26 +6,38 @@ schema in the actor) and masks every token that would leave the grammar, so the 
 schema-shaped JSON unless the token budget runs out first.
 
 Requests are generated one at a time and seeded from their id, so a rerun reproduces the same text
-(batched generation with padding would make outputs depend on batch composition).
+(batched generation with padding would make outputs depend on batch composition). The engine takes
+two requests at once by default (generator.requests_per_engine): one generates while the next waits
+inside the actor, so no round trip to the driver leaves the model idle between requests.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 
-from ctxforge.pipeline.generators.base import GeneratorBackend, batch_rows, rows_batch
+from ctxforge.pipeline.generators.base import (
+    Engine, EngineFactory, EngineUDF, GeneratorBackend, batch_rows, error_result, rows_batch,
+)
 
 log = logging.getLogger(__name__)
 
 
-class HFGeneratorUDF:
-    def __init__(self, model_path: str, device: str, dtype: str, max_model_len: int):
+class HFGeneratorUDF(Engine):
+    """The loaded model. An Engine for the pool, and callable on a numpy batch (one row after another)."""
+
+    slots = 2
+
+    def __init__(self, model_path: str, device: str, dtype: str, max_model_len: int, slots: int = 2):
         import torch
 
         from ctxforge.models import load_causal_lm
         from ctxforge.structured import Grammars
 
+        self.slots = slots
+        self._lock = threading.Lock()  # one generate() at a time: the others wait their turn
+        log.info("hf engine: loading %s on %s", model_path, device)
         self.torch = torch
         self.max_model_len = max_model_len
         self.model, self.tokenizer, self.device = load_causal_lm(model_path, device, dtype)
@@ -63,38 +75,47 @@ class HFGeneratorUDF:
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
         return {"output_text": text, "prompt_tokens": n_prompt, "completion_tokens": len(new_tokens), "error": ""}
 
+    def generate(self, row: dict) -> dict:
+        with self._lock:
+            try:
+                return self._generate(row)
+            except Exception as exc:  # one broken request must not kill the run: record it, retry later
+                log.exception("generation failed for %s", row["request_id"])
+                return error_result(f"{type(exc).__name__}: {str(exc)[:200]}")
+
     def __call__(self, batch):
         rows = batch_rows(batch)
-        out = []
         for row in rows:
-            try:
-                row.update(self._generate(row))
-            except Exception as exc:  # one broken request must not kill the pass: record it, retry later
-                log.exception("generation failed for %s", row["request_id"])
-                row.update({"output_text": "", "prompt_tokens": 0, "completion_tokens": 0,
-                            "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-            out.append(row)
-        return rows_batch(out)
+            row.update(self.generate(row))
+        return rows_batch(rows)
 
 
 class HFBackend(GeneratorBackend):
     name = "hf"
 
+    def engine_factory(self) -> EngineFactory:
+        cfg = self.cfg
+        return EngineFactory(f"{__name__}:HFGeneratorUDF", {
+            "model_path": self.model_path, "device": cfg.device, "dtype": cfg.dtype,
+            "max_model_len": cfg.max_model_len, "slots": self.slots_per_engine()})
+
+    def default_slots(self) -> int:
+        return 2
+
     def apply(self, ds):
         import ray.data
 
         cfg = self.cfg
-        lo, hi = cfg.concurrency if isinstance(cfg.concurrency, tuple) else (cfg.concurrency, cfg.concurrency)
+        lo, hi = self.engine_range()
         return ds.map_batches(
-            HFGeneratorUDF,
-            fn_constructor_kwargs={"model_path": self.model_path, "device": cfg.device, "dtype": cfg.dtype,
-                                   "max_model_len": cfg.max_model_len},
+            EngineUDF,
+            fn_constructor_kwargs={"factory": self.engine_factory()},
             batch_size=cfg.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
             num_cpus=cfg.num_cpus,
             **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {}),
-            **({"resources": dict(cfg.resources)} if cfg.resources else {}),
+            **self.node_resources(),
         )
 
     def describe(self) -> dict:

@@ -1,9 +1,12 @@
 """The http backend: any OpenAI-compatible chat-completions endpoint (OpenAI, Together, vLLM, Ray Serve).
 
-One Ray Data actor holds one `httpx.Client` and a thread pool of `cfg.concurrency` workers, so at most
-`cfg.concurrency` requests are in flight, over pooled keep-alive connections. The actor takes two
-batches at once and both feed the same pool, so while the last requests of one batch are still out
-the next batch's requests already fill the free slots: the pipe stays full across batch boundaries.
+One engine actor holds one `httpx.Client` (pooled keep-alive connections) and takes `cfg.concurrency`
+requests at once, each on its own thread, so at most `cfg.concurrency` requests are in flight. The
+scheduler refills a slot as soon as its answer is back, across passes and documents: the pipe stays
+full to the end of the run, and the actor starts once per run.
+
+In passes mode (run.scheduler=passes) the same client runs as a Ray Data actor that takes two batches
+at once, both feeding the same thread pool, so the pipe stays full across batch boundaries.
 
 Why not `ray.data.llm.HttpRequestProcessorConfig` (Ray 2.60, see
 ray/llm/_internal/batch/stages/http_request_stage.py):
@@ -30,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import GeneratorBackend, batch_rows, parse_messages, rows_batch
+from .base import Engine, EngineFactory, GeneratorBackend, batch_rows, parse_messages, rows_batch
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_BACKOFF_S = 60.0
@@ -46,26 +49,46 @@ def max_concurrency(concurrency: int | tuple[int, int]) -> int:
 class HTTPBackend(GeneratorBackend):
     name = "http"
 
+    def _client_kwargs(self) -> dict[str, Any]:
+        if not self.cfg.base_url:
+            raise ValueError("generator.base_url is required when generator.backend = http")
+        return {
+            "base_url": self.cfg.base_url,
+            # The endpoint's own model name, not a local path that model_path may have resolved to.
+            "model": self.cfg.model,
+            # The variable's name, never its value: the key must not enter Ray's object store or logs.
+            "api_key_env": self.cfg.api_key_env or "",
+            "concurrency": max_concurrency(self.cfg.concurrency),
+            "timeout_s": self.cfg.timeout_s,
+            "max_retries": self.cfg.max_retries,
+            "retry_base_s": self.cfg.retry_base_s,
+            "length_bounds": self.cfg.schema_length_bounds,
+        }
+
+    def engine_factory(self) -> EngineFactory:
+        return EngineFactory(f"{__name__}:HTTPGeneratorUDF", self._client_kwargs())
+
+    def engine_range(self) -> tuple[int, int]:
+        return 1, 1  # one client; generator.concurrency is the number of requests in flight
+
+    def default_slots(self) -> int:
+        return max_concurrency(self.cfg.concurrency)
+
+    def gpus_per_engine(self) -> float:
+        return 0.0  # the endpoint's GPUs are not ours: APIs are priced per token (cost.*_usd_per_mtok)
+
+    def actor_options(self) -> dict[str, Any]:
+        # Threads mostly wait on sockets: a small CPU share leaves the CPUs to Ray Data and rendering.
+        return {"num_cpus": min(self.cfg.num_cpus, 0.25), **self.node_resources()}
+
     def apply(self, ds):
         import ray.data
 
-        if not self.cfg.base_url:
-            raise ValueError("generator.base_url is required when generator.backend = http")
-        n = max_concurrency(self.cfg.concurrency)
+        kwargs = self._client_kwargs()
+        n = kwargs["concurrency"]
         return ds.map_batches(
             HTTPGeneratorUDF,
-            fn_constructor_kwargs={
-                "base_url": self.cfg.base_url,
-                # The endpoint's own model name, not a local path that model_path may have resolved to.
-                "model": self.cfg.model,
-                # The variable's name, never its value: the key must not enter Ray's object store or logs.
-                "api_key_env": self.cfg.api_key_env,
-                "concurrency": n,
-                "timeout_s": self.cfg.timeout_s,
-                "max_retries": self.cfg.max_retries,
-                "retry_base_s": self.cfg.retry_base_s,
-                "length_bounds": self.cfg.schema_length_bounds,
-            },
+            fn_constructor_kwargs=kwargs,
             # One actor (the concurrency is inside it). Threads mostly wait on sockets, so a small CPU
             # share: a full CPU on a 2-CPU cluster starves the upstream tasks and Ray Data stalls.
             compute=ray.data.ActorPoolStrategy(
@@ -76,7 +99,7 @@ class HTTPBackend(GeneratorBackend):
                 enable_true_multi_threading=True,
             ),
             num_cpus=min(self.cfg.num_cpus, 0.25),
-            **({"resources": dict(self.cfg.resources)} if self.cfg.resources else {}),
+            **self.node_resources(),
             # Several rounds of `n` requests per batch so the per-batch overhead is amortised.
             batch_size=max(self.cfg.batch_size, 4 * n),
             batch_format="numpy",
@@ -90,8 +113,11 @@ class HTTPBackend(GeneratorBackend):
         }
 
 
-class HTTPGeneratorUDF:
-    """Request rows in, the same rows plus output_text/prompt_tokens/completion_tokens/error out."""
+class HTTPGeneratorUDF(Engine):
+    """Request rows in, the same rows plus output_text/prompt_tokens/completion_tokens/error out.
+
+    As an Engine, `generate(row)` is called from up to `concurrency` threads at once (the pool's slots).
+    """
 
     def __init__(
         self,
@@ -115,6 +141,7 @@ class HTTPGeneratorUDF:
         api_key = os.environ.get(api_key_env or "", "")
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
+        self.slots = concurrency
         self.client = httpx.Client(
             headers=headers,
             timeout=httpx.Timeout(timeout_s),
@@ -133,6 +160,12 @@ class HTTPGeneratorUDF:
             return {**batch, **empty}
         results = list(self.pool.map(self._generate, rows))
         return rows_batch([{**row, **res} for row, res in zip(rows, results)])
+
+    def generate(self, row: dict[str, Any]) -> dict[str, Any]:
+        return self._generate(row)
+
+    def close(self) -> None:
+        self.__del__()
 
     def _payload(self, row: dict[str, Any]) -> dict[str, Any]:
         payload = {

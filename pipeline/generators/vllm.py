@@ -1,37 +1,56 @@
-"""The `vllm` backend: `ray.data.llm` vLLM engine processors on GPU actors.
+"""The `vllm` backend: `ray.data.llm`'s vLLM engine, loaded once per engine actor for the whole run.
 
-The processor is Ray's own: chat template -> tokenize -> vLLM engine (an autoscaling actor pool,
-tensor parallel inside each engine) -> detokenize. Structured outputs go through vLLM's xgrammar
-backend (`sampling_params.structured_outputs = {"json": schema}`). vLLM itself is imported only
-inside the engine actors, so building this stage works on a CPU machine without vllm (that is what
-the CPU test checks); running it needs the `gpu` extra (`ray[llm]==2.60.0`, `vllm==0.29.0`).
+Streaming (the default): each engine actor of the pool builds `VLLMEngine` once. It holds
+`ray.data.llm`'s own engine wrapper (`vLLMEngineWrapper`: vLLM's AsyncLLMEngine with Ray's request
+mapping, structured outputs, pending-request bound and fatal-error handling), downloads the model
+the way `ray.data.llm` does (local path, hub name, or s3:// / gs:// mirror), and takes up to
+`requests_per_engine` requests at once, which vLLM batches continuously. Tensor parallel > 1: the
+pool reserves one placement group of `tensor_parallel_size` GPU bundles per engine, and vLLM's Ray
+executor places its workers in it (as `ray.data.llm` does).
 
-Engines load once per pass: keep run.documents_per_wave large on big corpora, or serve the model
-with `ray.serve.llm` once and use the http backend for multi-day jobs.
+Passes (run.scheduler=passes): the full `ray.data.llm` processor (chat template -> tokenize -> vLLM
+engine -> detokenize) per pass; its engines load again for every job.
+
+Structured outputs go through vLLM's xgrammar backend (`sampling_params.structured_outputs = {"json":
+schema}`). vLLM itself is imported only inside the engine actors, so building both paths works on a
+CPU machine without vllm (the CPU tests check the wiring); running them needs the `gpu` extra
+(`ray[llm]==2.60.0`, `vllm==0.29.0`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+from typing import Any
 
-from ctxforge.pipeline.generators.base import GeneratorBackend
+from ctxforge.pipeline.generators.base import Engine, EngineFactory, GeneratorBackend, error_result
+
+log = logging.getLogger(__name__)
+IDX = "__idx_in_batch"
 
 # The CPU stages around the engine are actor pools too; fractional CPUs keep them from starving the
 # upstream read tasks (the Ray Data deadlock on small machines).
 CPU_STAGE = {"enabled": True, "num_cpus": 0.25}
 
 
+def sampling_params(row: dict) -> dict:
+    """vLLM SamplingParams fields of a request row (ray.data.llm turns structured_outputs into its params);
+    a free-text request (schema "") has no structured_outputs. Both the Ray Data path and the engine pool use it."""
+    return {
+        "temperature": float(row["temperature"]),
+        "top_p": float(row["top_p"]),
+        "max_tokens": int(row["max_tokens"]),
+        "seed": int(row["seed"]),
+        **({"structured_outputs": {"json": json.loads(row["schema"])}} if row["schema"] else {}),
+    }
+
+
 def _preprocess(row: dict) -> dict:
     return {
         "request_id": row["request_id"],
         "messages": json.loads(row["messages"]),
-        "sampling_params": {
-            "temperature": float(row["temperature"]),
-            "top_p": float(row["top_p"]),
-            "max_tokens": int(row["max_tokens"]),
-            "seed": int(row["seed"]),
-            **({"structured_outputs": {"json": json.loads(row["schema"])}} if row["schema"] else {}),
-        },
+        "sampling_params": sampling_params(row),
         "orig_messages": row["messages"], "schema": row["schema"], "schema_name": row["schema_name"],
         "max_tokens": row["max_tokens"], "temperature": row["temperature"], "top_p": row["top_p"], "seed": row["seed"],
     }
@@ -50,8 +69,100 @@ def _postprocess(row: dict) -> dict:
     }
 
 
+class VLLMEngine(Engine):
+    """One vLLM engine (all its tensor-parallel workers) in a long-lived async actor."""
+
+    is_async = True
+
+    def __init__(self, model_source: str, engine_kwargs: dict[str, Any], slots: int):
+        from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineWrapper
+        from ray.llm._internal.common.utils.download_utils import NodeModelDownloadable, download_model_files
+        from transformers import AutoTokenizer
+
+        self.slots = slots
+        self.max_model_len = int(engine_kwargs["max_model_len"])
+        local = download_model_files(model_id=model_source, mirror_config=None,
+                                     download_model=NodeModelDownloadable.MODEL_AND_TOKENIZER,
+                                     download_extra_files=False)
+        self.tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=bool(engine_kwargs.get("trust_remote_code")))
+        log.info("vllm engine: loading %s (%s)", model_source, {k: engine_kwargs[k] for k in sorted(engine_kwargs)})
+        self.llm = vLLMEngineWrapper(
+            idx_in_batch_column=IDX, max_pending_requests=slots, log_engine_metrics=False,
+            model=model_source, model_source=local, enable_log_requests=False, **engine_kwargs)
+
+    async def agenerate(self, row: dict) -> dict:
+        from ray.llm._internal.common.errors import VLLM_FATAL_ERRORS
+
+        try:
+            # Tokenized here with the template's own special tokens, so vLLM adds no second BOS.
+            ids = self.tokenizer.apply_chat_template(json.loads(row["messages"]), add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)["input_ids"]
+            ids = list(ids)
+            if len(ids) + int(row["max_tokens"]) > self.max_model_len:
+                return {**error_result(f"prompt_too_long: {len(ids)} prompt + {row['max_tokens']} completion tokens "
+                                       f"> max_model_len {self.max_model_len}"), "prompt_tokens": len(ids)}
+            _, out, _ = await self.llm.generate_async({IDX: 0, "tokenized_prompt": ids,
+                                                       "sampling_params": sampling_params(row)})
+        except VLLM_FATAL_ERRORS:
+            # The engine's processes are gone but this actor lives: end it, so that the pool starts a new
+            # engine and sends this actor's requests elsewhere (what ray.data.llm does too).
+            log.exception("vllm engine died; exiting the actor so that the pool replaces it")
+            os._exit(1)
+        except Exception as exc:
+            return error_result(f"{type(exc).__name__}: {exc}")
+        return {"output_text": out.get("generated_text") or "", "prompt_tokens": int(out.get("num_input_tokens") or 0),
+                "completion_tokens": int(out.get("num_generated_tokens") or 0), "error": ""}
+
+    def close(self) -> None:
+        self.llm.shutdown()
+
+
 class VLLMBackend(GeneratorBackend):
     name = "vllm"
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        cfg = self.cfg
+        kwargs = {
+            "max_model_len": cfg.max_model_len,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "enable_prefix_caching": True,   # every request of a document shares the system prompt
+            "enable_chunked_prefill": True,
+            **cfg.engine_kwargs,
+        }
+        # As ray.data.llm: one process for one GPU, vLLM's Ray executor (workers in our placement group) for more.
+        kwargs.setdefault("distributed_executor_backend", "uni" if self._gpus() == 1 else "ray")
+        return kwargs
+
+    def _gpus(self) -> int:
+        kw = self.cfg.engine_kwargs
+        return int(self.cfg.tensor_parallel_size) * int(kw.get("pipeline_parallel_size", 1))
+
+    def engine_factory(self) -> EngineFactory:
+        return EngineFactory(f"{__name__}:VLLMEngine", {
+            "model_source": self.model_path, "engine_kwargs": self.engine_kwargs(), "slots": self.slots_per_engine()})
+
+    def default_slots(self) -> int:
+        return 256
+
+    def gpus_per_engine(self) -> float:
+        return float(self._gpus())
+
+    def placement_bundles(self) -> list[dict[str, float]] | None:
+        if self._gpus() == 1:
+            return None
+        bundle: dict[str, float] = {"GPU": 1, "CPU": 1, **self.cfg.resources}   # + the generation node's resource
+        if self.cfg.accelerator_type:
+            bundle[f"accelerator_type:{self.cfg.accelerator_type}"] = 0.001
+        return [dict(bundle) for _ in range(self._gpus())]
+
+    def actor_options(self) -> dict[str, Any]:
+        if self._gpus() == 1:
+            opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1, **self.node_resources()}
+            if self.cfg.accelerator_type:
+                opts["accelerator_type"] = self.cfg.accelerator_type
+            return opts
+        # In the engine's placement group: the actor takes one bundle's CPU, vLLM's workers take the GPUs.
+        return {"num_cpus": 1, "num_gpus": 0}
 
     def processor_config(self):
         from ray.data.llm import vLLMEngineProcessorConfig

@@ -1,0 +1,314 @@
+"""The engine pool: long-lived generator actors that load their engine once and serve the whole run.
+
+Why actors we own rather than a `ray.serve.llm` deployment started by the run: one mechanism serves
+every backend (hf and the fake engine have no Serve app; http needs no GPU), the driver talks to the
+engines directly (no HTTP hop, no JSON round trip), it knows which engine answered what (load, busy and
+idle seconds per engine, for GPU-hours), it resends exactly the requests a lost engine held, and the
+whole of it runs in CPU CI (`ray.serve.llm` cannot even be imported without vLLM). The engine inside
+a vLLM actor is still `ray.data.llm`'s (generators/vllm.py).
+
+Growth and shrinkage follow the work, not the pass structure: the pool starts `min` engines when
+the first request arrives (a rerun answered from the cache loads none), adds
+engines (up to `max`) while ready requests wait for a free slot, and releases an engine above `min`
+that has had nothing to do for `generator.scale_down_idle_s`. An engine that asks for GPUs no node has
+stays pending; on a cluster the Ray autoscaler launches a node for it (spot GPU workers).
+
+Preemption: when an engine's actor or node dies, every request it held comes back from `poll()` as
+lost, to be sent again (same attempt, same seed: nothing is counted twice), and the pool starts a
+replacement when the work needs one. Engines that fail while loading are retried; after
+MAX_START_FAILURES in a row without any engine ever loading, the run stops with the engine's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from ctxforge.config import PreflightError
+from ctxforge.pipeline.generators.base import EngineFactory, EngineMeter, GeneratorBackend, error_result
+
+log = logging.getLogger(__name__)
+
+MAX_START_FAILURES = 3
+PENDING_WARNING_S = 120.0   # say so when no engine has loaded after this long (resources, autoscaler)
+
+
+class EngineActor:
+    """Builds the engine once (the model load), then answers requests until the pool releases it."""
+
+    def __init__(self, factory: EngineFactory):
+        import os
+
+        self.meter = EngineMeter()
+        self.engine = factory.build()
+        self.meter.loaded()
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.pid = os.getpid()
+        self.pool = None if self.engine.is_async else ThreadPoolExecutor(max(1, self.engine.slots),
+                                                                         thread_name_prefix="engine")
+
+    async def ready(self) -> dict[str, Any]:
+        return {**self.meter.snapshot(), "node_id": self.node_id}
+
+    async def generate(self, row: dict[str, Any]) -> dict[str, Any]:
+        began = self.meter.begin()
+        try:
+            if self.engine.is_async:
+                out = await self.engine.agenerate(row)
+            else:
+                out = await asyncio.get_running_loop().run_in_executor(self.pool, self.engine.generate, row)
+        except Exception as exc:  # engines should not raise for one request; if one does, that row failed
+            out = error_result(f"{type(exc).__name__}: {exc}")
+        duration = self.meter.end(began)
+        return {**out, "duration_s": duration, "engine": self.meter.snapshot()}
+
+    async def stats(self) -> dict[str, Any]:
+        return {**self.meter.snapshot(), "node_id": self.node_id}
+
+    async def close(self) -> dict[str, Any]:
+        snap = await self.stats()
+        self.engine.close()
+        return snap
+
+
+_ENGINE_ACTOR = None
+
+
+def _remote_engine_actor():
+    global _ENGINE_ACTOR
+    if _ENGINE_ACTOR is None:
+        _ENGINE_ACTOR = ray.remote(EngineActor)
+    return _ENGINE_ACTOR
+
+
+@dataclass
+class _Engine:
+    actor: Any
+    ready_ref: Any
+    placement_group: Any = None
+    ready: bool = False
+    created: float = field(default_factory=time.monotonic)
+    idle_since: float = field(default_factory=time.monotonic)
+    in_flight: dict = field(default_factory=dict)   # ObjectRef -> job
+    last: dict = field(default_factory=dict)        # last stats snapshot the engine sent
+
+
+@dataclass
+class Lost:
+    """A job whose engine died before answering; send it again."""
+
+    job: Any
+    reason: str
+
+
+class EngineStartError(PreflightError):
+    """No engine could load (a bad model path, too little memory...): a one-line error, like preflight's.
+    Nothing finished is lost; the same command resumes once the cause is fixed."""
+
+
+class EnginePool:
+    """Driver-side handle on the engine actors. Not thread-safe: the scheduler's loop owns it."""
+
+    def __init__(self, backend: GeneratorBackend, scale_down_idle_s: float = 60.0):
+        self.backend = backend
+        self.factory = backend.engine_factory()
+        self.min, self.max = backend.engine_range()
+        self.slots = backend.slots_per_engine()
+        self.gpus = backend.gpus_per_engine()
+        self.scale_down_idle_s = scale_down_idle_s
+        self.engines: dict[str, _Engine] = {}
+        self.records: list[dict] = []          # final snapshots of released or lost engines
+        self.started = 0
+        self.start_failures = 0
+        self.ever_ready = False
+        self.lost_engines = 0
+        self.since = time.monotonic()
+        self._warned_pending = False
+        self._next_id = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _start_one(self) -> None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts = dict(self.backend.actor_options())
+        pg = None
+        bundles = self.backend.placement_bundles()
+        if bundles:
+            pg = ray.util.placement_group(bundles, strategy="PACK")
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+        # max_restarts=0: a lost engine is the pool's to replace, so that its requests are resent once and
+        # every load is counted. max_concurrency: the slots plus room for ready()/stats() calls.
+        actor = _remote_engine_actor().options(max_restarts=0, max_concurrency=self.slots + 4, **opts).remote(self.factory)
+        key = f"e{self._next_id}"
+        self._next_id += 1
+        self.engines[key] = _Engine(actor, actor.ready.remote(), pg)
+        self.started += 1
+
+    def start(self) -> None:
+        for _ in range(self.min):
+            self._start_one()
+
+    def _release(self, key: str, snapshot: dict | None, lost: bool = False) -> None:
+        eng = self.engines.pop(key)
+        if snapshot:
+            self.records.append({**snapshot, "lost": lost})
+        elif eng.last:
+            self.records.append({**eng.last, "lost": lost})
+        try:
+            ray.kill(eng.actor, no_restart=True)
+        except Exception:  # already dead
+            pass
+        if eng.placement_group is not None:
+            try:
+                ray.util.remove_placement_group(eng.placement_group)
+            except Exception:
+                pass
+
+    def shutdown(self) -> None:
+        """Release every engine; their final snapshots go to the accounting."""
+        refs = {key: e.actor.close.remote() for key, e in self.engines.items() if e.ready}
+        for key in list(self.engines):
+            snap = None
+            if key in refs:
+                try:
+                    snap = ray.get(refs[key], timeout=60)
+                except Exception:
+                    snap = None
+            self._release(key, snap)
+
+    # -- work -----------------------------------------------------------------------------------
+    def capacity(self) -> int:
+        """Requests the pool can hold at once when it is as large as it may grow."""
+        return self.max * self.slots
+
+    def in_flight(self) -> int:
+        return sum(len(e.in_flight) for e in self.engines.values())
+
+    def free_slots(self) -> int:
+        return sum(self.slots - len(e.in_flight) for e in self.engines.values() if e.ready)
+
+    def submit(self, row: dict[str, Any], job: Any) -> bool:
+        """Send one request row to the ready engine with the most free slots; False when all are full."""
+        best, best_free = None, 0
+        for eng in self.engines.values():
+            free = self.slots - len(eng.in_flight) if eng.ready else 0
+            if free > best_free:
+                best, best_free = eng, free
+        if best is None:
+            return False
+        best.in_flight[best.actor.generate.remote(row)] = job
+        return True
+
+    def poll(self, timeout: float) -> tuple[list[tuple[Any, dict]], list[Lost]]:
+        """Wait up to `timeout` s for answers; returns (job, result) pairs and jobs lost with their engine."""
+        waiting = {}
+        for key, eng in self.engines.items():
+            if not eng.ready:
+                waiting[eng.ready_ref] = (key, None)
+            for ref in eng.in_flight:
+                waiting[ref] = (key, ref)
+        if not waiting:
+            if timeout:
+                time.sleep(min(timeout, 0.05))
+            return [], []
+        refs = list(waiting)
+        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if done:
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        answered: list[tuple[Any, dict]] = []
+        lost: list[Lost] = []
+        dead: dict[str, str] = {}
+        try:
+            values = dict(zip(done, ray.get(done)))   # one call for the lot; per ref only when one failed
+        except Exception:
+            values = {}
+        for ref in done:
+            key, job_ref = waiting[ref]
+            eng = self.engines.get(key)
+            if eng is None or key in dead:
+                continue
+            try:
+                value = values[ref] if ref in values else ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
+                dead[key] = f"{type(exc).__name__}"
+                if job_ref is None:
+                    self._start_failed(key, exc)
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                if job_ref is None:  # the engine's constructor raised: it could not load
+                    dead[key] = "load failed"
+                    self._start_failed(key, exc)
+                    continue
+                answered.append((eng.in_flight.pop(ref), error_result(f"{type(exc.cause).__name__}: {exc.cause}")))
+                continue
+            if job_ref is None:
+                eng.ready, eng.last, eng.idle_since = True, value, time.monotonic()
+                self.ever_ready = True
+                self.start_failures = 0
+                log.info("engine %s loaded in %.1f s on node %s", value["engine_id"], value["load_s"], value["node_id"][:8])
+                continue
+            job = eng.in_flight.pop(ref)
+            eng.last = value.pop("engine")
+            if not eng.in_flight:
+                eng.idle_since = time.monotonic()
+            answered.append((job, value))
+        for key, reason in dead.items():
+            eng = self.engines.get(key)
+            if eng is None:
+                continue
+            if eng.ready:
+                self.lost_engines += 1
+                log.warning("engine %s lost (%s) with %d requests in flight: they are sent again",
+                            eng.last.get("engine_id", key), reason, len(eng.in_flight))
+            lost.extend(Lost(job, reason) for job in eng.in_flight.values())
+            eng.in_flight.clear()
+            self._release(key, None, lost=eng.ready)
+        return answered, lost
+
+    def _start_failed(self, key: str, exc: Exception) -> None:
+        self.start_failures += 1
+        log.warning("engine failed to start (%d in a row): %s", self.start_failures, str(exc).splitlines()[-1][:300])
+        if not self.ever_ready and self.start_failures >= MAX_START_FAILURES:
+            self.shutdown()
+            raise EngineStartError(f"generator.backend={self.backend.name}: the engine failed to start "
+                                   f"{self.start_failures} times: {str(exc).strip().splitlines()[-1][:500]}")
+
+    def autoscale(self, backlog: int) -> None:
+        """Grow while requests wait for slots; release engines idle for scale_down_idle_s (never below min)."""
+        now = time.monotonic()
+        if backlog == 0 and self.started == 0:
+            return  # engines start with the first request: a rerun answered from the cache loads nothing
+        want = min(self.max, max(self.min, math.ceil(backlog / max(1, self.slots))))
+        if len(self.engines) < want:
+            for _ in range(want - len(self.engines)):
+                self._start_one()
+        elif len(self.engines) > max(self.min, want):
+            idle = [(e.idle_since, k) for k, e in self.engines.items()
+                    if e.ready and not e.in_flight and now - e.idle_since >= self.scale_down_idle_s]
+            for _, key in sorted(idle)[: len(self.engines) - max(self.min, want)]:
+                log.info("releasing idle engine %s", self.engines[key].last.get("engine_id", key))
+                try:
+                    snap = ray.get(self.engines[key].actor.close.remote(), timeout=60)
+                except Exception:
+                    snap = None
+                self._release(key, snap)
+        if not self.ever_ready and not self._warned_pending and now - self.since > PENDING_WARNING_S:
+            self._warned_pending = True
+            log.warning("no generator engine has loaded after %.0f s; each asks for %s%s. The cluster has %s. "
+                        "On an autoscaling cluster a node is being started; otherwise no node can hold an engine.",
+                        now - self.since, self.backend.actor_options(),
+                        f" in a placement group {self.backend.placement_bundles()}" if self.backend.placement_bundles() else "",
+                        ray.cluster_resources())
+
+    # -- accounting -----------------------------------------------------------------------------
+    def engine_records(self) -> list[dict]:
+        """Every engine's last snapshot (released, lost, and still running)."""
+        return self.records + [{**e.last, "lost": False} for e in self.engines.values() if e.last]

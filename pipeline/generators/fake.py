@@ -1,0 +1,124 @@
+"""The `fake` backend: an engine without a model, for dry runs of the scheduling, resume and accounting.
+
+It "loads" for `load_s` seconds, then answers each request after `latency_s` seconds with a JSON
+object that matches the request's schema: string fields are a digest of the prompt plus its first
+words, and a field whose name contains "quote" is a verbatim run of words from the middle of the last
+user message (so grounding succeeds). `slots` requests are generated at once, each still taking
+`latency_s` (continuous batching as an ideal engine does it). Answers depend only on the request, so
+reruns reproduce them. engine_kwargs: load_s (default 0), latency_s (0), slots (8), num_gpus (0,
+what the accounting counts the engine as holding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from typing import Any
+
+from ctxforge.pipeline.generators.base import Engine, EngineFactory, EngineUDF, GeneratorBackend, error_result
+
+_WORD = re.compile(r"\S+")
+
+
+def _last_user(messages: list[dict]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            return str(m.get("content") or "")
+    return ""
+
+
+def _quote(text: str, max_len: int | None, words: int = 8) -> str:
+    spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    if not spans:
+        return text[: max_len or None]
+    mid = max(0, len(spans) // 2 - words // 2)
+    chosen = spans[mid: mid + words]
+    quote = text[chosen[0][0]: chosen[-1][1]]
+    return quote[:max_len].rstrip() if max_len is not None and len(quote) > max_len else quote
+
+
+def fake_answer(schema: dict, prompt: str, name: str = "value") -> Any:
+    """A deterministic instance of the schemas the planner asks for (objects of strings, arrays of quotes,
+    enums such as the judge's yes/no: the first value)."""
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type", "object" if "properties" in schema else "string")
+    if kind == "object":
+        props = schema.get("properties", {})
+        required = schema.get("required", list(props))
+        return {k: fake_answer(props[k], prompt, k) for k in props if k in required}
+    if kind == "array":
+        return [fake_answer(schema.get("items", {}), prompt, name) for _ in range(max(1, int(schema.get("minItems", 1))))]
+    if kind in ("integer", "number"):
+        return int(schema.get("minimum", 0)) if kind == "integer" else float(schema.get("minimum", 0))
+    if kind == "boolean":
+        return True
+    max_len = schema.get("maxLength")
+    if "quote" in name.lower():
+        text = _quote(prompt, max_len)
+    else:
+        digest = hashlib.sha256(f"{name}\0{prompt}".encode()).hexdigest()[:12]
+        text = f"{name} {digest}: " + " ".join(prompt.split()[:12])
+        text = text[:max_len] if max_len is not None else text
+    return text.ljust(int(schema.get("minLength", 0)), "x")
+
+
+class FakeEngine(Engine):
+    def __init__(self, load_s: float = 0.0, latency_s: float = 0.0, slots: int = 8):
+        time.sleep(load_s)  # what loading weights costs a real engine
+        self.latency_s = latency_s
+        self.slots = slots
+
+    def generate(self, row: dict) -> dict:
+        try:
+            messages = json.loads(row["messages"])
+            prompt = _last_user(messages)
+            if row["schema"]:
+                text = json.dumps(fake_answer(json.loads(row["schema"]), prompt))
+            else:  # a free-text request: prose derived from the prompt
+                text = fake_answer({"type": "string"}, prompt, "text")
+        except Exception as exc:  # a malformed row is that row's failure
+            return error_result(f"bad request row: {type(exc).__name__}: {exc}")
+        time.sleep(self.latency_s)
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+        return {"output_text": text, "prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()), "error": ""}
+
+
+class FakeBackend(GeneratorBackend):
+    name = "fake"
+
+    def _kw(self) -> dict[str, Any]:
+        kw = self.cfg.engine_kwargs
+        unknown = sorted(set(kw) - {"load_s", "latency_s", "slots", "num_gpus"})
+        if unknown:
+            raise ValueError(f"generator.engine_kwargs: unknown key(s) {unknown} for the fake backend "
+                             f"(known: load_s, latency_s, slots, num_gpus)")
+        return kw
+
+    def engine_factory(self) -> EngineFactory:
+        kw = self._kw()
+        return EngineFactory(f"{__name__}:FakeEngine", {
+            "load_s": float(kw.get("load_s", 0.0)), "latency_s": float(kw.get("latency_s", 0.0)),
+            "slots": self.slots_per_engine()})
+
+    def default_slots(self) -> int:
+        return int(self._kw().get("slots", 8))
+
+    def gpus_per_engine(self) -> float:
+        return float(self._kw().get("num_gpus", 0.0))
+
+    def apply(self, ds):
+        import ray.data
+
+        lo, hi = self.engine_range()
+        return ds.map_batches(
+            EngineUDF, fn_constructor_kwargs={"factory": self.engine_factory()}, batch_size=self.cfg.batch_size,
+            batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+            num_cpus=self.cfg.num_cpus)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "engine_kwargs": dict(self.cfg.engine_kwargs), "actors": self.cfg.concurrency}

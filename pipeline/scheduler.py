@@ -1,0 +1,174 @@
+"""The request scheduler: one queue for every document's requests, whatever pass each document is in.
+
+Documents hand it requests with a priority (their admission rank: earlier documents first, so they
+finish and leave the driver early) and a callback. It answers from the request cache when it can,
+joins identical requests that are already on their way, and otherwise keeps the engine pool's slots
+full from the queue. Every answer is validated (`passes.validate`) and persisted in the cache at
+once; a failed attempt goes back in the queue with the next attempt's seed, up to
+generator.max_attempts, then is recorded as failed with its reason. A request whose engine was lost
+is sent again with the same attempt. Statistics are kept per pass, as in the pass runner.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from typing import Callable
+
+from ctxforge.pipeline.cache import RequestCache
+from ctxforge.pipeline.config import GeneratorConfig
+from ctxforge.pipeline.engines import EnginePool
+from ctxforge.pipeline.passes import PassStats, reason_class, validate
+from ctxforge.pipeline.requests import Request, request_row
+
+log = logging.getLogger(__name__)
+
+# Answer callback: (request, validated object or None when it failed for good)
+OnAnswer = Callable[[Request, "dict | None"], None]
+
+
+class RequestScheduler:
+    def __init__(self, pool: EnginePool, cache: RequestCache, gen: GeneratorConfig, model: str, prompt_hash: str,
+                 pass_names: tuple[str, ...]):
+        self.pool = pool
+        self.cache = cache
+        self.gen = gen
+        self.model = model
+        self.prompt_hash = prompt_hash
+        self.stats: dict[str, PassStats] = {p: PassStats() for p in pass_names}
+        self.first_ask: dict[str, float] = {}
+        self.last_answer: dict[str, float] = {}
+        self._queue: list = []                          # (priority, seq, request_id)
+        self._seq = itertools.count()
+        self._waiters: dict[str, list[tuple[Request, OnAnswer]]] = {}
+        self._requests: dict[str, Request] = {}
+        self._attempt: dict[str, int] = {}
+        self._priority: dict[str, int] = {}
+        self._answered: deque = deque()                 # callbacks to run (never run re-entrantly)
+        self.lost_resent = 0
+
+    # -- asking ---------------------------------------------------------------------------------
+    def ask(self, requests: list[Request], priority: int, on_answer: OnAnswer) -> None:
+        """Queue requests (finalized here); every one gets exactly one on_answer call, possibly later."""
+        gen = self.gen
+        for req in requests:
+            req.finalize(self.model, gen.temperature, gen.top_p, self.prompt_hash)
+        fresh = [r for r in requests if r.request_id not in self._waiters]
+        done = self.cache.finished(list(dict.fromkeys(r.request_id for r in fresh)),
+                                   include_failed=not gen.retry_failed) if fresh else {}
+        now = time.time()
+        for req in requests:
+            stats = self._stat(req.pass_name)
+            stats.requests += 1
+            self.first_ask.setdefault(req.pass_name, now)
+            rid = req.request_id
+            if rid in self._waiters:            # the same content is already on its way: wait for it
+                self._waiters[rid].append((req, on_answer))
+                continue
+            if rid in done:
+                stats.cache_hits += 1
+                entry = done[rid]
+                obj = entry["output"] if entry["status"] == "ok" else None
+                self._answered.append((on_answer, req, obj))
+                self.last_answer[req.pass_name] = now
+                continue
+            self._waiters[rid] = [(req, on_answer)]
+            self._requests[rid] = req
+            self._attempt[rid] = 1
+            self._priority[rid] = priority
+            heapq.heappush(self._queue, (priority, next(self._seq), rid))
+
+    def _stat(self, pass_name: str) -> PassStats:
+        if pass_name not in self.stats:
+            self.stats[pass_name] = PassStats()
+        return self.stats[pass_name]
+
+    # -- running --------------------------------------------------------------------------------
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def outstanding(self) -> int:
+        """Requests queued or with an engine (not counting answers waiting for their callbacks)."""
+        return len(self._queue) + self.pool.in_flight()
+
+    def busy(self) -> bool:
+        return bool(self._queue or self.pool.in_flight() or self._answered)
+
+    def deliver(self) -> int:
+        """Run the callbacks of answered requests (they may ask more); returns how many ran."""
+        n = 0
+        while self._answered:
+            on_answer, req, obj = self._answered.popleft()
+            on_answer(req, obj)
+            n += 1
+        return n
+
+    def step(self, timeout: float = 0.5) -> None:
+        """Fill free engine slots from the queue, wait up to `timeout` s for answers, and process them."""
+        self.deliver()
+        self.pool.autoscale(self.outstanding())
+        self._dispatch()
+        answered, lost = self.pool.poll(timeout if not self._answered else 0.0)
+        for job in lost:
+            rid = job.job
+            self.lost_resent += 1
+            self._stat(self._requests[rid].pass_name).lost_resent += 1
+            heapq.heappush(self._queue, (self._priority[rid], next(self._seq), rid))
+        for rid, result in answered:
+            self._result(rid, result)
+        if answered:
+            self.cache.commit()  # persisted as they come back: a kill loses at most this poll's answers
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        gen = self.gen
+        while self._queue:
+            priority, seq, rid = self._queue[0]
+            req = self._requests[rid]
+            row = request_row(req, self._attempt[rid], gen.temperature, gen.top_p)
+            if not self.pool.submit(row, rid):
+                return
+            heapq.heappop(self._queue)
+            self._stat(req.pass_name).sent += 1
+
+    def _result(self, rid: str, result: dict) -> None:
+        req = self._requests[rid]
+        stats = self._stat(req.pass_name)
+        attempt = self._attempt[rid]
+        stats.prompt_tokens += int(result.get("prompt_tokens") or 0)
+        stats.completion_tokens += int(result.get("completion_tokens") or 0)
+        stats.request_s += float(result.get("duration_s") or 0.0)
+        if result.get("error"):
+            obj, reason = None, f"backend:{result['error']}"
+        else:
+            obj, reason = validate(req, result.get("output_text") or "")
+        if obj is None:
+            stats.attempt_errors[reason_class(reason)] += 1
+            if attempt < self.gen.max_attempts:
+                self._attempt[rid] = attempt + 1     # the next attempt samples with a new seed
+                heapq.heappush(self._queue, (self._priority[rid], next(self._seq), rid))
+                return
+            stats.failed += 1
+            stats.failures[reason_class(reason)] += 1
+            status = "failed"
+        else:
+            stats.ok += 1
+            status = "ok"
+        self.cache.put(rid, req.pass_name, req.doc_id, req.key, status, obj, "" if obj is not None else reason, attempt,
+                       int(result.get("prompt_tokens") or 0), int(result.get("completion_tokens") or 0))
+        now = time.time()
+        for waiting_req, on_answer in self._waiters.pop(rid):
+            self.last_answer[waiting_req.pass_name] = now
+            self._answered.append((on_answer, waiting_req, obj))
+        for table in (self._requests, self._attempt, self._priority):
+            del table[rid]
+
+    def finish(self) -> dict[str, PassStats]:
+        """Per-pass statistics, with each pass's wall time from its first request to its last answer."""
+        for name, stats in self.stats.items():
+            if name in self.first_ask:
+                stats.wall_s = self.last_answer.get(name, self.first_ask[name]) - self.first_ask[name]
+        return self.stats
