@@ -218,9 +218,15 @@ def _rename_deprecated(data: dict, overrides: list[str], aliases: dict[str, str]
         for part in parts[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and parts[-1] in node:
-            if _get_dotted(data, new) is not None:
+            value, present = node.pop(parts[-1]), _get_dotted(data, new)
+            if isinstance(value, dict) and isinstance(present, dict):  # a renamed section beside the new one
+                clash = sorted(set(value) & set(present))
+                if clash:
+                    raise ConfigError(f"{label}: both '{old}.{clash[0]}' (deprecated) and '{new}.{clash[0]}' are "
+                                      f"set; keep only '{new}.{clash[0]}'")
+                value = {**present, **value}
+            elif present is not None:
                 raise ConfigError(f"{label}: both '{old}' (deprecated) and '{new}' are set; keep only '{new}'")
-            value = node.pop(parts[-1])
             _set_dotted(data, new, value)
             print(f"{label}: '{old}' is deprecated, use '{new}'", file=sys.stderr)
     renamed = []
@@ -228,8 +234,9 @@ def _rename_deprecated(data: dict, overrides: list[str], aliases: dict[str, str]
         key, sep, raw = item.partition("=")
         for old, new in aliases.items():
             if key == old or key.startswith(old + "."):
-                print(f"command line: '{old}' is deprecated, use '{new}'", file=sys.stderr)
-                key = new + key[len(old):]
+                renamed_key = new + key[len(old):]
+                print(f"command line: '{key}' is deprecated, use '{renamed_key}'", file=sys.stderr)
+                key = renamed_key
                 break
         renamed.append(f"{key}{sep}{raw}")
     return renamed

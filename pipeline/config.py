@@ -361,7 +361,10 @@ class RunConfig(StrictModel):
 
 
 class SynthConfig(StrictModel):
-    deprecated_keys: ClassVar[dict[str, str]] = {"run.documents_per_wave": "run.documents_in_flight"}
+    # `runtime` as in train, eval and lengthen (it was `run`); documents_per_wave became documents_in_flight
+    deprecated_keys: ClassVar[dict[str, str]] = {"run.documents_per_wave": "runtime.documents_in_flight",
+                                                 "runtime.documents_per_wave": "runtime.documents_in_flight",
+                                                 "run": "runtime"}
 
     input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -374,7 +377,7 @@ class SynthConfig(StrictModel):
     grounding: GroundingConfig = Field(default_factory=GroundingConfig)
     concat: ConcatConfig = Field(default_factory=ConcatConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
+    runtime: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self):

@@ -53,7 +53,10 @@ def _dotted(cfg, key: str):
 
 RENAMED = [("eval", "eval-tiny", "output_dir", "output.dir", "/tmp/renamed-eval"),
            ("eval", "eval-tiny", "ray_num_cpus", "runtime.num_cpus", 1),
-           ("train", "train-tiny", "input.dir", "input.path", "/tmp/renamed-synth")]
+           ("train", "train-tiny", "input.dir", "input.path", "/tmp/renamed-synth"),
+           ("synth", "tiny", "run.progress", "runtime.progress", False),
+           ("synth", "tiny", "run.documents_per_wave", "runtime.documents_in_flight", 7),
+           ("lengthen", "lengthen-tiny", "run.num_cpus", "runtime.num_cpus", 1)]
 
 
 @pytest.mark.parametrize("stage,config,old,new,value", RENAMED)
@@ -83,6 +86,25 @@ def test_old_spellings_in_a_yaml_file_load_like_the_new_ones(tmp_path, capsys):
     err = capsys.readouterr().err
     for o, n in (("output_dir", "output.dir"), ("ray_num_cpus", "runtime.num_cpus"), ("input.dir", "input.path")):
         assert f"old-{'train' if o == 'input.dir' else 'eval'}.yaml: '{o}' is deprecated, use '{n}'" in err
+
+
+def test_synth_and_lengthen_run_section_is_now_runtime(tmp_path, capsys):
+    from ctxforge.lengthen.config import LengthenConfig
+    from ctxforge.pipeline.config import SynthConfig
+
+    for model, name in ((SynthConfig, "tiny"), (LengthenConfig, "lengthen-tiny")):
+        data = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+        data["run"] = data.pop("runtime")
+        (tmp_path / "old.yaml").write_text(yaml.safe_dump(data))
+        assert load_config(model, str(tmp_path / "old.yaml")).model_dump() == load_config(model, name).model_dump()
+        assert "old.yaml: 'run' is deprecated, use 'runtime'" in capsys.readouterr().err
+    # a section renamed twice over (run.documents_per_wave) merges with what the file already says under runtime
+    (tmp_path / "mixed.yaml").write_text("run: {documents_per_wave: 7, progress: false}\nruntime: {num_cpus: 2}\n")
+    rt = load_config(SynthConfig, str(tmp_path / "mixed.yaml")).runtime
+    assert (rt.documents_in_flight, rt.progress, rt.num_cpus) == (7, False, 2)
+    (tmp_path / "clash.yaml").write_text("run: {num_cpus: 1}\nruntime: {num_cpus: 2}\n")
+    with pytest.raises(ConfigError, match=r"both 'run.num_cpus' \(deprecated\) and 'runtime.num_cpus' are set"):
+        load_config(SynthConfig, str(tmp_path / "clash.yaml"))
 
 
 def test_old_and_new_spelling_together_is_an_error(tmp_path):

@@ -191,7 +191,7 @@ class LocalCluster:
 
 SYNTH_SMALL = ["input.limit=2", "qa.hierarchical_per_document=2", "qa.diverse_per_document=1",
                "concat.stages=[{name: 4K, target_tokens: 4096, documents_per_sample: 1, samples: 2}]",
-               "run.progress=false"]
+               "runtime.progress=false"]
 
 
 # ---------------------------------------------------------------------------------------------------------

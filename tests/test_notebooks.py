@@ -33,7 +33,7 @@ def synth_dir(ray_local, tmp_path_factory):
         f"output.dir={out}", "input.limit=2", "qa.hierarchical_per_document=2", "qa.diverse_per_document=1",
         "concat.stages=[{name: 4K, target_tokens: 4096, documents_per_sample: 1, samples: 2},"
         " {name: 8K, target_tokens: 8192, documents_per_sample: 2, samples: 1}]",
-        "run.progress=false"])
+        "runtime.progress=false"])
     synthesize(cfg)
     return out
 

@@ -40,7 +40,7 @@ def synth_output(tmp_path_factory):
     if reuse:
         return Path(reuse)
     out = tmp_path_factory.mktemp("synth")
-    cmd = [str(VENV_BIN / "ctxforge"), "synth", "--config", "tiny", f"output.dir={out}", "run.progress=false",
+    cmd = [str(VENV_BIN / "ctxforge"), "synth", "--config", "tiny", f"output.dir={out}", "runtime.progress=false",
            "input.limit=2", "qa.hierarchical_per_document=2", "qa.diverse_per_document=1"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

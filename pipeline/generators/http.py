@@ -5,7 +5,7 @@ requests at once, each on its own thread, so at most `cfg.concurrency` requests 
 scheduler refills a slot as soon as its answer is back, across passes and documents: the pipe stays
 full to the end of the run, and the actor starts once per run.
 
-In passes mode (run.scheduler=passes) the same client runs as a Ray Data actor that takes two batches
+In passes mode (runtime.scheduler=passes) the same client runs as a Ray Data actor that takes two batches
 at once, both feeding the same thread pool, so the pipe stays full across batch boundaries.
 
 Why not `ray.data.llm.HttpRequestProcessorConfig` (Ray 2.60, see

@@ -8,7 +8,7 @@ the way `ray.data.llm` does (local path, hub name, or s3:// / gs:// mirror), and
 pool reserves one placement group of `tensor_parallel_size` GPU bundles per engine, and vLLM's Ray
 executor places its workers in it (as `ray.data.llm` does).
 
-Passes (run.scheduler=passes): the full `ray.data.llm` processor (chat template -> tokenize -> vLLM
+Passes (runtime.scheduler=passes): the full `ray.data.llm` processor (chat template -> tokenize -> vLLM
 engine -> detokenize) per pass; its engines load again for every job.
 
 Structured outputs go through vLLM's xgrammar backend (`sampling_params.structured_outputs = {"json":
