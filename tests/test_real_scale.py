@@ -264,6 +264,11 @@ def test_serve_and_eval_replicas_request_the_generation_node_resource(tiny_model
     llm = build_llm_config(serve, "/m")
     assert llm["placement_group_config"] == {"bundle_per_worker": {"CPU": 1, "GPU": 1, "ctxforge_generate": 1},
                                              "strategy": "PACK"}
+    # what ray.serve.llm's engine config validates it with (LLMConfig itself needs vllm, absent on CPU)
+    from ray.llm._internal.common.placement import PlacementGroupConfig
+
+    checked = PlacementGroupConfig(**llm["placement_group_config"]).model_dump(exclude_unset=True)
+    assert checked["bundle_per_worker"]["ctxforge_generate"] == 1
     evaluation = configs["eval"]["eval-llama8b-1m"]
     for entry in evaluation.models:
         served = served_here_config(evaluation, entry)
