@@ -216,7 +216,8 @@ def test_eval_serves_its_model_beside_one_already_served_at_root(ray_local, tmp_
     try:
         assert command.run_eval(args) == 0
         import httpx
-        assert httpx.get(served + "/models").json()["data"][0]["id"] == "tiny"  # still served at "/"
+        served_id = ServeConfig(model=tiny_model_path).model_id()   # the directory's name
+        assert httpx.get(served + "/models").json()["data"][0]["id"] == served_id  # still served at "/"
     finally:
         serve.shutdown()
     out = capsys.readouterr().out
