@@ -20,10 +20,12 @@ ROOT = Path("runs/tiny")
 REAL_SCALE = """\
 The demo used the random-weight tiny model: its data is noise and its scores mean nothing. It proves
 that every stage runs end to end. For a real model (cluster commands: cluster/README.md):
-  ctxforge synth --config qwen72b-vllm input.path=s3://bucket/books/ output.dir=/mnt/shared/synth
-  ctxforge plan  --config train-llama8b-1m
-  ctxforge train --config train-llama8b-1m input.dir=/mnt/shared/synth output.dir=/mnt/shared/train
-  ctxforge eval  --config eval-llama8b-1m"""
+  ctxforge synth --config qwen72b-vllm input.path=s3://bucket/books/
+  ctxforge plan  --config train-llama8b-1m --gpus 8
+  ctxforge train --config train-llama8b-1m
+  ctxforge serve --config serve-llama8b-1m
+  ctxforge eval  --config eval-llama8b-1m
+Their paths share one root, /mnt/shared/ctxforge: each stage reads the previous stage's output."""
 
 
 def run_demo(synth_config: str | None, synth_overrides: list[str], root: Path = ROOT) -> int:
@@ -42,7 +44,7 @@ def run_demo(synth_config: str | None, synth_overrides: list[str], root: Path = 
     print_summary(synthesize(synth_cfg, config_label=synth_config or SYNTH_CONFIG))
 
     print(f"\n== 2/3 train (2-stage curriculum) -> {train_dir}", flush=True)
-    train_cfg = load_config(TrainConfig, TRAIN_CONFIG, [f"input.dir={synth_dir}", f"output.dir={train_dir}"])
+    train_cfg = load_config(TrainConfig, TRAIN_CONFIG, [f"input.path={synth_dir}", f"output.dir={train_dir}"])
     train_report = run_curriculum(train_cfg, label=TRAIN_CONFIG)
     final_checkpoint = list(train_report.stages.values())[-1]["checkpoint"]
     for name, st in train_report.stages.items():
@@ -52,7 +54,7 @@ def run_demo(synth_config: str | None, synth_overrides: list[str], root: Path = 
     print(f"\n== 3/3 serve + evaluate base vs trained -> {eval_dir}", flush=True)
     models = json.dumps([{"name": "base", "model": synth_cfg.target.tokenizer},
                          {"name": "trained", "model": final_checkpoint}])
-    eval_cfg = load_config(EvalConfig, EVAL_CONFIG, [f"output_dir={eval_dir}", f"models={models}"])
+    eval_cfg = load_config(EvalConfig, EVAL_CONFIG, [f"output.dir={eval_dir}", f"models={models}"])
     results = evaluate(eval_cfg, config_label=EVAL_CONFIG)
     for name, m in results["models"].items():
         ruler = m.get("ruler") or {}
