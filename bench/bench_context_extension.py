@@ -72,7 +72,7 @@ def synthesize_corpus(out: Path, stages, books: int, max_book_tokens: int):
         f"output.dir={out}", f"input.limit={books}", f"input.max_document_tokens={max_book_tokens}",
         "chunking.small_tokens=512", "qa.hierarchical_per_document=6", "qa.diverse_per_document=3",
         "concat.n1_hierarchical=3", "concat.n1_diverse=2", "concat.n2_earlier_diverse=2", "concat.n3_followups=1",
-        f"concat.stages=[{concat}]", "run.progress=false"])
+        f"concat.stages=[{concat}]", "runtime.progress=false"])
     return synthesize(cfg, config_label="bench_context_extension")
 
 
@@ -85,7 +85,7 @@ def train_curriculum(synth: Path, out: Path, stages, steps: int, lr: float):
         f"{{name: {n}, data_stage: {n}, max_seq_len: {t}, rope: {{theta: {theta:g}}}, lr: {lr:g}, schedule: constant, "
         f"max_steps: {steps}, workers: 1, sp_degree: 1, batching: pack, loss_weighting: sample}}" for n, t, theta in stages)
     cfg = load_config(TrainConfig, "train-smollm2", [
-        f"input.dir={synth}", f"output.dir={out}", "output.name=extend", "runtime.cpus_per_worker=2",
+        f"input.path={synth}", f"output.dir={out}", "output.name=extend", "runtime.cpus_per_worker=2",
         "runtime.progress=false", f"stages=[{spec}]"])
     return run_curriculum(cfg, label="bench_context_extension")
 
@@ -98,7 +98,7 @@ def evaluate_models(models: dict[str, str], out: Path, lengths: list[int], sampl
     entries = json.dumps([{"name": name, "model": path} for name, path in models.items()])
     depths = [round(10 + 80 * i / max(1, samples - 1)) for i in range(samples)]  # spread over the context
     cfg = load_config(EvalConfig, "eval-smollm2", [
-        f"output_dir={out}", f"models={entries}", "ruler.tasks=[niah_single_1]", f"ruler.lengths={lengths}",
+        f"output.dir={out}", f"models={entries}", "ruler.tasks=[niah_single_1]", f"ruler.lengths={lengths}",
         f"ruler.num_samples={samples}", f"ruler.depths={depths}", f"serve.max_model_len={max(lengths)}",
         "serve.num_cpus=1", "client.concurrency=1", "client.timeout_s=7200"])
     return evaluate(cfg, config_label="bench_context_extension")

@@ -81,7 +81,7 @@ OVERRIDES = [
     "qa.hierarchical_per_document=5", "qa.diverse_per_document=4",
     "concat.stages=[{name: 2K, target_tokens: 2048, documents_per_sample: 1, samples: 2},"
     " {name: 4K, target_tokens: 4096, documents_per_sample: 2, samples: 1}]",
-    "run.num_cpus=2", "run.progress=false",
+    "runtime.num_cpus=2", "runtime.progress=false",
 ]
 
 

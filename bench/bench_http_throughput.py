@@ -9,7 +9,7 @@ path sends rounds * c requests and must end with a completion for every one of t
                       through the scheduler (cache, validation), wall time from pool start to the last answer
   ours, warm          the next rounds * c requests on the same engines (every later pass of a run: no start-up)
   ours, steady        the warm run measured at the server, first arrival to last response
-  Ray Data job        our HTTP transform as one Ray Data job (run.scheduler=passes: one job per pass)
+  Ray Data job        our HTTP transform as one Ray Data job (runtime.scheduler=passes: one job per pass)
   ray.data.llm        HttpRequestProcessorConfig + build_processor, c/4 actors of 4 concurrent batches (its async
                       stage runs at most 4 batches per actor, each batch one request after another), batch_size =
                       rounds; rows that come back with an error (it retries 408/429/502/503/504, not 500) are sent

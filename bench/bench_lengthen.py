@@ -26,7 +26,7 @@ from ctxforge.lengthen.config import LengthenConfig
 from ctxforge.lengthen.loop import make_backend, run_lengthen
 from ctxforge.lengthen.tasks import ResponseTask, Role, drive
 
-BENCH_OVERRIDES = ["iterations=1", "self_instruct.count=6", "extend.max_tries=1", "run.progress=false"]
+BENCH_OVERRIDES = ["iterations=1", "self_instruct.count=6", "extend.max_tries=1", "runtime.progress=false"]
 
 
 def after_responses(cfg: LengthenConfig, model: str, instructions: list[dict], out: Path) -> tuple[list[int], dict]:

@@ -6,9 +6,9 @@
 The fake engine (generator.backend=fake) loads for `load_s`, then answers `slots` requests at once, each in
 `latency_s`. Both runs read the same corpus (slices of the King James Bible, 200+ documents of 300 to 1,500
 tokens), with the same config and seed, into fresh output folders:
-  passes     run.scheduler=passes, waves of `wave` documents: one Ray Data job per pass, global-summary round
+  passes     runtime.scheduler=passes, waves of `wave` documents: one Ray Data job per pass, global-summary round
              and retry round; each job starts its engines again (one load each) and drains before the next
-  streaming  run.scheduler=streaming: engines load once; documents advance pass by pass on their own answers
+  streaming  runtime.scheduler=streaming: engines load once; documents advance pass by pass on their own answers
 Printed per run: engine loads, busy / alive (the engines' generating seconds over their alive seconds, as
 the engines measure them; goal >= 0.9 streaming) and the generation wall time; then the ratios. The passes
 run's alive time counts from each engine's start to its job's end; an engine that answered nothing in a
@@ -53,7 +53,7 @@ def run(out: Path, data: Path, args, *extra: str) -> dict:
         f"output.dir={out}", f"input.path={data}", "input.limit=0", "input.max_document_tokens=0",
         "generator.backend=fake", "generator.model=fake", f"generator.concurrency={args.engines}",
         f"generator.engine_kwargs={{load_s: {args.load_s}, latency_s: {args.latency_s}, slots: {args.slots}}}",
-        f"generator.batch_size={args.slots}", "run.progress=false",
+        f"generator.batch_size={args.slots}", "runtime.progress=false",
         "concat.stages=[{name: 4K, target_tokens: 4096, documents_per_sample: 1, samples: 4}]", *extra])
     t = time.monotonic()
     synthesize(cfg)
@@ -78,8 +78,8 @@ def main():
         tmp = Path(tmp)
         data = corpus(tmp / "corpus.jsonl", args.documents)
         results = {
-            "passes": run(tmp / "passes", data, args, "run.scheduler=passes", f"run.documents_in_flight={args.wave}"),
-            "streaming": run(tmp / "streaming", data, args, "run.scheduler=streaming"),
+            "passes": run(tmp / "passes", data, args, "runtime.scheduler=passes", f"runtime.documents_in_flight={args.wave}"),
+            "streaming": run(tmp / "streaming", data, args, "runtime.scheduler=streaming"),
         }
         same = all((tmp / "passes" / p).read_bytes() == (tmp / "streaming" / p).read_bytes()
                    for p in ["samples/4K/part-00000.parquet"])

@@ -68,8 +68,8 @@ def child(n: int, scheduler: str, workdir: Path) -> None:
     cfg = load_config(SynthConfig, "tiny", [
         f"output.dir={workdir / 'out'}", f"input.path={data}", "input.limit=0", "input.max_document_tokens=0",
         "chunking.small_tokens=1024", "generator.max_model_len=8192", "generator.backend=fake", "generator.model=fake",
-        "generator.concurrency=2", "generator.engine_kwargs={slots: 16}", f"run.scheduler={scheduler}",
-        f"run.documents_in_flight={64 if scheduler == 'streaming' else 512}", "run.progress=false",
+        "generator.concurrency=2", "generator.engine_kwargs={slots: 16}", f"runtime.scheduler={scheduler}",
+        f"runtime.documents_in_flight={64 if scheduler == 'streaming' else 512}", "runtime.progress=false",
         "concat.stages=[{name: 16K, target_tokens: 16384, documents_per_sample: 1, samples: 4}]"])
     t = time.monotonic()
     synthesize(cfg)

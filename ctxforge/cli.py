@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from ctxforge.config import ConfigError, PreflightError, load_config, options_help, packaged_config_names
+from ctxforge.config import ConfigError, PreflightError, load_config, one_line, options_help, packaged_config_names
 
 DEFAULT_SYNTH_CONFIG = "tiny"
 # Commands whose Ray output (Ray Data progress logs, workers' stdout) goes to Ray's log files unless -v:
@@ -33,8 +33,9 @@ def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def chosen_config(model, argv: list[str] | None, default: str | None):
-    """(config, label) named by `--config` in argv (else `default`), for `--help` to show its values; (None, "")
-    when there is none or it does not load (the error is then reported by the real run, not by --help)."""
+    """(config, label) named by `--config` in argv (else `default`) with the key=value overrides of argv applied,
+    for `--help` to show its values; (None, "") when there is none or it does not load (the error is then
+    reported by the real run, not by --help)."""
     argv = list(argv if argv is not None else sys.argv[1:])
     spec = default
     for i, arg in enumerate(argv):
@@ -44,8 +45,9 @@ def chosen_config(model, argv: list[str] | None, default: str | None):
             spec = arg.split("=", 1)[1]
     if not spec:
         return None, ""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     try:
-        return load_config(model, spec), spec
+        return load_config(model, spec, overrides), spec + "".join(f" {o}" for o in overrides)
     except (ConfigError, OSError, ValueError):
         return None, ""
 
@@ -79,22 +81,30 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                            "tiny model (a few minutes, noise: plumbing only). Outputs in runs/<model>/")
     _add_config_args(demo, "the model's config (smollm2 or tiny)")  # --config and overrides apply to synthesis
 
-    from ctxforge.serve.command import add_eval_arguments, add_serve_arguments
-    from ctxforge.train.command import add_plan_arguments, add_train_arguments
+    from ctxforge.lengthen.command import DEFAULT_LENGTHEN_CONFIG, add_lengthen_arguments
+    from ctxforge.lengthen.config import LengthenConfig
+    from ctxforge.serve.command import DEFAULT_EVAL_CONFIG, add_eval_arguments, add_serve_arguments
+    from ctxforge.serve.config import ServeConfig
+    from ctxforge.serve.eval_config import EvalConfig
+    from ctxforge.train.command import DEFAULT_TRAIN_CONFIG, add_plan_arguments, add_train_arguments
+    from ctxforge.train.config import TrainConfig
 
     add_train_arguments(sub.add_parser("train", help="fine-tune through the staged long-context curriculum "
-                                                     "(Ray Train, DeepSpeed Ulysses SP)"))
+                                                     "(Ray Train, DeepSpeed Ulysses SP)"),
+                        _help_values(TrainConfig, argv, "train", DEFAULT_TRAIN_CONFIG)[1:])
     add_plan_arguments(sub.add_parser("plan", help="estimate GPU memory per stage and the smallest GPU count / SP "
-                                                   "degree that fits"))
+                                                   "degree that fits"),
+                       _help_values(TrainConfig, argv, "plan", DEFAULT_TRAIN_CONFIG)[1:])
 
-    add_serve_arguments(sub.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible API (Ray Serve)"))
+    add_serve_arguments(sub.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible API (Ray Serve)"),
+                        _help_values(ServeConfig, argv, "serve", None)[1:])  # no default file: flags + defaults
     add_eval_arguments(sub.add_parser("eval", help="RULER + InfiniteBench against one or more endpoints: results, "
-                                                   "Markdown table and plots"))
-
-    from ctxforge.lengthen.command import add_lengthen_arguments
+                                                   "Markdown table and plots"),
+                       _help_values(EvalConfig, argv, "eval", DEFAULT_EVAL_CONFIG)[1:])
 
     add_lengthen_arguments(sub.add_parser("lengthen", help="Self-Lengthen: grow a model's output length with its "
-                                                           "own generator/extender loop (long-output samples)"))
+                                                           "own generator/extender loop (long-output samples)"),
+                           _help_values(LengthenConfig, argv, "lengthen", DEFAULT_LENGTHEN_CONFIG)[1:])
 
     model = sub.add_parser("model", help="model utilities")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -110,10 +120,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _help_values(model, argv, command: str, default: str) -> tuple:
-    """(extra, config, label) for options_help: the chosen config's values, only when `command --help` runs."""
+def _help_values(model, argv, command: str, default: str | None) -> tuple:
+    """(extra, config, label) for options_help: the chosen config's values, only when `command --help` runs
+    (the subcommand is the first word that is not an option)."""
     argv = list(argv if argv is not None else sys.argv[1:])
-    if command not in argv or not ({"-h", "--help"} & set(argv)):
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or words[0] != command or not ({"-h", "--help"} & set(argv)):
         return (), None, ""
     config, label = chosen_config(model, argv, default)
     return (), config, label
@@ -181,13 +193,23 @@ def _dispatch(args) -> int:
             from ctxforge.smollm2 import materialize_smollm2
             print(materialize_smollm2(args.out_dir, overwrite=args.overwrite))
             return 0
-    except ConfigError as exc:
-        print(f"config error:\n{exc}", file=sys.stderr)
-        return 2
-    except PreflightError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except INPUT_ERRORS as exc:
+        # Bad input (a key, a file, a URL): one line on stderr that names it, no traceback (-v adds it).
+        print(f"ctxforge {_command_name(args)}: {one_line(exc)}", file=sys.stderr)
+        if args.verbose:
+            logging.getLogger("ctxforge").exception("traceback")
         return 2
     return 1
+
+
+# What bad input raises, from any stage: config and preflight errors, a missing/foreign file or directory
+# (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError), and the stages' own ValueErrors
+# (DataError, ResumeError, ResourceError, PlanError, SequenceParallelError, pydantic's ValidationError ...).
+INPUT_ERRORS = (ConfigError, PreflightError, OSError, ValueError)
+
+
+def _command_name(args) -> str:
+    return f"{args.command} {args.model_command}" if args.command == "model" else args.command
 
 
 if __name__ == "__main__":

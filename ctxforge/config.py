@@ -33,6 +33,11 @@ class PreflightError(ValueError):
     """Bad input found before any work starts (a missing model, an unreadable input path...)."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An error message on one line: a config error lists each bad key on its own line, joined here with '; '."""
+    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
+
+
 class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated.
 
@@ -213,7 +218,15 @@ def _rename_deprecated(data: dict, overrides: list[str], aliases: dict[str, str]
         for part in parts[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and parts[-1] in node:
-            value = node.pop(parts[-1])
+            value, present = node.pop(parts[-1]), _get_dotted(data, new)
+            if isinstance(value, dict) and isinstance(present, dict):  # a renamed section beside the new one
+                clash = sorted(set(value) & set(present))
+                if clash:
+                    raise ConfigError(f"{label}: both '{old}.{clash[0]}' (deprecated) and '{new}.{clash[0]}' are "
+                                      f"set; keep only '{new}.{clash[0]}'")
+                value = {**present, **value}
+            elif present is not None:
+                raise ConfigError(f"{label}: both '{old}' (deprecated) and '{new}' are set; keep only '{new}'")
             _set_dotted(data, new, value)
             print(f"{label}: '{old}' is deprecated, use '{new}'", file=sys.stderr)
     renamed = []
@@ -221,11 +234,19 @@ def _rename_deprecated(data: dict, overrides: list[str], aliases: dict[str, str]
         key, sep, raw = item.partition("=")
         for old, new in aliases.items():
             if key == old or key.startswith(old + "."):
-                print(f"command line: '{old}' is deprecated, use '{new}'", file=sys.stderr)
-                key = new + key[len(old):]
+                renamed_key = new + key[len(old):]
+                print(f"command line: '{key}' is deprecated, use '{renamed_key}'", file=sys.stderr)
+                key = renamed_key
                 break
         renamed.append(f"{key}{sep}{raw}")
     return renamed
+
+
+def _get_dotted(data: dict, dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -314,6 +335,11 @@ def options_help(model: type[BaseModel], header: str, extra: tuple[str, ...] = (
         lines.append(f"  {key}  ({typ}, {'required' if default == 'required' else 'default ' + default})")
         lines.extend(f"      {part}" for part in textwrap.wrap(desc, 92))
     lines.extend(extra)
+    renamed = getattr(model, "deprecated_keys", {}) or {}
+    if renamed:
+        lines.append("")
+        lines.append("deprecated spellings (still accepted, with a notice): "
+                     + ", ".join(f"{old} -> {new}" for old, new in renamed.items()))
     return "\n".join(lines)
 
 

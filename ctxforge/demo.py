@@ -20,10 +20,12 @@ from ctxforge.config import load_config
 
 REAL_SCALE = """\
 For a real model (cluster commands: cluster/README.md):
-  ctxforge synth --config qwen72b-vllm input.path=s3://bucket/books/ output.dir=/mnt/shared/synth
-  ctxforge plan  --config train-llama8b-1m
-  ctxforge train --config train-llama8b-1m input.dir=/mnt/shared/synth output.dir=/mnt/shared/train
-  ctxforge eval  --config eval-llama8b-1m"""
+  ctxforge synth --config qwen72b-vllm input.path=s3://bucket/books/
+  ctxforge plan  --config train-llama8b-1m --gpus 8
+  ctxforge train --config train-llama8b-1m
+  ctxforge serve --config serve-llama8b-1m
+  ctxforge eval  --config eval-llama8b-1m
+Their paths share one root, /mnt/shared/ctxforge: each stage reads the previous stage's output."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def _eval_table(results: dict, eval_dir: Path):
     return table
 
 
-def _what_it_shows(preset: Preset, synth_report, train_cfg, train_dir: Path, results: dict) -> str:
+def _what_it_shows(preset: Preset, synth_cfg, synth_report, train_cfg, train_dir: Path, results: dict) -> str:
     if not preset.real_model:
         return ("The demo used the random-weight tiny model: its data is noise and its scores mean nothing. It proves\n"
                 "that every stage runs end to end. `ctxforge demo` (SmolLM2) shows them on real language.")
@@ -139,7 +141,8 @@ def _what_it_shows(preset: Preset, synth_report, train_cfg, train_dir: Path, res
         f"What this run shows ({preset.title}, CPU):\n"
         f"  data:     the model summarized {synth_report.chunks} passages of {synth_report.documents} books and wrote "
         f"{generated} QA pairs; {synth_report.qa_kept} kept (grounding rate {overall.get('rate', 0.0):.0%}: the "
-        f"answer's verbatim quote was found in its passage; the rest were dropped)\n"
+        f"answer's verbatim quote was found in its evidence; the others were "
+        f"{'dropped' if synth_cfg.grounding.on_ungrounded == 'drop' else 'kept, flagged'})\n"
         f"  training: the curriculum code a Llama-3.1 student runs (GQA 9/3 heads, Llama RoPE with theta raised per "
         f"stage, loss mask without template markers, Ulysses SP 3); loss per stage: {'; '.join(losses) or '-'}\n"
         f"  eval:     RULER needle retrieval at {lengths} (mean score): {', '.join(scores)}\n"
@@ -174,7 +177,7 @@ def run_demo(synth_config: str | None, synth_overrides: list[str], preset_name: 
         con.print(f"   e.g. ({qa['kind']}/{qa['qtype']}{'' if qa['grounded'] else ', ungrounded'}) "
                   f"Q: {qa['question']}\n        A: {qa['answer']}", markup=False)
 
-    train_cfg = load_config(TrainConfig, preset.train, [f"input.dir={synth_dir}", f"output.dir={train_dir}"])
+    train_cfg = load_config(TrainConfig, preset.train, [f"input.path={synth_dir}", f"output.dir={train_dir}"])
     layout = "; ".join(f"{s.name} dp {s.dp_degree} x sp {s.sp_degree}" for s in train_cfg.stages)
     con.print(f"\n[bold]== 2/3 train[/] ({len(train_cfg.stages)}-stage curriculum: {layout}) -> {train_dir}")
     plain = lambda line: con.print(line, markup=False)  # noqa: E731 - lines carry [stage] and dict reprs
@@ -186,11 +189,11 @@ def run_demo(synth_config: str | None, synth_overrides: list[str], preset_name: 
     con.print(f"\n[bold]== 3/3 serve + evaluate base vs trained[/] -> {eval_dir}")
     models = json.dumps([{"name": "base", "model": train_cfg.model},
                          {"name": "trained", "model": final_checkpoint}])
-    eval_cfg = load_config(EvalConfig, preset.eval, [f"output_dir={eval_dir}", f"models={models}"])
+    eval_cfg = load_config(EvalConfig, preset.eval, [f"output.dir={eval_dir}", f"models={models}"])
     results = evaluate(eval_cfg, config_label=preset.eval)
     con.print(_eval_table(results, eval_dir))
 
-    con.print("\n" + _what_it_shows(preset, synth_report, train_cfg, train_dir, results))
+    con.print("\n" + _what_it_shows(preset, synth_cfg, synth_report, train_cfg, train_dir, results))
     con.print(f"\ndata:        {synth_dir}/samples/<stage>/*.parquet  (QA: {synth_dir}/qa/qa.parquet, manifest: "
               f"{synth_dir}/manifest.json)\n"
               f"checkpoints: {train_dir}/checkpoints/<stage>/  (final: {final_checkpoint}; metrics: {train_dir}/metrics/)\n"

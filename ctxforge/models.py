@@ -140,6 +140,30 @@ def _is_complete(out_dir: pathlib.Path, seed: int) -> bool:
         return False
 
 
+# What a materialized model directory holds (save_pretrained's files): a directory of only these (a model of
+# ours, or one an older version left half-written) may be rebuilt; anything else in it is someone's data.
+MODEL_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                         "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
+                         "merges.txt", "added_tokens.json"})
+
+
+def check_replaceable(out_dir: pathlib.Path, marker: str) -> None:
+    """Refuse to write a model over anything ctxforge did not write: `out_dir` must be absent, or a directory
+    holding `marker` (a model of ours: stale, other seed, or --overwrite), or one holding only model files
+    (MODEL_FILES). Raises FileExistsError naming `out_dir`: a file, or a directory with other content, is never
+    deleted."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: exists and is not a directory; give a new directory for the model")
+    if (out_dir / marker).is_file():
+        return
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in MODEL_FILES or not p.is_file())
+    if foreign:
+        raise FileExistsError(f"{out_dir}: a directory ctxforge did not write (it holds {', '.join(foreign[:3])}"
+                              f"{' ...' if len(foreign) > 3 else ''}); give a new or empty directory for the model")
+
+
 @contextlib.contextmanager
 def dir_lock(out_dir: pathlib.Path):
     """Serialise builders of the same directory (e.g. several Ray workers on one node)."""
@@ -161,11 +185,13 @@ def materialize_tiny_model(out_dir, seed: int = 0, overwrite: bool = False) -> p
     half model under `out_dir`; a directory without a (matching) marker is rebuilt.
     """
     out_dir = pathlib.Path(out_dir).expanduser().absolute()
+    check_replaceable(out_dir, _MARKER)  # before the lock file is made beside it
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with dir_lock(out_dir):
         if not overwrite and _is_complete(out_dir, seed):
             logger.debug("tiny model already materialized at %s", out_dir)
             return out_dir
+        check_replaceable(out_dir, _MARKER)
         logger.info("materializing tiny Qwen2 model (seed=%d) at %s", seed, out_dir)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the model is meant to be shared (e.g. a node cache)

@@ -32,7 +32,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress: 
         mode = "cluster"
     else:
         # A fresh embedded local Ray, even when a `ray start` cluster runs on this machine (a bare ray.init()
-        # would attach to it and then refuse num_cpus); set run.address=auto or RAY_ADDRESS to use that one.
+        # would attach to it and then refuse num_cpus); set runtime.address=auto or RAY_ADDRESS to use that one.
         # The dashboard is off: it costs seconds and memory on a laptop.
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                            log_to_driver=not console.is_quiet())

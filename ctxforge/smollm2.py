@@ -130,9 +130,10 @@ def materialize_smollm2(out_dir, overwrite: bool = False) -> pathlib.Path:
     ModelUnavailableError), the model is written into a sibling temp directory, the marker last, and renamed into
     place, so a killed run never leaves a half model. Takes about a minute on 2 CPU cores; ~540 MB on disk.
     """
-    from ctxforge.models import dir_lock
+    from ctxforge.models import check_replaceable, dir_lock
 
     out_dir = pathlib.Path(out_dir).expanduser().absolute()
+    check_replaceable(out_dir, _MARKER)  # a file or a foreign directory is never deleted
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     expected = _marker_payload(GGUF_SHA256)
     with dir_lock(out_dir):
@@ -141,6 +142,7 @@ def materialize_smollm2(out_dir, overwrite: bool = False) -> pathlib.Path:
                 return out_dir
         except (OSError, ValueError):
             pass
+        check_replaceable(out_dir, _MARKER)
         source = gguf_path()
         _check_loader_packages()
         sha = _sha256(source)

@@ -13,7 +13,7 @@ from ctxforge.config import load_config, options_help, packaged_config_names
 DEFAULT_LENGTHEN_CONFIG = "lengthen-tiny"
 
 
-def add_lengthen_arguments(parser: argparse.ArgumentParser) -> None:
+def add_lengthen_arguments(parser: argparse.ArgumentParser, help_config: tuple = (None, "")) -> None:
     from .config import LengthenConfig
 
     parser.description = (
@@ -24,7 +24,9 @@ def add_lengthen_arguments(parser: argparse.ArgumentParser) -> None:
         "and continue from the new checkpoints. The final long-output set (OUTPUT/final, queries with word-count "
         "suffixes) can be mixed into a curriculum stage (train: input.long_output, stages.N.long_output_ratio). "
         "Reruns resume: finished requests come from OUTPUT/work/requests.sqlite, finished training is not re-run.")
-    parser.epilog = options_help(LengthenConfig, "options (override any as key=value after --config):")
+    config, label = help_config  # from `--config X --help`: that config's values instead of the defaults
+    parser.epilog = options_help(LengthenConfig, "options (override any as key=value after --config):",
+                                 config=config, config_label=label)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", default=None, metavar="FILE.yaml|NAME",
                         help=f"YAML config or packaged name "

@@ -8,6 +8,8 @@ run.sh and step scripts) are noted per field; sizes that only matter for cost ar
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field, field_validator, model_validator
 
 from ctxforge.config import PathStr, StrictModel
@@ -125,6 +127,8 @@ class RunConfig(StrictModel):
 
 
 class LengthenConfig(StrictModel):
+    deprecated_keys: ClassVar[dict[str, str]] = {"run": "runtime"}   # `runtime` as in synth, train and eval
+
     iterations: int = Field(3, ge=1, description="Generator/extender iterations (published: 3).")
     output: OutputConfig = Field(default_factory=OutputConfig)
     generator: GeneratorConfig = Field(
@@ -141,7 +145,7 @@ class LengthenConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     length_control: LengthControlConfig = Field(default_factory=LengthControlConfig)
     train: RoleTrainingConfig = Field(default_factory=RoleTrainingConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
+    runtime: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self):

@@ -124,7 +124,7 @@ class Lengthener:
         pre = preflight(cfg)
         self.pre = pre
         (self.out / "work").mkdir(parents=True, exist_ok=True)
-        init_ray(cfg.run.address, cfg.run.num_cpus, cfg.run.progress)
+        init_ray(cfg.runtime.address, cfg.runtime.num_cpus, cfg.runtime.progress)
         self.cache = RequestCache(self.out / "work" / "requests.sqlite")
         self.manifest = {"ctxforge_version": __version__, "config_source": self.label,
                          "config": cfg.model_dump(mode="json"), "prompt_set_hash": prompts.prompt_set_hash(),
@@ -280,11 +280,11 @@ class Lengthener:
             return model
         stage = {**cfg.train.stage.model_dump(mode="json"), "name": role, "data_stage": role}
         tc = TrainConfig.model_validate({
-            "model": model, "input": {"dir": str(data_dir)},
+            "model": model, "input": {"path": str(data_dir)},
             "output": {"dir": str(idir / "train" / f"{role}-{data['content_hash'][:8]}"), "name": f"lengthen-{role}"},
             "runtime": cfg.train.runtime.model_dump(mode="json"), "stages": [stage]})
         report = run_curriculum(tc, label=f"lengthen iteration {it} {role}", log=log.info,
-                                ray_address=cfg.run.address)
+                                ray_address=cfg.runtime.address)
         st = report.stages[role]
         self._step(it, f"train_{role}", {"status_train": st["status"], "checkpoint": st["checkpoint"],
                                          "steps": st.get("steps"), "loss": st.get("loss"),

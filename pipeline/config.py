@@ -116,6 +116,7 @@ class GeneratorConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf backend weights dtype (auto = bf16 on GPU, fp32 on CPU).")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel).")
     accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type to request, e.g. H100.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each generator actor (hf, http) or each GPU bundle of a vLLM engine requests, so that it lands only on the node type that provides them, e.g. {ctxforge_generate: 1} (the spot GPU nodes of cluster/aws.yaml); {} = none (local runs).")
     max_model_len: int = Field(32768, ge=256, description="Generator context window in tokens (prompt + completion).")
     engine_kwargs: dict = Field(
         default_factory=dict,
@@ -367,7 +368,10 @@ class RunConfig(StrictModel):
 
 
 class SynthConfig(StrictModel):
-    deprecated_keys: ClassVar[dict[str, str]] = {"run.documents_per_wave": "run.documents_in_flight"}
+    # `runtime` as in train, eval and lengthen (it was `run`); documents_per_wave became documents_in_flight
+    deprecated_keys: ClassVar[dict[str, str]] = {"run.documents_per_wave": "runtime.documents_in_flight",
+                                                 "runtime.documents_per_wave": "runtime.documents_in_flight",
+                                                 "run": "runtime"}
 
     input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -380,7 +384,7 @@ class SynthConfig(StrictModel):
     grounding: GroundingConfig = Field(default_factory=GroundingConfig)
     concat: ConcatConfig = Field(default_factory=ConcatConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
+    runtime: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self):

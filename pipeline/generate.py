@@ -4,10 +4,10 @@
 now (`ask`, from the Planner), how their answers fill the document's state (`absorb`), what to do
 when the pass starts (`start`), and, for a pass that runs in rounds, whether another round is needed
 (`again`). Both drivers below walk the same table:
-  - StreamingGenerator (run.scheduler=streaming): each document advances to its next pass as soon as
+  - StreamingGenerator (runtime.scheduler=streaming): each document advances to its next pass as soon as
     its own answers are in; requests of documents at different passes share the engines through one
     scheduler queue; finished documents leave the driver at once (their QA go to `on_done`).
-  - WaveGenerator (run.scheduler=passes): every document of a wave finishes a pass before any starts
+  - WaveGenerator (runtime.scheduler=passes): every document of a wave finishes a pass before any starts
     the next; each pass (and each round of it) is one Ray Data job. The earlier design, kept for
     comparison.
 Both send exactly the same requests (ids and seeds) for the same documents, so their outputs agree.

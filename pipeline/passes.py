@@ -4,7 +4,7 @@
 a failed check is retried with a new seed up to generator.max_attempts, then recorded as failed
 with its reason (counted per reason).
 
-`PassRunner` runs one pass as one Ray Data job (run.scheduler=passes, the earlier design kept for
+`PassRunner` runs one pass as one Ray Data job (runtime.scheduler=passes, the earlier design kept for
 comparison): cached requests are skipped, the rest go through the backend's Ray Data transform;
 results stream back as Ray Data finishes them, each is validated and persisted at once; a response
 that does not validate (or a transport error) is sent again in the next round (a new job) with a

@@ -92,7 +92,7 @@ def preflight(cfg: SynthConfig) -> Preflight:
             f"generator.api_key_env to the variable that holds it (null for an endpoint that takes no key)")
     try:
         backend = make_backend(cfg, generator_path)
-        if cfg.run.scheduler == "streaming":
+        if cfg.runtime.scheduler == "streaming":
             backend.engine_factory()
     except (ValueError, NotImplementedError) as exc:
         raise PreflightError(str(exc)) from None
@@ -151,7 +151,7 @@ def _generate_streaming(cfg: SynthConfig, pre: Preflight, planner: Planner, cach
     pool = EnginePool(pre.backend, cfg.generator.scale_down_idle_s)
     scheduler = RequestScheduler(pool, cache, cfg.generator, pre.backend.model_path, planner.prompts.hash, PASS_NAMES)
     try:
-        StreamingGenerator(planner, scheduler, cfg.run.documents_in_flight).run(store.load(ids), finished)
+        StreamingGenerator(planner, scheduler, cfg.runtime.documents_in_flight).run(store.load(ids), finished)
     finally:
         pool.shutdown()
     log.info("generation done: %d engines started, %d lost, %d requests sent again after a loss",
@@ -163,7 +163,7 @@ def _generate_passes(cfg: SynthConfig, pre: Preflight, planner: Planner, cache: 
                      store: DocumentStore, ids: list[str], finished: _Finished) -> tuple[dict, list[dict]]:
     runner = PassRunner(pre.backend, cache, cfg.generator)
     generator = WaveGenerator(cfg, planner, runner, pre.backend.model_path)
-    wave = cfg.run.documents_in_flight
+    wave = cfg.runtime.documents_in_flight
     for start in range(0, len(ids), wave):
         states = list(store.load(ids[start:start + wave]))
         generator.run_wave(states, f"wave {start // wave + 1}/{-(-len(ids) // wave)}")
@@ -180,7 +180,7 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
     out = Path(cfg.output.dir).expanduser().resolve()
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    init_ray(cfg.run.address, cfg.run.num_cpus, cfg.run.progress)
+    init_ray(cfg.runtime.address, cfg.runtime.num_cpus, cfg.runtime.progress)
     timings: dict[str, float] = {}
 
     table, reused = build_documents_table(cfg, pre.target_path, pre.tokenizer_hash, work, pre.cache_dir)
@@ -202,7 +202,7 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
     planner = Planner(cfg, lambda text: len(pre.budget_tokenizer(text, add_special_tokens=False)["input_ids"]))
     finished = _Finished(cfg, len(ids), out / "qa" / "qa.parquet", pre.tokenizer)
     t = time.time()
-    run = _generate_streaming if cfg.run.scheduler == "streaming" else _generate_passes
+    run = _generate_streaming if cfg.runtime.scheduler == "streaming" else _generate_passes
     pass_stats, engine_records = run(cfg, pre, planner, cache, store, ids, finished)
     timings["generate_s"] = time.time() - t
     qa_index = finished.writer.close()
@@ -211,7 +211,7 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
 
     t = time.time()
     stage_reports = {}
-    workers = render_workers(cfg.run.render_workers, cfg.concat.stages)
+    workers = render_workers(cfg.runtime.render_workers, cfg.concat.stages)
     render = RenderPool(workers, pre.target_path, {i: store.locations[i] for i in ids}, qa_index, pre.tokenizer)
     try:
         for stage in cfg.concat.stages:

@@ -158,7 +158,7 @@ IN_DRIVER_MAX_TOKENS = 2_000_000   # about 16 s of tokenizing on one core: less 
 
 
 def render_workers(setting: int | None, stages: list[StageConfig]) -> int:
-    """Actors to render with (0 = in the driver) for run.render_workers = `setting`."""
+    """Actors to render with (0 = in the driver) for runtime.render_workers = `setting`."""
     import ray
 
     if setting is not None:

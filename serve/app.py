@@ -114,6 +114,8 @@ def build_llm_config(cfg: ServeConfig, model_path: str) -> dict:
                engine_kwargs=engine_kwargs, deployment_config=_deployment_options(cfg))
     if cfg.accelerator_type:
         llm["accelerator_type"] = cfg.accelerator_type
+    if cfg.resources:  # every GPU worker of the engine (tensor_parallel_size bundles) on the node type asked for
+        llm["placement_group_config"] = {"bundle_per_worker": {"CPU": 1, "GPU": 1, **cfg.resources}, "strategy": "PACK"}
     return llm
 
 
@@ -136,6 +138,11 @@ def build_vllm_app(cfg: ServeConfig, model_path: str, api_key: str | None = None
     return build_openai_app(builder)
 
 
+def hf_actor_options(cfg: ServeConfig) -> dict:
+    """`ray_actor_options` of an hf replica: its CPUs, GPUs and custom resources."""
+    return dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, **({"resources": dict(cfg.resources)} if cfg.resources else {}))
+
+
 def build_app(cfg: ServeConfig, api_key: str | None = None):
     """The Serve application for `cfg` (model resolved, window from the checkpoint when not set)."""
     from ctxforge.models import resolve_model_path
@@ -143,7 +150,7 @@ def build_app(cfg: ServeConfig, api_key: str | None = None):
     model_path = resolve_model_path(cfg.model)
     if resolve_backend(cfg) == "vllm":
         return build_vllm_app(cfg, model_path, api_key)
-    actor = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+    actor = hf_actor_options(cfg)
     return OpenAIServer.options(ray_actor_options=actor, **_deployment_options(cfg)).bind(
         model_path, cfg.model_id(), served_window(cfg, model_path), cfg.device, cfg.dtype,
         cfg.rope.model_dump() if cfg.rope else None, key_digest(api_key) if api_key else None)

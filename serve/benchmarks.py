@@ -37,7 +37,7 @@ class EndpointContext:
     tokenizer_path: str        # where that tokenizer lives (for tools that load their own, e.g. lm-eval)
     client: EvalClient         # caching, retrying chat client for this endpoint
     api_key: str | None
-    out_dir: Path              # output_dir/<model name>
+    out_dir: Path              # output.dir/<model name>
     api_keys: dict             # other keys the CLI read (e.g. "judge")
 
 

@@ -17,18 +17,21 @@ log = logging.getLogger(__name__)
 DEFAULT_EVAL_CONFIG = "eval-tiny"
 
 
-def _epilog(model) -> str:
+def _epilog(model, help_config: tuple = (None, "")) -> str:
+    """Every key with its type, default and meaning; with `help_config` = (config, label) from `--config X
+    --help`, that config's values instead of the defaults."""
+    config, label = help_config
     return options_help(model, "options (override any as key=value after the flags; lists as YAML, e.g. "
-                               "ruler.lengths=[1024,2048]):")
+                               "ruler.lengths=[1024,2048]):", config=config, config_label=label)
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+def add_serve_arguments(parser: argparse.ArgumentParser, help_config: tuple = (None, "")) -> None:
     from ctxforge.serve.config import ServeConfig
 
     parser.description = ("Serve a checkpoint behind an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, "
                           "/v1/completions, /health) with Ray Serve: vLLM via ray.serve.llm on GPU, a transformers "
                           "deployment on CPU. Set $CTXFORGE_API_KEY (see api_key_env) to require a bearer key.")
-    parser.epilog = _epilog(ServeConfig)
+    parser.epilog = _epilog(ServeConfig, help_config)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default=None, help="model directory, hub name (vllm) or ctxforge:tiny (default: ctxforge:tiny)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
@@ -79,15 +82,15 @@ def run_serve(args) -> int:
     return 0
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+def add_eval_arguments(parser: argparse.ArgumentParser, help_config: tuple = (None, "")) -> None:
     from ctxforge.serve.eval_config import EvalConfig
 
     parser.description = ("Evaluate one or more models on RULER (generated here, any lengths), InfiniteBench (your JSONL "
                           "files), lm-evaluation-harness tasks (your task YAMLs and data) and LongBench-Chat (LongAlign's "
                           "files, an LLM judge) through their OpenAI-compatible endpoints (served here when base_url is "
                           "null, at route /eval-<name>). Every data path and endpoint is checked first. Writes "
-                          "results.json, report.md and plots/ to output_dir; reruns resume from its cache.")
-    parser.epilog = _epilog(EvalConfig)
+                          "results.json, report.md and plots/ to output.dir; reruns resume from its cache.")
+    parser.epilog = _epilog(EvalConfig, help_config)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", default=None, metavar="FILE.yaml|NAME",
                         help=f"YAML config or packaged name ({', '.join(n for n in packaged_config_names() if n.startswith('eval-'))}); "
@@ -126,5 +129,5 @@ def run_eval(args) -> int:
         label = f" [{m['label']}]" if m.get("label") else ""
         print(f"{name}{label}: {'; '.join(p for p in parts if p)}  ({m['requests']['total']} requests, "
               f"{m['requests']['errors']} failed)")
-    print(f"\nreport:  {cfg.output_dir}/report.md\nresults: {cfg.output_dir}/results.json\nplots:   {cfg.output_dir}/plots/")
+    print(f"\nreport:  {cfg.output.dir}/report.md\nresults: {cfg.output.dir}/results.json\nplots:   {cfg.output.dir}/plots/")
     return 0 if all(m["requests"]["errors"] == 0 for m in results["models"].values()) else 1

@@ -45,6 +45,10 @@ class ServeConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf backend weights dtype (auto = bf16 on GPU, fp32 on CPU).")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel degree).")
     accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type to request, e.g. H100.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each replica requests "
+                                        "(hf: the replica actor; vllm: every GPU bundle of the engine's placement group), "
+                                        "so that it lands only on the node type that provides them, e.g. "
+                                        "{ctxforge_generate: 1} (the GPU nodes of cluster/aws.yaml); {} = none.")
     engine_kwargs: dict = Field(default_factory=dict, description="vllm: extra vLLM engine arguments (merged over the ones derived here).")
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ the client sends requests, and where the report goes. Every data path is checked
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -187,8 +187,20 @@ class ReferenceRow(StrictModel):
     scores: dict[str, float] = Field(description="RULER: length (as a string) -> average; InfiniteBench: task -> score; lmeval: task -> metric; longbench_chat: {mean: ...}.")
 
 
+class EvalOutputConfig(StrictModel):
+    dir: PathStr = Field("runs/eval", description="Where results.json, report.md, plots/ and the request cache go.")
+
+
+class EvalRuntimeConfig(StrictModel):
+    num_cpus: int | None = Field(None, ge=0, description="CPUs of the embedded local Ray when a model is served here "
+                                                         "(null or 0 = all); ignored on a cluster (RAY_ADDRESS).")
+
+
 class EvalConfig(StrictModel):
-    output_dir: PathStr = Field("runs/eval", description="Where results.json, report.md, plots/ and the request cache go.")
+    # the eval stage once spelled these differently from synth/train; the old keys still load, with a notice
+    deprecated_keys: ClassVar[dict[str, str]] = {"output_dir": "output.dir", "ray_num_cpus": "runtime.num_cpus"}
+
+    output: EvalOutputConfig = Field(default_factory=EvalOutputConfig)
     models: list[EndpointConfig] = Field(default_factory=lambda: [EndpointConfig(name="tiny")], description="Models to evaluate side by side.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="How to serve a model whose base_url is null (`model` is overridden per entry).")
     ruler: RulerConfig = Field(default_factory=RulerConfig)
@@ -198,7 +210,7 @@ class EvalConfig(StrictModel):
     longgen: LongGenConfig = Field(default_factory=LongGenConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
     references: list[ReferenceRow] = Field(default_factory=list, description="Published numbers shown as reference rows.")
-    ray_num_cpus: int = Field(0, ge=0, description="CPUs of the embedded local Ray when a model is served here (0 = all).")
+    runtime: EvalRuntimeConfig = Field(default_factory=EvalRuntimeConfig)
 
     @field_validator("models")
     @classmethod

@@ -6,7 +6,7 @@ application name and route prefix (`eval-<name>`, so a model already served on t
 keeps running), with its RoPE override, and deleted afterwards; otherwise the endpoint is used as is.
 The endpoint's window comes from /v1/models (`max_model_len`, which both our CPU deployment and vLLM
 report) unless set in the config. Results go to `results.json` + report (report.py); per-request
-records with latency go to `<output_dir>/<model>/predictions.jsonl`. This module reads no environment
+records with latency go to `<output.dir>/<model>/predictions.jsonl`. This module reads no environment
 variables: API keys are passed in by the CLI.
 """
 
@@ -60,7 +60,7 @@ async def _evaluate_endpoint(cfg: EvalConfig, index: int, entry: EndpointConfig,
     tokenizer = load_tokenizer(tokenizer_path)
     ctx = EndpointContext(cfg, entry, index, base_url, model_id, window, tokenizer, tokenizer_path,
                           EvalClient(base_url, model_id, entry.name, cfg.client, api_key, cache), api_key,
-                          Path(cfg.output_dir) / entry.name, api_keys)
+                          Path(cfg.output.dir) / entry.name, api_keys)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     result = {"endpoint": base_url, "model_id": model_id, "max_model_len": window,
               "label": endpoint_label(entry, window)}
@@ -85,7 +85,7 @@ def evaluate(cfg: EvalConfig, api_keys: dict[str, str | None] | None = None, con
     from ctxforge.serve.report import write_report
 
     api_keys = api_keys or {}
-    out_dir = Path(cfg.output_dir)
+    out_dir = Path(cfg.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = ResultCache(out_dir / "cache.sqlite")
     results = {"config": cfg.model_dump(mode="json"), "config_label": config_label,
@@ -122,7 +122,7 @@ def _evaluate_served_here(cfg: EvalConfig, index: int, entry: EndpointConfig, ap
     from ctxforge.raycluster import init_ray
     from ctxforge.serve.app import run_app
 
-    init_ray(num_cpus=cfg.ray_num_cpus or None, progress=False)
+    init_ray(num_cpus=cfg.runtime.num_cpus or None, progress=False)
     serve_cfg = served_here_config(cfg, entry)
     base_url = run_app(serve_cfg, api_key=None)
     try:

@@ -4,7 +4,7 @@ lm-eval's own `local-completions` model talks to our /v1/completions: log-likeli
 (multiple-choice tasks such as MMLU) as batches of token-id prompts with echo + logprobs,
 generation tasks with max_tokens and stop strings. Prompts are tokenized with the served model's
 tokenizer (a local path, no hub), datasets come from the user's task YAMLs (`include_path`, local
-`dataset_path` / `data_files`), and lm-eval's request cache under <output_dir>/<model>/ makes a
+`dataset_path` / `data_files`), and lm-eval's request cache under <output.dir>/<model>/ makes a
 rerun resume. He et al. report MMLU beside RULER and InfiniteBench to show that short-task ability is
 kept; here any lm-eval task can be, in the same report.
 

@@ -191,7 +191,7 @@ class LocalCluster:
 
 SYNTH_SMALL = ["input.limit=2", "qa.hierarchical_per_document=2", "qa.diverse_per_document=1",
                "concat.stages=[{name: 4K, target_tokens: 4096, documents_per_sample: 1, samples: 2}]",
-               "run.progress=false"]
+               "runtime.progress=false"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -617,7 +617,7 @@ def test_synth_then_train_as_ray_jobs(cluster):
 
     # training reads the synthesis output; one stage, 2 gloo workers (1 CPU each) on the worker node,
     # one optimizer step (sort batching: one sample per micro-batch so both data-parallel ranks get one)
-    cluster.submit(["ctxforge", "train", "--config", "train-tiny", f"input.dir={synth_out}", f"output.dir={train_out}",
+    cluster.submit(["ctxforge", "train", "--config", "train-tiny", f"input.path={synth_out}", f"output.dir={train_out}",
                     "stages=[{name: 4K, data_stage: 4K, max_seq_len: 4096, workers: 2, sp_degree: 1, "
                     "batching: sort, batch_size: 1, max_steps: 1, checkpoint_every: 1, rope: {theta: 2000000}}]",
                     "runtime.progress=false", "runtime.max_failures=0"], "train")

@@ -17,7 +17,7 @@ SMALL = ["input.limit=2", "qa.hierarchical_per_document=3", "qa.diverse_per_docu
 
 
 def test_demo_runs_every_stage_and_rerun_reuses_what_is_finished(tmp_path):
-    cmd = [sys.executable, "-m", "ctxforge", "demo", "--model", "tiny", *SMALL]
+    cmd = [sys.executable, "-m", "ctxforge", "demo", "--model", "tiny", *SMALL, "runtime.progress=false"]
     first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     runs = tmp_path / "runs" / "tiny"

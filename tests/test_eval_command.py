@@ -129,7 +129,7 @@ def test_unreachable_endpoint_is_one_line_naming_the_model_and_url(tmp_path, cap
     from ports import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
-    code, out, err = _run(["eval", "--config", "eval-tiny", f"output_dir={tmp_path}", f"models.0.base_url={url}"], capsys)
+    code, out, err = _run(["eval", "--config", "eval-tiny", f"output.dir={tmp_path}", f"models.0.base_url={url}"], capsys)
     line = _one_line_error(err)
     assert code == 2 and "models.0 (tiny)" in line and url in line and out == ""
     assert not (tmp_path / "results.json").exists()
@@ -150,7 +150,7 @@ def test_every_data_path_is_checked_at_preflight(override, key, tmp_path, capsys
     if key.startswith("longbench_chat"):
         extra = ["longbench_chat.enabled=true", f"longbench_chat.few_shots_path={FIXTURES / 'longbench_chat' / 'few_shots.json'}",
                  "longbench_chat.judge.base_url=http://127.0.0.1:9/v1", "longbench_chat.judge.model=j"]
-    code, _, err = _run(["eval", "--config", "eval-tiny", f"output_dir={tmp_path}", override, *extra], capsys)
+    code, _, err = _run(["eval", "--config", "eval-tiny", f"output.dir={tmp_path}", override, *extra], capsys)
     line = _one_line_error(err)
     assert code == 2 and key in line, line
     assert not (tmp_path / "cache.sqlite").exists()  # nothing started
@@ -159,12 +159,12 @@ def test_every_data_path_is_checked_at_preflight(override, key, tmp_path, capsys
 def test_malformed_data_file_is_one_line_naming_the_key(tmp_path, capsys):
     bad = tmp_path / "squad.json"
     bad.write_text("{not json")
-    code, _, err = _run(["eval", "--config", "eval-tiny", f"output_dir={tmp_path / 'o'}", f"ruler.squad_path={bad}"], capsys)
+    code, _, err = _run(["eval", "--config", "eval-tiny", f"output.dir={tmp_path / 'o'}", f"ruler.squad_path={bad}"], capsys)
     assert code == 2 and "ruler.squad_path" in _one_line_error(err)
 
 
 def test_an_explicitly_listed_infinitebench_task_without_its_file_is_an_error(tmp_path, capsys):
-    args = ["eval", "--config", "eval-tiny", f"output_dir={tmp_path}", "infinitebench.enabled=true",
+    args = ["eval", "--config", "eval-tiny", f"output.dir={tmp_path}", "infinitebench.enabled=true",
             f"infinitebench.data_dir={FIXTURES / 'infinitebench'}"]
     empty = tmp_path / "ib"
     empty.mkdir()
@@ -211,12 +211,13 @@ def test_eval_serves_its_model_beside_one_already_served_at_root(ray_local, tmp_
     served = run_app(ServeConfig(model=tiny_model_path, port=port, max_model_len=1024, app_name="ctxforge"))
     parser = argparse.ArgumentParser()
     command.add_eval_arguments(parser)
-    args = parser.parse_args(["--config", "eval-tiny", f"output_dir={tmp_path}", f"serve.port={port}",
+    args = parser.parse_args(["--config", "eval-tiny", f"output.dir={tmp_path}", f"serve.port={port}",
                               "ruler.tasks=[niah_single_1,fwe]", "ruler.lengths=[1024,8192]", "ruler.num_samples=1"])
     try:
         assert command.run_eval(args) == 0
         import httpx
-        assert httpx.get(served + "/models").json()["data"][0]["id"] == "tiny"  # still served at "/"
+        served_id = ServeConfig(model=tiny_model_path).model_id()   # the directory's name
+        assert httpx.get(served + "/models").json()["data"][0]["id"] == served_id  # still served at "/"
     finally:
         serve.shutdown()
     out = capsys.readouterr().out

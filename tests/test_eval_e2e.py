@@ -35,7 +35,7 @@ def endpoint(ray_local, tiny_model_path):
 
 def _config(endpoint, tiny_model_path, out_dir) -> EvalConfig:
     return EvalConfig.model_validate({
-        "output_dir": str(out_dir),
+        "output": {"dir": str(out_dir)},
         "models": [{"name": "base", "model": tiny_model_path, "base_url": endpoint},
                    {"name": "trained", "model": tiny_model_path, "base_url": endpoint}],
         "ruler": {"tasks": ["niah_single_2", "vt", "qa_1"], "lengths": [1024, 2048], "num_samples": 3,
@@ -185,7 +185,7 @@ def lmeval_run(endpoint, tiny_model_path, tiny_tokenizer, tmp_path_factory):
         "temperature": 0, "stop": ["\n"], "seed": 1234}).json()["choices"][0]["text"]
     tasks = _write_tasks(root, [first, first + " (not this)", "no such answer"])
     cfg = EvalConfig.model_validate({
-        "output_dir": str(root / "out"), "models": [{"name": "tiny", "model": tiny_model_path, "base_url": endpoint}],
+        "output": {"dir": str(root / "out")}, "models": [{"name": "tiny", "model": tiny_model_path, "base_url": endpoint}],
         "ruler": {"enabled": False},
         "lmeval": {"enabled": True, "tasks": ["ctx_mc", "ctx_gen"], "include_path": str(tasks), "batch_size": 4,
                    "builtin_tasks": False,
@@ -251,7 +251,7 @@ def test_longbench_chat_judge_flow_on_fixtures(endpoint, tiny_model_path, tmp_pa
     data = FIXTURES / "longbench_chat"
     served_id = httpx.get(endpoint + "/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"][0]["id"]
     cfg = EvalConfig.model_validate({
-        "output_dir": str(tmp_path), "models": [{"name": "tiny", "model": tiny_model_path, "base_url": endpoint}],
+        "output": {"dir": str(tmp_path)}, "models": [{"name": "tiny", "model": tiny_model_path, "base_url": endpoint}],
         "ruler": {"enabled": False},
         "longbench_chat": {"enabled": True, "path": str(data / "test_cases.json"), "few_shots_path": str(data / "few_shots.json"),
                            "max_tokens": 12, "judge": {"base_url": endpoint, "model": served_id, "api_key_env": "X",

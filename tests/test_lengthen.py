@@ -214,7 +214,7 @@ def test_long_output_mix_adds_the_configured_share(tmp_path, tiny_tokenizer):
     write_sample_sets(tmp_path / "synth", {"4K": rows("4K", 6)}, 64, {})
     write_sample_sets(tmp_path / "final", {"long_output": rows("long_output", 2)}, 64, {})
     cfg = TrainConfig.model_validate({
-        "model": "ctxforge:tiny", "input": {"dir": str(tmp_path / "synth"), "long_output": str(tmp_path / "final")},
+        "model": "ctxforge:tiny", "input": {"path": str(tmp_path / "synth"), "long_output": str(tmp_path / "final")},
         "stages": [{"name": "4K", "max_seq_len": 4096, "long_output_ratio": 0.25}]})
     source = open_source(cfg, 0, tok_hash)
     samples, stats = source.read(list(range(len(source)))), source.stats
@@ -226,10 +226,10 @@ def test_long_output_mix_adds_the_configured_share(tmp_path, tiny_tokenizer):
     source0 = open_source(cfg0, 0, tok_hash)
     assert all(s.source == "long" for s in source0.read(list(range(len(source0)))))
     with pytest.raises(ValueError, match="input.long_output is not set"):
-        TrainConfig.model_validate({"model": "m", "input": {"dir": "x"},
+        TrainConfig.model_validate({"model": "m", "input": {"path": "x"},
                                     "stages": [{"name": "a", "max_seq_len": 64, "long_output_ratio": 0.2}]})
     with pytest.raises(ValueError, match="leaves no room"):
-        TrainConfig.model_validate({"model": "m", "input": {"dir": "x", "short_data": "s", "long_output": "l"},
+        TrainConfig.model_validate({"model": "m", "input": {"path": "x", "short_data": "s", "long_output": "l"},
                                     "stages": [{"name": "a", "max_seq_len": 64, "short_ratio": 0.5,
                                                 "long_output_ratio": 0.5}]})
     manifest = json.loads((tmp_path / "final" / "manifest.json").read_text())

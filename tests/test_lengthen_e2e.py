@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def first_run(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("lengthen")
     # one extension round keeps the test at four generation waves; tests/test_lengthen.py covers the rounds
-    cfg = load_config(LengthenConfig, "lengthen-tiny", [f"output.dir={out}", "run.progress=false", "extend.rounds=1"])
+    cfg = load_config(LengthenConfig, "lengthen-tiny", [f"output.dir={out}", "runtime.progress=false", "extend.rounds=1"])
     return out, cfg, run_lengthen(cfg, "lengthen-tiny")
 
 

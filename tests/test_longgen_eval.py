@@ -41,7 +41,7 @@ def test_longgen_in_eval_against_an_endpoint(tmp_path, tiny_model_path):
 
     with FakeOpenAIServer() as server:
         cfg = EvalConfig.model_validate({
-            "output_dir": str(tmp_path), "ruler": {"enabled": False},
+            "output": {"dir": str(tmp_path)}, "ruler": {"enabled": False},
             "models": [{"name": "fake", "model": tiny_model_path, "base_url": server.base_url, "max_model_len": 4096}],
             "longgen": {"enabled": True, "targets": [20, 40], "samples": 1,
                         "judge": {"base_url": server.base_url, "model": "fake"}}})

@@ -33,7 +33,7 @@ def synth_dir(ray_local, tmp_path_factory):
         f"output.dir={out}", "input.limit=2", "qa.hierarchical_per_document=2", "qa.diverse_per_document=1",
         "concat.stages=[{name: 4K, target_tokens: 4096, documents_per_sample: 1, samples: 2},"
         " {name: 8K, target_tokens: 8192, documents_per_sample: 2, samples: 1}]",
-        "run.progress=false"])
+        "runtime.progress=false"])
     synthesize(cfg)
     return out
 
@@ -52,7 +52,7 @@ def eval_dir(ray_local, tiny_model_path, tmp_path_factory):
                                    max_ongoing_requests=8, app_name="test-notebooks"))
     try:
         cfg = EvalConfig.model_validate({
-            "output_dir": str(out),
+            "output": {"dir": str(out)},
             "models": [{"name": "base", "model": tiny_model_path, "base_url": endpoint},
                        {"name": "trained", "model": tiny_model_path, "base_url": endpoint}],
             "ruler": {"tasks": ["niah_single_1", "niah_single_2", "vt"], "lengths": [1024, 2048],

@@ -22,7 +22,7 @@ ARGS = [
     "input.limit=2", "qa.hierarchical_per_document=4", "qa.diverse_per_document=2",
     "concat.stages=[{name: 2K, target_tokens: 2048, documents_per_sample: 1, samples: 2},"
     " {name: 4K, target_tokens: 4096, documents_per_sample: 2, samples: 2}]",
-    "run.progress=false", "generator.backend=http", "generator.model=fake", "generator.concurrency=1",
+    "runtime.progress=false", "generator.backend=http", "generator.model=fake", "generator.concurrency=1",
     "generator.api_key_env=null",
 ]
 

@@ -478,7 +478,7 @@ def test_synth_over_http_against_ctxforge_serve_ends_with_valid_qa(served, tmp_p
         f"output.dir={out}", "input.limit=1", "input.max_document_tokens=800", "generator.summary_max_tokens=64",
         "generator.qa_max_tokens=96", "qa.hierarchical_per_document=2", "qa.diverse_per_document=1",
         "concat.n1_hierarchical=1", "concat.n1_diverse=1", "concat.n2_earlier_diverse=0", "concat.n3_followups=0",
-        "concat.stages=[{name: 2K, target_tokens: 2048, documents_per_sample: 1, samples: 1}]", "run.progress=false",
+        "concat.stages=[{name: 2K, target_tokens: 2048, documents_per_sample: 1, samples: 1}]", "runtime.progress=false",
         "generator.backend=http", f"generator.base_url={served}", "generator.model=tiny", f"generator.api_key_env={KEY_ENV}",
         "generator.concurrency=2", f"generator.max_model_len={WINDOW}", "generator.max_attempts=3"])
     synthesize(cfg)

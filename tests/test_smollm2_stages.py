@@ -159,7 +159,7 @@ def _train_config(corpus: Path, out: Path, workers: int, sp: int):
 
     cpus = 0.6 if workers > 1 else 2  # three workers share the 2 CPUs; a single one gets both (2 torch threads)
     return load_config(TrainConfig, "train-smollm2", [
-        f"input.dir={corpus}", f"output.dir={out}", "runtime.progress=false", "runtime.max_failures=0",
+        f"input.path={corpus}", f"output.dir={out}", "runtime.progress=false", "runtime.max_failures=0",
         f"runtime.cpus_per_worker={cpus}", f"stages={STAGE.format(workers=workers, sp=sp)}"])
 
 
@@ -289,7 +289,7 @@ def test_smollm2_served_scores_on_ruler_niah(smollm2_endpoint, tmp_path):
     from ctxforge.serve.evaluate import evaluate
 
     models = json.dumps([{"name": "base", "model": "ctxforge:smollm2", "base_url": smollm2_endpoint}])
-    cfg = load_config(EvalConfig, "eval-smollm2", [f"output_dir={tmp_path}", f"models={models}",
+    cfg = load_config(EvalConfig, "eval-smollm2", [f"output.dir={tmp_path}", f"models={models}",
                                                    "ruler.tasks=[niah_single_1]", "ruler.num_samples=3"])
     results = evaluate(cfg, config_label="eval-smollm2")
     base = results["models"]["base"]

@@ -22,7 +22,7 @@ SMALL = [
     "concat.n1_hierarchical=1", "concat.n1_diverse=1", "concat.n2_earlier_diverse=1", "concat.n3_followups=1",
     "concat.stages=[{name: 2K, target_tokens: 2048, documents_per_sample: 1, samples: 2},"
     " {name: 4K, target_tokens: 4096, documents_per_sample: 2, samples: 2}]",
-    "run.progress=false",
+    "runtime.progress=false",
 ]
 
 
@@ -61,7 +61,7 @@ def check_samples(out: Path, tokenizer, stages: dict[str, int]) -> None:
 def test_hf_tiny_model_end_to_end_then_rerun_redoes_nothing(ray_local, tmp_path, tiny_tokenizer):
     out = tmp_path / "hf"
     # one document at a time (two "waves"), every pass and retry round of each: one engine, loaded once
-    report = synthesize(config(out, "run.documents_in_flight=1", "generator.concurrency=1"))
+    report = synthesize(config(out, "runtime.documents_in_flight=1", "generator.concurrency=1"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["input"]["documents"] == 2
     engines, sent = manifest["accounting"]["engines"], manifest["requests"]["total"]["sent"]
@@ -81,7 +81,7 @@ def test_hf_tiny_model_end_to_end_then_rerun_redoes_nothing(ray_local, tmp_path,
     before = {p.name: p.read_bytes() for p in (out / "samples" / "2K").glob("*.parquet")}
     qa_before = pq.read_table(out / "qa" / "qa.parquet")
 
-    again = synthesize(config(out, "run.documents_in_flight=1", "generator.concurrency=1"))
+    again = synthesize(config(out, "runtime.documents_in_flight=1", "generator.concurrency=1"))
     assert again.totals.sent == 0
     assert again.accounting["engines"]["loads"] == 0   # everything came from the cache: no engine was started
     assert again.totals.cache_hits == again.totals.requests == total["requests"]

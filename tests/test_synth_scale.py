@@ -21,7 +21,7 @@ SMALL = [
     "concat.n1_hierarchical=1", "concat.n1_diverse=1", "concat.n2_earlier_diverse=1", "concat.n3_followups=1",
     "concat.stages=[{name: 2K, target_tokens: 2048, documents_per_sample: 1, samples: 2},"
     " {name: 4K, target_tokens: 4096, documents_per_sample: 2, samples: 2}]",
-    "run.progress=false",
+    "runtime.progress=false",
 ]
 
 
@@ -57,7 +57,7 @@ def test_documents_stream_and_match_the_pass_per_job_design(ray_local, tmp_path)
         synthesize(config(stream, *fake, "input.path=/no/such/books"))
     assert not stream.exists()
     synthesize(config(stream, *fake))
-    synthesize(config(passes, *fake, "run.scheduler=passes", "run.documents_in_flight=4"))
+    synthesize(config(passes, *fake, "runtime.scheduler=passes", "runtime.documents_in_flight=4"))
 
     def order_of_events(out: Path) -> tuple[float, float]:
         rows = cache_rows(out)
@@ -106,8 +106,8 @@ def test_http_without_its_api_key_fails_at_preflight_and_writes_nothing(tmp_path
 
 def test_documents_per_wave_is_the_old_name_of_documents_in_flight(capsys):
     cfg = load_config(SynthConfig, "tiny", ["run.documents_per_wave=7"])
-    assert cfg.run.documents_in_flight == 7
-    assert "'run.documents_per_wave' is deprecated, use 'run.documents_in_flight'" in capsys.readouterr().err
+    assert cfg.runtime.documents_in_flight == 7
+    assert "'run.documents_per_wave' is deprecated, use 'runtime.documents_in_flight'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def synth_output(tmp_path_factory):
     if reuse:
         return Path(reuse)
     out = tmp_path_factory.mktemp("synth")
-    cmd = [str(VENV_BIN / "ctxforge"), "synth", "--config", "tiny", f"output.dir={out}", "run.progress=false",
+    cmd = [str(VENV_BIN / "ctxforge"), "synth", "--config", "tiny", f"output.dir={out}", "runtime.progress=false",
            "input.limit=2", "qa.hierarchical_per_document=2", "qa.diverse_per_document=1"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -48,7 +48,7 @@ def synth_output(tmp_path_factory):
 
 
 def _train(synth: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = ["--config", CONFIG, f"input.dir={synth}", f"output.dir={out}", "runtime.progress=false",
+    args = ["--config", CONFIG, f"input.path={synth}", f"output.dir={out}", "runtime.progress=false",
             "runtime.fail_at_step=2", *extra]
     return subprocess.run([sys.executable, "-c", TRAIN, *args], env=_env(), capture_output=True, text=True,
                           timeout=900)
@@ -93,8 +93,10 @@ def test_two_stage_curriculum_survives_a_killed_worker_and_resumes(synth_output,
     for r in restarted:
         assert r["loss"] == pytest.approx(seen[r["step"]], rel=1e-6), (r, seen)
 
+    from ctxforge.train.curriculum import stage_checkpoint_dir
+
     for stage, theta in (("4K", 2e6), ("8K", 8e6)):
-        final = out / "checkpoints" / stage
+        final = stage_checkpoint_dir(out, stage)    # where serve/eval configs point (tests/test_real_scale.py)
         config = json.loads((final / "config.json").read_text())
         assert config["rope_parameters"]["rope_theta"] == theta
         assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()

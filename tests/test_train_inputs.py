@@ -70,25 +70,25 @@ def test_index_reads_metadata_columns_only(tmp_path, tiny_tokenizer, monkeypatch
 
 
 def test_a_missing_input_dir_names_the_key(tmp_path):
-    with pytest.raises(DataError, match=r"input.dir .*typo: no such directory"):
+    with pytest.raises(DataError, match=r"input.path .*typo: no such directory"):
         index_stage(tmp_path / "typo", "4K", 4096, "x")
     with pytest.raises(DataError, match=r"no such directory"):
         index_stage((tmp_path / "typo").as_uri(), "4K", 4096, "x")
 
 
 def test_run_json_is_written_only_after_preflight(tmp_path, tiny_tokenizer):
-    """A typo in input.dir, then the corrected command: the second is not refused as 'another config'."""
+    """A typo in input.path, then the corrected command: the second is not refused as 'another config'."""
     from ctxforge.train.curriculum import prepare
 
     _write_stage(tmp_path / "synth", tiny_tokenizer, stage="4K")
     _write_stage(tmp_path / "synth", tiny_tokenizer, stage="8K")
     out = tmp_path / "train"
     base = [f"output.dir={out}", "model=ctxforge:tiny"]
-    typo = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"), [*base, f"input.dir={tmp_path / 'synht'}"])
+    typo = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"), [*base, f"input.path={tmp_path / 'synht'}"])
     with pytest.raises(DataError, match="synht: no such directory"):
         prepare(typo, "typo", log=lambda *_: None)
     assert not (out / "run.json").exists()
-    fixed = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"), [*base, f"input.dir={tmp_path / 'synth'}"])
+    fixed = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"), [*base, f"input.path={tmp_path / 'synth'}"])
     prepare(fixed, "fixed", log=lambda *_: None)
     assert json.loads((out / "run.json").read_text())["config_source"] == "fixed"
 

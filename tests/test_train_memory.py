@@ -233,7 +233,7 @@ def test_ray_train_stage_runs_zero3_zero_init_tiled_mlp_and_offload_under_sp2(tm
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "train-tiny.yaml").read_text())
     config["stages"] = [{**config["stages"][1], "name": "4K", "data_stage": "4K", "max_seq_len": 4096}]
     config["runtime"].update(zero_stage=3, tiled_mlp=True, offload_checkpoints=True, progress=False, max_failures=0)
-    config["input"]["dir"], config["output"]["dir"] = str(tmp_path / "synth"), str(tmp_path / "train")
+    config["input"]["path"], config["output"]["dir"] = str(tmp_path / "synth"), str(tmp_path / "train")
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)

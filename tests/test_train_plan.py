@@ -204,7 +204,7 @@ def test_train_checks_capacity_before_any_stage_runs(tmp_path, tiny_tokenizer, m
     monkeypatch.setattr("ray.train.torch.TorchTrainer", lambda *a, **k: pytest.fail("a trainer was built"))
     parser = argparse.ArgumentParser()
     command.add_train_arguments(parser)
-    args = parser.parse_args(["--config", "train-tiny", f"input.dir={tmp_path / 'synth'}",
+    args = parser.parse_args(["--config", "train-tiny", f"input.path={tmp_path / 'synth'}",
                               f"output.dir={tmp_path / 'train'}", "stages.1.workers=4"])
     assert command.run_train(args) == 2
     err = capsys.readouterr().err.strip().splitlines()

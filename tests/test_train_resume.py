@@ -36,7 +36,7 @@ def _config(tmp: Path, synth: Path, out: Path, *overrides: str):
 
     data = {
         "model": "ctxforge:tiny",
-        "input": {"dir": str(synth)},
+        "input": {"path": str(synth)},
         "output": {"dir": str(out), "name": "resume"},
         "runtime": {"device": "cpu", "dtype": "float32", "zero_stage": 2, "gradient_checkpointing": False,
                     "loss_chunk_tokens": 64, "cpus_per_worker": 1, "num_cpus": 2, "max_failures": 0,

@@ -13,15 +13,18 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from ctxforge.config import ConfigError, PreflightError, load_config, options_help, packaged_config_names
+from ctxforge.config import ConfigError, PreflightError, load_config, one_line, options_help, packaged_config_names
 
 DEFAULT_TRAIN_CONFIG = "train-tiny"
 
 
-def _epilog(model) -> str:
+def _epilog(model, help_config: tuple = (None, "")) -> str:
+    """Every key with its type, default and meaning; with `help_config` = (config, label) from `--config X
+    --help`, that config's values instead of the defaults."""
+    config, label = help_config
     return options_help(
         model, "options (override any as key=value after --config; list items by index, e.g. stages.0.lr=1e-5):",
-        extra=("  stages.N.*  see StageConfig: name, data_stage, max_seq_len, rope.{theta,type,factor,...}, lr, "
+        config=config, config_label=label, extra=("  stages.N.*  see StageConfig: name, data_stage, max_seq_len, rope.{theta,type,factor,...}, lr, "
                "schedule, warmup_steps, min_lr_ratio, epochs, max_steps, workers, sp_degree, batching, batch_size, "
                "grad_accum, loss_weighting, short_ratio, long_output_ratio, checkpoint_every",))
 
@@ -31,17 +34,17 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
                         help=f"train config (YAML path or packaged name: "
                              f"{', '.join(n for n in packaged_config_names() if n.startswith('train'))}); "
                              f"default: {DEFAULT_TRAIN_CONFIG}")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. input.dir=runs/x")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. input.path=runs/x")
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def add_train_arguments(parser: argparse.ArgumentParser, help_config: tuple = (None, "")) -> None:
     from .config import TrainConfig
 
     parser.description = ("Fine-tune the model through the staged context curriculum on Ray Train: per stage, RoPE "
                           "set for its length, Ulysses SP x DP, packing with LongAlign loss weighting, DeepSpeed ZeRO, "
                           "checkpoints in HF format. Rerunning the same command resumes from the last checkpoint; "
                           "finished stages are not re-run.")
-    parser.epilog = _epilog(TrainConfig)
+    parser.epilog = _epilog(TrainConfig, help_config)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     _config_args(parser)
 
@@ -81,12 +84,10 @@ def run_train(args) -> int:
     return 0
 
 
-def one_line(exc: BaseException) -> str:
-    """An error message on one line (a config error lists each bad key on its own line: joined with '; ')."""
-    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+def add_plan_arguments(parser: argparse.ArgumentParser, help_config: tuple = (None, "")) -> None:
+    from .config import TrainConfig
 
-
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = _epilog(TrainConfig, help_config)  # plan reads a train config: the same keys
     parser.description = ("Estimate GPU memory per rank (and host memory per node) for each stage of a train config, "
                           "the smallest GPU count / SP degree that fits a GPU's memory, and with --gpus N the layout "
                           "each stage gets on N GPUs. The formula, term by term, is in the docstring of "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -71,7 +71,7 @@ class StageConfig(StrictModel):
 
 
 class InputConfig(StrictModel):
-    dir: str = Field(description="synthesis output directory (samples/<stage>/part-*.parquet + manifest.json): a "
+    path: PathStr = Field(description="synthesis output directory (samples/<stage>/part-*.parquet + manifest.json): a "
                                  "local path or an object-store URI (s3://, gs://, file://; read through pyarrow)")
     strict: bool = Field(False, description="a sample longer than its stage is an error (false: dropped, counted)")
     short_data: str | None = Field(None, description="JSONL/Parquet chat dataset with a 'messages' column for the "
@@ -104,6 +104,10 @@ class RuntimeConfig(StrictModel):
     offload_params: bool = Field(False, description="ZeRO-3 parameters in CPU memory")
     loss_chunk_tokens: int = Field(4096, gt=0, description="tokens per tile of the tiled cross-entropy")
     cpus_per_worker: float = Field(1, gt=0, description="Ray CPUs per training worker")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each training worker "
+                                        "requests besides its CPUs/GPU, so that it lands only on the node type that "
+                                        "provides them, e.g. {ctxforge_train: 1} (the on-demand training nodes of "
+                                        "cluster/aws.yaml); {} = none (local runs)")
     seed: int = Field(0, description="data order and model init seed")
     max_failures: int = Field(0, ge=-1, description="Ray Train FailureConfig.max_failures (restarts from the last "
                                                     "checkpoint); -1 = unlimited")
@@ -133,6 +137,9 @@ class RuntimeConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
+    # `input.path` as in synth (and lengthen's seeds.path); the old spelling still loads, with a notice
+    deprecated_keys: ClassVar[dict[str, str]] = {"input.dir": "input.path"}
+
     model: str = Field(description="initial weights: HF model dir, hub id, or ctxforge:tiny")
     input: InputConfig
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -175,8 +182,10 @@ class TrainConfig(StrictModel):
         injection, storage, trackers) and the layout (`LAYOUT_KEYS`: workers, sp_degree, grad_accum), which
         changes how a step is spread over ranks, not the data order or the loss (schedule.py says what a
         different dp x grad_accum changes)."""
+        inputs = self.input.model_dump(mode="json")
+        inputs["dir"] = inputs.pop("path")  # its name before the rename: fingerprints of earlier runs stay valid
         payload = {
-            "model": self.model, "input": self.input.model_dump(mode="json"),
+            "model": self.model, "input": inputs,
             "stages": [s.model_dump(mode="json", exclude=set(LAYOUT_KEYS)) for s in self.stages[:index + 1]],
             "runtime": self.runtime.model_dump(mode="json", include={"seed", "dtype", "attention", "zero_stage",
                                                                      "loss_chunk_tokens"}),

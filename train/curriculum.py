@@ -8,7 +8,7 @@ FailureConfig restarts crashed workers from it within one run. The layout (worke
 grad_accum) may change between runs: it is not part of what a stage computes (config.stage_fingerprint;
 checkpoint.py reshards). A directory written by a different config is refused before anything starts
 (run.json keeps each stage's fingerprint); run.json is written only once preflight has passed, so a
-command refused at preflight (a typo in input.dir) leaves nothing that refuses the corrected one.
+command refused at preflight (a typo in input.path) leaves nothing that refuses the corrected one.
 
 Preflight reads metadata only: Parquet footers and the small per-sample columns (data.index_stage).
 
@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import DataError
 from .loop import ResumeError, open_source, train_stage_worker
-from .resources import RayClusterView, check_capacity
+from .resources import RayClusterView, check_capacity, scaling_config, worker_resources
 
 COMPLETE = "stage_complete.json"
 
@@ -36,6 +36,12 @@ COMPLETE = "stage_complete.json"
 class CurriculumReport:
     output_dir: str
     stages: dict = field(default_factory=dict)  # name -> {"status": "trained"|"skipped", "checkpoint": ..., ...}
+
+
+def stage_checkpoint_dir(output_dir: str | Path, stage_name: str) -> Path:
+    """Where a finished stage's Hugging Face export lands: OUTPUT/checkpoints/<stage> (config.json, weights,
+    tokenizer). The next stage starts from it; the last stage's is what serve and eval load."""
+    return Path(output_dir) / "checkpoints" / stage_name
 
 
 def _check_run_dir(out: Path, cfg: TrainConfig, label: str) -> dict:
@@ -79,7 +85,7 @@ def preflight(cfg: TrainConfig, tokenizer, tok_hash: str) -> dict:
     for i, stage in enumerate(cfg.stages):
         source = open_source(cfg, i, tok_hash, tokenizer)
         if not len(source):
-            raise DataError(f"stage {stage.name}: no usable sample in {cfg.input.dir} ({source.stats})")
+            raise DataError(f"stage {stage.name}: no usable sample in {cfg.input.path} ({source.stats})")
         stats[stage.name] = source.stats
     return stats
 
@@ -96,7 +102,7 @@ def prepare(cfg: TrainConfig, label: str, log=print):
 
     # Ray Train workers do not run in the driver's working directory: local paths must be absolute
     cfg = cfg.model_copy(deep=True)
-    cfg.input.dir = _absolute(cfg.input.dir)
+    cfg.input.path = _absolute(cfg.input.path)
     if cfg.input.short_data:
         cfg.input.short_data = _absolute(cfg.input.short_data)
     if cfg.input.long_output:
@@ -133,7 +139,7 @@ def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
     """Train every unfinished stage. `ray_address`: a cluster to join (None: runtime.ray_address, else a
     fresh local Ray)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg, out, model_path, tokenizer, tok_hash = prepare(cfg, label, log)
@@ -144,7 +150,7 @@ def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
     checked = False
     for i, stage in enumerate(cfg.stages):
         fingerprint = cfg.stage_fingerprint(i)
-        final_dir = out / "checkpoints" / stage.name
+        final_dir = stage_checkpoint_dir(out, stage.name)
         if _completed(final_dir, fingerprint):
             log(f"stage {stage.name}: already complete ({final_dir}); not re-run")
             report.stages[stage.name] = {"status": "skipped", "checkpoint": str(final_dir)}
@@ -154,7 +160,7 @@ def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
         use_gpu = cfg.runtime.device == "cuda" or (cfg.runtime.device == "auto"
                                                    and ray.cluster_resources().get("GPU", 0) > 0)
         backend = "nccl" if use_gpu else "gloo"
-        per_worker = {"CPU": cfg.runtime.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        per_worker = worker_resources(cfg.runtime, use_gpu)
         if not checked:  # once, for this stage and every later one, before anything trains
             capacity = check_capacity(cfg.stages[i:], per_worker, RayClusterView(), cfg.runtime.wait_for_resources_s)
             for warning in capacity.warnings:
@@ -166,7 +172,7 @@ def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
                    "metrics_path": str(out / "metrics" / f"{stage.name}.jsonl")}
         trainer = TorchTrainer(
             train_stage_worker, train_loop_config=payload,
-            scaling_config=ScalingConfig(num_workers=stage.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+            scaling_config=scaling_config(stage, per_worker, use_gpu),
             torch_config=TorchConfig(backend=backend),
             run_config=RunConfig(name=f"{cfg.output.name}-{stage.name}", storage_path=storage,
                                  failure_config=FailureConfig(max_failures=cfg.runtime.max_failures),

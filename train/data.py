@@ -100,7 +100,7 @@ def stage_shards(input_dir: str | Path, stage: str) -> tuple[pafs.FileSystem, li
         if files:
             return fs, [posixpath.join(folder, name) for name in files]
     if fs.get_file_info(root).type != pafs.FileType.Directory:
-        raise DataError(f"input.dir {input_dir}: no such directory")
+        raise DataError(f"input.path {input_dir}: no such directory")
     infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     shards = sorted(i.path for i in infos if i.type == pafs.FileType.File
                     and posixpath.basename(i.path).startswith("part-") and i.path.endswith(".parquet"))
@@ -130,7 +130,7 @@ class StageIndex:
     """Where each usable sample of a stage lives, from metadata only. Arrays are aligned: sample k is row
     `rows[k]` of row group `groups[k]` of `files[files_of[k]]` and has `lengths[k]` tokens."""
 
-    location: str                 # input.dir as given (local path or URI); workers reopen the filesystem from it
+    location: str                 # input.path as given (local path or URI); workers reopen the filesystem from it
     files: list[str]              # paths inside that filesystem
     files_of: np.ndarray          # int32 [n]
     groups: np.ndarray            # int32 [n]

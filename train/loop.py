@@ -44,7 +44,7 @@ class ResumeError(ValueError):
 def open_source(cfg: TrainConfig, index: int, tokenizer_hash: str, tokenizer=None) -> StageSource:
     """The stage's samples: long ones indexed from the shards' metadata, short ones rendered in memory."""
     stage = cfg.stages[index]
-    idx = index_stage(cfg.input.dir, stage.data_stage or stage.name, stage.max_seq_len, tokenizer_hash,
+    idx = index_stage(cfg.input.path, stage.data_stage or stage.name, stage.max_seq_len, tokenizer_hash,
                       cfg.input.strict)
     n_short = short_count(len(idx), stage.short_ratio, stage.long_output_ratio)
     short = read_short_mix(cfg.input.short_data, tokenizer, n_short, stage.max_seq_len, cfg.runtime.seed) if n_short else []

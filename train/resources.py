@@ -57,6 +57,19 @@ class CapacityReport:
     warnings: list[str] = field(default_factory=list)
 
 
+def worker_resources(runtime, use_gpu: bool) -> dict[str, float]:
+    """What one training worker asks Ray for: `runtime.cpus_per_worker` CPUs, one GPU on GPU, and the custom
+    resources of `runtime.resources` (the training node type's, e.g. {"ctxforge_train": 1})."""
+    return {"CPU": runtime.cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **runtime.resources}
+
+
+def scaling_config(stage: StageConfig, per_worker: dict[str, float], use_gpu: bool):
+    """Ray Train's ScalingConfig of a stage: `stage.workers` workers of `per_worker` resources each."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=stage.workers, use_gpu=use_gpu, resources_per_worker=dict(per_worker))
+
+
 def stage_needs(stage: StageConfig, per_worker: dict[str, float]) -> dict[str, float]:
     return {k: v * stage.workers for k, v in per_worker.items() if v}
 
@@ -89,11 +102,15 @@ def check_capacity(stages: list[StageConfig], per_worker: dict[str, float], view
         if short:
             waited = f" after waiting {clock() - start:.0f} s for the autoscaler" if wait_s > 0 else ""
             have = ", ".join(f"{k} {totals.get(k, 0.0):g}" for k in per_worker if per_worker[k])
+            custom = [k for k in per_worker if k not in ("CPU", "GPU") and per_worker[k]]
+            custom_hint = (f"; the custom resource{'s' if len(custom) > 1 else ''} {', '.join(custom)} of "
+                           f"runtime.resources must be provided by the training node type (cluster/aws.yaml: "
+                           f"train_h100)" if any(k in short_k for k in custom for short_k in short) else "")
             raise ResourceError(
                 f"stage {s.name}: workers {s.workers} (= dp {s.dp_degree} x sp {s.sp_degree}) x "
                 f"{', '.join(f'{k} {v:g}' for k, v in per_worker.items() if v)} per worker needs {', '.join(short)}; "
                 f"the cluster has {have}{waited}. Lower stages.N.workers (ctxforge plan --gpus N says which layout "
-                f"fits), add nodes, or set runtime.wait_for_resources_s for an autoscaling cluster")
+                f"fits), add nodes, or set runtime.wait_for_resources_s for an autoscaling cluster{custom_hint}")
     report = CapacityReport(stage_needs(largest, per_worker), totals, clock() - start)
     if per_worker.get("GPU"):
         widest = max(view.node_gpus() or [0.0])

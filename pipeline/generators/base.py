@@ -3,9 +3,9 @@
 A backend (hf, vllm, http, fake) describes two ways to run the same generator:
   - `engine_factory()`: the `Engine` that a long-lived actor of the engine pool (engines.py) builds
     once (loads the model) and then asks request after request, for every pass, wave and retry of
-    the run. That is the default path (run.scheduler=streaming).
+    the run. That is the default path (runtime.scheduler=streaming).
   - `apply(ds)`: a Ray Data transform from request rows to result rows, one job per pass (the
-    earlier design, run.scheduler=passes). Its actors load the engine again for every job.
+    earlier design, runtime.scheduler=passes). Its actors load the engine again for every job.
 Backends do transport only: schema validation, attempts, caching and accounting happen in the
 scheduler (scheduler.py) or the pass runner (passes.py), the same for every backend.
 
@@ -195,7 +195,7 @@ class GeneratorBackend(abc.ABC):
     def engine_factory(self) -> EngineFactory:
         """What each engine actor builds once and keeps for the whole run (streaming)."""
         raise NotImplementedError(f"generator backend {self.name!r} has no engine for the streaming scheduler; "
-                                  f"use run.scheduler=passes")
+                                  f"use runtime.scheduler=passes")
 
     def engine_range(self) -> tuple[int, int]:
         """(min, max) engine actors: generator.concurrency, an int or [min, max]."""
@@ -218,7 +218,11 @@ class GeneratorBackend(abc.ABC):
         opts: dict[str, Any] = {"num_cpus": self.cfg.num_cpus}
         if self.cfg.num_gpus:
             opts["num_gpus"] = self.cfg.num_gpus
-        return opts
+        return {**opts, **self.node_resources()}
+
+    def node_resources(self) -> dict[str, Any]:
+        """{"resources": generator.resources} (the generation node type's custom resource), or {} when none."""
+        return {"resources": dict(self.cfg.resources)} if self.cfg.resources else {}
 
     def placement_bundles(self) -> list[dict[str, float]] | None:
         """Bundles of a placement group reserved per engine (vLLM tensor parallel), or None."""

@@ -116,6 +116,7 @@ class HFBackend(GeneratorBackend):
             compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
             num_cpus=cfg.num_cpus,
             **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {}),
+            **self.node_resources(),
         )
 
     def describe(self) -> dict:

@@ -5,7 +5,7 @@ requests at once, each on its own thread, so at most `cfg.concurrency` requests 
 scheduler refills a slot as soon as its answer is back, across passes and documents: the pipe stays
 full to the end of the run, and the actor starts once per run.
 
-In passes mode (run.scheduler=passes) the same client runs as a Ray Data actor that takes two batches
+In passes mode (runtime.scheduler=passes) the same client runs as a Ray Data actor that takes two batches
 at once, both feeding the same thread pool, so the pipe stays full across batch boundaries.
 
 Why not `ray.data.llm.HttpRequestProcessorConfig` (Ray 2.60, see
@@ -79,7 +79,7 @@ class HTTPBackend(GeneratorBackend):
 
     def actor_options(self) -> dict[str, Any]:
         # Threads mostly wait on sockets: a small CPU share leaves the CPUs to Ray Data and rendering.
-        return {"num_cpus": min(self.cfg.num_cpus, 0.25)}
+        return {"num_cpus": min(self.cfg.num_cpus, 0.25), **self.node_resources()}
 
     def apply(self, ds):
         import ray.data
@@ -99,6 +99,7 @@ class HTTPBackend(GeneratorBackend):
                 enable_true_multi_threading=True,
             ),
             num_cpus=min(self.cfg.num_cpus, 0.25),
+            **self.node_resources(),
             # Several rounds of `n` requests per batch so the per-batch overhead is amortised.
             batch_size=max(self.cfg.batch_size, 4 * n),
             batch_format="numpy",

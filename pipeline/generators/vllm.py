@@ -8,7 +8,7 @@ the way `ray.data.llm` does (local path, hub name, or s3:// / gs:// mirror), and
 pool reserves one placement group of `tensor_parallel_size` GPU bundles per engine, and vLLM's Ray
 executor places its workers in it (as `ray.data.llm` does).
 
-Passes (run.scheduler=passes): the full `ray.data.llm` processor (chat template -> tokenize -> vLLM
+Passes (runtime.scheduler=passes): the full `ray.data.llm` processor (chat template -> tokenize -> vLLM
 engine -> detokenize) per pass; its engines load again for every job.
 
 Structured outputs go through vLLM's xgrammar backend (`sampling_params.structured_outputs = {"json":
@@ -152,14 +152,14 @@ class VLLMBackend(GeneratorBackend):
     def placement_bundles(self) -> list[dict[str, float]] | None:
         if self._gpus() == 1:
             return None
-        bundle: dict[str, float] = {"GPU": 1, "CPU": 1}
+        bundle: dict[str, float] = {"GPU": 1, "CPU": 1, **self.cfg.resources}   # + the generation node's resource
         if self.cfg.accelerator_type:
             bundle[f"accelerator_type:{self.cfg.accelerator_type}"] = 0.001
         return [dict(bundle) for _ in range(self._gpus())]
 
     def actor_options(self) -> dict[str, Any]:
         if self._gpus() == 1:
-            opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1}
+            opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1, **self.node_resources()}
             if self.cfg.accelerator_type:
                 opts["accelerator_type"] = self.cfg.accelerator_type
             return opts
@@ -184,6 +184,9 @@ class VLLMBackend(GeneratorBackend):
             batch_size=cfg.batch_size,
             concurrency=concurrency,
             accelerator_type=cfg.accelerator_type,
+            # the engine's GPU bundles carry the generation node type's custom resource (Ray's default bundle + it)
+            **({"placement_group_config": {"bundle_per_worker": {"CPU": 1, "GPU": 1, **cfg.resources},
+                                           "strategy": "PACK"}} if cfg.resources else {}),
             should_continue_on_error=True,  # a failed row gets __inference_error__ instead of killing the job
             chat_template_stage=CPU_STAGE,
             tokenize_stage=CPU_STAGE,
