@@ -1,7 +1,7 @@
 """The `ctxforge` command line. The only place that reads argv and the environment for configs.
 
     ctxforge synth --config tiny [key=value ...]   synthesize long-context training samples
-    ctxforge demo [key=value ...]                  every stage chained on the embedded default (runs/tiny)
+    ctxforge demo [--model smollm2|tiny] [k=v ...] every stage chained on the embedded default (runs/smollm2)
     ctxforge train --config train-tiny [key=value] the staged curriculum on Ray Train (resumes when rerun)
     ctxforge plan --config train-llama8b-1m        memory per GPU and the smallest GPU count / SP degree per stage
     ctxforge serve --model PATH                    an OpenAI-compatible endpoint on Ray Serve
@@ -20,6 +20,9 @@ import sys
 from ctxforge.config import ConfigError, PreflightError, load_config, one_line, options_help, packaged_config_names
 
 DEFAULT_SYNTH_CONFIG = "tiny"
+# Commands whose Ray output (Ray Data progress logs, workers' stdout) goes to Ray's log files unless -v:
+# they print their own progress lines and summary tables. `serve` keeps Serve's request log on the console.
+QUIET_COMMANDS = ("synth", "train", "eval", "demo")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -68,9 +71,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                             *_help_values(SynthConfig, argv, "synth", DEFAULT_SYNTH_CONFIG)), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(synth, DEFAULT_SYNTH_CONFIG)
 
+    from ctxforge.demo import DEFAULT_PRESET, PRESETS
+
     demo = sub.add_parser("demo", help="every stage on the embedded default: synthesize -> train -> serve + evaluate "
-                                       "(local Ray, CPU, tiny model, King James Bible corpus; outputs in runs/tiny)")
-    _add_config_args(demo, DEFAULT_SYNTH_CONFIG)  # --config and overrides apply to the synthesis stage
+                                       "(local Ray, CPU, SmolLM2-135M-Instruct, King James Bible corpus; outputs in "
+                                       "runs/smollm2)")
+    demo.add_argument("--model", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                      help="smollm2: a real 135M instruct model (about 15 min on 2 cores); tiny: the random-weight "
+                           "tiny model (a few minutes, noise: plumbing only). Outputs in runs/<model>/")
+    _add_config_args(demo, "the model's config (smollm2 or tiny)")  # --config and overrides apply to synthesis
 
     from ctxforge.lengthen.command import DEFAULT_LENGTHEN_CONFIG, add_lengthen_arguments
     from ctxforge.lengthen.config import LengthenConfig
@@ -137,14 +146,29 @@ def _run_synth(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # ctxforge's own progress lines at INFO; other libraries' only when they warn (-v: everything, at DEBUG)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("ctxforge").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    quiet = args.command in QUIET_COMMANDS and not args.verbose
+    if quiet:
+        from ctxforge.console import quiet_ray
+        quiet_ray()
+    code = _dispatch(args)
+    if quiet and args.command != "demo":  # the demo prints it among its pointers
+        from ctxforge.console import ray_logs_note
+        if ray_logs_note():
+            print(ray_logs_note())
+    return code
+
+
+def _dispatch(args) -> int:
     try:
         if args.command == "synth":
             return _run_synth(args)
         if args.command == "demo":
             from ctxforge.demo import run_demo
-            return run_demo(args.config, args.overrides)
+            return run_demo(args.config, args.overrides, preset_name=args.model)
         if args.command == "train":
             from ctxforge.train.command import run_train
             return run_train(args)

@@ -13,8 +13,14 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, progress: bool = True) -> str:
-    """Initialize Ray once; returns "cluster" or "local"."""
+    """Initialize Ray once; returns "cluster" or "local".
+
+    When the CLI asked for a quiet console (ctxforge.console.quiet_ray), workers' output stays in Ray's
+    log files instead of being streamed to this process.
+    """
     import ray
+
+    from ctxforge import console
 
     if not progress:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -22,14 +28,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress: 
         return "existing"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address, log_to_driver=not console.is_quiet())
         mode = "cluster"
     else:
         # A fresh embedded local Ray, even when a `ray start` cluster runs on this machine (a bare ray.init()
         # would attach to it and then refuse num_cpus); set runtime.address=auto or RAY_ADDRESS to use that one.
         # The dashboard is off: it costs seconds and memory on a laptop.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                           log_to_driver=not console.is_quiet())
         mode = "local"
+    if console.is_quiet():
+        console.attach_driver_log(context.address_info["session_dir"])
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = False

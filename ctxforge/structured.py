@@ -50,7 +50,8 @@ class Grammars:
 
     def json_schema(self, schema: str | dict):
         """A JSON schema (text or dict); strings' minLength/maxLength are enforced by the grammar."""
-        text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        # never sort keys: a decoder writes properties in the schema's order (question before answer)
+        text = schema if isinstance(schema, str) else json.dumps(schema)
         try:
             json.loads(text)
         except ValueError as exc:

@@ -55,7 +55,7 @@ def drive(tasks: list, role: Role, cfg: LengthenConfig, label: str) -> PassStats
         wave += 1
         for _, req in pending:
             # the key (try / round / step) makes each try its own content-addressed request
-            req.finalize(role.model, gen.temperature, gen.top_p, f"{version}|{req.key}")
+            req.finalize(role.model, gen.temperature, gen.top_p, f"{version}|{req.key}", gen.repetition_penalty)
         answers, st = role.runner.run([r for _, r in pending], f"{label} wave {wave} ({role.name})")
         stats.merge(st)
         for task, req in pending:

@@ -125,6 +125,13 @@ class GeneratorConfig(StrictModel):
     )
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature (each request is seeded from its id, so reruns are reproducible).")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling.")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0,
+        description="Penalty on tokens already in the prompt or the completion (transformers / vLLM "
+        "`repetition_penalty`: 1.0 = off, > 1 discourages repeats). Small models loop or copy their passage "
+        "until the string cap without it (SmolLM2-135M: 1.1). The http backend sends it only when != 1.0 "
+        "(vLLM, SGLang and TGI servers accept it; OpenAI's API does not).",
+    )
     summary_max_tokens: int = Field(768, ge=16, description="Completion budget for a summary request.")
     qa_max_tokens: int = Field(768, ge=16, description="Completion budget for a question/answer request.")
     max_attempts: int = Field(3, ge=1, description="Attempts per request when the response does not validate against its schema.")

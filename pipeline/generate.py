@@ -256,7 +256,7 @@ class WaveGenerator:
         """Answers keyed by (doc_id, request key); one Ray Data job per pass name among the requests."""
         gen = self.cfg.generator
         for req in requests:
-            req.finalize(self.model, gen.temperature, gen.top_p, self.prompt_hash)
+            req.finalize(self.model, gen.temperature, gen.top_p, self.prompt_hash, gen.repetition_penalty)
         got = {}
         for name in dict.fromkeys(r.pass_name for r in requests):
             reqs = [r for r in requests if r.pass_name == name]

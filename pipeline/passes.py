@@ -137,7 +137,7 @@ class PassRunner:
         attempt = 1
         while pending:
             retry = []
-            rows = [request_row(r, attempt, self.gen.temperature, self.gen.top_p) for r in pending]
+            rows = [request_row(r, attempt, self.gen.temperature, self.gen.top_p, self.gen.repetition_penalty) for r in pending]
             blocks = max(1, min(len(rows) // max(1, self.gen.batch_size), 200))
             ds = self.backend.apply(ray.data.from_items(rows, override_num_blocks=blocks))
             stats.sent += len(rows)

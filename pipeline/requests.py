@@ -25,11 +25,14 @@ class Request:
     meta: dict[str, Any] = field(default_factory=dict)
     request_id: str = ""
 
-    def finalize(self, model: str, temperature: float, top_p: float, prompt_hash: str) -> "Request":
+    def finalize(self, model: str, temperature: float, top_p: float, prompt_hash: str,
+                 repetition_penalty: float = 1.0) -> "Request":
         payload = {
             "messages": self.messages, "schema": self.schema, "model": model, "max_tokens": self.max_tokens,
             "temperature": temperature, "top_p": top_p, "prompt_set": prompt_hash,
         }
+        if repetition_penalty != 1.0:  # only when set: ids (and caches) of runs without it stay valid
+            payload["repetition_penalty"] = repetition_penalty
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         self.request_id = digest[:32]
         return self
@@ -43,15 +46,18 @@ def attempt_seed(request_id: str, attempt: int) -> int:
     return int(hashlib.sha256(f"{request_id}:{attempt}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
-def request_row(req: Request, attempt: int, temperature: float, top_p: float) -> dict[str, Any]:
+def request_row(req: Request, attempt: int, temperature: float, top_p: float,
+                repetition_penalty: float = 1.0) -> dict[str, Any]:
     """The row contract of generators/base.py."""
     return {
         "request_id": req.request_id,
         "messages": json.dumps(req.messages, ensure_ascii=False),
-        "schema": json.dumps(req.schema, sort_keys=True) if req.schema is not None else "",
+        # the schema's own property order: constrained decoders write fields in it (question, then answer)
+        "schema": json.dumps(req.schema) if req.schema is not None else "",
         "schema_name": req.schema_name,
         "max_tokens": int(req.max_tokens),
         "temperature": float(temperature),
         "top_p": float(top_p),
+        "repetition_penalty": float(repetition_penalty),
         "seed": attempt_seed(req.request_id, attempt),
     }

@@ -55,7 +55,7 @@ class RequestScheduler:
         """Queue requests (finalized here); every one gets exactly one on_answer call, possibly later."""
         gen = self.gen
         for req in requests:
-            req.finalize(self.model, gen.temperature, gen.top_p, self.prompt_hash)
+            req.finalize(self.model, gen.temperature, gen.top_p, self.prompt_hash, gen.repetition_penalty)
         fresh = [r for r in requests if r.request_id not in self._waiters]
         done = self.cache.finished(list(dict.fromkeys(r.request_id for r in fresh)),
                                    include_failed=not gen.retry_failed) if fresh else {}
@@ -128,7 +128,7 @@ class RequestScheduler:
         while self._queue:
             priority, seq, rid = self._queue[0]
             req = self._requests[rid]
-            row = request_row(req, self._attempt[rid], gen.temperature, gen.top_p)
+            row = request_row(req, self._attempt[rid], gen.temperature, gen.top_p, gen.repetition_penalty)
             if not self.pool.submit(row, rid):
                 return
             heapq.heappop(self._queue)

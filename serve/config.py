@@ -19,8 +19,8 @@ from ctxforge.train.rope import RopeConfig, stage_rope_parameters
 
 
 class ServeConfig(StrictModel):
-    model: PathStr = Field("ctxforge:tiny", description="Checkpoint to serve: a model directory, a hub name (vllm), or ctxforge:tiny.")
-    served_model_name: str | None = Field(None, description="Model id clients send in `model` (default: the directory name, or `tiny` for ctxforge:tiny).")
+    model: PathStr = Field("ctxforge:tiny", description="Checkpoint to serve: a model directory, a hub name (vllm), or ctxforge:tiny / ctxforge:smollm2.")
+    served_model_name: str | None = Field(None, description="Model id clients send in `model` (default: the directory name, or the packaged name: `tiny` for ctxforge:tiny, `smollm2` for ctxforge:smollm2).")
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="hf = transformers deployment (CPU or one GPU); vllm = ray.serve.llm with the vLLM engine; auto = vllm when a CUDA GPU and vllm are present, else hf.")
     host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
@@ -67,8 +67,8 @@ class ServeConfig(StrictModel):
     def model_id(self) -> str:
         if self.served_model_name:
             return self.served_model_name
-        if self.model == "ctxforge:tiny":
-            return "tiny"
+        if self.model.startswith("ctxforge:"):  # a packaged model: ctxforge:smollm2 -> smollm2
+            return self.model.split(":", 1)[1]
         return Path(self.model.rstrip("/")).name or self.model
 
 

@@ -62,3 +62,32 @@ def smollm2_path():
 def smollm2_tokenizer(smollm2_path):
     from ctxforge.models import load_tokenizer
     return load_tokenizer(smollm2_path)
+
+
+SMOLLM2_CORPUS = [  # one short book (Obadiah, 837 tokens: 5 passages of <= 192 tokens), 7+ QA, one 2K sample
+    "input.limit=1", "input.max_document_tokens=900",
+    "grounding.on_ungrounded=flag",  # keep every validated QA: the training tests need a sample whatever the rate
+    "concat.n1_hierarchical=4", "concat.n1_diverse=3", "concat.n2_earlier_diverse=0", "concat.n3_followups=0",
+    "concat.stages=[{name: 2K, target_tokens: 2048, documents_per_sample: 1, samples: 1}]",
+]
+
+
+@pytest.fixture(scope="session")
+def smollm2_corpus(smollm2_path, tmp_path_factory):
+    """ONE small corpus synthesized by SmolLM2 (generator and target) per test session, through the CLI
+    (`ctxforge synth --config smollm2` + SMOLLM2_CORPUS), shared by the real-model tests. Set
+    CTXFORGE_TEST_SMOLLM2_SYNTH_DIR to reuse the output of an earlier identical run."""
+    import pathlib
+    import subprocess
+    import sys
+
+    reuse = os.environ.get("CTXFORGE_TEST_SMOLLM2_SYNTH_DIR")
+    if reuse:
+        return pathlib.Path(reuse)
+    out = tmp_path_factory.mktemp("smollm2-synth")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "ctxforge", "synth", "--config", "smollm2", f"output.dir={out}", *SMOLLM2_CORPUS]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out

@@ -1,5 +1,7 @@
 """The README's main command, as a new user runs it: `ctxforge demo` from an empty working directory
-(relative output paths), then again, which must reuse everything finished."""
+(relative output paths), then again, which must reuse everything finished. The chain runs on the tiny
+model here (`--model tiny`: the same code as the SmolLM2 default, in minutes); the SmolLM2 stages have
+their own tests (test_smollm2_stages.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ SMALL = ["input.limit=2", "qa.hierarchical_per_document=3", "qa.diverse_per_docu
 
 
 def test_demo_runs_every_stage_and_rerun_reuses_what_is_finished(tmp_path):
-    cmd = [sys.executable, "-m", "ctxforge", "demo", *SMALL, "runtime.progress=false"]
+    cmd = [sys.executable, "-m", "ctxforge", "demo", "--model", "tiny", *SMALL, "runtime.progress=false"]
     first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     runs = tmp_path / "runs" / "tiny"
@@ -27,6 +29,12 @@ def test_demo_runs_every_stage_and_rerun_reuses_what_is_finished(tmp_path):
     assert set(results["models"]) == {"base", "trained"}
     assert (runs / "eval" / "report.md").is_file() and list((runs / "eval" / "plots").glob("*.png"))
     assert "scores mean nothing" in first.stdout and "report:" in first.stdout
+    # a readable console: ctxforge's lines and tables; Ray Data's progress records and workers' output are in
+    # Ray's log files, whose directory the demo names
+    console = first.stdout + first.stderr
+    assert "logging_progress" not in console and "pid=" not in console, console[-3000:]
+    assert "Ray's logs:" in first.stdout and "[4K] step 1: loss" in first.stdout
+    assert len(console.splitlines()) < 150, console
 
     second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

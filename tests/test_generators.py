@@ -18,7 +18,7 @@ def request(seed: int, text: str = "The miller counted forty sacks of grain befo
     return {
         "request_id": f"r{seed}", "messages": json.dumps(load_prompt_set().messages(f"Ask about: {text}")),
         "schema": json.dumps(schema), "schema_name": "qa", "max_tokens": max_tokens,
-        "temperature": 0.8, "top_p": 0.95, "seed": seed,
+        "temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.0, "seed": seed,
     }
 
 
@@ -154,3 +154,49 @@ def test_http_payload_can_leave_out_length_bounds_for_strict_endpoints():
     assert "maxLength" in json.dumps(with_bounds["response_format"])  # control: bounds are sent by default
     assert "maxLength" not in sent and "minLength" not in sent
     assert without["response_format"]["json_schema"]["schema"]["required"] == ["question", "answer", "evidence_quote"]
+
+
+def test_repetition_penalty_reaches_the_request_id_and_every_backend(hf_udf):
+    from ctxforge.pipeline.generators.http import HTTPGeneratorUDF
+    from ctxforge.pipeline.generators.vllm import _preprocess
+    from ctxforge.pipeline.requests import Request, request_row
+
+    def rid(**kw):
+        req = Request("qa", "d", "qa:h000", [{"role": "user", "content": "x"}], "qa", {"type": "object"}, 64)
+        return req.finalize("m", 0.7, 0.95, "p", **kw).request_id
+
+    assert rid() == rid(repetition_penalty=1.0)        # off: ids of earlier runs (and their caches) stay valid
+    assert rid(repetition_penalty=1.1) != rid()         # on: a different answer, a different id
+    req = Request("qa", "d", "k", [{"role": "user", "content": "x"}], "qa", None, 8).finalize("m", 0.7, 0.95, "p")
+    assert request_row(req, 0, 0.7, 0.95, 1.1)["repetition_penalty"] == 1.1
+
+    row = {**request(7), "repetition_penalty": 1.1}
+    assert _preprocess(row)["sampling_params"]["repetition_penalty"] == 1.1              # vLLM SamplingParams
+    udf = HTTPGeneratorUDF("http://127.0.0.1:9/v1", "m", "CTXFORGE_UNSET_KEY", 1, 1.0, 0, 0.01)
+    assert udf._payload(row)["repetition_penalty"] == 1.1
+    assert "repetition_penalty" not in udf._payload(request(7))  # 1.0 is not sent: OpenAI's API rejects the key
+    # transformers: generate() receives it (the random tiny model's flat logits would hide its effect)
+    seen, generate = [], hf_udf.model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("repetition_penalty"))
+        return generate(*args, **kwargs)
+
+    hf_udf.model.generate = spy
+    try:
+        hf_udf(rows_batch([{**request(8), "max_tokens": 16}, {**request(8), "max_tokens": 16, "repetition_penalty": 1.5}]))
+    finally:
+        hf_udf.model.generate = generate
+    assert seen == [1.0, 1.5]
+
+
+def test_request_rows_keep_the_schemas_property_order(hf_udf):
+    """Constrained decoders write properties in schema order: a sorted schema would make the model answer
+    before it asks (answer, evidence_quote, question)."""
+    from ctxforge.pipeline.requests import Request, request_row
+
+    schema = qa_schema(LimitsConfig())
+    req = Request("qa", "d", "k", [{"role": "user", "content": "x"}], "qa", schema, 8).finalize("m", 0.7, 0.95, "p")
+    assert list(json.loads(request_row(req, 0, 0.7, 0.95)["schema"])["properties"]) == ["question", "answer", "evidence_quote"]
+    out = hf_udf(rows_batch([{**request(9), "schema": json.dumps(schema), "max_tokens": 24}]))
+    assert out["output_text"][0].startswith('{"question": ')

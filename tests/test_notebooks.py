@@ -98,8 +98,8 @@ def _text(nb) -> str:
 
 
 def test_notebooks_are_stored_without_outputs_and_read_their_inputs_from_the_environment():
-    for name, var, default in (("01_synthesized_data.ipynb", "CTXFORGE_SYNTH_DIR", '"runs" / "tiny" / "synth"'),
-                               ("02_evaluation.ipynb", "CTXFORGE_EVAL_DIR", '"runs" / "tiny" / "eval"')):
+    for name, var, default in (("01_synthesized_data.ipynb", "CTXFORGE_SYNTH_DIR", '"runs" / "smollm2" / "synth"'),
+                               ("02_evaluation.ipynb", "CTXFORGE_EVAL_DIR", '"runs" / "smollm2" / "eval"')):
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         nbformat.validate(nb)
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), name

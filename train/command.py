@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import nullcontext
+from pathlib import Path
 
 from ctxforge.config import ConfigError, PreflightError, load_config, one_line, options_help, packaged_config_names
 
@@ -51,6 +53,8 @@ def run_train(args) -> int:
     from ray.exceptions import RayError
     from ray.train import TrainingFailedError
 
+    from ctxforge.console import follow_training, is_quiet
+
     from .config import TrainConfig
     from .curriculum import run_curriculum
     from .data import DataError
@@ -60,8 +64,10 @@ def run_train(args) -> int:
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides, default=DEFAULT_TRAIN_CONFIG)
         # `ray job submit` sets RAY_ADDRESS for the driver: join that cluster; else a local Ray.
-        report = run_curriculum(cfg, label=args.config or DEFAULT_TRAIN_CONFIG,
-                                ray_address=cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS"))
+        # A line per step from rank 0's metrics rows (workers' own output stays in Ray's logs unless -v).
+        with follow_training(Path(cfg.output.dir).expanduser() / "metrics") if is_quiet() else nullcontext():
+            report = run_curriculum(cfg, label=args.config or DEFAULT_TRAIN_CONFIG,
+                                    ray_address=cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS"))
     except (ConfigError, PreflightError, DataError, ResumeError, SequenceParallelError, FileNotFoundError,
             ValueError) as exc:
         print(f"ctxforge train: {one_line(exc)}", file=sys.stderr)  # names the key or the file

@@ -17,6 +17,7 @@ A request row:
   max_tokens  int   completion budget
   temperature float
   top_p       float
+  repetition_penalty float  1.0 = off (transformers / vLLM semantics)
   seed        int   per-request sampling seed (derived from request_id and attempt)
 A result row adds:
   output_text       str  the raw completion ("" on error)
@@ -41,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-REQUEST_COLUMNS = ("request_id", "messages", "schema", "schema_name", "max_tokens", "temperature", "top_p", "seed")
+REQUEST_COLUMNS = ("request_id", "messages", "schema", "schema_name", "max_tokens", "temperature", "top_p",
+                   "repetition_penalty", "seed")
 RESULT_COLUMNS = ("output_text", "prompt_tokens", "completion_tokens", "error")
 # Added by engines run through EngineUDF (passes mode), for the accounting: which engine answered, when
 # it started (wall clock), how long it took to load, its busy seconds so far, and this request's seconds.

@@ -68,6 +68,7 @@ class HFGeneratorUDF(Engine):
                 input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new,
                 do_sample=sample, temperature=temperature if sample else None,
                 top_p=float(row["top_p"]) if sample else None, top_k=None,
+                repetition_penalty=float(row.get("repetition_penalty", 1.0)),
                 logits_processor=[processor] if processor else None, eos_token_id=self.eos_ids,
                 pad_token_id=self.tokenizer.pad_token_id or self.eos_ids[0],
             )

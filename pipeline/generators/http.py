@@ -176,6 +176,8 @@ class HTTPGeneratorUDF(Engine):
             "top_p": float(row["top_p"]),
             "seed": int(row["seed"]),
         }
+        if float(row.get("repetition_penalty", 1.0)) != 1.0:  # an extension of vLLM/SGLang/TGI servers
+            payload["repetition_penalty"] = float(row["repetition_penalty"])
         if not row["schema"]:  # a free-text request
             return payload
         schema = json.loads(row["schema"])

@@ -40,6 +40,7 @@ def sampling_params(row: dict) -> dict:
     return {
         "temperature": float(row["temperature"]),
         "top_p": float(row["top_p"]),
+        "repetition_penalty": float(row.get("repetition_penalty", 1.0)),
         "max_tokens": int(row["max_tokens"]),
         "seed": int(row["seed"]),
         **({"structured_outputs": {"json": json.loads(row["schema"])}} if row["schema"] else {}),
@@ -53,6 +54,7 @@ def _preprocess(row: dict) -> dict:
         "sampling_params": sampling_params(row),
         "orig_messages": row["messages"], "schema": row["schema"], "schema_name": row["schema_name"],
         "max_tokens": row["max_tokens"], "temperature": row["temperature"], "top_p": row["top_p"], "seed": row["seed"],
+        "repetition_penalty": row.get("repetition_penalty", 1.0),
     }
 
 
@@ -61,7 +63,7 @@ def _postprocess(row: dict) -> dict:
     return {
         "request_id": row["request_id"], "messages": row["orig_messages"], "schema": row["schema"],
         "schema_name": row["schema_name"], "max_tokens": row["max_tokens"], "temperature": row["temperature"],
-        "top_p": row["top_p"], "seed": row["seed"],
+        "top_p": row["top_p"], "seed": row["seed"], "repetition_penalty": row.get("repetition_penalty", 1.0),
         "output_text": "" if error else (row.get("generated_text") or ""),
         "prompt_tokens": int(row.get("num_input_tokens") or 0),
         "completion_tokens": int(row.get("num_generated_tokens") or 0),

@@ -1,0 +1,171 @@
+"""What a run prints: ctxforge's own lines and tables on the console, Ray's detail in Ray's log files.
+
+In a non-interactive terminal Ray Data replaces its progress bars with INFO log records every 10 s per
+running dataset (hundreds of `logging_progress.py` lines for one synthesis run), and every actor's and
+training worker's stdout/stderr is streamed to the driver (model-loading bars, DeepSpeed's set-up, Serve's
+access log). `quiet_ray()` keeps all of it and moves it off the console:
+
+- Ray Data's logger (`ray.data`) writes to its usual file, `<session>/logs/ray-data/ray-data.log`, and only
+  WARNING and above reach the console. This goes through Ray Data's documented `RAY_DATA_LOGGING_CONFIG`
+  (read by the driver and by every worker process Ray starts, which inherit the environment);
+- the driver's `ray` logger (Ray core, Train and Serve driver-side records) keeps WARNING and above on the
+  console and writes everything to `<session>/logs/ctxforge-driver.log`;
+- workers' output stays in `<session>/logs/worker-*.out|err` (`log_to_driver=False`, applied by
+  ctxforge.raycluster.init_ray).
+
+Progress is then ctxforge's own: a line per generation pass (pipeline), a line per training step
+(`follow_training`, which reads the metrics rows rank 0 writes), a line per RULER group (serve), and each
+stage's summary table. `-v/--verbose` keeps Ray's default console output instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import logging.config
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
+
+_RAY_DATA_CONFIG_ENV = "RAY_DATA_LOGGING_CONFIG"
+_FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"  # Ray's own file format
+
+
+class _State:
+    quiet = False
+    session_logs: str | None = None
+
+
+def ray_data_logging_config() -> dict:
+    """Ray Data's default logging config (ray/data/_internal/logging.py) with the console at WARNING:
+    the file handler and its location are Ray Data's own."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"ray": {"format": _FORMAT}},
+        "filters": {"console_filter": {"()": "ray.data._internal.logging.HiddenRecordFilter"}},
+        "handlers": {
+            "file": {"class": "ray.data._internal.logging.SessionFileHandler", "formatter": "ray",
+                     "filename": "ray-data.log"},
+            "console": {"class": "ray._private.log.PlainRayHandler", "formatter": "ray", "level": "WARNING",
+                        "filters": ["console_filter"]},
+        },
+        "loggers": {"ray.data": {"level": "DEBUG", "handlers": ["file", "console"], "propagate": False}},
+    }
+
+
+def quiet_ray(config_dir: Path | None = None) -> None:
+    """Route Ray's INFO output to Ray's log files; call once from the CLI layer, before Ray starts.
+
+    `config_dir` (default: the ctxforge cache, ~/.cache/ctxforge) receives the YAML file that
+    RAY_DATA_LOGGING_CONFIG points to, so that worker processes read the same routing. Idempotent; a process
+    that already imported ray.data is reconfigured in place.
+    """
+    import sys
+
+    import ray  # importing it configures the `ray` logger, whose console handlers are lowered below
+    import yaml
+
+    from ctxforge.models import default_cache_dir
+
+    config_dir = Path(config_dir or default_cache_dir()).expanduser().absolute()
+    config_dir.mkdir(parents=True, exist_ok=True)
+    config = ray_data_logging_config()
+    path = config_dir / "ray-data-logging.yaml"
+    text = yaml.safe_dump(config, sort_keys=False)
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)  # several runs may share the cache: never a half-written file
+    os.environ[_RAY_DATA_CONFIG_ENV] = str(path)
+    if "ray.data" in sys.modules:  # Ray Data configured itself at import time: apply the same config now
+        logging.config.dictConfig(config)
+    for handler in logging.getLogger(ray.__name__).handlers:  # "Started a local Ray instance." and the like
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+    # Ray Data warns once per pass whose requests are fewer than the generator actors (a global summary pass
+    # of one request): expected, and not something to act on.
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
+    _State.quiet = True
+
+
+def is_quiet() -> bool:
+    return _State.quiet
+
+
+def attach_driver_log(session_dir: str) -> str:
+    """After ray.init in quiet mode: the driver's `ray` logger also writes everything to
+    <session>/logs/ctxforge-driver.log. Returns the session's log directory."""
+    logs = os.path.join(session_dir, "logs")
+    _State.session_logs = logs
+    ray_logger = logging.getLogger("ray")
+    target = os.path.join(logs, "ctxforge-driver.log")
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in ray_logger.handlers):
+        file_handler = logging.FileHandler(target)
+        file_handler.setFormatter(logging.Formatter(_FORMAT))
+        ray_logger.addHandler(file_handler)
+    return logs
+
+
+def ray_logs_dir() -> str | None:
+    """Where this process's Ray session keeps its logs (None before Ray started in quiet mode)."""
+    return _State.session_logs
+
+
+def ray_logs_note() -> str:
+    """One line saying where Ray's detail went, for the end of a command ('' when not quiet)."""
+    if not _State.quiet or not _State.session_logs:
+        return ""
+    return (f"Ray's logs:  {_State.session_logs}  (ray-data/ray-data.log: Ray Data progress; "
+            f"worker-*.out|err: generator actors, training workers, Serve replicas)")
+
+
+def _step_line(row: dict) -> str:
+    if row.get("crashed"):
+        return f"   [{row.get('stage', '?')}] step {row['step']}: worker crashed (fault injection); resuming"
+    return (f"   [{row['stage']}] step {row['step']}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
+            f"{row['samples']} samples / {row['tokens']:,} tokens in {row['step_s']:.1f} s "
+            f"({row['tokens_per_s']:.0f} tokens/s)")
+
+
+@contextlib.contextmanager
+def follow_training(metrics_dir: Path, emit: Callable[[str], None] = print, poll_s: float = 1.0) -> Iterator[None]:
+    """Print one line per training step while the block runs, from the rows rank 0 appends to
+    <metrics_dir>/<stage>.jsonl (the workers' own output stays in Ray's logs). Rows already present when
+    the block starts (an earlier run) are not printed again."""
+    metrics_dir = Path(metrics_dir)
+    seen: dict[Path, int] = {p: p.stat().st_size for p in metrics_dir.glob("*.jsonl")} if metrics_dir.is_dir() else {}
+    stop = threading.Event()
+
+    def poll() -> None:
+        if not metrics_dir.is_dir():
+            return
+        for path in sorted(metrics_dir.glob("*.jsonl"), key=lambda p: p.stat().st_mtime):
+            start = seen.get(path, 0)
+            size = path.stat().st_size
+            if size <= start:
+                continue
+            with path.open("rb") as fh:
+                fh.seek(start)
+                chunk = fh.read(size - start)
+            complete = chunk[:chunk.rfind(b"\n") + 1]  # a row still being written waits for the next poll
+            seen[path] = start + len(complete)
+            for line in complete.decode("utf-8").splitlines():
+                if line.strip():
+                    emit(_step_line(json.loads(line)))
+
+    def loop() -> None:
+        while not stop.wait(poll_s):
+            poll()
+
+    thread = threading.Thread(target=loop, name="ctxforge-follow-training", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        poll()  # rows written after the last tick

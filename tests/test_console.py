@@ -1,0 +1,62 @@
+"""The console of a run: Ray Data's INFO progress records go to Ray's log file, not the terminal; training
+progress is a line per step read from the metrics rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+
+def test_quiet_ray_keeps_ray_data_info_off_the_console_and_warnings_on_it(tmp_path):
+    code = (
+        "import logging, os, sys\n"
+        "from ctxforge.console import quiet_ray\n"
+        f"quiet_ray({str(tmp_path)!r})\n"
+        "import ray.data\n"
+        "log = logging.getLogger('ray.data._internal.progress.logging_progress')\n"
+        "log.info('PROGRESS-LINE')\n"
+        "log.warning('WARNING-LINE')\n"
+        "print(os.environ['RAY_DATA_LOGGING_CONFIG'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "WARNING-LINE" in proc.stderr and "PROGRESS-LINE" not in proc.stderr + proc.stdout
+    assert proc.stdout.strip() == str(tmp_path / "ray-data-logging.yaml")  # the file Ray's workers read too
+    # negative control: without quiet_ray, Ray Data prints its INFO records on the console
+    plain = subprocess.run([sys.executable, "-c", code.replace(f"quiet_ray({str(tmp_path)!r})", "pass")
+                            .replace("print(os.environ['RAY_DATA_LOGGING_CONFIG'])", "")],
+                           capture_output=True, text=True, timeout=300)
+    assert "PROGRESS-LINE" in plain.stderr + plain.stdout
+
+
+def test_follow_training_prints_a_line_per_new_step(tmp_path):
+    from ctxforge.console import follow_training
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    row = {"stage": "2K", "loss": 2.5, "lr": 1e-4, "samples": 1, "tokens": 1200, "step_s": 3.0, "tokens_per_s": 400.0}
+    (metrics / "2K.jsonl").write_text(json.dumps({**row, "step": 1}) + "\n")  # an earlier run's row: not shown
+    lines: list[str] = []
+
+    def worker():
+        with (metrics / "2K.jsonl").open("a") as fh:
+            fh.write(json.dumps({**row, "step": 2, "loss": 2.25}) + "\n")
+            fh.flush()
+            time.sleep(0.3)
+            text = json.dumps({**row, "stage": "4K", "step": 1, "loss": 2.0})
+            with (metrics / "4K.jsonl").open("a") as other:
+                other.write(text[:10])   # half a row: held until its newline arrives
+                other.flush()
+                time.sleep(0.3)
+                other.write(text[10:] + "\n")
+
+    with follow_training(metrics, emit=lines.append, poll_s=0.05):
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+    assert len(lines) == 2
+    assert lines[0].startswith("   [2K] step 2: loss 2.2500") and "1,200 tokens" in lines[0]
+    assert lines[1].startswith("   [4K] step 1: loss 2.0000")
