@@ -160,24 +160,28 @@ def run_demo(synth_config: str | None, synth_overrides: list[str], preset_name: 
     from ctxforge.serve.config import EvalConfig
     from ctxforge.serve.evaluate import evaluate
     from ctxforge.train.config import TrainConfig
-    from ctxforge.train.curriculum import run_curriculum
+    from ctxforge.train.curriculum import run_curriculum, stage_checkpoint_dir
 
     preset = PRESETS[preset_name]
     root = root or preset.root
     con = _console()
     synth_dir, train_dir, eval_dir = root / "synth", root / "train", root / "eval"
+    # every stage's config is loaded (and so checked) before any work: a typo fails at once, in one line
+    synth_cfg = load_config(SynthConfig, synth_config, [f"output.dir={synth_dir}", *synth_overrides],
+                            default=preset.synth)
+    train_cfg = load_config(TrainConfig, preset.train, [f"input.path={synth_dir}", f"output.dir={train_dir}"])
+    models = json.dumps([{"name": "base", "model": train_cfg.model},
+                         {"name": "trained", "model": str(stage_checkpoint_dir(train_dir, train_cfg.stages[-1].name))}])
+    eval_cfg = load_config(EvalConfig, preset.eval, [f"output.dir={eval_dir}", f"models={models}"])
     con.print(f"[bold]ctxforge demo[/]: {preset.title}; local Ray on this machine; outputs in {root}/")
 
     con.print(f"\n[bold]== 1/3 synthesize[/] -> {synth_dir}")
-    synth_cfg = load_config(SynthConfig, synth_config, [f"output.dir={synth_dir}", *synth_overrides],
-                            default=preset.synth)
     synth_report = synthesize(synth_cfg, config_label=synth_config or preset.synth)
     print_summary(synth_report, console=con)
     for qa in _qa_examples(synth_dir):
         con.print(f"   e.g. ({qa['kind']}/{qa['qtype']}{'' if qa['grounded'] else ', ungrounded'}) "
                   f"Q: {qa['question']}\n        A: {qa['answer']}", markup=False)
 
-    train_cfg = load_config(TrainConfig, preset.train, [f"input.path={synth_dir}", f"output.dir={train_dir}"])
     layout = "; ".join(f"{s.name} dp {s.dp_degree} x sp {s.sp_degree}" for s in train_cfg.stages)
     con.print(f"\n[bold]== 2/3 train[/] ({len(train_cfg.stages)}-stage curriculum: {layout}) -> {train_dir}")
     plain = lambda line: con.print(line, markup=False)  # noqa: E731 - lines carry [stage] and dict reprs
@@ -187,9 +191,6 @@ def run_demo(synth_config: str | None, synth_overrides: list[str], preset_name: 
     con.print(_train_table(train_cfg, train_report, train_dir))
 
     con.print(f"\n[bold]== 3/3 serve + evaluate base vs trained[/] -> {eval_dir}")
-    models = json.dumps([{"name": "base", "model": train_cfg.model},
-                         {"name": "trained", "model": final_checkpoint}])
-    eval_cfg = load_config(EvalConfig, preset.eval, [f"output.dir={eval_dir}", f"models={models}"])
     results = evaluate(eval_cfg, config_label=preset.eval)
     con.print(_eval_table(results, eval_dir))
 
