@@ -16,7 +16,7 @@ from ctxforge.config import PathStr, StrictModel
 
 
 class InputConfig(StrictModel):
-    path: str = Field(
+    path: PathStr = Field(
         "builtin:kjv",
         description="Documents to read: a JSONL/Parquet file, a directory of .jsonl/.parquet/.txt/.md files, "
         "an object-store URI (s3://, gs://), or builtin:kjv (the King James Bible from the installed "
@@ -55,7 +55,7 @@ class InputConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
-    dir: str = Field("runs/synth", description="Output directory (local or shared filesystem): samples, QA, manifest, request cache.")
+    dir: PathStr = Field("runs/synth", description="Output directory (local or shared filesystem): samples, QA, manifest, request cache.")
     rows_per_shard: int = Field(256, ge=1, description="Samples per Parquet shard.")
 
 

@@ -158,3 +158,39 @@ def test_deprecated_spellings_move_to_the_new_key(tmp_path, capsys):
     assert load_config(Stage, str(path)).output.dir == "from-yaml"
     assert "'output_dir' is deprecated, use 'output.dir'" in capsys.readouterr().err
     assert load_config(Stage, str(path), ["output_dir=from-cli"]).output.dir == "from-cli"
+
+
+def test_every_path_field_of_every_stage_expands_home_and_variables():
+    """The whole kind: any field named path/dir/*_path/*_dir in any stage's config is a PathStr, so `~` and
+    `$VAR` mean what a shell would make of them (a plain `str` field would take them literally)."""
+    import importlib
+    import typing
+
+    from pydantic import BaseModel
+
+    from ctxforge.config import STAGE_MODELS
+
+    def models_in(annotation):
+        for arg in (typing.get_args(annotation) or (annotation,)):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                yield arg
+            elif typing.get_args(arg):
+                yield from models_in(arg)
+
+    plain, seen, checked = [], set(), 0
+    stack = []
+    for spec in STAGE_MODELS.values():
+        module, name = spec.split(":")
+        stack.append((name, getattr(importlib.import_module(module), name)))
+    while stack:
+        prefix, model = stack.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for field_name, info in model.model_fields.items():
+            stack.extend((f"{prefix}.{field_name}", m) for m in models_in(info.annotation))
+            if field_name in ("path", "dir") or field_name.endswith(("_path", "_dir")):
+                checked += 1
+                if "expand_path" not in repr(info.annotation) + repr(info.metadata):
+                    plain.append(f"{prefix}.{field_name}")
+    assert checked >= 8 and not plain, plain

@@ -81,9 +81,9 @@ class InputConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
-    dir: str = Field("runs/train", description="checkpoints/<stage>/ (HF format), metrics/, run.json")
+    dir: PathStr = Field("runs/train", description="checkpoints/<stage>/ (HF format), metrics/, run.json")
     name: str = Field("ctxforge", description="run name; Ray Train runs are <name>-<stage>")
-    storage_path: str | None = Field(None, description="Ray Train storage (local path or s3://, gs://); "
+    storage_path: PathStr | None = Field(None, description="Ray Train storage (local path or s3://, gs://); "
                                                        "null = OUTPUT/ray")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="experiment trackers rank 0 logs every step to (loss, lr, grad norm, "
