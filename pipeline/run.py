@@ -83,13 +83,21 @@ def preflight(cfg: SynthConfig) -> Preflight:
             budget = load_tokenizer(generator_path)
         except Exception as exc:
             raise PreflightError(f"generator.model {cfg.generator.model!r}: tokenizer could not be loaded: {exc}") from None
-    if cfg.input.path != "builtin:kjv" and "://" not in cfg.input.path and not Path(cfg.input.path).exists():
-        raise PreflightError(f"input.path {cfg.input.path!r} does not exist")
+    if cfg.input.path != "builtin:kjv" and "://" not in cfg.input.path:
+        local = Path(cfg.input.path)
+        if not local.exists():
+            raise PreflightError(f"input.path {cfg.input.path!r} does not exist")
+        if local.is_dir() and not _holds_a_file(local):
+            raise PreflightError(f"input.path {cfg.input.path!r} holds no files")
+    if "://" not in cfg.output.dir and Path(cfg.output.dir).exists() and not Path(cfg.output.dir).is_dir():
+        raise PreflightError(f"output.dir {cfg.output.dir!r} is a file, not a directory")
     key_env = cfg.generator.api_key_env
     if cfg.generator.backend == "http" and key_env and not os.environ.get(key_env):
         raise PreflightError(
             f"generator.api_key_env: ${key_env} is not set; export it with the endpoint's API key, or set "
             f"generator.api_key_env to the variable that holds it (null for an endpoint that takes no key)")
+    if cfg.generator.backend == "http":
+        _check_endpoint(cfg)
     try:
         backend = make_backend(cfg, generator_path)
         if cfg.runtime.scheduler == "streaming":
@@ -97,6 +105,32 @@ def preflight(cfg: SynthConfig) -> Preflight:
     except (ValueError, NotImplementedError) as exc:
         raise PreflightError(str(exc)) from None
     return Preflight(target_path, generator_path, tokenizer, tokenizer_hash(tokenizer), budget, cache_dir(), backend)
+
+
+def _holds_a_file(root: Path) -> bool:
+    """True at the first regular, non-hidden file under root (a corpus of millions stops at its first)."""
+    for _dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(not f.startswith(".") for f in filenames):
+            return True
+    return False
+
+
+def _check_endpoint(cfg: SynthConfig) -> None:
+    """The http generator's endpoint answers (GET /models, as every OpenAI-compatible server serves) before any
+    work: a down or mistyped endpoint is one line at once, not hours of retried requests."""
+    import httpx
+
+    url = (cfg.generator.base_url or "").rstrip("/") + "/models"
+    key = os.environ.get(cfg.generator.api_key_env or "", "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=min(30.0, cfg.generator.timeout_s))
+    except httpx.HTTPError as exc:
+        raise PreflightError(f"generator.base_url: cannot reach {url}: {type(exc).__name__}: {exc}") from None
+    if response.status_code in (401, 403):
+        raise PreflightError(f"generator.base_url: {url} refused the API key from ${cfg.generator.api_key_env} "
+                             f"(HTTP {response.status_code})")
 
 
 def make_backend(cfg: SynthConfig, model_path: str) -> GeneratorBackend:

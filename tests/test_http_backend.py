@@ -211,3 +211,33 @@ def test_fake_answers_validate_for_nested_schemas():
     answer = answer_for(schema, TEXT)
     jsonschema.validate(answer, schema)
     assert all(item["quote"] in TEXT for item in answer["items"])
+
+
+def test_synthesis_preflight_reaches_the_endpoint_before_any_work(monkeypatch, tmp_path):
+    """A down or mistyped endpoint, or a refused key, is one line naming generator.base_url at preflight
+    (not hours of retried requests); a live endpoint with its key passes."""
+    from ctxforge.config import PreflightError, load_config
+    from ctxforge.pipeline.config import SynthConfig
+    from ctxforge.pipeline.run import preflight
+    from ports import free_port
+
+    def cfg(base_url):
+        return load_config(SynthConfig, "tiny", [
+            "generator.backend=http", f"generator.base_url={base_url}", "generator.model=fake",
+            f"generator.api_key_env={KEY_ENV}", f"output.dir={tmp_path / 'out'}"])
+
+    monkeypatch.setenv(KEY_ENV, "sk-right")
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(PreflightError, match=rf"generator.base_url: cannot reach {down}/models: Connect"):
+        preflight(cfg(down))
+    with FakeOpenAIServer(api_key="sk-other") as server:
+        with pytest.raises(PreflightError, match=rf"refused the API key from \${KEY_ENV} \(HTTP 401\)"):
+            preflight(cfg(server.base_url))
+    with FakeOpenAIServer(api_key="sk-right") as server:
+        preflight(cfg(server.base_url))                       # negative control: a live endpoint passes
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(PreflightError, match="output.dir .*a-file' is a file, not a directory"):
+        preflight(load_config(SynthConfig, "tiny", [f"output.dir={tmp_path / 'a-file'}"]))
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    with pytest.raises(PreflightError, match="input.path .*empty' holds no files"):
+        preflight(load_config(SynthConfig, "tiny", [f"input.path={tmp_path / 'empty'}"]))
