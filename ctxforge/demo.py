@@ -68,6 +68,7 @@ def _qa_examples(synth_dir: Path, n: int = 2) -> list[dict]:
     if not path.is_file():
         return []
     rows = pq.read_table(path, columns=["kind", "qtype", "question", "answer", "grounded"]).to_pylist()
+    rows = [r for r in rows if r["kind"] != "summary"] or rows   # questions first: summary turns are in it too
     rows.sort(key=lambda r: (not r["grounded"], len(r["question"]) + len(r["answer"])))
     return rows[:n]
 
