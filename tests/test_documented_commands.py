@@ -76,7 +76,7 @@ def test_the_docs_document_every_stage():
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory, tiny_model_path, tiny_tokenizer):
+def tree(tmp_path_factory, tiny_model_path, tiny_tokenizer, smollm2_tokenizer):
     from test_train_config import _rows, _write
 
     root = tmp_path_factory.mktemp("docs")
@@ -88,6 +88,8 @@ def tree(tmp_path_factory, tiny_model_path, tiny_tokenizer):
                           (root / "tmp" / "cfx" / "synth", ["4K"])):
         for stage in stages:
             _write(synth, stage, _rows(tiny_tokenizer, stage))
+    for stage in ("2K", "4K"):                                   # the demo's synthesis: SmolLM2's tokenizer
+        _write(root / "runs" / "smollm2" / "synth", stage, _rows(smollm2_tokenizer, stage))
     checkpoint = shared / "train" / "llama8b-1m" / "checkpoints" / "1M"
     checkpoint.mkdir(parents=True)
     for f in Path(tiny_model_path).iterdir():
@@ -258,6 +260,8 @@ def test_documented_command_parses_and_passes_preflight(doc, command, tree, monk
     monkeypatch.setenv("TOGETHER_API_KEY", "fixture-key")         # the README exports it before qwen72b-http
     # no endpoint is up here: synthesis's reachability check has its own tests (test_http_backend.py)
     monkeypatch.setattr("ctxforge.pipeline.run._check_endpoint", lambda cfg: None)
+    # the tree holds a few samples per stage, not a step's worth for 8 ranks: the amount check has its own test
+    monkeypatch.setattr("ctxforge.train.curriculum.check_enough_data", lambda *args: None)
     argv = [_remap(a, tree, hub=False) for a in shlex.split(command, comments=True)[1:]]
     try:
         args = build_parser(argv).parse_args(argv)
@@ -279,6 +283,7 @@ def test_a_broken_command_fails_the_check(tree, monkeypatch):
     from ctxforge.train.resources import ResourceError
 
     monkeypatch.chdir(tree)
+    monkeypatch.setattr("ctxforge.train.curriculum.check_enough_data", lambda *args: None)  # a few samples per stage
     parse = lambda cmd: build_parser(cmd.split()).parse_args(cmd.split())    # noqa: E731
     with pytest.raises(ConfigError, match="input.paht"):
         _synth(parse("synth --config tiny input.paht=x"), tree)

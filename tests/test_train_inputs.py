@@ -83,7 +83,8 @@ def test_run_json_is_written_only_after_preflight(tmp_path, tiny_tokenizer):
     _write_stage(tmp_path / "synth", tiny_tokenizer, stage="4K")
     _write_stage(tmp_path / "synth", tiny_tokenizer, stage="8K")
     out = tmp_path / "train"
-    base = [f"output.dir={out}", "model=ctxforge:tiny"]
+    # one rank per stage: the fixture's samples pack into a single micro-batch per epoch
+    base = [f"output.dir={out}", "model=ctxforge:tiny", "stages.0.workers=1", "stages.1.workers=1", "stages.1.sp_degree=1"]
     typo = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"), [*base, f"input.path={tmp_path / 'synht'}"])
     with pytest.raises(DataError, match="synht: no such directory"):
         prepare(typo, "typo", log=lambda *_: None)
@@ -91,6 +92,26 @@ def test_run_json_is_written_only_after_preflight(tmp_path, tiny_tokenizer):
     fixed = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"), [*base, f"input.path={tmp_path / 'synth'}"])
     prepare(fixed, "fixed", log=lambda *_: None)
     assert json.loads((out / "run.json").read_text())["config_source"] == "fixed"
+
+
+def test_too_little_data_for_one_step_stops_at_preflight_naming_the_keys(tmp_path, tiny_tokenizer):
+    """2 data-parallel ranks need 2 micro-batches a step; one packed micro-batch of data fails in the driver,
+    before any worker starts, naming the stage's keys (not a worker traceback advising a rerun)."""
+    from ctxforge.train.curriculum import prepare
+
+    _write_stage(tmp_path / "synth", tiny_tokenizer, stage="4K", copies=1)
+    _write_stage(tmp_path / "synth", tiny_tokenizer, stage="8K", copies=1)
+    base = [f"output.dir={tmp_path / 'train'}", "model=ctxforge:tiny", f"input.path={tmp_path / 'synth'}"]
+    cfg = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"),
+                      [*base, "stages.0.workers=2", "stages.0.sp_degree=1", "stages.0.batching=pack"])
+    with pytest.raises(DataError, match=r"stage 4K: 1 micro-batches per epoch, .*dp_degree 2 x grad_accum 1 = 2\); "
+                                        r"lower stages.0.workers"):
+        prepare(cfg, "small", log=lambda *_: None)
+    assert not (tmp_path / "train" / "run.json").exists()
+    ok = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"),
+                     [*base, "stages.0.workers=1", "stages.0.batching=pack", "stages.1.workers=1",
+                      "stages.1.sp_degree=1", "stages.1.batching=pack"])
+    prepare(ok, "small", log=lambda *_: None)            # negative control: one rank, one micro-batch a step
 
 
 def test_train_errors_go_to_stderr_as_one_line(tmp_path, capsys):

@@ -67,11 +67,16 @@ def stage_schedule(source: StageSource, stage, seed: int) -> StepSchedule:
     return StepSchedule(plan, stage.dp_degree * stage.grad_accum, stage.epochs, stage.max_steps)
 
 
-def check_enough_data(schedule: StepSchedule, stage) -> None:
+def check_enough_data(schedule: StepSchedule, stage, index: int | None = None) -> None:
+    """A step takes dp_degree x grad_accum micro-batches; an epoch with fewer cannot make one (DataError
+    naming the keys to change). Run on the driver at preflight, and again by each worker."""
     first = len(schedule.plan(0))
     if first < schedule.per_step:
+        key = f"stages.{index}" if index is not None else f"stage {stage.name}"
         raise DataError(f"stage {stage.name}: {first} micro-batches per epoch, fewer than one step needs "
-                        f"(dp_degree {stage.dp_degree} x grad_accum {stage.grad_accum} = {schedule.per_step})")
+                        f"(dp_degree {stage.dp_degree} x grad_accum {stage.grad_accum} = {schedule.per_step}); "
+                        f"lower {key}.workers (or raise {key}.sp_degree) or {key}.grad_accum, use "
+                        f"{key}.batching=sort with a smaller batch_size, or synthesize more samples")
 
 
 def _resume_state(checkpoint, payload: dict, layout: ParallelLayout) -> dict | None:
