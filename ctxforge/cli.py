@@ -48,7 +48,9 @@ def chosen_config(model, argv: list[str] | None, default: str | None):
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     try:
         return load_config(model, spec, overrides), spec + "".join(f" {o}" for o in overrides)
-    except (ConfigError, OSError, ValueError):
+    except (ConfigError, OSError, ValueError) as exc:
+        # --help still prints, with the built-in defaults; say why the chosen config's values are not shown
+        print(f"ctxforge: {one_line(exc)} (--help shows the built-in defaults)", file=sys.stderr)
         return None, ""
 
 

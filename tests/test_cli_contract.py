@@ -261,3 +261,18 @@ def test_train_and_plan_errors_reach_stderr_of_the_process(argv):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not _LOG.match(line)]
     assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1, (proc.stdout, proc.stderr)
     assert lines[0].startswith(f"ctxforge {argv[0]}: ")
+
+
+@pytest.mark.parametrize("config", ["nosuch", "train-tiny"])
+def test_help_with_a_config_that_does_not_load_says_so(config, capsys):
+    from ctxforge.cli import build_parser
+
+    argv = ["synth", "--config", config, "--help"]
+    with pytest.raises(SystemExit) as exc:
+        build_parser(argv).parse_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 0 and "built-in defaults" in err and config in err, err
+    argv = ["synth", "--config", "tiny", "--help"]                 # negative control: a good config, no notice
+    with pytest.raises(SystemExit):
+        build_parser(argv).parse_args(argv)
+    assert "built-in defaults" not in capsys.readouterr().err
