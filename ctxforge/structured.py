@@ -56,8 +56,17 @@ class Grammars:
             json.loads(text)
         except ValueError as exc:
             raise GrammarError(f"JSON schema is not valid JSON: {exc}") from exc
-        return self._compiled("JSON schema", text,
-                              lambda: self.compiler.compile_json_schema(text, any_whitespace=False))
+        return self._compiled("JSON schema", text, lambda: self.compiler.compile_grammar(self._strict_json(text)))
+
+    # xgrammar's rule for a string with minLength/maxLength admits raw control characters (tabs, U+0000-U+001F),
+    # which JSON forbids inside strings: json.loads and every strict parser reject the output. Its rule for an
+    # unbounded string already excludes them; the bounded one gets the same class.
+    _LOOSE_CHAR = '[^\\"\\\\\\r\\n]'
+    _STRICT_CHAR = '[^\\0-\\x1f\\"\\\\\\r\\n]'
+
+    def _strict_json(self, text: str) -> str:
+        ebnf = str(self._xgr.Grammar.from_json_schema(text, any_whitespace=False))
+        return ebnf.replace(self._LOOSE_CHAR, self._STRICT_CHAR)
 
     def json_object(self):
         """Any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""

@@ -200,3 +200,18 @@ def test_request_rows_keep_the_schemas_property_order(hf_udf):
     assert list(json.loads(request_row(req, 0, 0.7, 0.95)["schema"])["properties"]) == ["question", "answer", "evidence_quote"]
     out = hf_udf(rows_batch([{**request(9), "schema": json.dumps(schema), "max_tokens": 24}]))
     assert out["output_text"][0].startswith('{"question": ')
+
+
+def test_bounded_json_strings_admit_no_control_characters(tiny_tokenizer):
+    """xgrammar's rule for a string with maxLength admits a raw tab (JSON forbids it, json.loads rejects the
+    output); the compiled schema must not, bounded or not."""
+    import xgrammar as xgr
+
+    from ctxforge.structured import Grammars
+
+    grammars = Grammars(tiny_tokenizer)
+    for string in ({"type": "string", "maxLength": 5}, {"type": "string"}):
+        compiled = grammars.json_schema({"type": "object", "properties": {"t": string}, "required": ["t"]})
+        matcher = xgr.GrammarMatcher(compiled)
+        assert matcher.accept_string('{"t": "a') and not matcher.accept_string("\t"), string
+        assert xgr.GrammarMatcher(compiled).accept_string('{"t": "a b"}')  # positive control

@@ -69,6 +69,7 @@ def make_rows(n: int, tag: str = "") -> list[dict]:
             "max_tokens": 256,
             "temperature": 0.7,
             "top_p": 0.95,
+            "repetition_penalty": 1.0,
             "seed": 1000 + i,
         }
         for i in range(n)
