@@ -205,7 +205,9 @@ def test_train_checks_capacity_before_any_stage_runs(tmp_path, tiny_tokenizer, m
     parser = argparse.ArgumentParser()
     command.add_train_arguments(parser)
     args = parser.parse_args(["--config", "train-tiny", f"input.path={tmp_path / 'synth'}",
-                              f"output.dir={tmp_path / 'train'}", "stages.1.workers=4"])
+                              f"output.dir={tmp_path / 'train'}", "stages.1.workers=4",
+                              # enough micro-batches for a step of each layout from the 3 fixture samples
+                              "stages.0.workers=1", "stages.1.batching=sort", "stages.1.batch_size=1"])
     assert command.run_train(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["ctxforge train: stage 8K: workers 4 (= dp 2 x sp 2) x CPU 1 per worker needs CPU 4 (> 2); the "
