@@ -42,7 +42,7 @@ def ruler_items(cfg, tokenizer, length: int, task: str) -> list[EvalItem]:
     rc = cfg.ruler
     t0 = time.perf_counter()
     samples = generate_task(task, length, rc.num_samples, rc.seed, PromptSizer(tokenizer), _sources(cfg), rc.depths)
-    log.info("RULER %s @ %d: %d samples built in %.1fs", task, length, len(samples), time.perf_counter() - t0)
+    log.debug("RULER %s @ %d: %d samples built in %.1fs", task, length, len(samples), time.perf_counter() - t0)
     items = []
     for s in samples:
         body = {"messages": [{"role": "user", "content": s.input}, {"role": "assistant", "content": s.answer_prefix}],
