@@ -1,1 +1,1 @@
-"""ctxforge.serve: Ray Serve OpenAI-compatible endpoint and long-context evaluation (issue #4)."""
+"""ctxforge.serve: Ray Serve OpenAI-compatible endpoint and long-context evaluation."""

@@ -1,1 +1,1 @@
-"""ctxforge.train: the staged long-context curriculum on Ray Train (issue #3)."""
+"""ctxforge.train: the staged long-context curriculum on Ray Train."""
