@@ -39,6 +39,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from ctxforge.pipeline.generators.fake import last_user, middle_quote
+
 Fault = int | str | None  # status code, "timeout", "malformed", "disconnect"; None = succeed
 
 
@@ -90,32 +92,14 @@ class Stats:
             }
 
 
-_WORD = re.compile(r"\S+")
-
-
 def request_key(messages: Any) -> str:
     """The identity of a request across its retries: a hash of its messages."""
     return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def last_user_text(messages: Any) -> str:
-    for m in reversed(messages or []):
-        if isinstance(m, dict) and m.get("role") == "user":
-            return str(m.get("content") or "")
-    return ""
-
-
-def quote_from(text: str, max_len: int | None, words: int = 8) -> str:
-    """A verbatim run of ~`words` words from the middle of text, at most max_len characters."""
-    spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
-    if not spans:
-        return text[: max_len or None]
-    mid = max(0, len(spans) // 2 - words // 2)
-    chosen = spans[mid: mid + words]
-    quote = text[chosen[0][0]: chosen[-1][1]]
-    if max_len is not None and len(quote) > max_len:
-        quote = quote[:max_len].rstrip()
-    return quote
+# the shipped fake engine's reading of a prompt: one implementation for both fakes
+last_user_text = last_user
+quote_from = middle_quote
 
 
 _TEXT_BLOCK = re.compile(r"<text(?: \d+)?>\n(.*?)\n</text(?: \d+)?>", re.S)

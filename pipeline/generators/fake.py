@@ -22,14 +22,15 @@ from ctxforge.pipeline.generators.base import Engine, EngineFactory, EngineUDF, 
 _WORD = re.compile(r"\S+")
 
 
-def _last_user(messages: list[dict]) -> str:
+def last_user(messages: list[dict]) -> str:
     for m in reversed(messages):
         if m.get("role") == "user":
             return str(m.get("content") or "")
     return ""
 
 
-def _quote(text: str, max_len: int | None, words: int = 8) -> str:
+def middle_quote(text: str, max_len: int | None, words: int = 8) -> str:
+    """A verbatim run of ~`words` words from the middle of text, at most max_len characters."""
     spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
     if not spans:
         return text[: max_len or None]
@@ -59,7 +60,7 @@ def fake_answer(schema: dict, prompt: str, name: str = "value") -> Any:
         return True
     max_len = schema.get("maxLength")
     if "quote" in name.lower():
-        text = _quote(prompt, max_len)
+        text = middle_quote(prompt, max_len)
     else:
         digest = hashlib.sha256(f"{name}\0{prompt}".encode()).hexdigest()[:12]
         text = f"{name} {digest}: " + " ".join(prompt.split()[:12])
@@ -76,7 +77,7 @@ class FakeEngine(Engine):
     def generate(self, row: dict) -> dict:
         try:
             messages = json.loads(row["messages"])
-            prompt = _last_user(messages)
+            prompt = last_user(messages)
             if row["schema"]:
                 text = json.dumps(fake_answer(json.loads(row["schema"]), prompt))
             else:  # a free-text request: prose derived from the prompt

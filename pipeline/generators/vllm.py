@@ -122,15 +122,19 @@ class VLLMEngine(Engine):
 class VLLMBackend(GeneratorBackend):
     name = "vllm"
 
-    def engine_kwargs(self) -> dict[str, Any]:
+    def _common_engine_kwargs(self) -> dict[str, Any]:
+        """vLLM engine arguments of both paths (the engine pool and ray.data.llm's processor)."""
         cfg = self.cfg
-        kwargs = {
+        return {
             "max_model_len": cfg.max_model_len,
             "tensor_parallel_size": cfg.tensor_parallel_size,
             "enable_prefix_caching": True,   # every request of a document shares the system prompt
             "enable_chunked_prefill": True,
             **cfg.engine_kwargs,
         }
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        kwargs = self._common_engine_kwargs()
         # As ray.data.llm: one process for one GPU, vLLM's Ray executor (workers in our placement group) for more.
         kwargs.setdefault("distributed_executor_backend", "uni" if self._gpus() == 1 else "ray")
         return kwargs
@@ -170,13 +174,7 @@ class VLLMBackend(GeneratorBackend):
         from ray.data.llm import vLLMEngineProcessorConfig
 
         cfg = self.cfg
-        engine_kwargs = {
-            "max_model_len": cfg.max_model_len,
-            "tensor_parallel_size": cfg.tensor_parallel_size,
-            "enable_prefix_caching": True,   # every request of a document shares the system prompt
-            "enable_chunked_prefill": True,
-            **cfg.engine_kwargs,
-        }
+        engine_kwargs = self._common_engine_kwargs()
         concurrency = cfg.concurrency if isinstance(cfg.concurrency, int) else tuple(cfg.concurrency)
         return vLLMEngineProcessorConfig(
             model_source=self.model_path,
