@@ -34,7 +34,7 @@ demo-tiny: $(STAMP)
 	$(BIN)/ctxforge demo --model tiny
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu

@@ -26,6 +26,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _console_state_per_test():
+    """A CLI command run in-process calls quiet_ray(), which sets RAY_DATA_LOGGING_CONFIG and the console's
+    quiet flag for the whole process; put both back so that no test depends on which ran before it."""
+    from ctxforge import console
+
+    env = os.environ.get("RAY_DATA_LOGGING_CONFIG")
+    state = (console._State.quiet, console._State.session_logs)
+    yield
+    if env is None:
+        os.environ.pop("RAY_DATA_LOGGING_CONFIG", None)
+    else:
+        os.environ["RAY_DATA_LOGGING_CONFIG"] = env
+    console._State.quiet, console._State.session_logs = state
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path():
     from ctxforge.models import resolve_model_path

@@ -4,6 +4,7 @@ progress is a line per step read from the metrics rows."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -21,14 +22,17 @@ def test_quiet_ray_keeps_ray_data_info_off_the_console_and_warnings_on_it(tmp_pa
         "log.warning('WARNING-LINE')\n"
         "print(os.environ['RAY_DATA_LOGGING_CONFIG'])\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # Both children start from an environment without the variable: a CLI command run in-process earlier in this
+    # pytest session called quiet_ray() and left it set, which would silence the negative control too.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_LOGGING_CONFIG"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "WARNING-LINE" in proc.stderr and "PROGRESS-LINE" not in proc.stderr + proc.stdout
     assert proc.stdout.strip() == str(tmp_path / "ray-data-logging.yaml")  # the file Ray's workers read too
     # negative control: without quiet_ray, Ray Data prints its INFO records on the console
     plain = subprocess.run([sys.executable, "-c", code.replace(f"quiet_ray({str(tmp_path)!r})", "pass")
                             .replace("print(os.environ['RAY_DATA_LOGGING_CONFIG'])", "")],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, env=env)
     assert "PROGRESS-LINE" in plain.stderr + plain.stdout
 
 
