@@ -105,7 +105,8 @@ def evaluate_models(models: dict[str, str], out: Path, lengths: list[int], sampl
 
 
 def table(results: dict, lengths: list[int]) -> str:
-    head = f"{'model':<12}" + "".join(f"{f'{n // 1024}K':>10}" for n in lengths) + "   (NIAH single-needle, % right)"
+    width = max(12, *(len(name) + 2 for name in results["models"]))
+    head = f"{'model':<{width}}" + "".join(f"{f'{n // 1024}K':>10}" for n in lengths) + "   (NIAH single-needle, % right)"
     lines = [head, "-" * len(head)]
     for name, m in results["models"].items():
         per = m["ruler"]["tasks"].get("niah_single_1", {})
@@ -113,7 +114,7 @@ def table(results: dict, lengths: list[int]) -> str:
         for n in lengths:
             e = per.get(str(n), {})
             cells.append(f"{e['score']:.0f} ({e['n']})" if e.get("score") is not None else "-")
-        lines.append(f"{name:<12}" + "".join(f"{c:>10}" for c in cells))
+        lines.append(f"{name:<{width}}" + "".join(f"{c:>10}" for c in cells))
     return "\n".join(lines)
 
 
