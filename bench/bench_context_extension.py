@@ -5,6 +5,8 @@ Three models, one table: RULER needle retrieval at lengths inside and beyond Smo
   zero-shot  the same weights with RoPE scaling switched on in the checkpoint config (the baseline of He et al.
              2025: the instruct model with zero-shot RoPE scaling; default dynamic NTK, factor = longest length /
              8,192; the override is written into a copy of the checkpoint's config.json, weights shared);
+  theta only the base's weights under the trained checkpoint's config.json (its last stage's rope_theta and
+             window): what the RoPE change alone gives, so that the trained row shows what the updates add;
   trained    the base after ctxforge's curriculum: synthesis with SmolLM2 as generator and target on KJV books
              (Algorithm 1 + 2 into samples of each stage's length), then one Ray Train stage per length, each
              with its own rope_theta (default 12K @ 4e5 -> 16K @ 1e6), each starting from the previous stage.
@@ -59,6 +61,18 @@ def zero_shot_model(base: Path, out: Path, rope_type: str, longest: int) -> Path
         config["max_position_embeddings"] = longest
     config["rope_parameters"] = rope
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def theta_only_model(base: Path, trained: Path, out: Path) -> Path:
+    """A model directory with base's weights (symlinked) and the trained checkpoint's config.json: the same RoPE
+    base and window as the trained model, none of its updates."""
+    out.mkdir(parents=True, exist_ok=True)
+    for item in base.iterdir():
+        target = out / item.name
+        if item.name != "config.json" and not target.exists():
+            target.symlink_to(item)
+    shutil.copy(trained / "config.json", out / "config.json")
     return out
 
 
@@ -162,7 +176,9 @@ def main() -> int:
 
     zero = zero_shot_model(base, out / f"zero-shot-{args.zero_shot}", args.zero_shot, max(lengths))
     t0 = time.perf_counter()
-    results = evaluate_models({"base": str(base), f"zero-shot ({args.zero_shot})": str(zero), "trained": trained},
+    theta = theta_only_model(base, Path(trained), out / "theta-only")
+    results = evaluate_models({"base": str(base), f"zero-shot ({args.zero_shot})": str(zero),
+                               f"theta only ({stages[-1][2]:g})": str(theta), "trained": trained},
                               out / "eval", lengths, args.samples)
     walls["evaluate"] = time.perf_counter() - t0
 

@@ -110,6 +110,25 @@ def attach_driver_log(session_dir: str) -> str:
     return logs
 
 
+def quiet_serve_driver() -> None:
+    """In quiet mode, once `ray.serve` is imported: its driver-side logger ("Started Serve", "Application ... is
+    ready", "Deleting app") writes to <session>/logs/ctxforge-driver.log instead of the console; warnings stay
+    on the console. Serve configures that logger itself at import, with its own console handler and without
+    propagation, which is why quiet_ray() alone does not reach it."""
+    if not _State.quiet:
+        return
+    serve_logger = logging.getLogger("ray.serve")
+    for handler in serve_logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+    if _State.session_logs:
+        target = os.path.join(_State.session_logs, "ctxforge-driver.log")
+        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in serve_logger.handlers):
+            file_handler = logging.FileHandler(target)
+            file_handler.setFormatter(logging.Formatter(_FORMAT))
+            serve_logger.addHandler(file_handler)
+
+
 def ray_logs_dir() -> str | None:
     """Where this process's Ray session keeps its logs (None before Ray started in quiet mode)."""
     return _State.session_logs

@@ -174,6 +174,9 @@ def proxy_url(cfg: ServeConfig) -> str:
 def run_app(cfg: ServeConfig, api_key: str | None = None) -> str:
     """Start the HTTP proxy (if not running) and the application at cfg.route_prefix (Ray must be
     initialised); returns the /v1 base URL."""
+    from ctxforge.console import quiet_serve_driver
+
+    quiet_serve_driver()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg, api_key), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     prefix = "" if cfg.route_prefix == "/" else cfg.route_prefix

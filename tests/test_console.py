@@ -36,6 +36,30 @@ def test_quiet_ray_keeps_ray_data_info_off_the_console_and_warnings_on_it(tmp_pa
     assert "PROGRESS-LINE" in plain.stderr + plain.stdout
 
 
+def test_quiet_serve_driver_moves_serves_info_lines_to_the_driver_log(tmp_path):
+    code = (
+        "import logging, sys\n"
+        "from ctxforge import console\n"
+        f"console.quiet_ray({str(tmp_path)!r})\n"
+        f"console._State.session_logs = {str(tmp_path)!r}\n"   # what attach_driver_log sets after ray.init
+        "import ray.serve\n"
+        "console.quiet_serve_driver()\n"
+        "log = logging.getLogger('ray.serve')\n"
+        "log.info('SERVE-INFO')\n"
+        "log.warning('SERVE-WARNING')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_LOGGING_CONFIG"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = proc.stderr + proc.stdout
+    assert "SERVE-WARNING" in console and "SERVE-INFO" not in console
+    assert "SERVE-INFO" in (tmp_path / "ctxforge-driver.log").read_text()   # kept, in the file the demo names
+    # negative control: Serve's own console handler prints its INFO lines
+    plain = subprocess.run([sys.executable, "-c", code.replace("console.quiet_serve_driver()", "pass")],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert "SERVE-INFO" in plain.stderr + plain.stdout
+
+
 def test_follow_training_prints_a_line_per_new_step(tmp_path):
     from ctxforge.console import follow_training
 

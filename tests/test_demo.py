@@ -33,6 +33,7 @@ def test_demo_runs_every_stage_and_rerun_reuses_what_is_finished(tmp_path):
     # Ray's log files, whose directory the demo names
     console = first.stdout + first.stderr
     assert "logging_progress" not in console and "pid=" not in console, console[-3000:]
+    assert "Started Serve" not in console and "is ready at" not in console, console[-3000:]  # Serve's INFO lines
     assert "Ray's logs:" in first.stdout and "[4K] step 1: loss" in first.stdout
     assert len(console.splitlines()) < 150, console
 
