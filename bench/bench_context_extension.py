@@ -133,16 +133,20 @@ def table(results: dict, lengths: list[int]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stages", default="12K:12288:4e5,16K:16384:1e6", help="name:tokens:rope_theta per stage")
-    p.add_argument("--eval-lengths", default="4096,8192,12288,16384")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stages", default="12K:12288:4e5,16K:16384:1e6",
+                   help="training stages, name:tokens:rope_theta each, lengths increasing and beyond 8192")
+    p.add_argument("--eval-lengths", default="4096,8192,12288,16384", help="RULER lengths in tokens, comma-separated")
     p.add_argument("--samples", type=int, default=4, help="NIAH samples per length and model (needle depths 10-90%%)")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per stage (one packed sample each)")
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate of every stage (constant schedule)")
     p.add_argument("--books", type=int, default=6, help="KJV books to synthesize QA about")
-    p.add_argument("--max-book-tokens", type=int, default=4300)
-    p.add_argument("--zero-shot", default="dynamic", choices=["dynamic", "yarn", "linear"])
-    p.add_argument("--out", default="runs/bench-context-extension")
+    p.add_argument("--max-book-tokens", type=int, default=4300, help="each book cut to at most this many tokens")
+    p.add_argument("--zero-shot", default="dynamic", choices=["dynamic", "yarn", "linear"],
+                   help="RoPE scaling of the zero-shot baseline (factor = longest eval length / 8192)")
+    p.add_argument("--out", default="runs/bench-context-extension",
+                   help="output and resume directory (a rerun reuses what is finished there)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

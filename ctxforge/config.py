@@ -159,7 +159,9 @@ def format_validation_error(err: ValidationError, label: str, model: type[BaseMo
             hint = _close_matches(model, e["loc"]) if model is not None else ""
             lines.append(f"{label}: unknown key '{key}'{hint}")
         else:
-            lines.append(f"{label}: {key}: {e['msg']}")
+            # a validator's ValueError reaches us as "Value error, <message>": the user needs only the message
+            msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            lines.append(f"{label}: {key}: {msg}")
     return "\n".join(lines)
 
 

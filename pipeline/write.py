@@ -307,8 +307,9 @@ def _notes(report: SynthReport) -> list[str]:
     policy = report.config.grounding.on_ungrounded
     if total and policy == "flag":
         ungrounded = total - overall.get("grounded", 0)
-        notes.append(f"grounding.on_ungrounded=flag: {ungrounded} of {total} QA pairs are ungrounded (their evidence "
-                     f"quote was not found in their evidence) and were KEPT, flagged, in the samples.")
+        notes.append(f"grounding.on_ungrounded=flag: {ungrounded} of the {total} QA pairs checked for grounding had "
+                     f"no evidence quote found in their evidence; those that passed the other checks were KEPT, "
+                     f"flagged (grounded: false), in the QA table and the samples.")
     if total and rate < 0.5:
         notes.append(f"Grounding rate is {rate:.1%}: most answers are not supported by a verbatim quote. "
                      + ("The generator is the random-weight tiny model, which grounds nothing: this data only "

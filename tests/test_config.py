@@ -194,3 +194,16 @@ def test_every_path_field_of_every_stage_expands_home_and_variables():
                 if "expand_path" not in repr(info.annotation) + repr(info.metadata):
                     plain.append(f"{prefix}.{field_name}")
     assert checked >= 8 and not plain, plain
+
+
+def test_a_validator_error_reads_as_its_message_without_pydantics_prefix():
+    from ctxforge.train.config import TrainConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, "train-tiny", ["stages.0.sp_degree=3"])
+    text = str(err.value)
+    assert "stages.0: stage 4K: workers 2 is not a multiple of sp_degree 3" in text, text
+    assert "Value error" not in text
+    # a type error keeps pydantic's own wording, which is already the message
+    with pytest.raises(ConfigError, match="stages.0.workers: Input should be a valid integer"):
+        load_config(TrainConfig, "train-tiny", ["stages.0.workers=two"])
