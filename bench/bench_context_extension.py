@@ -44,14 +44,19 @@ def parse_stages(spec: str) -> list[tuple[str, int, float]]:
     return stages
 
 
-def zero_shot_model(base: Path, out: Path, rope_type: str, longest: int) -> Path:
-    """A model directory with base's weights (symlinked) and RoPE scaling written into its config.json."""
-    factor = longest / BASE_WINDOW
+def _link_all_but_config(base: Path, out: Path) -> None:
+    """out/ gets a symlink to each of base's files except config.json, which the caller writes."""
     out.mkdir(parents=True, exist_ok=True)
     for item in base.iterdir():
         target = out / item.name
         if item.name != "config.json" and not target.exists():
             target.symlink_to(item)
+
+
+def zero_shot_model(base: Path, out: Path, rope_type: str, longest: int) -> Path:
+    """A model directory with base's weights (symlinked) and RoPE scaling written into its config.json."""
+    factor = longest / BASE_WINDOW
+    _link_all_but_config(base, out)
     config = json.loads((base / "config.json").read_text())
     rope = dict(config["rope_parameters"])
     rope.update(rope_type=rope_type, factor=factor)
@@ -67,11 +72,7 @@ def zero_shot_model(base: Path, out: Path, rope_type: str, longest: int) -> Path
 def theta_only_model(base: Path, trained: Path, out: Path) -> Path:
     """A model directory with base's weights (symlinked) and the trained checkpoint's config.json: the same RoPE
     base and window as the trained model, none of its updates."""
-    out.mkdir(parents=True, exist_ok=True)
-    for item in base.iterdir():
-        target = out / item.name
-        if item.name != "config.json" and not target.exists():
-            target.symlink_to(item)
+    _link_all_but_config(base, out)
     shutil.copy(trained / "config.json", out / "config.json")
     return out
 

@@ -83,9 +83,7 @@ def quiet_ray(config_dir: Path | None = None) -> None:
     os.environ[_RAY_DATA_CONFIG_ENV] = str(path)
     if "ray.data" in sys.modules:  # Ray Data configured itself at import time: apply the same config now
         logging.config.dictConfig(config)
-    for handler in logging.getLogger(ray.__name__).handlers:  # "Started a local Ray instance." and the like
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
+    _console_warnings_only(logging.getLogger(ray.__name__))  # "Started a local Ray instance." and the like
     # Ray Data warns once per pass whose requests are fewer than the generator actors (a global summary pass
     # of one request): expected, and not something to act on.
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
@@ -96,17 +94,28 @@ def is_quiet() -> bool:
     return _State.quiet
 
 
+def _console_warnings_only(logger: logging.Logger) -> None:
+    """The logger's console handlers (not its files) pass WARNING and above."""
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def _write_driver_log(logger: logging.Logger, logs: str) -> None:
+    """The logger also writes everything to <logs>/ctxforge-driver.log (once, however often called)."""
+    target = os.path.join(logs, "ctxforge-driver.log")
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in logger.handlers):
+        file_handler = logging.FileHandler(target)
+        file_handler.setFormatter(logging.Formatter(_FORMAT))
+        logger.addHandler(file_handler)
+
+
 def attach_driver_log(session_dir: str) -> str:
     """After ray.init in quiet mode: the driver's `ray` logger also writes everything to
     <session>/logs/ctxforge-driver.log. Returns the session's log directory."""
     logs = os.path.join(session_dir, "logs")
     _State.session_logs = logs
-    ray_logger = logging.getLogger("ray")
-    target = os.path.join(logs, "ctxforge-driver.log")
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in ray_logger.handlers):
-        file_handler = logging.FileHandler(target)
-        file_handler.setFormatter(logging.Formatter(_FORMAT))
-        ray_logger.addHandler(file_handler)
+    _write_driver_log(logging.getLogger("ray"), logs)
     return logs
 
 
@@ -118,15 +127,9 @@ def quiet_serve_driver() -> None:
     if not _State.quiet:
         return
     serve_logger = logging.getLogger("ray.serve")
-    for handler in serve_logger.handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
+    _console_warnings_only(serve_logger)
     if _State.session_logs:
-        target = os.path.join(_State.session_logs, "ctxforge-driver.log")
-        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in serve_logger.handlers):
-            file_handler = logging.FileHandler(target)
-            file_handler.setFormatter(logging.Formatter(_FORMAT))
-            serve_logger.addHandler(file_handler)
+        _write_driver_log(serve_logger, _State.session_logs)
 
 
 def ray_logs_dir() -> str | None:

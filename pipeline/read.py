@@ -102,6 +102,17 @@ def list_input_files(path: str, fmt: str) -> dict[str, list[str]]:
     return kinds
 
 
+def holds_a_file(root: Path) -> bool:
+    """list_input_files' "holds no files" check for a local directory, without listing it: True at the first
+    file that is not hidden (the same rule: no part of its path starts with "."), so a preflight on a corpus of
+    millions stops at its first file."""
+    for _dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(not f.startswith(".") for f in filenames):
+            return True
+    return False
+
+
 def _compression_of(path: str) -> tuple[str, str]:
     """(codec or "", the path without its compression suffix)."""
     lower = path.lower()

@@ -34,6 +34,7 @@ from ctxforge.pipeline.generators.base import GeneratorBackend
 from ctxforge.pipeline.hierarchy import DocState, Planner
 from ctxforge.pipeline.passes import PassRunner, PassStats
 from ctxforge.pipeline.prompts import PromptSetError, load_prompt_set
+from ctxforge.pipeline.read import holds_a_file
 from ctxforge.pipeline.scheduler import RequestScheduler
 from ctxforge.pipeline.write import RenderPool, SynthReport, render_workers, write_manifest
 from ctxforge.raycluster import init_ray
@@ -87,7 +88,7 @@ def preflight(cfg: SynthConfig) -> Preflight:
         local = Path(cfg.input.path)
         if not local.exists():
             raise PreflightError(f"input.path {cfg.input.path!r} does not exist")
-        if local.is_dir() and not _holds_a_file(local):
+        if local.is_dir() and not holds_a_file(local):
             raise PreflightError(f"input.path {cfg.input.path!r} holds no files")
     if "://" not in cfg.output.dir and Path(cfg.output.dir).exists() and not Path(cfg.output.dir).is_dir():
         raise PreflightError(f"output.dir {cfg.output.dir!r} is a file, not a directory")
@@ -105,15 +106,6 @@ def preflight(cfg: SynthConfig) -> Preflight:
     except (ValueError, NotImplementedError) as exc:
         raise PreflightError(str(exc)) from None
     return Preflight(target_path, generator_path, tokenizer, tokenizer_hash(tokenizer), budget, cache_dir(), backend)
-
-
-def _holds_a_file(root: Path) -> bool:
-    """True at the first regular, non-hidden file under root (a corpus of millions stops at its first)."""
-    for _dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if any(not f.startswith(".") for f in filenames):
-            return True
-    return False
 
 
 def _check_endpoint(cfg: SynthConfig) -> None:

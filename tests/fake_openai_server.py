@@ -39,6 +39,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+# the shipped fake engine's reading of a prompt: one implementation for both fakes
 from ctxforge.pipeline.generators.fake import last_user, middle_quote
 
 Fault = int | str | None  # status code, "timeout", "malformed", "disconnect"; None = succeed
@@ -97,11 +98,6 @@ def request_key(messages: Any) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# the shipped fake engine's reading of a prompt: one implementation for both fakes
-last_user_text = last_user
-quote_from = middle_quote
-
-
 _TEXT_BLOCK = re.compile(r"<text(?: \d+)?>\n(.*?)\n</text(?: \d+)?>", re.S)
 
 
@@ -145,7 +141,7 @@ def _instance(node: dict, root: dict, prompt: str, name: str) -> Any:
         if "quote" in name.lower():  # one quote from each text shown, as the prompt asks
             blocks = text_blocks(prompt)
             n = max(n, min(len(blocks), int(node.get("maxItems", len(blocks)))))
-            return [quote_from(blocks[i % len(blocks)], node.get("items", {}).get("maxLength")) for i in range(n)]
+            return [middle_quote(blocks[i % len(blocks)], node.get("items", {}).get("maxLength")) for i in range(n)]
         return [_instance(node.get("items", {}), root, prompt, name) for _ in range(n)]
     if kind in ("integer", "number"):
         low = node.get("minimum", node.get("exclusiveMinimum", -1) + 1)
@@ -156,7 +152,7 @@ def _instance(node: dict, root: dict, prompt: str, name: str) -> Any:
         return None
     max_len = node.get("maxLength")
     if "quote" in name.lower():
-        text = quote_from(text_blocks(prompt)[0], max_len)
+        text = middle_quote(text_blocks(prompt)[0], max_len)
     else:
         digest = hashlib.sha256(f"{name}\0{prompt}".encode()).hexdigest()[:12]
         text = f"{name} {digest}: " + " ".join(prompt.split()[:12])
@@ -313,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
             messages = req["messages"]
         except (ValueError, KeyError, TypeError) as e:
             return self._send_json(400, {"error": {"message": f"bad request: {e}", "type": "invalid_request_error"}})
-        prompt = last_user_text(messages)
+        prompt = last_user(messages)
         key = request_key(messages)
         with fake.stats.lock:
             fake.stats.bodies.append(req)

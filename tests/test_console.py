@@ -11,6 +11,13 @@ import threading
 import time
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter whose environment lacks RAY_DATA_LOGGING_CONFIG: a CLI command run
+    in-process earlier in this pytest session may have set it (quiet_ray), which would silence a negative control."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_LOGGING_CONFIG"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
 def test_quiet_ray_keeps_ray_data_info_off_the_console_and_warnings_on_it(tmp_path):
     code = (
         "import logging, os, sys\n"
@@ -22,17 +29,13 @@ def test_quiet_ray_keeps_ray_data_info_off_the_console_and_warnings_on_it(tmp_pa
         "log.warning('WARNING-LINE')\n"
         "print(os.environ['RAY_DATA_LOGGING_CONFIG'])\n"
     )
-    # Both children start from an environment without the variable: a CLI command run in-process earlier in this
-    # pytest session called quiet_ray() and left it set, which would silence the negative control too.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_LOGGING_CONFIG"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "WARNING-LINE" in proc.stderr and "PROGRESS-LINE" not in proc.stderr + proc.stdout
     assert proc.stdout.strip() == str(tmp_path / "ray-data-logging.yaml")  # the file Ray's workers read too
     # negative control: without quiet_ray, Ray Data prints its INFO records on the console
-    plain = subprocess.run([sys.executable, "-c", code.replace(f"quiet_ray({str(tmp_path)!r})", "pass")
-                            .replace("print(os.environ['RAY_DATA_LOGGING_CONFIG'])", "")],
-                           capture_output=True, text=True, timeout=300, env=env)
+    plain = _python(code.replace(f"quiet_ray({str(tmp_path)!r})", "pass")
+                    .replace("print(os.environ['RAY_DATA_LOGGING_CONFIG'])", ""))
     assert "PROGRESS-LINE" in plain.stderr + plain.stdout
 
 
@@ -48,15 +51,13 @@ def test_quiet_serve_driver_moves_serves_info_lines_to_the_driver_log(tmp_path):
         "log.info('SERVE-INFO')\n"
         "log.warning('SERVE-WARNING')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_LOGGING_CONFIG"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     console = proc.stderr + proc.stdout
     assert "SERVE-WARNING" in console and "SERVE-INFO" not in console
     assert "SERVE-INFO" in (tmp_path / "ctxforge-driver.log").read_text()   # kept, in the file the demo names
     # negative control: Serve's own console handler prints its INFO lines
-    plain = subprocess.run([sys.executable, "-c", code.replace("console.quiet_serve_driver()", "pass")],
-                           capture_output=True, text=True, timeout=300, env=env)
+    plain = _python(code.replace("console.quiet_serve_driver()", "pass"))
     assert "SERVE-INFO" in plain.stderr + plain.stdout
 
 
