@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 
-from ctxforge.pipeline.cache import RequestCache
-from ctxforge.pipeline.config import GeneratorConfig, LimitsConfig
-from ctxforge.pipeline.generators.base import GeneratorBackend, batch_rows, rows_batch
-from ctxforge.pipeline.passes import PassRunner, validate_output
+from ctxforge.generation.cache import RequestCache
+from ctxforge.pipeline.config import LimitsConfig
+from ctxforge.generation.config import GeneratorConfig
+from ctxforge.generation.backends.base import GeneratorBackend, batch_rows, rows_batch
+from ctxforge.generation.validation import PassRunner, validate_output
 from ctxforge.pipeline.prompts import qa_schema, summary_schema
-from ctxforge.pipeline.requests import Request, attempt_seed
+from ctxforge.generation.requests import Request, attempt_seed
 
 SCHEMA = qa_schema(LimitsConfig())
 

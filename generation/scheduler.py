@@ -18,11 +18,11 @@ import time
 from collections import deque
 from typing import Callable
 
-from ctxforge.pipeline.cache import RequestCache
-from ctxforge.pipeline.config import GeneratorConfig
-from ctxforge.pipeline.engines import EnginePool
-from ctxforge.pipeline.passes import PassStats, reason_class, validate
-from ctxforge.pipeline.requests import Request, request_row
+from ctxforge.generation.cache import RequestCache
+from ctxforge.generation.config import GeneratorConfig
+from ctxforge.generation.pool import EnginePool
+from ctxforge.generation.validation import PassStats, reason_class, validate
+from ctxforge.generation.requests import Request, request_row
 
 log = logging.getLogger(__name__)
 
