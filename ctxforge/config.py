@@ -73,7 +73,7 @@ STAGE_MODELS = {
     "synth": "ctxforge.pipeline.config:SynthConfig",
     "train": "ctxforge.train.config:TrainConfig",
     "serve": "ctxforge.serve.config:ServeConfig",
-    "eval": "ctxforge.serve.config:EvalConfig",
+    "eval": "ctxforge.serve.eval_config:EvalConfig",
     "lengthen": "ctxforge.lengthen.config:LengthenConfig",
 }
 

@@ -1,7 +1,7 @@
 """Config of the serve stage: one validated pydantic model each (see ctxforge.config).
 
 `ServeConfig` describes one served checkpoint (CPU transformers deployment or GPU `ray.serve.llm`);
-the evaluation's config is in eval_config.py. This module knows nothing about HTTP or Ray;
+the evaluation's config is eval_config.py's `EvalConfig` (it imports this module, never the reverse). This module knows nothing about HTTP or Ray;
 `checkpoint_context_length` reads a checkpoint's config.json (and an optional RoPE override) to find
 the window its RoPE setup is built for.
 """
@@ -143,14 +143,3 @@ def rope_label(rope: RopeConfig | None, window: int) -> str:
     parts.append(f"to {window}")
     return " ".join(parts)
 
-
-_EVAL_NAMES = ("EvalConfig", "EndpointConfig", "RulerConfig", "InfiniteBenchConfig", "LmEvalConfig", "JudgeConfig",
-               "LongBenchChatConfig", "ClientConfig", "ReferenceRow", "RULER_TASKS", "INFINITEBENCH_TASKS")
-
-
-def __getattr__(name):
-    """The eval stage's config lives in eval_config.py; `from ctxforge.serve.config import EvalConfig` still works."""
-    if name in _EVAL_NAMES:
-        from ctxforge.serve import eval_config
-        return getattr(eval_config, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
