@@ -17,7 +17,7 @@ converts the checkpoint once to DeepSpeed's universal format (`ds_to_universal`:
 with its fp32 weights and Adam moments, independent of the partitioning) beside it, under `universal/`,
 and every rank loads that with `checkpoint.load_universal`. That one resume reads every shard (rank 0)
 and the whole universal checkpoint (each rank). Weights, optimizer moments, scheduler step and data
-position carry over exactly; see schedule.py for what a different global batch changes.
+position carry over exactly; see step_batches.py for what a different global batch changes.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
 
 def save(engine, lm, ckpt_dir: Path, state: dict, tokenizer_dir: str, export_hf_weights: bool) -> None:
     """Write this rank's part of a checkpoint into `ckpt_dir` (a collective: every rank calls it)."""
-    from .engine import export_hf
+    from .deepspeed_setup import export_hf
 
     engine.save_checkpoint(str(ckpt_dir / DS_DIR), tag=DS_TAG, client_state={"train_state": state})
     if export_hf_weights:

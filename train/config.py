@@ -180,7 +180,7 @@ class TrainConfig(StrictModel):
         """What decides what a stage computes: model, input, the stage and every earlier stage, seed, dtype.
         Left out, so that a rerun with them changed resumes: runtime knobs (progress, failures, fault
         injection, storage, trackers) and the layout (`LAYOUT_KEYS`: workers, sp_degree, grad_accum), which
-        changes how a step is spread over ranks, not the data order or the loss (schedule.py says what a
+        changes how a step is spread over ranks, not the data order or the loss (step_batches.py says what a
         different dp x grad_accum changes)."""
         inputs = self.input.model_dump(mode="json")
         inputs["dir"] = inputs.pop("path")  # its name before the rename: fingerprints of earlier runs stay valid

@@ -26,7 +26,7 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import DataError
-from .loop import ResumeError, check_enough_data, open_source, stage_schedule, train_stage_worker
+from .loop import ResumeError, check_enough_data, open_source, stage_step_batches, train_stage_worker
 from .resources import RayClusterView, check_capacity, scaling_config, worker_resources
 
 COMPLETE = "stage_complete.json"
@@ -86,7 +86,7 @@ def preflight(cfg: TrainConfig, tokenizer, tok_hash: str) -> dict:
         source = open_source(cfg, i, tok_hash, tokenizer)
         if not len(source):
             raise DataError(f"stage {stage.name}: no usable sample in {cfg.input.path} ({source.stats})")
-        check_enough_data(stage_schedule(source, stage, cfg.runtime.seed), stage, i)
+        check_enough_data(stage_step_batches(source, stage, cfg.runtime.seed), stage, i)
         stats[stage.name] = source.stats
     return stats
 

@@ -20,19 +20,19 @@ from typing import Callable, Iterator
 
 
 @dataclass(frozen=True)
-class Position:
+class DataPosition:
     epoch: int = 0
     index: int = 0  # next micro-batch of that epoch's plan
 
 
 @dataclass(frozen=True)
-class Step:
+class OptimizerStep:
     epoch: int
     microbatches: list[list[int]]  # per_step micro-batches (sample indices), in plan order
-    after: Position                # the position once this step is done
+    after: DataPosition                # the position once this step is done
 
 
-class StepSchedule:
+class StepBatches:
     """Steps from a position. `plan(epoch)` -> that epoch's micro-batches; `epochs` bounds the stream
     unless `max_steps` > 0 (then epochs repeat until max_steps steps in all)."""
 
@@ -44,13 +44,13 @@ class StepSchedule:
     def _epoch_steps(self, epoch: int, start: int) -> int:
         return max(0, (len(self.plan(epoch)) - start) // self.per_step)
 
-    def steps_left(self, pos: Position, done: int = 0) -> int:
+    def steps_left(self, pos: DataPosition, done: int = 0) -> int:
         """Steps still to run from `pos` after `done` steps."""
         if self.max_steps:
             return max(0, self.max_steps - done)
         return sum(self._epoch_steps(e, pos.index if e == pos.epoch else 0) for e in range(pos.epoch, self.epochs))
 
-    def steps(self, pos: Position, done: int = 0) -> Iterator[Step]:
+    def steps(self, pos: DataPosition, done: int = 0) -> Iterator[OptimizerStep]:
         """The remaining steps, in order, starting at `pos`."""
         left = self.steps_left(pos, done)
         epoch, index = pos.epoch, pos.index
@@ -64,6 +64,6 @@ class StepSchedule:
                     raise ValueError(f"epoch {epoch - 1} has {len(plan)} micro-batches, fewer than one step's {self.per_step}")
                 continue
             guard = 0
-            yield Step(epoch, plan[index:index + self.per_step], Position(epoch, index + self.per_step))
+            yield OptimizerStep(epoch, plan[index:index + self.per_step], DataPosition(epoch, index + self.per_step))
             index += self.per_step
             left -= 1

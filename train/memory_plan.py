@@ -31,10 +31,10 @@ Per local token (`bytes_per_token`), at the peak, the backward of one checkpoint
 
 Source: counted from the saved tensors of transformers' Llama/Qwen2 decoder layer (autograd keeps the
 operands named above) and checked against the live-tensor peak of one decoder layer at Llama-3.1-8B sizes
-measured on fake tensors (bench/bench_plan.py, 2 layers, 64K-128K tokens: the formula is 0-15% above the
+measured on fake tensors (bench/bench_memory_plan.py, 2 layers, 64K-128K tokens: the formula is 0-15% above the
 measurement; the measurement uses torch's CPU attention, whose buffers differ a little from flash-attn's). ALST's own
 figures (500K tokens on 1 H100, 3.7M on 8) are reached with Liger's fused RMSNorm, which keeps neither
-`norm_fp32` nor `norm_backward`: tests/test_train_plan.py checks that the formula without those two terms
+`norm_fp32` nor `norm_backward`: tests/test_train_memory_plan.py checks that the formula without those two terms
 fits both published points.
 
 Per step, once per rank (`tile_bytes`):

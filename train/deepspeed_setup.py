@@ -1,4 +1,5 @@
-"""DeepSpeed engine for one stage: ZeRO config, optimizer + schedule, checkpoint save/load, HF export.
+"""Setting up DeepSpeed for one stage: ZeRO config, the engine with its optimizer and lr schedule, the flat-world
+check, the loss scale under SP, HF export, the worker's device and peak memory.
 
 The same engine runs on CPU (gloo, fp32, torch AdamW) and GPU (NCCL, bf16, optional CPU offload).
 
