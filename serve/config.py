@@ -74,7 +74,11 @@ class ServeConfig(StrictModel):
 
 def read_checkpoint_config(model_path: str) -> dict:
     """The checkpoint's config.json as a dict (its text_config for multimodal wrappers). A hub id (not a
-    directory) is read through transformers, which needs the hub."""
+    directory) is read through transformers, which needs the hub.
+
+    Raises FileNotFoundError naming the model when its config.json cannot be read (or, for a hub id, loaded from
+    the hub).
+    """
     path = Path(model_path) / "config.json"
     if not Path(model_path).exists() and not model_path.startswith(("/", ".", "~")):
         from transformers import AutoConfig
@@ -118,7 +122,11 @@ def context_length(cfg: dict, rope: dict) -> int:
 
 
 def checkpoint_context_length(model_path: str, rope: RopeConfig | None = None) -> int:
-    """The window of a checkpoint (config.json), or of the checkpoint with a RoPE override applied."""
+    """The window of a checkpoint (config.json), or of the checkpoint with a RoPE override applied.
+
+    Raises FileNotFoundError (read_checkpoint_config), and ValueError when config.json has no
+    max_position_embeddings.
+    """
     cfg = read_checkpoint_config(model_path)
     params = rope_parameters(cfg)
     if rope is not None:

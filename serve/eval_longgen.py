@@ -196,6 +196,8 @@ class LongGen(Benchmark):
     title = "Long-output generation"
 
     def preflight(self, cfg, api_keys: dict) -> None:
+        """The instructions load and the judge is complete. Raises PreflightError naming longgen.instructions
+        when they cannot be read, or longgen.judge.model when a judge URL is set without a model."""
         lg = cfg.longgen
         try:
             load_instructions(lg.instructions, "longgen_instructions.jsonl")

@@ -62,6 +62,9 @@ def run_lmeval(lc, base_url: str, model_id: str, tokenizer_path: str, window: in
 
 
 def check(cfg) -> None:
+    """Preflight of the lmeval section. Raises PreflightError naming the key when lm-eval is not installed,
+    lmeval.tasks is empty or names an unknown task or one whose data cannot load, or include_path is not a
+    directory."""
     lc = cfg.lmeval
     if not lc.enabled:
         return

@@ -70,7 +70,10 @@ class Job:
 
 
 async def merge(gens: list) -> "asyncio.AsyncIterator[tuple[int, Step]]":
-    """Interleave several async step iterators as (position, step); cancels the rest on exit."""
+    """Interleave several async step iterators as (position, step); cancels the rest on exit.
+
+    An exception raised by one of the iterators is raised here, and the others are cancelled.
+    """
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 

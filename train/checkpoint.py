@@ -136,7 +136,10 @@ def convert_to_universal(ds_tag_dir: Path, out_tag_dir: Path) -> None:
 def load(engine, local_root: Path, universal: bool) -> dict:
     """Restore weights, optimizer and scheduler from `local_root/deepspeed` (or `local_root/universal`
     when resharding; the engine must have been built with checkpoint.load_universal); return the
-    train_state saved with them."""
+    train_state saved with them.
+
+    Raises FileNotFoundError when `local_root` holds no DeepSpeed checkpoint.
+    """
     load_dir = local_root / (UNIVERSAL_DIR if universal else DS_DIR)
     path, client = engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
@@ -146,7 +149,10 @@ def load(engine, local_root: Path, universal: bool) -> dict:
 
 
 def final_export(checkpoint, dest: Path) -> dict:
-    """Copy a stage's final checkpoint's `hf/` (only that) into `dest` and return its train_state."""
+    """Copy a stage's final checkpoint's `hf/` (only that) into `dest` and return its train_state.
+
+    Raises FileNotFoundError when the checkpoint has no `hf/` export.
+    """
     fs, root = checkpoint.filesystem, checkpoint.path
     state = read_state(checkpoint)
     hf_root = _join(root, HF_DIR)

@@ -106,6 +106,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser, help_config: tuple = (No
 
 
 def run_plan(args) -> int:
+    """`ctxforge plan`: print the memory plan; returns the exit code (2 with one line on stderr for a bad flag,
+    config or model, which are raised inside as ValueError, ConfigError or FileNotFoundError)."""
     from .config import TrainConfig
     from .memory_plan import format_plan, plan_curriculum
 

@@ -163,7 +163,12 @@ class TrainConfig(StrictModel):
         return self
 
     def validate_for(self, model_config, available_workers: int | None = None) -> None:
-        """Checks that need the model's config (heads) and, when known, the cluster size."""
+        """Checks that need the model's config (heads) and, when known, the cluster size.
+
+        Raises ValueError naming the stage: a RoPE type training cannot use (check_trainable), an SP degree the
+        model's heads cannot be split by (SequenceParallelError, with the arithmetic), or more workers than
+        `available_workers`.
+        """
         text = model_config.get_text_config()
         rope = dict(getattr(text, "rope_parameters", None) or {})
         for stage in self.stages:

@@ -80,7 +80,11 @@ def _completed(final_dir: Path, fingerprint: str) -> bool:
 
 def preflight(cfg: TrainConfig, tokenizer, tok_hash: str) -> dict:
     """Index every stage's shards on the driver from metadata (footers, lengths, tokenizer hashes): a bad
-    shard, a foreign tokenizer or (strict) an over-long sample stops the run here, before any worker starts."""
+    shard, a foreign tokenizer or (strict) an over-long sample stops the run here, before any worker starts.
+
+    Raises DataError naming the stage and the input when a stage has no usable sample (and index_stage's
+    DataErrors for bad shards).
+    """
     stats = {}
     for i, stage in enumerate(cfg.stages):
         source = open_source(cfg, i, tok_hash, tokenizer)
@@ -138,7 +142,10 @@ def _absolute(path: str) -> str:
 def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
                    ray_address: str | None = None) -> CurriculumReport:
     """Train every unfinished stage. `ray_address`: a cluster to join (None: runtime.ray_address, else a
-    fresh local Ray)."""
+    fresh local Ray).
+
+    Raises RuntimeError naming the stage when Ray Train ends without a checkpoint at the stage's last step.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer

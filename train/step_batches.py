@@ -37,6 +37,7 @@ class StepBatches:
     unless `max_steps` > 0 (then epochs repeat until max_steps steps in all)."""
 
     def __init__(self, plan: Callable[[int], list[list[int]]], per_step: int, epochs: int, max_steps: int = 0):
+        """Raises ValueError when `per_step` is below 1."""
         if per_step < 1:
             raise ValueError(f"per_step must be >= 1 (got {per_step})")
         self.plan, self.per_step, self.epochs, self.max_steps = plan, per_step, epochs, max_steps
@@ -51,7 +52,10 @@ class StepBatches:
         return sum(self._epoch_steps(e, pos.index if e == pos.epoch else 0) for e in range(pos.epoch, self.epochs))
 
     def steps(self, pos: DataPosition, done: int = 0) -> Iterator[OptimizerStep]:
-        """The remaining steps, in order, starting at `pos`."""
+        """The remaining steps, in order, starting at `pos`.
+
+        Raises ValueError when an epoch has fewer micro-batches than one step takes.
+        """
         left = self.steps_left(pos, done)
         epoch, index = pos.epoch, pos.index
         guard = 0
