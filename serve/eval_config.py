@@ -19,6 +19,21 @@ from ctxforge.train.rope import RopeConfig
 
 
 
+def _known_tasks(tasks: list[str], registry, benchmark: str) -> list[str]:
+    """`tasks` unchanged when the benchmark's registry holds every one; else ValueError naming the others."""
+    bad = [t for t in tasks if t not in registry]
+    if bad:
+        raise ValueError(f"unknown {benchmark} task(s) {bad}; known: {list(registry)}")
+    return tasks
+
+
+def _sorted_counts(values: list[int], least: int, rule: str) -> list[int]:
+    """`values` sorted without repeats; ValueError `rule` when empty or one is below `least`."""
+    if not values or min(values) < least:
+        raise ValueError(f"{rule}, got {values}")
+    return sorted(set(values))
+
+
 class EndpointConfig(StrictModel):
     name: str = Field(description="Label of this model in the report (e.g. base, trained-1m).")
     model: PathStr = Field("ctxforge:tiny", description="Checkpoint: served here when base_url is null, and its tokenizer builds the prompts.")
@@ -45,17 +60,12 @@ class RulerConfig(StrictModel):
     @field_validator("tasks")
     @classmethod
     def _known(cls, v):
-        bad = [t for t in v if t not in ruler_tasks.TASKS]
-        if bad:
-            raise ValueError(f"unknown RULER task(s) {bad}; known: {list(ruler_tasks.TASKS)}")
-        return v
+        return _known_tasks(v, ruler_tasks.TASKS, "RULER")
 
     @field_validator("lengths")
     @classmethod
     def _lengths(cls, v):
-        if not v or min(v) < 256:
-            raise ValueError(f"lengths must be a non-empty list of ints >= 256, got {v}")
-        return sorted(set(v))
+        return _sorted_counts(v, 256, "lengths must be a non-empty list of ints >= 256")
 
     @field_validator("depths")
     @classmethod
@@ -75,10 +85,7 @@ class InfiniteBenchConfig(StrictModel):
     @field_validator("tasks")
     @classmethod
     def _known(cls, v):
-        bad = [t for t in v if t not in infinitebench.TASK_ORDER]
-        if bad:
-            raise ValueError(f"unknown InfiniteBench task(s) {bad}; known: {list(infinitebench.TASK_ORDER)}")
-        return v
+        return _known_tasks(v, infinitebench.TASK_ORDER, "InfiniteBench")
 
     @model_validator(mode="after")
     def _needs_dir(self):
@@ -150,9 +157,7 @@ class LongGenConfig(StrictModel):
     @field_validator("targets")
     @classmethod
     def _targets(cls, v):
-        if not v or min(v) < 1:
-            raise ValueError(f"targets must be a non-empty list of positive word counts, got {v}")
-        return sorted(set(v))
+        return _sorted_counts(v, 1, "targets must be a non-empty list of positive word counts")
 
     @field_validator("types")
     @classmethod

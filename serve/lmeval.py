@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 from ctxforge.config import PreflightError
+from ctxforge.serve import report
 from ctxforge.serve.benchmarks import Benchmark, EndpointContext, register
 from ctxforge.serve.client import Record
 
@@ -152,11 +153,7 @@ class LmEval(Benchmark):
         ax.set_title("lm-evaluation-harness")
         ax.legend(fontsize=8)
         plot_dir.mkdir(parents=True, exist_ok=True)
-        path = plot_dir / "lmeval.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return [str(path)]
+        return [report.save_figure(fig, plot_dir / "lmeval.png")]
 
 
 def _main(metrics: dict) -> str:
