@@ -57,7 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_train_sp.py
 	$(BIN)/python bench/bench_train_packing.py
 	$(BIN)/python bench/bench_lengthen.py
-	$(BIN)/python bench/bench_plan.py
+	$(BIN)/python bench/bench_memory_plan.py
 
 # SmolLM2 past its 8K window with the project's curriculum; hours on a 2-core CPU (flags: see the script)
 bench-context-extension: $(STAMP)

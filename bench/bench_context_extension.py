@@ -107,7 +107,7 @@ def train_curriculum(synth: Path, out: Path, stages, steps: int, lr: float):
 
 def evaluate_models(models: dict[str, str], out: Path, lengths: list[int], samples: int):
     from ctxforge.config import load_config
-    from ctxforge.serve.config import EvalConfig
+    from ctxforge.serve.eval_config import EvalConfig
     from ctxforge.serve.evaluate import evaluate
 
     entries = json.dumps([{"name": name, "model": path} for name, path in models.items()])

@@ -40,10 +40,10 @@ def _prompt(words: int) -> str:
 def in_process_latencies(model_path: str, prompts: dict[str, str], n: int, max_tokens: int) -> dict[str, list[float]]:
     import torch
 
-    from ctxforge.serve.engine import HFEngine, SamplingParams
+    from ctxforge.serve.served_model import HFServedModel, SamplingParams
 
     torch.set_num_threads(1)
-    engine = HFEngine(model_path, "tiny", 32768, device="cpu")
+    engine = HFServedModel(model_path, "tiny", 32768, device="cpu")
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
     async def one(text: str) -> float:
@@ -64,10 +64,10 @@ def feature_costs(model_path: str, n: int, max_tokens: int) -> dict[str, float]:
     """Seconds per generated token (median of n) for plain greedy decoding and with each feature on."""
     import torch
 
-    from ctxforge.serve.engine import HFEngine, SamplingParams
+    from ctxforge.serve.served_model import HFServedModel, SamplingParams
 
     torch.set_num_threads(1)
-    engine = HFEngine(model_path, "tiny", 32768, device="cpu")
+    engine = HFServedModel(model_path, "tiny", 32768, device="cpu")
     schema = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
               "required": ["title", "year"]}
     ids = engine.encode_chat([{"role": "user", "content": _prompt(300)}], True, False)

@@ -62,7 +62,7 @@ def trial(root: str, mode: str, max_seq_len: int, dp: int) -> dict:
     """In this (fresh) process: the data path of DP rank 0, peak RSS growth in bytes."""
     from ctxforge.train.batching import collate, plan_microbatches
     from ctxforge.train.data import StageSource, index_stage, read_stage
-    from ctxforge.train.schedule import Position, StepSchedule
+    from ctxforge.train.step_batches import DataPosition, StepBatches
 
     with open("/proc/self/clear_refs", "w") as fh:  # reset the peak mark (Linux >= 4.0)
         fh.write("5")
@@ -74,9 +74,9 @@ def trial(root: str, mode: str, max_seq_len: int, dp: int) -> dict:
     else:
         source = StageSource(index_stage(root, "S", max_seq_len, "h"), [])
         lengths = source.lengths
-        schedule = StepSchedule(lambda e: plan_microbatches(lengths, "pack", max_seq_len, 1, 0, e), dp, 1)
+        schedule = StepBatches(lambda e: plan_microbatches(lengths, "pack", max_seq_len, 1, 0, e), dp, 1)
         held = steps = 0
-        for step in schedule.steps(Position()):
+        for step in schedule.steps(DataPosition()):
             mb = collate(source.read(step.microbatches[0]), "pack", "sample", None)  # DP rank 0's micro-batch
             held = max(held, mb.real_tokens)
             steps += 1

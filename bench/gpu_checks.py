@@ -104,7 +104,7 @@ def check_flash_varlen(device) -> dict:
 
 def _step_peak(model, batch, offload: bool, device) -> int:
     """Peak bytes allocated above what was allocated before one forward + backward."""
-    from ctxforge.train.memory import checkpoint_offload
+    from ctxforge.train.memory_savers import checkpoint_offload
     from ctxforge.train.model import weighted_loss_sum
 
     torch.cuda.synchronize(device)
@@ -125,8 +125,8 @@ def check_peak_memory(device, lengths: list[int], layers: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ctxforge.train.config import RuntimeConfig
-    from ctxforge.train.memory import enable_tiled_mlp
-    from ctxforge.train.plan import KNOWN_ARCHITECTURES, Arch, bytes_per_token, tile_bytes
+    from ctxforge.train.memory_savers import enable_tiled_mlp
+    from ctxforge.train.memory_plan import KNOWN_ARCHITECTURES, Arch, bytes_per_token, tile_bytes
     from ctxforge.train.sequence_parallel import DOC_SDPA, FLASH_VARLEN, register_doc_sdpa
 
     register_doc_sdpa()

@@ -76,7 +76,7 @@ STAGE_MODELS = {
     "synth": "ctxforge.pipeline.config:SynthConfig",
     "train": "ctxforge.train.config:TrainConfig",
     "serve": "ctxforge.serve.config:ServeConfig",
-    "eval": "ctxforge.serve.config:EvalConfig",
+    "eval": "ctxforge.serve.eval_config:EvalConfig",
     "lengthen": "ctxforge.lengthen.config:LengthenConfig",
 }
 
@@ -88,7 +88,10 @@ def packaged_config_names() -> list[str]:
 
 
 def resolve_config_path(spec: str) -> tuple[str, str]:
-    """Return (label, yaml_text) for a path or a packaged config name such as `tiny`."""
+    """Return (label, yaml_text) for a path or a packaged config name such as `tiny`.
+
+    Raises ConfigError listing the packaged names when `spec` is neither a file nor one of them.
+    """
     path = Path(spec).expanduser()
     if path.is_file():
         return str(path), path.read_text(encoding="utf-8")
@@ -111,7 +114,10 @@ def _parse_override_value(raw: str) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], label: str = "command line") -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides in place. List items are addressed by index (`stages.0.samples=3`)."""
+    """Apply `a.b.c=value` overrides in place. List items are addressed by index (`stages.0.samples=3`).
+
+    Raises ConfigError naming the override when it is not key=value, has an empty key, or descends into a value.
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{label}: override {item!r} is not of the form key=value")
@@ -279,7 +285,11 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
 
 def load_config(model: type[ConfigT], spec: str | None, overrides: list[str] | None = None,
                 default: str | None = None) -> ConfigT:
-    """Load `spec` (path or packaged name; `default` when None), apply overrides, validate."""
+    """Load `spec` (path or packaged name; `default` when None), apply overrides, validate.
+
+    Raises ConfigError, one line naming the file and key: no config given, not YAML, not a mapping, an unknown key
+    or an invalid value.
+    """
     spec = spec or default
     if spec is None:
         raise ConfigError("no --config given")

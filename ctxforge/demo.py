@@ -158,7 +158,7 @@ def run_demo(synth_config: str | None, synth_overrides: list[str], preset_name: 
     from ctxforge.pipeline.config import SynthConfig
     from ctxforge.pipeline.run import synthesize
     from ctxforge.pipeline.write import print_summary
-    from ctxforge.serve.config import EvalConfig
+    from ctxforge.serve.eval_config import EvalConfig
     from ctxforge.serve.evaluate import evaluate
     from ctxforge.train.config import TrainConfig
     from ctxforge.train.curriculum import run_curriculum, stage_checkpoint_dir

@@ -9,8 +9,6 @@ exactly as it would load Qwen2.5-72B-Instruct: nothing in the pipeline special-c
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import importlib.resources
@@ -18,8 +16,10 @@ import json
 import logging
 import os
 import pathlib
-import shutil
-import tempfile
+
+from ctxforge.model_dir import write_model_dir
+from ctxforge.smollm2 import CACHE_SUBDIR as SMOLLM2_CACHE_SUBDIR
+from ctxforge.smollm2 import SMOLLM2_SPEC, ModelUnavailableError, materialize_smollm2
 
 logger = logging.getLogger(__name__)
 
@@ -133,85 +133,27 @@ def _marker_payload(seed: int) -> dict:
     return {"spec": TINY_MODEL_SPEC, "recipe_version": _RECIPE_VERSION, "seed": seed}
 
 
-def _is_complete(out_dir: pathlib.Path, seed: int) -> bool:
-    try:
-        return json.loads((out_dir / _MARKER).read_text()) == _marker_payload(seed)
-    except (OSError, ValueError):
-        return False
-
-
-# What a materialized model directory holds (save_pretrained's files): a directory of only these (a model of
-# ours, or one an older version left half-written) may be rebuilt; anything else in it is someone's data.
-MODEL_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                         "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
-                         "merges.txt", "added_tokens.json"})
-
-
-def check_replaceable(out_dir: pathlib.Path, marker: str) -> None:
-    """Refuse to write a model over anything ctxforge did not write: `out_dir` must be absent, or a directory
-    holding `marker` (a model of ours: stale, other seed, or --overwrite), or one holding only model files
-    (MODEL_FILES). Raises FileExistsError naming `out_dir`: a file, or a directory with other content, is never
-    deleted."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir}: exists and is not a directory; give a new directory for the model")
-    if (out_dir / marker).is_file():
-        return
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in MODEL_FILES or not p.is_file())
-    if foreign:
-        raise FileExistsError(f"{out_dir}: a directory ctxforge did not write (it holds {', '.join(foreign[:3])}"
-                              f"{' ...' if len(foreign) > 3 else ''}); give a new or empty directory for the model")
-
-
-@contextlib.contextmanager
-def dir_lock(out_dir: pathlib.Path):
-    """Serialise builders of the same directory (e.g. several Ray workers on one node)."""
-    lock_path = out_dir.with_name(out_dir.name + ".lock")
-    with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def materialize_tiny_model(out_dir, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
-    """Write the tiny Qwen2 model directory at `out_dir` (once) and return its path.
+    """Write the tiny Qwen2 model directory at `out_dir` (once) and return its absolute path.
 
     Deterministic (same seed, same bytes) and idempotent: a directory whose marker says it was completely
-    written with this seed and recipe is returned as is, unless `overwrite`. Everything is written into a
-    sibling temp directory, the marker last, and then renamed into place, so a killed run never leaves a
-    half model under `out_dir`; a directory without a (matching) marker is rebuilt.
+    written with this seed and recipe is returned as is, unless `overwrite`; otherwise it is written atomically
+    (model_dir.write_model_dir: a killed run never leaves a half model under `out_dir`).
+
+    Raises FileExistsError when `out_dir` is a file or a directory ctxforge did not write.
     """
-    out_dir = pathlib.Path(out_dir).expanduser().absolute()
-    check_replaceable(out_dir, _MARKER)  # before the lock file is made beside it
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with dir_lock(out_dir):
-        if not overwrite and _is_complete(out_dir, seed):
-            logger.debug("tiny model already materialized at %s", out_dir)
-            return out_dir
-        check_replaceable(out_dir, _MARKER)
+    def build(tmp: pathlib.Path) -> None:
         logger.info("materializing tiny Qwen2 model (seed=%d) at %s", seed, out_dir)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the model is meant to be shared (e.g. a node cache)
-        try:
-            _write_model(tmp, seed)
-            (tmp / _MARKER).write_text(json.dumps(_marker_payload(seed), sort_keys=True))
-            if out_dir.exists():  # stale, partial, other seed, or overwrite=True
-                shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out_dir
+        _write_model(tmp, seed)
+
+    return write_model_dir(out_dir, _MARKER, _marker_payload(seed), build, overwrite=overwrite)
 
 
 def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("CTXFORGE_CACHE") or "~/.cache/ctxforge").expanduser()
 
 
-PACKAGED_MODEL_SPECS = (TINY_MODEL_SPEC, "ctxforge:smollm2")
+PACKAGED_MODEL_SPECS = (TINY_MODEL_SPEC, SMOLLM2_SPEC)
 
 
 def resolve_model_path(spec: str, cache_dir: str | None = None) -> str:
@@ -229,10 +171,8 @@ def resolve_model_path(spec: str, cache_dir: str | None = None) -> str:
         root = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         if spec == TINY_MODEL_SPEC:
             return str(materialize_tiny_model(root / _CACHE_SUBDIR))
-        if spec == "ctxforge:smollm2":
-            from ctxforge.smollm2 import CACHE_SUBDIR, materialize_smollm2
-            return str(materialize_smollm2(root / CACHE_SUBDIR))
-        from ctxforge.smollm2 import ModelUnavailableError
+        if spec == SMOLLM2_SPEC:
+            return str(materialize_smollm2(root / SMOLLM2_CACHE_SUBDIR))
         raise ModelUnavailableError(f"model {spec!r}: unknown packaged model; the packaged models are "
                                     f"{', '.join(PACKAGED_MODEL_SPECS)}")
 

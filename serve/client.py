@@ -102,7 +102,12 @@ class EvalClient:
         self.cache = cache
 
     async def chat(self, http: httpx.AsyncClient, body: dict) -> tuple[dict, float, int]:
-        """POST one chat completion; returns (response JSON, latency of the successful attempt, attempts)."""
+        """POST one chat completion; returns (response JSON, latency of the successful attempt, attempts).
+
+        Raises EndpointError at once for a status that is not transient (not 408/409/429/5xx), and after
+        client.max_retries retries (exponential backoff from client.backoff_s, capped at 30 s) of transient
+        statuses, connection errors and timeouts.
+        """
         payload = dict(body, model=self.model_id)
         delay = self.cfg.backoff_s
         for attempt in range(1, self.cfg.max_retries + 2):

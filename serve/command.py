@@ -41,6 +41,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, help_config: tuple = (N
 
 
 def serve_config_from_args(args):
+    """The ServeConfig of `ctxforge serve`'s flags and key=value overrides (or of --config with them). Raises
+    ConfigError naming the key when a value or key is invalid."""
     from ctxforge.serve.config import ServeConfig
 
     flags = [f"{k}={v}" for k, v in (("model", args.model), ("port", args.port), ("host", args.host)) if v is not None]
@@ -110,6 +112,9 @@ def eval_api_keys(cfg) -> dict[str, str | None]:
 
 
 def run_eval(args) -> int:
+    """`ctxforge eval`: load the config, preflight, evaluate, print one line per model; returns the exit code.
+    Raises ConfigError for a bad config, PreflightError when preflight fails or an endpoint goes away after it
+    (the CLI prints either as one line and exits 2)."""
     from ctxforge.config import PreflightError
     from ctxforge.serve.benchmarks import benchmarks
     from ctxforge.serve.client import EndpointError

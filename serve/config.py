@@ -1,7 +1,7 @@
 """Config of the serve stage: one validated pydantic model each (see ctxforge.config).
 
 `ServeConfig` describes one served checkpoint (CPU transformers deployment or GPU `ray.serve.llm`);
-the evaluation's config is in eval_config.py. This module knows nothing about HTTP or Ray;
+the evaluation's config is eval_config.py's `EvalConfig` (it imports this module, never the reverse). This module knows nothing about HTTP or Ray;
 `checkpoint_context_length` reads a checkpoint's config.json (and an optional RoPE override) to find
 the window its RoPE setup is built for.
 """
@@ -74,7 +74,11 @@ class ServeConfig(StrictModel):
 
 def read_checkpoint_config(model_path: str) -> dict:
     """The checkpoint's config.json as a dict (its text_config for multimodal wrappers). A hub id (not a
-    directory) is read through transformers, which needs the hub."""
+    directory) is read through transformers, which needs the hub.
+
+    Raises FileNotFoundError naming the model when its config.json cannot be read (or, for a hub id, loaded from
+    the hub).
+    """
     path = Path(model_path) / "config.json"
     if not Path(model_path).exists() and not model_path.startswith(("/", ".", "~")):
         from transformers import AutoConfig
@@ -118,7 +122,11 @@ def context_length(cfg: dict, rope: dict) -> int:
 
 
 def checkpoint_context_length(model_path: str, rope: RopeConfig | None = None) -> int:
-    """The window of a checkpoint (config.json), or of the checkpoint with a RoPE override applied."""
+    """The window of a checkpoint (config.json), or of the checkpoint with a RoPE override applied.
+
+    Raises FileNotFoundError (read_checkpoint_config), and ValueError when config.json has no
+    max_position_embeddings.
+    """
     cfg = read_checkpoint_config(model_path)
     params = rope_parameters(cfg)
     if rope is not None:
@@ -143,14 +151,3 @@ def rope_label(rope: RopeConfig | None, window: int) -> str:
     parts.append(f"to {window}")
     return " ".join(parts)
 
-
-_EVAL_NAMES = ("EvalConfig", "EndpointConfig", "RulerConfig", "InfiniteBenchConfig", "LmEvalConfig", "JudgeConfig",
-               "LongBenchChatConfig", "ClientConfig", "ReferenceRow", "RULER_TASKS", "INFINITEBENCH_TASKS")
-
-
-def __getattr__(name):
-    """The eval stage's config lives in eval_config.py; `from ctxforge.serve.config import EvalConfig` still works."""
-    if name in _EVAL_NAMES:
-        from ctxforge.serve import eval_config
-        return getattr(eval_config, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

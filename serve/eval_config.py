@@ -12,19 +12,26 @@ from pydantic import Field, field_validator, model_validator
 
 from ctxforge.config import PathStr, StrictModel
 from ctxforge.serve.config import ServeConfig
+# One task list per benchmark, owned by the module that builds the tasks; the validators read it when they run,
+# so a task added there is accepted here.
+from ctxforge.serve import infinitebench, ruler_tasks
 from ctxforge.train.rope import RopeConfig
 
-RULER_TASKS = (
-    "niah_single_1", "niah_single_2", "niah_single_3",
-    "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
-    "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2",
-)
-INFINITEBENCH_TASKS = (
-    "passkey", "number_string", "kv_retrieval", "longbook_sum_eng", "longbook_choice_eng", "longbook_qa_eng",
-    "longbook_qa_chn", "longdialogue_qa_eng", "math_find", "math_calc", "code_run", "code_debug",
-)
 
 
+def _known_tasks(tasks: list[str], registry, benchmark: str) -> list[str]:
+    """`tasks` unchanged when the benchmark's registry holds every one; else ValueError naming the others."""
+    bad = [t for t in tasks if t not in registry]
+    if bad:
+        raise ValueError(f"unknown {benchmark} task(s) {bad}; known: {list(registry)}")
+    return tasks
+
+
+def _sorted_counts(values: list[int], least: int, rule: str) -> list[int]:
+    """`values` sorted without repeats; ValueError `rule` when empty or one is below `least`."""
+    if not values or min(values) < least:
+        raise ValueError(f"{rule}, got {values}")
+    return sorted(set(values))
 
 
 class EndpointConfig(StrictModel):
@@ -41,7 +48,7 @@ class EndpointConfig(StrictModel):
 
 class RulerConfig(StrictModel):
     enabled: bool = Field(True, description="Run RULER.")
-    tasks: list[str] = Field(default_factory=lambda: list(RULER_TASKS), description="RULER tasks to run (default: all 13).")
+    tasks: list[str] = Field(default_factory=lambda: list(ruler_tasks.TASKS), description="RULER tasks to run (default: all of ruler_tasks.TASKS, RULER's 13).")
     lengths: list[int] = Field(default_factory=lambda: [4096, 8192, 16384, 32768, 65536, 131072], description="Sequence lengths in tokens (prompt incl. chat template + tokens to generate).")
     num_samples: int = Field(500, ge=1, description="Samples per task and length (RULER: 500).")
     seed: int = Field(42, description="Random seed (RULER: 42); a sample is a function of (task, length, seed, index).")
@@ -53,17 +60,12 @@ class RulerConfig(StrictModel):
     @field_validator("tasks")
     @classmethod
     def _known(cls, v):
-        bad = [t for t in v if t not in RULER_TASKS]
-        if bad:
-            raise ValueError(f"unknown RULER task(s) {bad}; known: {list(RULER_TASKS)}")
-        return v
+        return _known_tasks(v, ruler_tasks.TASKS, "RULER")
 
     @field_validator("lengths")
     @classmethod
     def _lengths(cls, v):
-        if not v or min(v) < 256:
-            raise ValueError(f"lengths must be a non-empty list of ints >= 256, got {v}")
-        return sorted(set(v))
+        return _sorted_counts(v, 256, "lengths must be a non-empty list of ints >= 256")
 
     @field_validator("depths")
     @classmethod
@@ -76,17 +78,14 @@ class RulerConfig(StrictModel):
 class InfiniteBenchConfig(StrictModel):
     enabled: bool = Field(False, description="Run InfiniteBench (needs its JSONL files in data_dir).")
     data_dir: PathStr | None = Field(None, description="Directory holding InfiniteBench's <task>.jsonl files.")
-    tasks: list[str] = Field(default_factory=lambda: list(INFINITEBENCH_TASKS), description="Tasks to run (default: all 12); a missing file is reported as skipped.")
+    tasks: list[str] = Field(default_factory=lambda: list(infinitebench.TASK_ORDER), description="Tasks to run (default: all of infinitebench.TASK_ORDER, InfiniteBench's 12); a missing file is reported as skipped.")
     num_samples: int = Field(0, ge=0, description="Examples per task (0 = all).")
     max_length: int = Field(0, ge=0, description="Prompt budget before middle truncation; 0 = the endpoint's window minus generation tokens minus chat-template overhead.")
 
     @field_validator("tasks")
     @classmethod
     def _known(cls, v):
-        bad = [t for t in v if t not in INFINITEBENCH_TASKS]
-        if bad:
-            raise ValueError(f"unknown InfiniteBench task(s) {bad}; known: {list(INFINITEBENCH_TASKS)}")
-        return v
+        return _known_tasks(v, infinitebench.TASK_ORDER, "InfiniteBench")
 
     @model_validator(mode="after")
     def _needs_dir(self):
@@ -158,9 +157,7 @@ class LongGenConfig(StrictModel):
     @field_validator("targets")
     @classmethod
     def _targets(cls, v):
-        if not v or min(v) < 1:
-            raise ValueError(f"targets must be a non-empty list of positive word counts, got {v}")
-        return sorted(set(v))
+        return _sorted_counts(v, 1, "targets must be a non-empty list of positive word counts")
 
     @field_validator("types")
     @classmethod

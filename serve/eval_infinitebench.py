@@ -47,7 +47,11 @@ def summarize(records, out: dict) -> None:
 
 
 def check_files(cfg) -> None:
-    """data_dir exists; every task file present parses; a task named explicitly must have its file."""
+    """data_dir exists; every task file present parses; a task named explicitly must have its file.
+
+    Raises PreflightError naming the key when data_dir is missing, a listed task's file is absent or malformed, or
+    none of the task files is there.
+    """
     ic = cfg.infinitebench
     if not ic.enabled:
         return

@@ -25,6 +25,7 @@ from ctxforge.config import PreflightError
 from ctxforge.lengthen.checks import count_words, length_stats
 from ctxforge.lengthen.length_control import TYPES, Constraint, constraint, length_score
 from ctxforge.lengthen.prompts import load_instructions
+from ctxforge.serve import report
 from ctxforge.serve.benchmarks import Benchmark, EndpointContext, mean_with_failures, register
 from ctxforge.serve.client import EvalClient, EvalItem
 
@@ -183,11 +184,7 @@ def longgen_plots(results: dict, plot_dir: Path) -> list[str]:
     ax.set_ylabel("answers")
     ax.set_title("Long-output generation: output length per model (dotted: targets)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = plot_dir / "longgen_lengths.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [str(path)]
+    return [report.save_figure(fig, plot_dir / "longgen_lengths.png")]
 
 
 @register
@@ -196,6 +193,8 @@ class LongGen(Benchmark):
     title = "Long-output generation"
 
     def preflight(self, cfg, api_keys: dict) -> None:
+        """The instructions load and the judge is complete. Raises PreflightError naming longgen.instructions
+        when they cannot be read, or longgen.judge.model when a judge URL is set without a model."""
         lg = cfg.longgen
         try:
             load_instructions(lg.instructions, "longgen_instructions.jsonl")

@@ -75,7 +75,11 @@ def summarize(records: list[Record], out: dict) -> None:
 
 
 def check_sources(cfg) -> None:
-    """The essay haystack and the QA files, read now: a missing or malformed file is one line naming its key."""
+    """The essay haystack and the QA files, read now: a missing or malformed file is one line naming its key.
+
+    Raises PreflightError naming ruler.haystack, ruler.squad_path or ruler.hotpotqa_path when that file is missing
+    or malformed.
+    """
     from ctxforge.serve import ruler_data as rd
 
     rc = cfg.ruler

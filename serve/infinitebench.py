@@ -44,7 +44,10 @@ TEMPLATES = {
 
 
 def load_task(path: str | Path, task: str, limit: int = 0) -> list[dict]:
-    """Examples of one task file, validated: id, context, input, answer (list), options (MC/debug)."""
+    """Examples of one task file, validated: id, context, input, answer (list), options (MC/debug).
+
+    Raises ValueError naming the file and line when a line is not JSON or an example lacks a field.
+    """
     out = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -69,6 +72,8 @@ def load_task(path: str | Path, task: str, limit: int = 0) -> list[dict]:
 
 
 def build_prompt(task: str, ex: dict) -> str:
+    """The chat prompt of one example from its task's template (InfiniteBench's gpt4_templates). Raises ValueError
+    naming the example when a code_run input has no func_N(x) call or a math_find input no 'The ... of'."""
     template = TEMPLATES[task]
     opts = {f"OPTION_{c}": o for c, o in zip("ABCD", ex.get("options") or [])}
     if task == "code_run":
@@ -91,7 +96,10 @@ def generation_tokens(task: str, window: int) -> int:
 
 
 def prompt_budget(tokenizer, window: int, gen_tokens: int) -> int:
-    """Tokens left for the user prompt: window - generation - chat-template overhead (system turn included)."""
+    """Tokens left for the user prompt: window - generation - chat-template overhead (system turn included).
+
+    Raises ValueError stating the counts when the window leaves no room for a prompt.
+    """
     msgs = [{"role": "system", "content": "You are a helpful assistant"}, {"role": "user", "content": ""}]
     overhead = len(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]) \
         if tokenizer.chat_template else 0
@@ -232,7 +240,10 @@ def _rouge_lsum(pred: str, refs: list[str]) -> float:
 
 
 def score(task: str, pred: str, ex: dict) -> float:
-    """One example's score in [0, 100]."""
+    """One example's score in [0, 100].
+
+    Raises ValueError for a task that is not InfiniteBench's.
+    """
     label = gold(task, ex)
     if task in ("passkey", "number_string"):
         s = float(str(label[0]) == _first_int(pred))

@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 from ctxforge.config import PreflightError
+from ctxforge.serve import report
 from ctxforge.serve.benchmarks import Benchmark, EndpointContext, register
 from ctxforge.serve.client import Record
 
@@ -62,6 +63,9 @@ def run_lmeval(lc, base_url: str, model_id: str, tokenizer_path: str, window: in
 
 
 def check(cfg) -> None:
+    """Preflight of the lmeval section. Raises PreflightError naming the key when lm-eval is not installed,
+    lmeval.tasks is empty or names an unknown task or one whose data cannot load, or include_path is not a
+    directory."""
     lc = cfg.lmeval
     if not lc.enabled:
         return
@@ -149,11 +153,7 @@ class LmEval(Benchmark):
         ax.set_title("lm-evaluation-harness")
         ax.legend(fontsize=8)
         plot_dir.mkdir(parents=True, exist_ok=True)
-        path = plot_dir / "lmeval.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return [str(path)]
+        return [report.save_figure(fig, plot_dir / "lmeval.png")]
 
 
 def _main(metrics: dict) -> str:

@@ -138,6 +138,8 @@ def load_cases(path: str, few_shots_path: str, limit: int = 0) -> list[dict]:
 
 
 def check(cfg, api_keys: dict) -> None:
+    """Preflight of the longbench_chat section. Raises PreflightError naming the key when a data file is missing
+    or malformed, or the judge's endpoint does not serve judge.model."""
     from ctxforge.serve.preflight import check_endpoint
 
     lc = cfg.longbench_chat

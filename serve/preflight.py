@@ -11,7 +11,10 @@ from ctxforge.config import PreflightError
 
 
 def check_model(spec: str, key: str, rope=None) -> str:
-    """Resolve a model spec and read its config (window after a RoPE override); returns the path."""
+    """Resolve a model spec and read its config (window after a RoPE override); returns the path.
+
+    Raises PreflightError naming `key` when the model cannot be resolved or its config read.
+    """
     from ctxforge.models import resolve_model_path
     from ctxforge.serve.config import checkpoint_context_length
 
@@ -24,6 +27,8 @@ def check_model(spec: str, key: str, rope=None) -> str:
 
 
 def check_endpoint(base_url: str, api_key: str | None, key: str, timeout: float = 20.0) -> list[dict]:
+    """The models an endpoint lists at /v1/models. Raises PreflightError naming `key` when it cannot be reached or
+    answers with an error."""
     from ctxforge.serve.client import EndpointError, list_models
 
     try:
@@ -33,6 +38,9 @@ def check_endpoint(base_url: str, api_key: str | None, key: str, timeout: float 
 
 
 def preflight_eval(cfg, api_keys: dict) -> None:
+    """Every check before an eval does any work: models resolvable, endpoints reachable and serving the named
+    model, tokenizers loadable, each enabled benchmark's data read. Raises PreflightError naming the first key
+    that fails."""
     from ctxforge.models import load_tokenizer
     from ctxforge.serve.benchmarks import benchmarks
 

@@ -188,6 +188,9 @@ class ChatCompletionRequest(_Request):
     chat_template_kwargs: dict | None = None
 
     def check(self) -> None:
+        """Cross-field checks pydantic cannot express. Raises RequestError naming the field (max_tokens below
+        1, top_logprobs without logprobs, continue_final_message without a final assistant message or with
+        add_generation_prompt)."""
         super().check()
         if self.max_tokens == 0:
             raise RequestError("max_tokens", "must be at least 1")
@@ -217,6 +220,8 @@ class CompletionRequest(_Request):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def check(self) -> None:
+        """Cross-field checks pydantic cannot express. Raises RequestError naming the field (max_tokens 0
+        without echo, an empty prompt or prompt.N, more than MAX_PROMPTS prompts)."""
         super().check()
         if self.max_tokens == 0 and not self.echo:
             raise RequestError("max_tokens", "must be at least 1 (0 is allowed only with echo)")

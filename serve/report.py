@@ -132,6 +132,16 @@ def infinitebench_markdown(results: dict) -> list[str]:
     return lines
 
 
+def save_figure(fig, path: Path) -> str:
+    """Write a matplotlib figure as a PNG (100 dpi, tight layout), close it, and return the path as text."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
 def ruler_plots(results: dict, plot_dir: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -157,11 +167,7 @@ def ruler_plots(results: dict, plot_dir: Path) -> list[str]:
         ax.set_ylabel("needle depth")
         ax.set_title(f"Needle in a haystack — {name}")
         fig.colorbar(im, ax=ax, label="score")
-        path = plot_dir / f"niah_heatmap_{name}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(str(path))
+        written.append(save_figure(fig, plot_dir / f"niah_heatmap_{name}.png"))
     tasks = [t for t in RULER_TASKS if any(t in r["tasks"] for r in models.values())]
     cols = min(4, len(tasks))
     rows = math.ceil(len(tasks) / cols)
@@ -179,11 +185,7 @@ def ruler_plots(results: dict, plot_dir: Path) -> list[str]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("RULER score vs length, per task")
-    fig.tight_layout()
-    path = plot_dir / "ruler_tasks_vs_length.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(str(path))
+    written.append(save_figure(fig, plot_dir / "ruler_tasks_vs_length.png"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in models.items():
         xs = [n for n in lengths if str(n) in r["per_length"]]
@@ -199,11 +201,7 @@ def ruler_plots(results: dict, plot_dir: Path) -> list[str]:
     ax.set_ylabel("RULER average")
     ax.legend(fontsize=8)
     ax.set_title("RULER average vs length")
-    fig.tight_layout()
-    path = plot_dir / "ruler_average_vs_length.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(str(path))
+    written.append(save_figure(fig, plot_dir / "ruler_average_vs_length.png"))
     return written
 
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible route logic over an `Engine` (the Serve deployment in app.py only binds it).
+"""The OpenAI-compatible route logic over an `ServedModel` (the Serve deployment in app.py only binds it).
 
 Every request is checked completely before any generation starts: the body (400 naming the field,
 in OpenAI's error envelope), the model name (404), each prompt (non-empty, token ids inside the
@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from ctxforge.serve import protocol as p
 from ctxforge.serve import responses as r
-from ctxforge.serve.engine import ContextLengthError, Engine, Step
+from ctxforge.serve.served_model import ContextLengthError, ServedModel, Step
 from ctxforge.serve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,10 @@ class Job:
 
 
 async def merge(gens: list) -> "asyncio.AsyncIterator[tuple[int, Step]]":
-    """Interleave several async step iterators as (position, step); cancels the rest on exit."""
+    """Interleave several async step iterators as (position, step); cancels the rest on exit.
+
+    An exception raised by one of the iterators is raised here, and the others are cancelled.
+    """
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -99,7 +102,7 @@ async def merge(gens: list) -> "asyncio.AsyncIterator[tuple[int, Step]]":
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: Engine, api_key: str | None = None):
+    def __init__(self, engine: ServedModel, api_key: str | None = None):
         self.engine = engine
         self.api_key = api_key or None
 

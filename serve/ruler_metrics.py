@@ -25,22 +25,26 @@ def postprocess(pred: str) -> str:
 
 
 def match_all(pred: str, golds: list[str]) -> float:
-    """One sample's string_match_all score in [0, 1]."""
+    """One sample's string_match_all score in [0, 1]: the share of golds found in the prediction, case-blind
+    (RULER's scripts/eval/synthetic/constants.py, `string_match_all`, per sample)."""
     p = postprocess(pred).lower()
     return sum(1.0 for g in golds if g.lower() in p) / len(golds)
 
 
 def match_part(pred: str, golds: list[str]) -> float:
-    """One sample's string_match_part score in {0, 1}."""
+    """One sample's string_match_part score in {0, 1}: whether any gold is in the prediction, case-blind
+    (RULER's scripts/eval/synthetic/constants.py, `string_match_part`, per sample)."""
     p = postprocess(pred).lower()
     return max(1.0 if g.lower() in p else 0.0 for g in golds)
 
 
 def string_match_all(preds: list[str], refs: list[list[str]]) -> float:
+    """RULER's string_match_all over a task: the mean of `match_all` x 100."""
     return sum(match_all(p, r) for p, r in zip(preds, refs)) / len(preds) * 100
 
 
 def string_match_part(preds: list[str], refs: list[list[str]]) -> float:
+    """RULER's string_match_part over a task: the mean of `match_part` x 100."""
     return sum(match_part(p, r) for p, r in zip(preds, refs)) / len(preds) * 100
 
 

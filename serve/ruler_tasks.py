@@ -348,7 +348,11 @@ def _largest_fitting(count_at: Callable[[int], int], budget: int, step: int, cap
 
 def generate_task(task: str, length: int, num_samples: int, seed: int, sizer: PromptSizer,
                   sources: RulerSources, depths: list[float] | None = None) -> list[RulerSample]:
-    """`num_samples` samples of `task` that each fit `length` tokens (prompt + tokens to generate)."""
+    """`num_samples` samples of `task` that each fit `length` tokens (prompt + tokens to generate).
+
+    Raises ValueError for a task not in TASKS, one whose sources are missing (the reason stated), or a `length`
+    that even the smallest filler does not fit (both counts stated).
+    """
     if task not in TASKS:
         raise ValueError(f"unknown RULER task {task!r}; known: {list(TASKS)}")
     reason = sources.skipped(task)

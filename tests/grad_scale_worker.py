@@ -56,7 +56,7 @@ def _ds_step(model_path: str, tokenizer, zero_stage: int, world: int, rank: int,
 
     from ctxforge.train.batching import collate
     from ctxforge.train.config import RuntimeConfig, StageConfig
-    from ctxforge.train.engine import backward_scale, build_engine, ds_config, lr_lambda
+    from ctxforge.train.deepspeed_setup import backward_scale, build_engine, ds_config, lr_lambda
     from ctxforge.train.loss import step_counts, step_scale
     from ctxforge.train.model import load_stage_model
     from ctxforge.train.rope import RopeConfig
@@ -71,7 +71,7 @@ def _ds_step(model_path: str, tokenizer, zero_stage: int, world: int, rank: int,
     mpu = enable_ulysses(lm, sp, DOC_SDPA)
     if told_sp:  # the old wiring: DeepSpeed told about SP
         cfg = {**ds_config(stage, runtime, torch.device("cpu"), 1), "sequence_parallel_size": sp}
-        from ctxforge.train.engine import StageLossModel
+        from ctxforge.train.deepspeed_setup import StageLossModel
 
         wrapped = StageLossModel(lm, runtime.loss_chunk_tokens)
         engine, *_ = deepspeed.initialize(

@@ -201,7 +201,7 @@ SYNTH_SMALL = ["input.limit=2", "qa.hierarchical_per_document=2", "qa.diverse_pe
 STAGE_CONFIG_CLASS = {
     "synth": ("ctxforge.pipeline.config", "SynthConfig"),
     "train": ("ctxforge.train.config", "TrainConfig"),
-    "eval": ("ctxforge.serve.config", "EvalConfig"),
+    "eval": ("ctxforge.serve.eval_config", "EvalConfig"),
     "serve": ("ctxforge.serve.config", "ServeConfig"),
 }
 

@@ -173,7 +173,7 @@ def _train(args, root):
     from ctxforge.train.command import DEFAULT_TRAIN_CONFIG
     from ctxforge.train.config import TrainConfig
     from ctxforge.train.curriculum import preflight
-    from ctxforge.train.plan import KNOWN_ARCHITECTURES, plan_curriculum
+    from ctxforge.train.memory_plan import KNOWN_ARCHITECTURES, plan_curriculum
     from ctxforge.train.resources import check_capacity, worker_resources
 
     cfg = load_config(TrainConfig, args.config, args.overrides, default=DEFAULT_TRAIN_CONFIG)

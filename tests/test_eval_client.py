@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 from ctxforge.serve.client import EvalClient, EvalItem, ResultCache, request_key  # noqa: E402
-from ctxforge.serve.config import ClientConfig  # noqa: E402
+from ctxforge.serve.eval_config import ClientConfig  # noqa: E402
 
 
 def items(n: int, tag: str = "q") -> list[EvalItem]:

@@ -61,6 +61,25 @@ def test_bad_eval_override_names_the_key():
         load_config(EvalConfig, "eval-tiny", ["infinitebench.enabled=true"])
 
 
+def test_eval_config_accepts_exactly_the_task_registries(monkeypatch):
+    from ctxforge.serve import infinitebench, ruler_tasks
+    from ctxforge.serve.eval_config import InfiniteBenchConfig, RulerConfig
+
+    # the defaults are the registries: RULER's 13 tasks, InfiniteBench's 12
+    assert RulerConfig().tasks == list(ruler_tasks.TASKS) and len(ruler_tasks.TASKS) == 13
+    assert InfiniteBenchConfig().tasks == list(infinitebench.TASK_ORDER) and len(infinitebench.TASK_ORDER) == 12
+    # a task added to a registry is accepted by the config, with nothing else to edit
+    monkeypatch.setitem(ruler_tasks.TASKS, "niah_extra", dict(family="niah"))
+    monkeypatch.setattr(infinitebench, "TASK_ORDER", infinitebench.TASK_ORDER + ("extra_task",))
+    assert RulerConfig(tasks=["niah_extra"]).tasks == ["niah_extra"]
+    assert InfiniteBenchConfig(tasks=["extra_task"]).tasks == ["extra_task"]
+    # negative control: a name in neither registry is refused, named
+    with pytest.raises(ValueError, match=r"unknown RULER task\(s\) \['niah_typo'\]"):
+        RulerConfig(tasks=["niah_single_1", "niah_typo"])
+    with pytest.raises(ValueError, match=r"unknown InfiniteBench task\(s\) \['passkeys'\]"):
+        InfiniteBenchConfig(tasks=["passkeys"])
+
+
 def _checkpoint(tmp_path, **cfg):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     return str(tmp_path)

@@ -214,6 +214,24 @@ def test_fake_answers_validate_for_nested_schemas():
     assert all(item["quote"] in TEXT for item in answer["items"])
 
 
+def test_fake_answers_pass_the_restated_question_check():
+    """The bench's 2 x 320 QA requests (and 4,000 more) get answers that do not restate their question: the
+    server's answers ignore the seed, so one that restates fails every retry and the request fails."""
+    from ctxforge.pipeline.checks import restates
+    from ctxforge.pipeline.config import ChecksConfig
+
+    threshold = ChecksConfig().restated_question
+    schema = {"type": "object", "properties": {"question": {"type": "string", "maxLength": 400},
+                                               "answer": {"type": "string", "maxLength": 1200}},
+              "required": ["question", "answer"]}
+    prompts = [f"Document {tag} {i}: {TEXT}" for tag in ("cold", "warm", "x", "y") for i in range(320 if tag in ("cold", "warm") else 2000)]
+    restating = [p for p in prompts if restates((a := answer_for(schema, p))["answer"], a["question"], threshold)]
+    assert restating == []
+    # negative control: the check does reject an answer that restates its question
+    answer = answer_for(schema, prompts[0])
+    assert restates(answer["question"].replace("question", "answer", 1), answer["question"], threshold)
+
+
 def test_synthesis_preflight_reaches_the_endpoint_before_any_work(monkeypatch, tmp_path):
     """A down or mistyped endpoint, or a refused key, is one line naming generator.base_url at preflight
     (not hours of retried requests); a live endpoint with its key passes."""

@@ -44,7 +44,8 @@ def eval_dir(ray_local, tiny_model_path, tmp_path_factory):
     from ray import serve
 
     from ctxforge.serve.app import run_app
-    from ctxforge.serve.config import EvalConfig, ServeConfig
+    from ctxforge.serve.config import ServeConfig
+    from ctxforge.serve.eval_config import EvalConfig
     from ctxforge.serve.evaluate import evaluate
 
     out = tmp_path_factory.mktemp("eval")

@@ -12,12 +12,12 @@ from fastapi import FastAPI, Request
 
 from ctxforge.serve.auth import AuthIngressMixin, BearerAuth, key_digest
 from ctxforge.serve.config import ServeConfig, checkpoint_context_length, rope_label
-from ctxforge.serve.engine import Engine, Step
+from ctxforge.serve.served_model import ServedModel, Step
 from ctxforge.serve.routes import OpenAIRoutes
 from ctxforge.train.rope import RopeConfig
 
 
-class FailingEngine(Engine):
+class FailingModel(ServedModel):
     """Streams one piece, then fails: what an engine error after the stream has started looks like."""
     model_id, max_model_len = "fake", 1000
 
@@ -67,7 +67,7 @@ async def _request(app, method, path, **kw):
 @pytest.mark.parametrize("path, body", [("/v1/completions", {"prompt": "hi"}),
                                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})])
 async def test_an_engine_error_mid_stream_is_an_error_event_then_done(path, body):
-    r = await _request(_app(FailingEngine()), "POST", path, json=dict(body, stream=True, max_tokens=4))
+    r = await _request(_app(FailingModel()), "POST", path, json=dict(body, stream=True, max_tokens=4))
     events = [line.removeprefix("data: ") for line in r.text.splitlines() if line]
     assert r.status_code == 200 and events[-1] == "[DONE]"
     err = json.loads(events[-2])["error"]
@@ -77,13 +77,13 @@ async def test_an_engine_error_mid_stream_is_an_error_event_then_done(path, body
 
 @pytest.mark.anyio
 async def test_an_engine_error_without_stream_is_a_json_500():
-    r = await _request(_app(FailingEngine()), "POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 4})
+    r = await _request(_app(FailingModel()), "POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 4})
     assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
 
 
 @pytest.mark.anyio
 async def test_a_constraint_the_engine_cannot_compile_is_400():
-    r = await _request(_app(FailingEngine()), "POST", "/v1/completions",
+    r = await _request(_app(FailingModel()), "POST", "/v1/completions",
                        json={"prompt": "hi", "response_format": {"type": "json_object"}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
 
@@ -153,10 +153,10 @@ def test_rope_override_sets_the_window_and_vllm_hf_overrides(tmp_path):
 
 
 def test_rope_override_rebuilds_the_cpu_engine(tiny_model_path):
-    from ctxforge.serve.engine import HFEngine
+    from ctxforge.serve.served_model import HFServedModel
 
     rope = RopeConfig(type="linear", factor=4.0)
-    engine = HFEngine(tiny_model_path, "tiny", 65536, device="cpu", rope=rope)
+    engine = HFServedModel(tiny_model_path, "tiny", 65536, device="cpu", rope=rope)
     params = engine.model.config.get_text_config().rope_parameters
     assert params["rope_type"] == "linear" and params["factor"] == 4.0
     assert engine.model.config.max_position_embeddings == 65536

@@ -286,7 +286,7 @@ def smollm2_endpoint(smollm2_path, tmp_path_factory):
 @pytest.mark.slow
 def test_smollm2_served_scores_on_ruler_niah(smollm2_endpoint, tmp_path):
     from ctxforge.config import load_config
-    from ctxforge.serve.config import EvalConfig
+    from ctxforge.serve.eval_config import EvalConfig
     from ctxforge.serve.evaluate import evaluate
 
     models = json.dumps([{"name": "base", "model": "ctxforge:smollm2", "base_url": smollm2_endpoint}])

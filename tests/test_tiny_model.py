@@ -195,3 +195,27 @@ def test_tokenizer_hash_stable_across_processes_and_sensitive(tok, tiny_dir):
     other = AutoTokenizer.from_pretrained(tiny_dir)
     other.chat_template = other.chat_template.replace("<|im_start|>assistant", "<|im_start|>bot")
     assert tokenizer_hash(other) != h
+
+
+def test_failed_build_leaves_the_old_directory_and_no_temp(tmp_path):
+    """The one atomic write both packaged models use: a build that raises keeps what was there and leaves no
+    temp directory; a complete directory is reused without calling build."""
+    from ctxforge.model_dir import write_model_dir
+
+    out = tmp_path / "model"
+
+    def build(tmp):
+        (tmp / "config.json").write_text("{}")
+
+    assert write_model_dir(out, ".m", {"v": 1}, build) == out.absolute()
+    assert (out / ".m").is_file() and (out / "config.json").is_file()
+
+    def broken(tmp):
+        (tmp / "config.json").write_text("half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        write_model_dir(out, ".m", {"v": 2}, broken)
+    assert (out / "config.json").read_text() == "{}"  # the old model is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.lock"]  # no .model.tmp-* left
+    assert write_model_dir(out, ".m", {"v": 1}, broken) == out.absolute()  # complete: build never called

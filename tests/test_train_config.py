@@ -48,7 +48,7 @@ def test_shipped_configs_load(name):
 
 
 def test_shipped_llama_config_layouts_are_valid_for_its_heads():
-    from ctxforge.train.plan import KNOWN_ARCHITECTURES
+    from ctxforge.train.memory_plan import KNOWN_ARCHITECTURES
 
     cfg = load_config(TrainConfig, str(CONFIGS / "train-llama8b-1m.yaml"))
     arch = KNOWN_ARCHITECTURES[cfg.model]
@@ -151,7 +151,7 @@ def test_resume_directory_from_a_different_config_is_refused(tmp_path):
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     from ctxforge.train.config import StageConfig
-    from ctxforge.train.engine import lr_lambda
+    from ctxforge.train.deepspeed_setup import lr_lambda
 
     stage = StageConfig(name="s", max_seq_len=8, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
     f = lr_lambda(stage, total_steps=10)
@@ -160,7 +160,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_plan_needs_less_per_gpu_with_more_sp_and_finds_a_fit():
-    from ctxforge.train.plan import KNOWN_ARCHITECTURES, Arch, need_bytes, plan_curriculum
+    from ctxforge.train.memory_plan import KNOWN_ARCHITECTURES, Arch, need_bytes, plan_curriculum
 
     cfg = load_config(TrainConfig, str(CONFIGS / "train-llama8b-1m.yaml"))
     arch = Arch(**KNOWN_ARCHITECTURES[cfg.model])

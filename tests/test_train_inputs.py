@@ -263,25 +263,25 @@ def test_a_tracker_that_is_not_installed_is_refused_at_preflight(monkeypatch):
 
 def test_stage_data_stream_is_the_same_for_every_layout(tmp_path, tiny_tokenizer):
     """Data position carries over a layout change: the micro-batch stream does not depend on dp x grad_accum."""
-    from ctxforge.train.schedule import Position, StepSchedule
+    from ctxforge.train.step_batches import DataPosition, StepBatches
 
     def plan(epoch):                                                   # 7 micro-batches per epoch
         return [[epoch * 100 + i] for i in range(7)]
 
-    two = StepSchedule(plan, per_step=2, epochs=3)
-    four = StepSchedule(plan, per_step=4, epochs=3)
-    assert two.steps_left(Position()) == 9 and four.steps_left(Position()) == 3
-    steps = list(two.steps(Position()))
+    two = StepBatches(plan, per_step=2, epochs=3)
+    four = StepBatches(plan, per_step=4, epochs=3)
+    assert two.steps_left(DataPosition()) == 9 and four.steps_left(DataPosition()) == 3
+    steps = list(two.steps(DataPosition()))
     assert [s.microbatches for s in steps[:4]] == [[[0], [1]], [[2], [3]], [[4], [5]], [[100], [101]]]
     # Resume after step 4 (epoch 1, micro-batch 2) with twice the micro-batches per step:
     pos = steps[3].after
-    assert pos == Position(1, 2)
+    assert pos == DataPosition(1, 2)
     rest = list(four.steps(pos, done=4))
     assert [s.microbatches for s in rest] == [[[102], [103], [104], [105]], [[200], [201], [202], [203]]]
     assert four.steps_left(pos, done=4) == 2
-    capped = StepSchedule(plan, per_step=4, epochs=1, max_steps=5)    # max_steps: epochs repeat, 1 step each
-    assert capped.steps_left(Position(), 0) == 5
-    assert [s.epoch for s in capped.steps(Position())] == [0, 1, 2, 3, 4]
+    capped = StepBatches(plan, per_step=4, epochs=1, max_steps=5)    # max_steps: epochs repeat, 1 step each
+    assert capped.steps_left(DataPosition(), 0) == 5
+    assert [s.epoch for s in capped.steps(DataPosition())] == [0, 1, 2, 3, 4]
 
 
 def test_short_mix_reads_through_the_same_filesystems(tmp_path, tiny_tokenizer):

@@ -1,4 +1,7 @@
-"""Micro-batches from samples: packing, sorted batching, naive batching (LongAlign §3.3, §2.2 of papers.md).
+"""Micro-batches from samples: packing, sorted batching, naive batching.
+
+Packing and sorted batching are LongAlign's (Bai et al. 2024, "LongAlign: A Recipe for Long Context Alignment
+of Large Language Models", arXiv 2401.18058, §3.3; reference code: THUDM/LongAlign's `sort_and_group.py`).
 
 - pack:  samples are placed first-fit (in shuffled order) into sequences of at most `max_tokens`; one
          sequence per micro-batch, documents kept apart by per-document position ids (the attention
@@ -40,7 +43,14 @@ class MicroBatch:
 
 def plan_microbatches(lengths: list[int], mode: str, max_tokens: int, batch_size: int, seed: int,
                       epoch: int) -> list[list[int]]:
-    """Sample indices per micro-batch for one epoch."""
+    """Sample indices per micro-batch for one epoch (`lengths`: tokens per sample).
+
+    pack: first-fit into `max_tokens` (LongAlign §3.3 packs greedily in data order, closing a pack at the first
+    sample that does not fit; first-fit over a shuffled order wastes less room); sort: LongAlign §3.3's sorted
+    batching (sort by length, cut into groups of `batch_size`, shuffle the groups); naive: shuffled groups.
+
+    Raises ValueError when a sample is longer than `max_tokens` (pack) or `mode` is not one of MODES.
+    """
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)

@@ -17,7 +17,7 @@ converts the checkpoint once to DeepSpeed's universal format (`ds_to_universal`:
 with its fp32 weights and Adam moments, independent of the partitioning) beside it, under `universal/`,
 and every rank loads that with `checkpoint.load_universal`. That one resume reads every shard (rank 0)
 and the whole universal checkpoint (each rank). Weights, optimizer moments, scheduler step and data
-position carry over exactly; see schedule.py for what a different global batch changes.
+position carry over exactly; see step_batches.py for what a different global batch changes.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
 
 def save(engine, lm, ckpt_dir: Path, state: dict, tokenizer_dir: str, export_hf_weights: bool) -> None:
     """Write this rank's part of a checkpoint into `ckpt_dir` (a collective: every rank calls it)."""
-    from .engine import export_hf
+    from .deepspeed_setup import export_hf
 
     engine.save_checkpoint(str(ckpt_dir / DS_DIR), tag=DS_TAG, client_state={"train_state": state})
     if export_hf_weights:
@@ -136,7 +136,10 @@ def convert_to_universal(ds_tag_dir: Path, out_tag_dir: Path) -> None:
 def load(engine, local_root: Path, universal: bool) -> dict:
     """Restore weights, optimizer and scheduler from `local_root/deepspeed` (or `local_root/universal`
     when resharding; the engine must have been built with checkpoint.load_universal); return the
-    train_state saved with them."""
+    train_state saved with them.
+
+    Raises FileNotFoundError when `local_root` holds no DeepSpeed checkpoint.
+    """
     load_dir = local_root / (UNIVERSAL_DIR if universal else DS_DIR)
     path, client = engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
@@ -146,7 +149,10 @@ def load(engine, local_root: Path, universal: bool) -> dict:
 
 
 def final_export(checkpoint, dest: Path) -> dict:
-    """Copy a stage's final checkpoint's `hf/` (only that) into `dest` and return its train_state."""
+    """Copy a stage's final checkpoint's `hf/` (only that) into `dest` and return its train_state.
+
+    Raises FileNotFoundError when the checkpoint has no `hf/` export.
+    """
     fs, root = checkpoint.filesystem, checkpoint.path
     state = read_state(checkpoint)
     hf_root = _join(root, HF_DIR)

@@ -91,7 +91,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser, help_config: tuple = (No
     parser.description = ("Estimate GPU memory per rank (and host memory per node) for each stage of a train config, "
                           "the smallest GPU count / SP degree that fits a GPU's memory, and with --gpus N the layout "
                           "each stage gets on N GPUs. The formula, term by term, is in the docstring of "
-                          "ctxforge.train.plan.")
+                          "ctxforge.train.memory_plan.")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
     parser.add_argument("--gpus", type=int, default=None, metavar="N",
@@ -106,8 +106,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser, help_config: tuple = (No
 
 
 def run_plan(args) -> int:
+    """`ctxforge plan`: print the memory plan; returns the exit code (2 with one line on stderr for a bad flag,
+    config or model, which are raised inside as ValueError, ConfigError or FileNotFoundError)."""
     from .config import TrainConfig
-    from .plan import format_plan, plan_curriculum
+    from .memory_plan import format_plan, plan_curriculum
 
     max_sp = args.max_sp or args.gpus_per_node
     try:

@@ -163,7 +163,12 @@ class TrainConfig(StrictModel):
         return self
 
     def validate_for(self, model_config, available_workers: int | None = None) -> None:
-        """Checks that need the model's config (heads) and, when known, the cluster size."""
+        """Checks that need the model's config (heads) and, when known, the cluster size.
+
+        Raises ValueError naming the stage: a RoPE type training cannot use (check_trainable), an SP degree the
+        model's heads cannot be split by (SequenceParallelError, with the arithmetic), or more workers than
+        `available_workers`.
+        """
         text = model_config.get_text_config()
         rope = dict(getattr(text, "rope_parameters", None) or {})
         for stage in self.stages:
@@ -180,7 +185,7 @@ class TrainConfig(StrictModel):
         """What decides what a stage computes: model, input, the stage and every earlier stage, seed, dtype.
         Left out, so that a rerun with them changed resumes: runtime knobs (progress, failures, fault
         injection, storage, trackers) and the layout (`LAYOUT_KEYS`: workers, sp_degree, grad_accum), which
-        changes how a step is spread over ranks, not the data order or the loss (schedule.py says what a
+        changes how a step is spread over ranks, not the data order or the loss (step_batches.py says what a
         different dp x grad_accum changes)."""
         inputs = self.input.model_dump(mode="json")
         inputs["dir"] = inputs.pop("path")  # its name before the rename: fingerprints of earlier runs stay valid

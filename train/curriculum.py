@@ -26,7 +26,7 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import DataError
-from .loop import ResumeError, check_enough_data, open_source, stage_schedule, train_stage_worker
+from .loop import ResumeError, check_enough_data, open_source, stage_step_batches, train_stage_worker
 from .resources import RayClusterView, check_capacity, scaling_config, worker_resources
 
 COMPLETE = "stage_complete.json"
@@ -80,13 +80,17 @@ def _completed(final_dir: Path, fingerprint: str) -> bool:
 
 def preflight(cfg: TrainConfig, tokenizer, tok_hash: str) -> dict:
     """Index every stage's shards on the driver from metadata (footers, lengths, tokenizer hashes): a bad
-    shard, a foreign tokenizer or (strict) an over-long sample stops the run here, before any worker starts."""
+    shard, a foreign tokenizer or (strict) an over-long sample stops the run here, before any worker starts.
+
+    Raises DataError naming the stage and the input when a stage has no usable sample (and index_stage's
+    DataErrors for bad shards).
+    """
     stats = {}
     for i, stage in enumerate(cfg.stages):
         source = open_source(cfg, i, tok_hash, tokenizer)
         if not len(source):
             raise DataError(f"stage {stage.name}: no usable sample in {cfg.input.path} ({source.stats})")
-        check_enough_data(stage_schedule(source, stage, cfg.runtime.seed), stage, i)
+        check_enough_data(stage_step_batches(source, stage, cfg.runtime.seed), stage, i)
         stats[stage.name] = source.stats
     return stats
 
@@ -138,7 +142,10 @@ def _absolute(path: str) -> str:
 def run_curriculum(cfg: TrainConfig, label: str = "config", log=print,
                    ray_address: str | None = None) -> CurriculumReport:
     """Train every unfinished stage. `ray_address`: a cluster to join (None: runtime.ray_address, else a
-    fresh local Ray)."""
+    fresh local Ray).
+
+    Raises RuntimeError naming the stage when Ray Train ends without a checkpoint at the stage's last step.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer

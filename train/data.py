@@ -87,7 +87,11 @@ class Sample:
 
 
 def stage_shards(input_dir: str | Path, stage: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The filesystem and Parquet shard paths of one synthesis stage, named by the manifest when there is one."""
+    """The filesystem and Parquet shard paths of one synthesis stage, named by the manifest when there is one.
+
+    Raises DataError naming the path when input.path is not a directory, the manifest has no such stage, or the
+    stage has no part-*.parquet shards.
+    """
     fs, root = open_filesystem(input_dir)
     folder = posixpath.join(root, "samples", stage)
     manifest = posixpath.join(root, "manifest.json")
@@ -119,6 +123,7 @@ def _open_parquet(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
 
 
 def check_shard_schema(pf: pq.ParquetFile, shown: str) -> None:
+    """Raises DataError naming the shard and the missing columns when it lacks a column of the sample contract."""
     missing = missing_columns(pf.schema_arrow)
     if missing:
         raise DataError(f"{shown}: missing column(s) {', '.join(missing)} of the sample contract (ctxforge.schema); "
@@ -150,7 +155,10 @@ class StageIndex:
 
     def read(self, indices: list[int]) -> list[Sample]:
         """The samples `indices` (positions in this index), in that order. Reads each needed row group once
-        (columns input_ids and loss_mask only) and drops it before the next."""
+        (columns input_ids and loss_mask only) and drops it before the next.
+
+        Raises DataError naming the shard and sample when a sample's num_tokens disagrees with its input_ids.
+        """
         by_group: dict[tuple[int, int], list[int]] = {}
         for k in indices:
             by_group.setdefault((int(self.files_of[k]), int(self.groups[k])), []).append(k)
@@ -174,7 +182,11 @@ class StageIndex:
 
 def index_stage(input_dir: str | Path, stage: str, max_seq_len: int, tokenizer_hash: str,
                 strict: bool = False) -> StageIndex:
-    """Index the usable samples of a synthesis stage after the contract checks, reading metadata columns only."""
+    """Index the usable samples of a synthesis stage after the contract checks, reading metadata columns only.
+
+    Raises DataError naming the shard when its samples were tokenized with another tokenizer, or (strict) a sample
+    is longer than max_seq_len.
+    """
     fs, files = stage_shards(input_dir, stage)
     stats = {"read": 0, "dropped_too_long": 0, "dropped_no_target": 0, "longest_dropped": 0}
     cols: dict[str, list] = {"files_of": [], "groups": [], "rows": [], "lengths": []}
@@ -242,7 +254,10 @@ def _read_chat_rows(location: str) -> list[list[dict]]:
 
 
 def read_short_mix(location: str | Path, tokenizer, num_samples: int, max_seq_len: int, seed: int) -> list[Sample]:
-    """`num_samples` short chat samples (drawn with replacement when the file has fewer), answer-only mask."""
+    """`num_samples` short chat samples (drawn with replacement when the file has fewer), answer-only mask.
+
+    Raises DataError naming the file when no conversation fits max_seq_len with an assistant answer.
+    """
     from ctxforge.pipeline.render import render_conversation
 
     convs = _read_chat_rows(str(location))
@@ -269,7 +284,10 @@ def short_count(num_long: int, short_ratio: float, other_ratio: float = 0.0) -> 
 def read_long_output_mix(set_dir: str | Path, num_samples: int, max_seq_len: int, tokenizer_hash: str,
                          seed: int) -> list[Sample]:
     """`num_samples` samples of a long-output set (`ctxforge lengthen`'s final/: stage `long_output` in the sample
-    contract, same checks as a stage's shards), each used once before any is repeated, in a seeded order."""
+    contract, same checks as a stage's shards), each used once before any is repeated, in a seeded order.
+
+    Raises DataError naming the set when no sample fits max_seq_len.
+    """
     samples, stats = read_stage(set_dir, "long_output", max_seq_len, tokenizer_hash)
     if not samples:
         raise DataError(f"{set_dir}: no long-output sample fits max_seq_len {max_seq_len} ({stats})")

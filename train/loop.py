@@ -4,14 +4,14 @@ Every worker: joins the process group DeepSpeed attaches to, builds the stage mo
 stage's weights, this stage's RoPE), registers Ulysses when sp_degree > 1, indexes the stage's samples
 (metadata only), derives the same batching plan as every other rank (seed, epoch, lengths), and runs
 optimizer steps, reading at each step only the samples of its own micro-batches. The data position in
-a checkpoint is (epoch, next micro-batch), not tied to the layout (schedule.py), so a resumed worker,
+a checkpoint is (epoch, next micro-batch), not tied to the layout (step_batches.py), so a resumed worker,
 with the same layout or another one, restores weights, optimizer and scheduler from DeepSpeed's
 checkpoint (checkpoint.py) and continues the same loss curve.
 
 Each step: K (packs), M (samples), T (targets), R (real tokens) are summed over ranks; every token's
 base weight is scaled by K/M (sample weighting) or K/T (token weighting); the sequence is padded to a
 multiple of sp_degree and sharded contiguously; DeepSpeed averages the gradients over all ranks and the
-local loss carries the factor sp (engine.py explains the scale).
+local loss carries the factor sp (deepspeed_setup.py explains the scale).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from . import checkpoint as ckpt
 from .batching import collate, plan_microbatches
 from .config import TrainConfig
 from .data import DataError, StageSource, index_stage, read_long_output_mix, read_short_mix, short_count
-from .engine import backward_scale, build_engine, ds_config, peak_memory_bytes, worker_device
+from .deepspeed_setup import backward_scale, build_engine, ds_config, peak_memory_bytes, worker_device
 from .loss import step_counts, step_scale
-from .memory import checkpoint_offload
+from .memory_savers import checkpoint_offload
 from .model import load_stage_model, resolve_attention
-from .schedule import Position, StepSchedule
+from .step_batches import DataPosition, StepBatches
 from .sequence_parallel import ParallelLayout, enable_ulysses, pad_to_multiple, shard_sequence
 from .tracking import Tracker
 
@@ -55,7 +55,7 @@ def open_source(cfg: TrainConfig, index: int, tokenizer_hash: str, tokenizer=Non
     return StageSource(idx, short, long_output)
 
 
-def stage_schedule(source: StageSource, stage, seed: int) -> StepSchedule:
+def stage_step_batches(source: StageSource, stage, seed: int) -> StepBatches:
     lengths = source.lengths
     plans: dict[int, list[list[int]]] = {}
 
@@ -64,17 +64,17 @@ def stage_schedule(source: StageSource, stage, seed: int) -> StepSchedule:
             plans[epoch] = plan_microbatches(lengths, stage.batching, stage.max_seq_len, stage.batch_size, seed, epoch)
         return plans[epoch]
 
-    return StepSchedule(plan, stage.dp_degree * stage.grad_accum, stage.epochs, stage.max_steps)
+    return StepBatches(plan, stage.dp_degree * stage.grad_accum, stage.epochs, stage.max_steps)
 
 
-def check_enough_data(schedule: StepSchedule, stage, index: int | None = None) -> None:
+def check_enough_data(batches: StepBatches, stage, index: int | None = None) -> None:
     """A step takes dp_degree x grad_accum micro-batches; an epoch with fewer cannot make one (DataError
     naming the keys to change). Run on the driver at preflight, and again by each worker."""
-    first = len(schedule.plan(0))
-    if first < schedule.per_step:
+    first = len(batches.plan(0))
+    if first < batches.per_step:
         key = f"stages.{index}" if index is not None else f"stage {stage.name}"
         raise DataError(f"stage {stage.name}: {first} micro-batches per epoch, fewer than one step needs "
-                        f"(dp_degree {stage.dp_degree} x grad_accum {stage.grad_accum} = {schedule.per_step}); "
+                        f"(dp_degree {stage.dp_degree} x grad_accum {stage.grad_accum} = {batches.per_step}); "
                         f"lower {key}.workers (or raise {key}.sp_degree) or {key}.grad_accum, use "
                         f"{key}.batching=sort with a smaller batch_size, or synthesize more samples")
 
@@ -115,15 +115,15 @@ def train_stage_worker(payload: dict) -> None:
         from ctxforge.models import load_tokenizer
         tokenizer = load_tokenizer(payload["tokenizer_dir"])
     source = open_source(cfg, index, payload["tokenizer_hash"], tokenizer)
-    schedule = stage_schedule(source, stage, rt.seed)
-    check_enough_data(schedule, stage)
+    batches = stage_step_batches(source, stage, rt.seed)
+    check_enough_data(batches, stage)
 
     checkpoint = ray.train.get_checkpoint()
     state = _resume_state(checkpoint, payload, layout)
-    pos = Position(state["epoch"], state["next_microbatch"]) if state else Position()
+    pos = DataPosition(state["epoch"], state["next_microbatch"]) if state else DataPosition()
     done = state["step"] if state else 0
     reshard = bool(state) and state.get("workers") != layout.world_size
-    total_steps = done + schedule.steps_left(pos, done)
+    total_steps = done + batches.steps_left(pos, done)
 
     attention = resolve_attention(rt.attention, device)
     rows = 1 if stage.batching == "pack" else stage.batch_size
@@ -140,7 +140,7 @@ def train_stage_worker(payload: dict) -> None:
             ckpt.load(engine, local, universal=reshard)
 
     metrics_path = Path(payload["metrics_path"])
-    per_step = schedule.per_step
+    per_step = batches.per_step
     tracker = Tracker.start(cfg, stage, payload) if layout.rank == 0 else None
     if layout.rank == 0:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,14 +151,14 @@ def train_stage_worker(payload: dict) -> None:
                       f"per step" if state["microbatches_per_step"] != per_step else ""))
         else:
             how = f"from {payload['init_model']}"
-        print(f"[{stage.name}] {len(source)} samples ({source.stats}), {len(schedule.plan(0))} micro-batches in epoch 0, "
+        print(f"[{stage.name}] {len(source)} samples ({source.stats}), {len(batches.plan(0))} micro-batches in epoch 0, "
               f"{total_steps} steps of {per_step} micro-batches, dp {stage.dp_degree} x sp {stage.sp_degree}, "
               f"attention {attention}, {how}", flush=True)
     bar = tqdm(total=total_steps, initial=done, desc=f"stage {stage.name}", disable=layout.rank != 0 or not rt.progress)
     pad_id, sp = payload["pad_id"], stage.sp_degree
     comm = device if payload["backend"] == "nccl" else torch.device("cpu")  # where collective buffers live
     engine.train()
-    for n, step in enumerate(schedule.steps(pos, done), start=done + 1):
+    for n, step in enumerate(batches.steps(pos, done), start=done + 1):
         t0 = time.perf_counter()
         mine = [step.microbatches[j * stage.dp_degree + layout.dp_rank] for j in range(stage.grad_accum)]
         batches = [collate(source.read(mb), stage.batching, stage.loss_weighting, pad_id, rows) for mb in mine]
@@ -166,7 +166,7 @@ def train_stage_worker(payload: dict) -> None:
                                  sum(b.num_targets for b in batches), stage.sp_degree, device=comm,
                                  extra=sum(b.real_tokens for b in batches))
         scale = step_scale(stage.loss_weighting, k, m, t)
-        lr = scheduler.get_last_lr()[0]  # the lr this step's update uses (engine.step advances the schedule)
+        lr = scheduler.get_last_lr()[0]  # the lr this step's update uses (engine.step advances the batches)
         loss_sum = torch.zeros((), dtype=torch.float64, device=comm)
         for j, mb in enumerate(batches):
             tensors = pad_to_multiple(mb.tensors, sp, pad_id)

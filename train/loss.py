@@ -1,6 +1,7 @@
 """Loss: answer-only targets, LongAlign sample weighting, tiled cross-entropy.
 
-LongAlign (Bai et al. 2024, §3.3): with M samples spread over K packs (micro-batches) in one optimizer
+LongAlign (Bai et al. 2024, "LongAlign: A Recipe for Long Context Alignment of Large Language Models", arXiv
+2401.18058, §3.3, Eq. 2-4 and Appendix B): with M samples spread over K packs (micro-batches) in one optimizer
 step, sample i's summed token loss L_i over its N_i target tokens is weighted K / (N_i * M) and summed
 within each pack; the mean over the K packs (what averaging gradients over ranks does) is then
 (1/M) * sum_i L_i / N_i, whatever the lengths and the packing. K and M are counted per step across
@@ -32,8 +33,9 @@ def shift_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Ten
 
 
 def sample_base_weights(targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """[s] targets of one sample -> ([s] weights 1/N_i on target positions, N_i). The step's K/M factor
-    is applied later (`step_scale`), because it depends on how the step is laid out across ranks."""
+    """[s] targets of one sample -> ([s] weights 1/N_i on target positions, N_i) (LongAlign Appendix B: the
+    per-token weight 1/N_i of `sort_and_group.py`). The step's K/M factor is applied later (`step_scale`),
+    because it depends on how the step is laid out across ranks."""
     valid = targets != IGNORE
     n = int(valid.sum())
     weights = torch.zeros(targets.shape, dtype=torch.float64)
@@ -45,8 +47,11 @@ def sample_base_weights(targets: torch.Tensor) -> tuple[torch.Tensor, int]:
 def step_scale(weighting: str, num_packs: int, num_samples: int, num_target_tokens: int) -> float:
     """Factor applied to the base weights of every token in the step.
 
-    sample: base weights are 1/N_i -> K/(N_i*M) needs K/M.
-    token:  base weights are 1 (see `base_weights_for`) -> K/T gives a token mean over all T targets.
+    sample: base weights are 1/N_i -> K/(N_i*M) needs K/M (LongAlign §3.3, Eq. 4).
+    token:  base weights are 1 -> K/T gives a token mean over all T targets (ProLong's token-averaged loss:
+            Gao et al. 2024, "How to Train Long-Context Language Models (Effectively)", arXiv 2410.02660).
+
+    Raises ValueError naming `weighting` when it is neither 'sample' nor 'token'.
     """
     if weighting == "sample":
         return num_packs / max(num_samples, 1)
@@ -129,11 +134,13 @@ def per_token_ce(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.
 
 
 def longalign_reference(sample_losses: list[float], sample_targets: list[int]) -> float:
-    """(1/M) * sum_i L_i / N_i over samples with N_i > 0: what the weighted step loss must equal."""
+    """(1/M) * sum_i L_i / N_i over samples with N_i > 0 (LongAlign §3.3, Eq. 2): what the weighted step loss
+    must equal."""
     pairs = [(loss, n) for loss, n in zip(sample_losses, sample_targets) if n > 0]
     return sum(loss / n for loss, n in pairs) / max(len(pairs), 1)
 
 
 def naive_pack_loss(pack_sums: list[float], pack_targets: list[int]) -> float:
-    """(1/K) * sum_k (sum_{i in k} L_i) / (sum_{i in k} N_i): the biased loss LongAlign corrects."""
+    """(1/K) * sum_k (sum_{i in k} L_i) / (sum_{i in k} N_i) (LongAlign §3.3, Eq. 3): the biased loss LongAlign
+    corrects."""
     return sum(s / max(n, 1) for s, n in zip(pack_sums, pack_targets)) / max(len(pack_sums), 1)

@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 from .loss import tiled_weighted_ce
-from .memory import enable_tiled_mlp
+from .memory_savers import enable_tiled_mlp
 from .rope import RopeConfig, stage_config, verify_rotary
 from .sequence_parallel import DOC_SDPA, FLASH_VARLEN, register_doc_sdpa
 
@@ -51,7 +51,7 @@ def load_stage_model(model_path: str, rope: RopeConfig, max_seq_len: int, attent
     (transformers' ZeRO-3 loading, through `HfDeepSpeedConfig`), so each parameter is partitioned as it is
     created and filled one at a time from the checkpoint: no rank ever holds the whole model, only its
     1/world share (torch.distributed must be up). `tiled_mlp`: DeepSpeed's TiledMLP on every gated MLP
-    (train/memory.py)."""
+    (train/memory_savers.py)."""
     from transformers import AutoModelForCausalLM
 
     register_doc_sdpa()

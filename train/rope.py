@@ -120,7 +120,10 @@ def rotary_modules(model) -> list[torch.nn.Module]:
 
 
 def verify_rotary(model) -> None:
-    """Raise unless every rotary module's inv_freq and attention_scaling match the model's config."""
+    """Raise unless every rotary module's inv_freq and attention_scaling match the model's config.
+
+    Raises RuntimeError when the model has no rotary module or one disagrees with the config.
+    """
     inv, scaling = expected_inv_freq(model.config)
     mods = rotary_modules(model)
     if not mods:

@@ -50,6 +50,8 @@ def doc_masked_sdpa(module, query, key, value, attention_mask, dropout: float = 
     Causal attention inside each document only, one sdpa call per document: the varlen semantics of
     flash-attn on CPU (cost sum n_i^2, no [s, s] mask). Documents come from `position_ids` (global ones
     under SP: DeepSpeed all-gathers them), never from `attention_mask`, which the Ulysses wrapper drops.
+
+    Raises ValueError when a forward call passes no position_ids.
     """
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
@@ -91,7 +93,10 @@ def valid_sp_degrees(num_q_heads: int, num_kv_heads: int, limit: int | None = No
 
 
 def check_sp_degree(sp_degree: int, num_q_heads: int, num_kv_heads: int, where: str = "") -> None:
-    """Raise with the arithmetic when the model's heads cannot be split sp_degree ways."""
+    """Raise with the arithmetic when the model's heads cannot be split sp_degree ways.
+
+    Raises SequenceParallelError stating the arithmetic.
+    """
     prefix = f"{where}: " if where else ""
     valid = ", ".join(map(str, valid_sp_degrees(num_q_heads, num_kv_heads)))
     if num_q_heads % sp_degree:
@@ -127,6 +132,8 @@ class ParallelLayout:
 
     @classmethod
     def build(cls, world_size: int, rank: int, sp_degree: int) -> "ParallelLayout":
+        """The layout of `rank` among `world_size` workers in SP groups of `sp_degree`. Raises
+        SequenceParallelError stating the arithmetic when sp_degree does not divide world_size."""
         if sp_degree < 1 or world_size % sp_degree:
             raise SequenceParallelError(
                 f"sp_degree {sp_degree} does not divide the {world_size} workers ({world_size} % {sp_degree} = "
@@ -145,7 +152,10 @@ def enable_ulysses(model, sp_degree: int, core_attn: str, micro_batch_size: int 
     Idempotent for the same layout and architecture: DeepSpeed's registration wraps whatever function
     is registered under `core_attn` and creates the SP process groups once per process, so a second
     registration would wrap the wrapper (two all-to-alls) or fail. A different layout in the same
-    process is refused."""
+    process is refused.
+
+    Raises SequenceParallelError when this process already registered Ulysses for another layout or architecture.
+    """
     if sp_degree == 1:
         return None
     cfg = model.config.get_text_config()
@@ -202,7 +212,11 @@ def pad_to_multiple(batch: dict[str, torch.Tensor], multiple: int, pad_id: int |
 
 def shard_sequence(batch: dict[str, torch.Tensor], sp_rank: int, sp_degree: int) -> dict[str, torch.Tensor]:
     """Contiguous slice of every [b, s] tensor for one SP rank: [b, s] -> [b, s/P]. Targets were shifted
-    on the full sequence and position ids stay global, so nothing at a shard edge is lost."""
+    on the full sequence and position ids stay global, so nothing at a shard edge is lost.
+
+    Raises SequenceParallelError when the sequence length is not a multiple of sp_degree (pad first:
+    pad_to_multiple).
+    """
     s = batch["input_ids"].shape[1]
     if s % sp_degree:
         raise SequenceParallelError(f"sequence length {s} is not a multiple of sp_degree {sp_degree} "

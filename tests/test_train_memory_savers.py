@@ -22,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 from ports import free_port
 
-from ctxforge.train.memory import (TiledMLPError, _exact_chunks, checkpoint_offload, enable_tiled_mlp, gated_mlps,
+from ctxforge.train.memory_savers import (TiledMLPError, _exact_chunks, checkpoint_offload, enable_tiled_mlp, gated_mlps,
                                    mlp_shards, tiled_mlp_forward)
 
 
@@ -149,7 +149,7 @@ def _zero3_worker(rank: int, world: int, port: int, model_path: str, out_dir: st
     from deepspeed.utils import safe_get_full_grad
 
     from ctxforge.train.config import RuntimeConfig, StageConfig
-    from ctxforge.train.engine import build_engine, ds_config
+    from ctxforge.train.deepspeed_setup import build_engine, ds_config
     from ctxforge.train.model import load_stage_model
     from ctxforge.train.rope import RopeConfig
 

@@ -31,10 +31,10 @@ Per local token (`bytes_per_token`), at the peak, the backward of one checkpoint
 
 Source: counted from the saved tensors of transformers' Llama/Qwen2 decoder layer (autograd keeps the
 operands named above) and checked against the live-tensor peak of one decoder layer at Llama-3.1-8B sizes
-measured on fake tensors (bench/bench_plan.py, 2 layers, 64K-128K tokens: the formula is 0-15% above the
+measured on fake tensors (bench/bench_memory_plan.py, 2 layers, 64K-128K tokens: the formula is 0-15% above the
 measurement; the measurement uses torch's CPU attention, whose buffers differ a little from flash-attn's). ALST's own
 figures (500K tokens on 1 H100, 3.7M on 8) are reached with Liger's fused RMSNorm, which keeps neither
-`norm_fp32` nor `norm_backward`: tests/test_train_plan.py checks that the formula without those two terms
+`norm_fp32` nor `norm_backward`: tests/test_train_memory_plan.py checks that the formula without those two terms
 fits both published points.
 
 Per step, once per rank (`tile_bytes`):
@@ -120,7 +120,8 @@ def arch_of(model: str) -> Arch:
 
 
 def bytes_per_token(arch: Arch, rt: RuntimeConfig, sp: int = 1, fused_norm: bool = False) -> dict[str, float]:
-    """Activation bytes per local token at the peak, by term (see the module docstring); "total" sums them.
+    """Activation bytes per local token at the peak, by term; "total" sums them. Each term's source (the
+    tensors autograd saves in transformers' Llama/Qwen2 decoder layer) is in the module docstring's table.
     `fused_norm`: a fused RMSNorm kernel (Liger's, as in ALST) that keeps no fp32 copies."""
     h, f, L = arch.hidden, arch.ffn, arch.layers
     kv = arch.kv_heads * arch.head_dim * max(1, sp // arch.kv_heads)
@@ -157,6 +158,10 @@ def tile_bytes(arch: Arch, rt: RuntimeConfig, local: int) -> dict[str, float]:
 
 
 def state_bytes(arch: Arch, zero_stage: int, world: int, offload_optimizer: bool, offload_params: bool) -> float:
+    """GPU bytes of one rank's model states under mixed-precision Adam: 16 bytes per parameter (bf16 weights and
+    grads, fp32 master, m, v), partitioned over `world` ranks by ZeRO stage (Rajbhandari et al. 2020, "ZeRO: Memory
+    Optimizations Toward Training Trillion Parameter Models", §5, Figure 1); offloaded parts count 0 here
+    (ZeRO-Offload, Ren et al. 2021)."""
     p = arch.params
     if zero_stage == 3:
         if offload_params:
@@ -170,7 +175,9 @@ def state_bytes(arch: Arch, zero_stage: int, world: int, offload_optimizer: bool
 
 
 def host_bytes(arch: Arch, rt: RuntimeConfig, world: int, sp: int, max_seq_len: int, ranks_on_node: int) -> float:
-    """Host (CPU) memory of one node for what the GPUs offload to it."""
+    """Host (CPU) memory of one node for what the GPUs offload to it: 16P/W per rank with optimizer offload
+    (ZeRO-Offload, Ren et al. 2021: fp32 master, m, v and gradient), 2P/W with param offload, and each layer's
+    checkpointed input with offload_checkpoints (ALST, arXiv 2506.13996)."""
     per_rank = 0.0
     if rt.zero_stage and rt.offload_optimizer:
         per_rank += 16 * arch.params / world

@@ -1,4 +1,5 @@
-"""DeepSpeed engine for one stage: ZeRO config, optimizer + schedule, checkpoint save/load, HF export.
+"""Setting up DeepSpeed for one stage: ZeRO config, the engine with its optimizer and lr schedule, the flat-world
+check, the loss scale under SP, HF export, the worker's device and peak memory.
 
 The same engine runs on CPU (gloo, fp32, torch AdamW) and GPU (NCCL, bf16, optional CPU offload).
 
@@ -47,7 +48,9 @@ class StageLossModel(torch.nn.Module):
 
 
 def lr_lambda(stage: StageConfig, total_steps: int):
-    """Multiplier of the peak lr at optimizer step `n` (0-based): linear warmup, then the decay."""
+    """Multiplier of the peak lr at optimizer step `n` (0-based): linear warmup, then constant, linear or cosine
+    decay to `min_lr_ratio` (the cosine half-period of Loshchilov & Hutter 2017, "SGDR", Eq. 5, without restarts; as in
+    transformers' get_cosine_schedule_with_warmup)."""
     warm = stage.warmup_steps
 
     def fn(n: int) -> float:
@@ -110,7 +113,10 @@ def build_engine(lm, stage: StageConfig, runtime: RuntimeConfig, device: torch.d
 
 def check_flat_world(engine) -> None:
     """Raise unless DeepSpeed averages gradients over every rank as plain data parallelism (W ranks, no SP):
-    the premise of `backward_scale`. Guards against an SP mpu or `sequence_parallel_size` slipping in."""
+    the premise of `backward_scale`. Guards against an SP mpu or `sequence_parallel_size` slipping in.
+
+    Raises RuntimeError stating what DeepSpeed sees otherwise.
+    """
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -20,23 +20,24 @@ from typing import Callable, Iterator
 
 
 @dataclass(frozen=True)
-class Position:
+class DataPosition:
     epoch: int = 0
     index: int = 0  # next micro-batch of that epoch's plan
 
 
 @dataclass(frozen=True)
-class Step:
+class OptimizerStep:
     epoch: int
     microbatches: list[list[int]]  # per_step micro-batches (sample indices), in plan order
-    after: Position                # the position once this step is done
+    after: DataPosition                # the position once this step is done
 
 
-class StepSchedule:
+class StepBatches:
     """Steps from a position. `plan(epoch)` -> that epoch's micro-batches; `epochs` bounds the stream
     unless `max_steps` > 0 (then epochs repeat until max_steps steps in all)."""
 
     def __init__(self, plan: Callable[[int], list[list[int]]], per_step: int, epochs: int, max_steps: int = 0):
+        """Raises ValueError when `per_step` is below 1."""
         if per_step < 1:
             raise ValueError(f"per_step must be >= 1 (got {per_step})")
         self.plan, self.per_step, self.epochs, self.max_steps = plan, per_step, epochs, max_steps
@@ -44,14 +45,17 @@ class StepSchedule:
     def _epoch_steps(self, epoch: int, start: int) -> int:
         return max(0, (len(self.plan(epoch)) - start) // self.per_step)
 
-    def steps_left(self, pos: Position, done: int = 0) -> int:
+    def steps_left(self, pos: DataPosition, done: int = 0) -> int:
         """Steps still to run from `pos` after `done` steps."""
         if self.max_steps:
             return max(0, self.max_steps - done)
         return sum(self._epoch_steps(e, pos.index if e == pos.epoch else 0) for e in range(pos.epoch, self.epochs))
 
-    def steps(self, pos: Position, done: int = 0) -> Iterator[Step]:
-        """The remaining steps, in order, starting at `pos`."""
+    def steps(self, pos: DataPosition, done: int = 0) -> Iterator[OptimizerStep]:
+        """The remaining steps, in order, starting at `pos`.
+
+        Raises ValueError when an epoch has fewer micro-batches than one step takes.
+        """
         left = self.steps_left(pos, done)
         epoch, index = pos.epoch, pos.index
         guard = 0
@@ -64,6 +68,6 @@ class StepSchedule:
                     raise ValueError(f"epoch {epoch - 1} has {len(plan)} micro-batches, fewer than one step's {self.per_step}")
                 continue
             guard = 0
-            yield Step(epoch, plan[index:index + self.per_step], Position(epoch, index + self.per_step))
+            yield OptimizerStep(epoch, plan[index:index + self.per_step], DataPosition(epoch, index + self.per_step))
             index += self.per_step
             left -= 1

@@ -1,11 +1,13 @@
-"""The engine protocol behind the HTTP routes, and the transformers engine that serves on CPU.
+"""The model behind the HTTP routes: the protocol the routes call (`ServedModel`), and its transformers
+implementation that serves on CPU or one GPU (`HFServedModel`). The vLLM backend serves through
+ray.serve.llm instead and does not use this module.
 
-The routes (routes.py) only know `Engine`: turn messages or a prompt into token ids, check them
+The routes (routes.py) only know `ServedModel`: turn messages or a prompt into token ids, check them
 against the window and the vocabulary, compile structured-output constraints, and stream generated
-tokens. `HFEngine` implements it with a plain KV-cached decode loop over a `from_pretrained` causal
+tokens. `HFServedModel` implements it with a plain KV-cached decode loop over a `from_pretrained` causal
 LM, one token per step on a single worker thread, so concurrent requests interleave token by token
 instead of blocking each other for a whole generation. Each `Step` carries new text, the token ids
-behind it, their logprobs when asked for, and (first step only) the prompt's logprobs. The engine
+behind it, their logprobs when asked for, and (first step only) the prompt's logprobs. This module
 knows nothing about HTTP, OpenAI JSON or Ray.
 """
 
@@ -20,7 +22,7 @@ from typing import AsyncIterator
 
 from ctxforge.serve.sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
 
-__all__ = ["ContextLengthError", "Engine", "HFEngine", "SamplingParams", "Step"]
+__all__ = ["ContextLengthError", "ServedModel", "HFServedModel", "SamplingParams", "Step"]
 
 
 class ContextLengthError(ValueError):
@@ -42,7 +44,7 @@ class Step:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
-class Engine(ABC):
+class ServedModel(ABC):
     model_id: str
     max_model_len: int
 
@@ -94,7 +96,7 @@ def _find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | Non
     return min(hits) if hits else None
 
 
-class HFEngine(Engine):
+class HFServedModel(ServedModel):
     """A transformers causal LM on one device, decoded token by token with its KV cache."""
 
     def __init__(self, model_path: str, model_id: str, max_model_len: int, device: str = "auto", dtype: str = "auto",

@@ -14,7 +14,7 @@ the per-token slope (weight-sized buffers cancel), which is compared with `bytes
 layer count. The attention here is torch's CPU sdpa with KV heads repeated (the formula is evaluated with
 rep = 4 to match); flash-attn's buffers on a GPU differ a little: bench/gpu_checks.py measures those.
 
-    .venv/bin/python bench/bench_plan.py [--skip-measure] [--tokens 32768,65536]
+    .venv/bin/python bench/bench_memory_plan.py [--skip-measure] [--tokens 32768,65536]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ PREVIOUS_LAYOUTS = {"180K": (8, 4), "350K": (8, 8), "650K": (16, 8), "1M": (32, 
 def previous_need(arch, rt, max_seq_len: int, world: int, sp: int) -> float:
     """The estimate `ctxforge plan` printed before tiled MLP, checkpoint offload, MLP backward buffers and fp32
     norm upcasts were counted: 40h 'work' (fitted to ALST) + L*2h checkpoints + 6f, per token."""
-    from ctxforge.train.plan import FIXED_BYTES, state_bytes
+    from ctxforge.train.memory_plan import FIXED_BYTES, state_bytes
 
     local = math.ceil(max_seq_len / sp)
     per_token = 40 * arch.hidden + arch.layers * 2 * arch.hidden + 2 * 3 * arch.ffn
@@ -56,7 +56,7 @@ def smallest(fn, arch, budget: float, max_sp: int = 16) -> tuple[int, int] | Non
 def part1() -> None:
     from ctxforge.config import load_config
     from ctxforge.train.config import TrainConfig
-    from ctxforge.train.plan import GIB, HEADROOM, arch_of, need_bytes
+    from ctxforge.train.memory_plan import GIB, HEADROOM, arch_of, need_bytes
 
     path = str(ROOT / "configs" / "train-llama8b-1m.yaml")
     after = load_config(TrainConfig, path)
@@ -125,7 +125,7 @@ def measure(tokens: int, layers: int, checkpointing: bool, tiled: bool) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
-    from ctxforge.train.memory import enable_tiled_mlp
+    from ctxforge.train.memory_savers import enable_tiled_mlp
 
     def causal(module, q, k, v, attention_mask, dropout=0.0, scaling=None, **kw):
         g = q.shape[1] // k.shape[1]
@@ -159,7 +159,7 @@ def measure(tokens: int, layers: int, checkpointing: bool, tiled: bool) -> int:
 
 def part2(lengths: list[int]) -> None:
     from ctxforge.train.config import RuntimeConfig
-    from ctxforge.train.plan import Arch, KNOWN_ARCHITECTURES, bytes_per_token
+    from ctxforge.train.memory_plan import Arch, KNOWN_ARCHITECTURES, bytes_per_token
 
     arch = Arch(**{**KNOWN_ARCHITECTURES["meta-llama/Llama-3.1-8B-Instruct"], "layers": 2})
     h = arch.hidden

@@ -10,7 +10,7 @@ import pytest
 
 from ctxforge.config import load_config
 from ctxforge.train.config import RuntimeConfig, StageConfig, TrainConfig
-from ctxforge.train.plan import (GIB, HEADROOM, KNOWN_ARCHITECTURES, Arch, arch_of, bytes_per_token, need_bytes,
+from ctxforge.train.memory_plan import (GIB, HEADROOM, KNOWN_ARCHITECTURES, Arch, arch_of, bytes_per_token, need_bytes,
                                  plan_curriculum, state_bytes, tile_bytes)
 from ctxforge.train.resources import ResourceError, check_capacity
 
