@@ -153,6 +153,8 @@ def test_bad_input_is_skipped_and_counted(ray_local, tmp_path):
              json.dumps({"body": "no text field"}), json.dumps({"text": 42}), json.dumps(["a", "list"]),
              json.dumps({"text": good.replace("river", "road"), "id": "jsonl-1"})]  # same id twice
     (corpus / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    # a JSON array beside JSON Lines: its record is read, not counted as invalid lines
+    (corpus / "array.json").write_text(json.dumps([{"id": "array-1", "text": good.replace("mill", "barn")}], indent=2))
     pq.write_table(pa.table({"text": [good.replace("mill", "forge")], "title": ["forge"]}), corpus / "p.parquet")
     pq.write_table(pa.table({"content": ["wrong column"]}), corpus / "q.parquet")
     (corpus / ".hidden.txt").write_text(good)
@@ -164,9 +166,12 @@ def test_bad_input_is_skipped_and_counted(ray_local, tmp_path):
                      "chunking.min_document_tokens=8")
         synthesize(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["input"]["documents"] == 3  # good.txt, jsonl-1, the parquet row
+    assert manifest["input"]["documents"] == 4  # good.txt, jsonl-1, array-1, the parquet row
     assert manifest["input"]["skipped_by_reason"] == {
         "empty_document": 2, "invalid_utf8": 1, "binary_file": 1, "too_short": 1, "invalid_json_line": 1,
         "missing_text_field": 2, "text_not_string": 1, "record_not_an_object": 1, "duplicate_document": 1,
     }
-    assert manifest["input"]["records_read"] == 14
+    assert manifest["input"]["records_read"] == 15
+    assert {k: [Path(f).name for f in v] for k, v in manifest["input"]["files_read_as"].items()} == {
+        "json_array": ["array.json"], "jsonl": ["docs.jsonl"], "parquet": ["p.parquet", "q.parquet"],
+        "text": ["blank.md", "empty.txt", "good.txt", "image.txt", "latin1.txt", "short.txt"]}
