@@ -35,6 +35,7 @@ from ctxforge.pipeline.docstore import QA_SCHEMA, Location, QAIndex, SampleSourc
 from ctxforge.pipeline.passes import PassStats
 from ctxforge.pipeline.prompts import load_prompt_set
 from ctxforge.pipeline.records import DocumentQA, QARecord
+from ctxforge.pipeline.verdicts import rules_fingerprint
 from ctxforge.schema import SAMPLE_SCHEMA
 
 __all__ = ["QA_SCHEMA", "RenderPool", "SynthReport", "write_manifest", "write_qa_table", "write_stage_samples"]
@@ -354,6 +355,9 @@ def write_manifest(path: Path, report: SynthReport) -> None:
             "total": report.totals.to_dict(),
             "cache_hits": report.totals.cache_hits,
             "cache_entries": report.cache_counts,
+            # the rules every verdict above was decided by in this run (cached raw outputs are judged again)
+            "verdict_rules": rules_fingerprint(cfg.checks.model_dump(mode="json"), cfg.generator.max_attempts,
+                                               cfg.grounding.model_dump(mode="json")),
         },
         "failures_by_reason": dict(report.totals.failures),
         "qa": {"generated_by_type": report.qa_generated, "dropped": report.qa_dropped, "kept": report.qa_kept},
