@@ -30,12 +30,12 @@ from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 import ray  # noqa: E402
 
-from ctxforge.pipeline.cache import RequestCache  # noqa: E402
-from ctxforge.pipeline.config import GeneratorConfig  # noqa: E402
-from ctxforge.pipeline.engines import EnginePool  # noqa: E402
-from ctxforge.pipeline.generators.http import HTTPBackend  # noqa: E402
-from ctxforge.pipeline.requests import Request, request_row  # noqa: E402
-from ctxforge.pipeline.scheduler import RequestScheduler  # noqa: E402
+from ctxforge.generation.cache import RequestCache  # noqa: E402
+from ctxforge.generation.config import GeneratorConfig  # noqa: E402
+from ctxforge.generation.pool import EnginePool  # noqa: E402
+from ctxforge.generation.backends.http import HTTPBackend  # noqa: E402
+from ctxforge.generation.requests import Request, request_row  # noqa: E402
+from ctxforge.generation.scheduler import RequestScheduler  # noqa: E402
 
 SCHEMA = {
     "type": "object",

@@ -31,8 +31,8 @@ BENCH_OVERRIDES = ["iterations=1", "self_instruct.count=6", "extend.max_tries=1"
 
 def after_responses(cfg: LengthenConfig, model: str, instructions: list[dict], out: Path) -> tuple[list[int], dict]:
     """Word counts of the trained generator's responses to `instructions` (same checks, tries and budget)."""
-    from ctxforge.pipeline.cache import RequestCache
-    from ctxforge.pipeline.passes import PassRunner
+    from ctxforge.generation.cache import RequestCache
+    from ctxforge.generation.validation import PassRunner
 
     cache = RequestCache(out / "work" / "requests.sqlite")  # the loop's cache: a rerun of the bench is free
     try:

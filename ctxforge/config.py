@@ -43,10 +43,13 @@ class StrictModel(BaseModel):
 
     A stage's top-level model may set `deprecated_keys` ({old dotted key: new dotted key}): load_config moves
     a value given under an old spelling to the new one and prints a deprecation notice on stderr.
+    It may also set `removed_keys` ({dotted key: what replaced it}): a config or override that still sets one
+    stops with one line naming the key and its replacement (a ConfigError), before anything runs.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     deprecated_keys: ClassVar[dict[str, str]] = {}
+    removed_keys: ClassVar[dict[str, str]] = {}
 
 
 _ENV_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
@@ -244,6 +247,19 @@ def _rename_deprecated(data: dict, overrides: list[str], aliases: dict[str, str]
     return renamed
 
 
+def _refuse_removed(data: dict, overrides: list[str], removed: dict[str, str], label: str) -> None:
+    """Raises ConfigError naming the first removed key that the YAML data or an override still sets."""
+    for key, replacement in removed.items():
+        parent, _, leaf = key.rpartition(".")
+        node = _get_dotted(data, parent) if parent else data
+        if isinstance(node, dict) and leaf in node:
+            raise ConfigError(f"{label}: '{key}' was removed: {replacement}; delete it from the config")
+        for item in overrides:
+            given = item.partition("=")[0]
+            if given == key or given.startswith(key + "."):
+                raise ConfigError(f"command line: '{given}' was removed: {replacement}; drop the override")
+
+
 def _get_dotted(data: dict, dotted: str) -> Any:
     node: Any = data
     for part in dotted.split("."):
@@ -278,6 +294,7 @@ def load_config(model: type[ConfigT], spec: str | None, overrides: list[str] | N
     aliases = getattr(model, "deprecated_keys", {}) or {}
     if aliases:
         overrides = _rename_deprecated(data, overrides, aliases, label)
+    _refuse_removed(data, overrides, getattr(model, "removed_keys", {}) or {}, label)
     if overrides:
         label = f"{label} (+ {len(overrides)} override{'s' if len(overrides) > 1 else ''})"
         apply_overrides(data, overrides, label)

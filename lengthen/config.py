@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ctxforge.config import PathStr, StrictModel
 from ctxforge.lengthen.length_control import TYPES
-from ctxforge.pipeline.config import GeneratorConfig
+from ctxforge.generation.config import GeneratorConfig
 from ctxforge.train.config import RuntimeConfig, StageConfig
 
 

@@ -73,12 +73,12 @@ def preflight(cfg: LengthenConfig) -> Preflight:
 def make_backend(gen, model_path: str):
     """The synthesis stage's backend for `gen.backend`, loading `model_path` (the served name for http)."""
     if gen.backend == "hf":
-        from ctxforge.pipeline.generators.hf import HFBackend
+        from ctxforge.generation.backends.hf import HFBackend
         return HFBackend(gen, model_path)
     if gen.backend == "http":
-        from ctxforge.pipeline.generators.http import HTTPBackend
+        from ctxforge.generation.backends.http import HTTPBackend
         return HTTPBackend(gen, gen.model)
-    from ctxforge.pipeline.generators.vllm import VLLMBackend
+    from ctxforge.generation.backends.vllm import VLLMBackend
     return VLLMBackend(gen, model_path)
 
 
@@ -105,7 +105,7 @@ class Lengthener:
         self._save()
 
     def _role(self, name: str, model_path: str) -> Role:
-        from ctxforge.pipeline.passes import PassRunner
+        from ctxforge.generation.validation import PassRunner
 
         key = f"{name}:{model_path}"
         if key not in self.roles:
@@ -116,7 +116,7 @@ class Lengthener:
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self) -> dict:
-        from ctxforge.pipeline.cache import RequestCache
+        from ctxforge.generation.cache import RequestCache
         from ctxforge.raycluster import init_ray
 
         cfg = self.cfg

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from ctxforge.lengthen import prompts
 from ctxforge.lengthen.checks import check_text, count_words, split_paragraphs
 from ctxforge.lengthen.config import LengthenConfig
-from ctxforge.pipeline.passes import PassRunner, PassStats
-from ctxforge.pipeline.requests import Request
+from ctxforge.generation.validation import PassRunner, PassStats
+from ctxforge.generation.requests import Request
 
 
 def text_id(text: str) -> str:

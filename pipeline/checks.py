@@ -115,7 +115,7 @@ def check_output(request, obj: dict) -> str:
 
 def validate(request, text: str) -> tuple[dict | None, str]:
     """The runner's hook: schema validation, then the content checks. (object, "") or (None, reason)."""
-    from ctxforge.pipeline.passes import validate_output
+    from ctxforge.generation.validation import validate_output
 
     obj, reason = validate_output(text, request.schema)
     if obj is None:

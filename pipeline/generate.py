@@ -35,8 +35,8 @@ from ctxforge.pipeline.assemble import QAAssembler
 from ctxforge.pipeline.config import SynthConfig
 from ctxforge.pipeline.hierarchy import DocState, Planner
 from ctxforge.pipeline.judge import judge_requests, record_verdicts
-from ctxforge.pipeline.passes import PassRunner, PassStats
-from ctxforge.pipeline.requests import Request
+from ctxforge.generation.validation import PassRunner, PassStats
+from ctxforge.generation.requests import Request
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from ctxforge.pipeline import prompts
 from ctxforge.pipeline.config import SynthConfig
 from ctxforge.pipeline.qaplan import MULTI_PASSAGE_TYPES, PlannedQA, plan_questions
 from ctxforge.pipeline.records import Chunk, Section
-from ctxforge.pipeline.requests import Request
+from ctxforge.generation.requests import Request
 
 PROMPT_OVERHEAD_TOKENS = 400  # system prompt, instructions and chat template around the evidence
 

@@ -10,7 +10,7 @@ grounding.on_ungrounded then drops or flags. Verdicts are counted per question t
 from __future__ import annotations
 
 from ctxforge.pipeline.prompts import judge_schema
-from ctxforge.pipeline.requests import Request
+from ctxforge.generation.requests import Request
 
 JUDGE_MAX_TOKENS = 16  # {"supported": "yes"} and the template's end token
 

@@ -2,7 +2,7 @@
 
 Algorithm 1 streams: documents are admitted from the documents table a few at a time, each advances
 through its passes as its own answers come back, on engines that load once for the whole run
-(engines.py, scheduler.py, generate.py); a finished document's QA go to the QA table and its state
+(generation/pool.py, generation/scheduler.py, generate.py); a finished document's QA go to the QA table and its state
 leaves the driver. Algorithm 2 plans in the driver and renders in parallel workers (write.py).
 
 Everything written is either content-addressed (the request cache) or a deterministic function of
@@ -22,21 +22,21 @@ from pathlib import Path
 
 from ctxforge.config import PreflightError
 from ctxforge.models import TINY_MODEL_SPEC, load_tokenizer, resolve_model_path, tokenizer_hash
-from ctxforge.pipeline.accounting import accounting, projection, projection_line
-from ctxforge.pipeline.cache import RequestCache
+from ctxforge.generation.accounting import accounting, projection, projection_line
+from ctxforge.generation.cache import RequestCache
 from ctxforge.pipeline.concat import EmptyStageError, PoolDocument, plan_stage, stage_failure
 from ctxforge.pipeline.config import SynthConfig
 from ctxforge.pipeline.docstore import DocumentStore, QAWriter
 from ctxforge.pipeline.documents import (boilerplate_counts, build_documents_table, files_read_as, no_document_error,
                                          select_documents)
-from ctxforge.pipeline.engines import EnginePool
+from ctxforge.generation.pool import EnginePool
 from ctxforge.pipeline.generate import PASS_NAMES, QAAssembler, StreamingGenerator, WaveGenerator
-from ctxforge.pipeline.generators.base import GeneratorBackend
+from ctxforge.generation.backends.base import GeneratorBackend
 from ctxforge.pipeline.hierarchy import DocState, Planner
-from ctxforge.pipeline.passes import PassRunner, PassStats
+from ctxforge.generation.validation import PassRunner, PassStats
 from ctxforge.pipeline.prompts import PromptSetError, load_prompt_set
 from ctxforge.pipeline.read import holds_a_file
-from ctxforge.pipeline.scheduler import RequestScheduler
+from ctxforge.generation.scheduler import RequestScheduler
 from ctxforge.pipeline.write import RenderPool, SynthReport, render_workers, write_manifest
 from ctxforge.raycluster import init_ray
 
@@ -128,16 +128,16 @@ def _check_endpoint(cfg: SynthConfig) -> None:
 
 def make_backend(cfg: SynthConfig, model_path: str) -> GeneratorBackend:
     if cfg.generator.backend == "fake":
-        from ctxforge.pipeline.generators.fake import FakeBackend
+        from ctxforge.generation.backends.fake import FakeBackend
         return FakeBackend(cfg.generator, cfg.generator.model)
     if cfg.generator.backend == "hf":
-        from ctxforge.pipeline.generators.hf import HFBackend
+        from ctxforge.generation.backends.hf import HFBackend
         return HFBackend(cfg.generator, model_path)
     if cfg.generator.backend == "http":
-        from ctxforge.pipeline.generators.http import HTTPBackend
+        from ctxforge.generation.backends.http import HTTPBackend
         # the endpoint knows the model by its served name, not by a resolved path
         return HTTPBackend(cfg.generator, cfg.generator.model)
-    from ctxforge.pipeline.generators.vllm import VLLMBackend
+    from ctxforge.generation.backends.vllm import VLLMBackend
     return VLLMBackend(cfg.generator, model_path)
 
 

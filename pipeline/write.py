@@ -32,10 +32,10 @@ from ctxforge.pipeline.concat import (
 )
 from ctxforge.pipeline.config import ConcatConfig, StageConfig, SynthConfig
 from ctxforge.pipeline.docstore import QA_SCHEMA, Location, QAIndex, SampleSource
-from ctxforge.pipeline.passes import PassStats
+from ctxforge.generation.validation import PassStats
 from ctxforge.pipeline.prompts import load_prompt_set
 from ctxforge.pipeline.records import DocumentQA, QARecord
-from ctxforge.pipeline.verdicts import rules_fingerprint
+from ctxforge.generation.verdicts import rules_fingerprint
 from ctxforge.schema import SAMPLE_SCHEMA
 
 __all__ = ["QA_SCHEMA", "RenderPool", "SynthReport", "write_manifest", "write_qa_table", "write_stage_samples"]

@@ -40,7 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 # the shipped fake engine's reading of a prompt: one implementation for both fakes
-from ctxforge.pipeline.generators.fake import last_user, middle_quote
+from ctxforge.generation.backends.fake import last_user, middle_quote
 
 Fault = int | str | None  # status code, "timeout", "malformed", "disconnect"; None = succeed
 

@@ -10,13 +10,14 @@ import re
 import pytest
 
 from ctxforge.config import load_config
-from ctxforge.pipeline.cache import RequestCache
-from ctxforge.pipeline.config import GeneratorConfig, SynthConfig
+from ctxforge.generation.cache import RequestCache
+from ctxforge.pipeline.config import SynthConfig
+from ctxforge.generation.config import GeneratorConfig
 from ctxforge.pipeline.generate import QAAssembler, WaveGenerator
-from ctxforge.pipeline.generators.base import GeneratorBackend, batch_rows, rows_batch
+from ctxforge.generation.backends.base import GeneratorBackend, batch_rows, rows_batch
 from ctxforge.pipeline.hierarchy import Planner
-from ctxforge.pipeline.passes import PassRunner
-from ctxforge.pipeline.requests import attempt_seed
+from ctxforge.generation.validation import PassRunner
+from ctxforge.generation.requests import attempt_seed
 from test_assemble import make_state
 
 pytestmark = pytest.mark.slow

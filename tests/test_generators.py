@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from ctxforge.pipeline.config import GeneratorConfig, LimitsConfig
-from ctxforge.pipeline.generators.base import REQUEST_COLUMNS, RESULT_COLUMNS, rows_batch
-from ctxforge.pipeline.passes import validate_output
+from ctxforge.pipeline.config import LimitsConfig
+from ctxforge.generation.config import GeneratorConfig
+from ctxforge.generation.backends.base import REQUEST_COLUMNS, RESULT_COLUMNS, rows_batch
+from ctxforge.generation.validation import validate_output
 from ctxforge.pipeline.prompts import load_prompt_set, qa_schema
 
 
@@ -24,7 +25,7 @@ def request(seed: int, text: str = "The miller counted forty sacks of grain befo
 
 @pytest.fixture(scope="module")
 def hf_udf(tiny_model_path):
-    from ctxforge.pipeline.generators.hf import HFGeneratorUDF
+    from ctxforge.generation.backends.hf import HFGeneratorUDF
     return HFGeneratorUDF(tiny_model_path, device="cpu", dtype="auto", max_model_len=2048)
 
 
@@ -52,7 +53,7 @@ def test_hf_prompt_longer_than_window_is_an_error_row_not_a_crash(hf_udf):
 
 
 def test_vllm_processor_builds_on_cpu_without_vllm():
-    from ctxforge.pipeline.generators.vllm import VLLMBackend, _postprocess, _preprocess
+    from ctxforge.generation.backends.vllm import VLLMBackend, _postprocess, _preprocess
 
     cfg = GeneratorConfig(backend="vllm", tensor_parallel_size=4, concurrency=(1, 8), accelerator_type="H100",
                           max_model_len=32768, engine_kwargs={"gpu_memory_utilization": 0.9})
@@ -77,7 +78,7 @@ def test_vllm_processor_builds_on_cpu_without_vllm():
 def test_vllm_engine_actor_wiring_on_cpu_without_vllm():
     """What the engine pool builds for vLLM: one placement group of tensor_parallel_size GPU bundles per
     engine (vLLM's Ray executor places its workers there), or one GPU on the actor when TP = 1."""
-    from ctxforge.pipeline.generators.vllm import VLLMBackend, VLLMEngine, sampling_params
+    from ctxforge.generation.backends.vllm import VLLMBackend, VLLMEngine, sampling_params
 
     tp4 = VLLMBackend(GeneratorConfig(backend="vllm", tensor_parallel_size=4, concurrency=(1, 8), accelerator_type="H100",
                                       max_model_len=32768, engine_kwargs={"gpu_memory_utilization": 0.9}), "/m/qwen72b")
@@ -104,8 +105,8 @@ def test_vllm_engine_actor_wiring_on_cpu_without_vllm():
 @pytest.mark.gpu
 def test_vllm_engine_in_the_pool_generates_schema_valid_json_on_gpu(ray_local, tiny_model_path):
     pytest.importorskip("vllm")
-    from ctxforge.pipeline.engines import EnginePool
-    from ctxforge.pipeline.generators.vllm import VLLMBackend
+    from ctxforge.generation.pool import EnginePool
+    from ctxforge.generation.backends.vllm import VLLMBackend
 
     cfg = GeneratorConfig(backend="vllm", concurrency=1, max_model_len=2048,
                           engine_kwargs={"gpu_memory_utilization": 0.3, "enforce_eager": True})
@@ -132,7 +133,7 @@ def test_vllm_engine_in_the_pool_generates_schema_valid_json_on_gpu(ray_local, t
 def test_vllm_backend_generates_schema_valid_json_on_gpu(ray_local, tiny_model_path):
     pytest.importorskip("vllm")
     import ray
-    from ctxforge.pipeline.generators.vllm import VLLMBackend
+    from ctxforge.generation.backends.vllm import VLLMBackend
 
     cfg = GeneratorConfig(backend="vllm", concurrency=1, max_model_len=2048, batch_size=4,
                           engine_kwargs={"gpu_memory_utilization": 0.3, "enforce_eager": True})
@@ -144,7 +145,7 @@ def test_vllm_backend_generates_schema_valid_json_on_gpu(ray_local, tiny_model_p
 
 
 def test_http_payload_can_leave_out_length_bounds_for_strict_endpoints():
-    from ctxforge.pipeline.generators.http import HTTPGeneratorUDF
+    from ctxforge.generation.backends.http import HTTPGeneratorUDF
 
     row = request(7)
     with_bounds = HTTPGeneratorUDF("http://127.0.0.1:9/v1", "m", "NO_SUCH_KEY_VAR", 1, 1.0, 0, 0.01)._payload(row)
@@ -157,9 +158,9 @@ def test_http_payload_can_leave_out_length_bounds_for_strict_endpoints():
 
 
 def test_repetition_penalty_reaches_the_request_id_and_every_backend(hf_udf):
-    from ctxforge.pipeline.generators.http import HTTPGeneratorUDF
-    from ctxforge.pipeline.generators.vllm import _preprocess
-    from ctxforge.pipeline.requests import Request, request_row
+    from ctxforge.generation.backends.http import HTTPGeneratorUDF
+    from ctxforge.generation.backends.vllm import _preprocess
+    from ctxforge.generation.requests import Request, request_row
 
     def rid(**kw):
         req = Request("qa", "d", "qa:h000", [{"role": "user", "content": "x"}], "qa", {"type": "object"}, 64)
@@ -193,7 +194,7 @@ def test_repetition_penalty_reaches_the_request_id_and_every_backend(hf_udf):
 def test_request_rows_keep_the_schemas_property_order(hf_udf):
     """Constrained decoders write properties in schema order: a sorted schema would make the model answer
     before it asks (answer, evidence_quote, question)."""
-    from ctxforge.pipeline.requests import Request, request_row
+    from ctxforge.generation.requests import Request, request_row
 
     schema = qa_schema(LimitsConfig())
     req = Request("qa", "d", "k", [{"role": "user", "content": "x"}], "qa", schema, 8).finalize("m", 0.7, 0.95, "p")

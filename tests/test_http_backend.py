@@ -13,9 +13,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FakeOpenAIServer, answer_for, request_key  # noqa: E402
 
-from ctxforge.pipeline.config import GeneratorConfig  # noqa: E402
-from ctxforge.pipeline.generators.base import REQUEST_COLUMNS, RESULT_COLUMNS, rows_batch  # noqa: E402
-from ctxforge.pipeline.generators.http import HTTPBackend, HTTPGeneratorUDF  # noqa: E402
+from ctxforge.generation.config import GeneratorConfig  # noqa: E402
+from ctxforge.generation.backends.base import REQUEST_COLUMNS, RESULT_COLUMNS, rows_batch  # noqa: E402
+from ctxforge.generation.backends.http import HTTPBackend, HTTPGeneratorUDF  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -248,10 +248,10 @@ def test_help_documents_every_option(capsys):
 
 
 def test_free_text_requests_go_unconstrained_through_every_backend():
-    from ctxforge.pipeline.generators.http import HTTPGeneratorUDF
-    from ctxforge.pipeline.generators.vllm import _preprocess
-    from ctxforge.pipeline.passes import validate_output
-    from ctxforge.pipeline.requests import Request, request_row
+    from ctxforge.generation.backends.http import HTTPGeneratorUDF
+    from ctxforge.generation.backends.vllm import _preprocess
+    from ctxforge.generation.validation import validate_output
+    from ctxforge.generation.requests import Request, request_row
 
     req = Request("initial_response", "d", "k", [{"role": "user", "content": "Write."}], "text", None, 64)
     row = request_row(req.finalize("m", 0.7, 0.9, "v"), 1, 0.7, 0.9)
@@ -271,9 +271,9 @@ def test_cached_answers_are_accepted_by_the_current_checks(ray_local, tmp_path):
     import hashlib
 
     from ctxforge.lengthen.tasks import ResponseTask, Role, drive
-    from ctxforge.pipeline.cache import RequestCache
-    from ctxforge.pipeline.generators.base import GeneratorBackend, batch_rows, rows_batch
-    from ctxforge.pipeline.passes import PassRunner
+    from ctxforge.generation.cache import RequestCache
+    from ctxforge.generation.backends.base import GeneratorBackend, batch_rows, rows_batch
+    from ctxforge.generation.validation import PassRunner
 
     class Writer(GeneratorBackend):
         """Prose that depends only on the request: about half the requests end mid-sentence."""

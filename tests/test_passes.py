@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 
-from ctxforge.pipeline.cache import RequestCache
-from ctxforge.pipeline.config import GeneratorConfig, LimitsConfig
-from ctxforge.pipeline.generators.base import GeneratorBackend, batch_rows, rows_batch
-from ctxforge.pipeline.passes import PassRunner, validate_output
+from ctxforge.generation.cache import RequestCache
+from ctxforge.pipeline.config import LimitsConfig
+from ctxforge.generation.config import GeneratorConfig
+from ctxforge.generation.backends.base import GeneratorBackend, batch_rows, rows_batch
+from ctxforge.generation.validation import PassRunner, validate_output
 from ctxforge.pipeline.prompts import qa_schema, summary_schema
-from ctxforge.pipeline.requests import Request, attempt_seed
+from ctxforge.generation.requests import Request, attempt_seed
 
 SCHEMA = qa_schema(LimitsConfig())
 
@@ -119,8 +120,8 @@ def _checked_requests(keys, enabled: bool):
 
 
 def test_a_verdict_is_decided_from_cached_attempts_by_todays_rules():
-    from ctxforge.pipeline.cache import Attempt
-    from ctxforge.pipeline.verdicts import decide
+    from ctxforge.generation.cache import Attempt
+    from ctxforge.generation.verdicts import decide
 
     off, on = (_checked_requests(["k"], enabled)[0] for enabled in (False, True))
     cached = {1: Attempt(WEAK), 2: Attempt(GOOD)}

@@ -290,13 +290,13 @@ class _Dataset:
 
 
 def test_synthesis_generators_request_the_generation_node_resource():
-    from ctxforge.pipeline.generators.hf import HFBackend
-    from ctxforge.pipeline.generators.http import HTTPBackend
-    from ctxforge.pipeline.generators.vllm import VLLMBackend
+    from ctxforge.generation.backends.hf import HFBackend
+    from ctxforge.generation.backends.http import HTTPBackend
+    from ctxforge.generation.backends.vllm import VLLMBackend
 
     gen = _shipped()["synth"]["qwen72b-vllm"].generator
     vllm = VLLMBackend(gen, "/models/qwen")
-    # streaming scheduler (pipeline/engines.py): each TP-4 engine's placement group, every bundle on the node type
+    # streaming scheduler (generation/pool.py): each TP-4 engine's placement group, every bundle on the node type
     bundles = vllm.placement_bundles()
     assert len(bundles) == 4 and all(b["ctxforge_generate"] == 1 and b["GPU"] == 1 for b in bundles)
     one_gpu = VLLMBackend(gen.model_copy(update={"tensor_parallel_size": 1}), "/models/qwen")

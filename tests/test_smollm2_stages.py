@@ -57,7 +57,7 @@ def test_smollm2_synthesis_writes_valid_partly_grounded_qa(smollm2_corpus):
     import jsonschema
 
     from ctxforge.pipeline.config import LimitsConfig
-    from ctxforge.pipeline.passes import validate_output
+    from ctxforge.generation.validation import validate_output
     from ctxforge.pipeline.prompts import qa_schema, summary_schema
 
     manifest = json.loads((smollm2_corpus / "manifest.json").read_text())

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ctxforge.config import PreflightError, load_config
-from ctxforge.pipeline.config import ConcatConfig, GeneratorConfig, StageConfig, SynthConfig
+from ctxforge.pipeline.config import ConcatConfig, StageConfig, SynthConfig
+from ctxforge.generation.config import GeneratorConfig
 from ctxforge.pipeline.run import synthesize
 
 SMALL = [
@@ -118,13 +119,13 @@ def test_documents_per_wave_is_the_old_name_of_documents_in_flight(capsys):
 def test_lost_engine_loses_nothing_and_the_pool_grows_and_shrinks(ray_local, tmp_path):
     import ray
 
-    from ctxforge.pipeline.cache import RequestCache
-    from ctxforge.pipeline.engines import EnginePool
-    from ctxforge.pipeline.generators.fake import FakeBackend, fake_answer
+    from ctxforge.generation.cache import RequestCache
+    from ctxforge.generation.pool import EnginePool
+    from ctxforge.generation.backends.fake import FakeBackend, fake_answer
     from ctxforge.pipeline.prompts import load_prompt_set, summary_schema
     from ctxforge.pipeline.config import LimitsConfig
-    from ctxforge.pipeline.requests import Request
-    from ctxforge.pipeline.scheduler import RequestScheduler
+    from ctxforge.generation.requests import Request
+    from ctxforge.generation.scheduler import RequestScheduler
 
     gen = GeneratorConfig(backend="fake", model="fake", concurrency=(1, 2), num_cpus=0.25, scale_down_idle_s=0.0,
                           engine_kwargs={"latency_s": 0.2, "slots": 2})
@@ -245,8 +246,8 @@ def test_parallel_algorithm_2_is_byte_identical_to_sequential(ray_local, tmp_pat
 # ---------------------------------------------------------------------------------------------------------
 
 def test_accounting_splits_generating_time_by_pass_and_prices_it():
-    from ctxforge.pipeline.accounting import accounting
-    from ctxforge.pipeline.passes import PassStats
+    from ctxforge.generation.accounting import accounting
+    from ctxforge.generation.validation import PassStats
 
     cfg = load_config(SynthConfig, "tiny", ["cost.gpu_hour_usd=2.0", "cost.prompt_usd_per_mtok=1.0"])
     passes = {"summary_small": PassStats(requests=10, sent=10, prompt_tokens=1_000_000, completion_tokens=10,
@@ -268,7 +269,7 @@ def test_accounting_splits_generating_time_by_pass_and_prices_it():
 
 
 def test_projection_counts_requests_from_document_sizes():
-    from ctxforge.pipeline.accounting import projection, projection_line
+    from ctxforge.generation.accounting import projection, projection_line
 
     cfg = load_config(SynthConfig, "tiny", ["cost.engine_tokens_per_s=1000", "cost.gpu_hour_usd=3",
                                             "cost.engine_load_s=360"])
@@ -288,13 +289,13 @@ def test_projection_counts_requests_from_document_sizes():
 
 @pytest.mark.slow
 def test_an_engine_that_cannot_load_stops_the_run_with_its_reason(ray_local):
-    from ctxforge.pipeline.engines import EnginePool, EngineStartError, MAX_START_FAILURES
-    from ctxforge.pipeline.generators.base import EngineFactory
-    from ctxforge.pipeline.generators.fake import FakeBackend
+    from ctxforge.generation.pool import EnginePool, EngineStartError, MAX_START_FAILURES
+    from ctxforge.generation.backends.base import EngineFactory
+    from ctxforge.generation.backends.fake import FakeBackend
 
     class Broken(FakeBackend):
         def engine_factory(self):   # time.sleep(-1) raises in the engine's constructor, like a model that won't load
-            return EngineFactory("ctxforge.pipeline.generators.fake:FakeEngine", {"load_s": -1.0})
+            return EngineFactory("ctxforge.generation.backends.fake:FakeEngine", {"load_s": -1.0})
 
     pool = EnginePool(Broken(GeneratorConfig(backend="fake", num_cpus=0.25), "fake"))
     pool.start()

@@ -1,13 +1,13 @@
 """The generator backend interface: an engine built once per actor, and the Ray Data transform around it.
 
 A backend (hf, vllm, http, fake) describes two ways to run the same generator:
-  - `engine_factory()`: the `Engine` that a long-lived actor of the engine pool (engines.py) builds
+  - `engine_factory()`: the `Engine` that a long-lived actor of the engine pool (pool.py) builds
     once (loads the model) and then asks request after request, for every pass, wave and retry of
     the run. That is the default path (runtime.scheduler=streaming).
   - `apply(ds)`: a Ray Data transform from request rows to result rows, one job per pass (the
     earlier design, runtime.scheduler=passes). Its actors load the engine again for every job.
 Backends do transport only: schema validation, attempts, caching and accounting happen in the
-scheduler (scheduler.py) or the pass runner (passes.py), the same for every backend.
+scheduler (scheduler.py) or the pass runner (validation.py), the same for every backend.
 
 A request row:
   request_id  str   content-addressed id (cache key)

@@ -48,7 +48,7 @@ def attempt_seed(request_id: str, attempt: int) -> int:
 
 def request_row(req: Request, attempt: int, temperature: float, top_p: float,
                 repetition_penalty: float = 1.0) -> dict[str, Any]:
-    """The row contract of generators/base.py."""
+    """The row contract of backends/base.py."""
     return {
         "request_id": req.request_id,
         "messages": json.dumps(req.messages, ensure_ascii=False),

@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 
-from ctxforge.pipeline.generators.base import (
+from ctxforge.generation.backends.base import (
     Engine, EngineFactory, EngineUDF, GeneratorBackend, batch_rows, error_result, rows_batch,
 )
 

@@ -19,12 +19,12 @@ import time
 from collections import deque
 from typing import Callable
 
-from ctxforge.pipeline.cache import Attempt, RequestCache
-from ctxforge.pipeline.config import GeneratorConfig
-from ctxforge.pipeline.engines import EnginePool
-from ctxforge.pipeline.passes import PassStats
-from ctxforge.pipeline.requests import Request, request_row
-from ctxforge.pipeline.verdicts import Verdict, decide
+from ctxforge.generation.cache import Attempt, RequestCache
+from ctxforge.generation.config import GeneratorConfig
+from ctxforge.generation.pool import EnginePool
+from ctxforge.generation.validation import PassStats
+from ctxforge.generation.requests import Request, request_row
+from ctxforge.generation.verdicts import Verdict, decide
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import logging
 import os
 from typing import Any
 
-from ctxforge.pipeline.generators.base import Engine, EngineFactory, GeneratorBackend, error_result
+from ctxforge.generation.backends.base import Engine, EngineFactory, GeneratorBackend, error_result
 
 log = logging.getLogger(__name__)
 IDX = "__idx_in_batch"

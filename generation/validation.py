@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import jsonschema
 import ray
 
-from ctxforge.pipeline.cache import Attempt, RequestCache
+from ctxforge.generation.cache import Attempt, RequestCache
 from ctxforge.pipeline.checks import check_output
-from ctxforge.pipeline.config import GeneratorConfig
-from ctxforge.pipeline.generators.base import GeneratorBackend, batch_rows
-from ctxforge.pipeline.requests import Request, request_row
-from ctxforge.pipeline.verdicts import Verdict, decide
+from ctxforge.generation.config import GeneratorConfig
+from ctxforge.generation.backends.base import GeneratorBackend, batch_rows
+from ctxforge.generation.requests import Request, request_row
+from ctxforge.generation.verdicts import Verdict, decide
 
 log = logging.getLogger(__name__)
 

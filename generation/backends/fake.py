@@ -17,7 +17,7 @@ import re
 import time
 from typing import Any
 
-from ctxforge.pipeline.generators.base import Engine, EngineFactory, EngineUDF, GeneratorBackend, error_result
+from ctxforge.generation.backends.base import Engine, EngineFactory, EngineUDF, GeneratorBackend, error_result
 
 _WORD = re.compile(r"\S+")
 

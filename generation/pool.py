@@ -5,7 +5,7 @@ every backend (hf and the fake engine have no Serve app; http needs no GPU), the
 engines directly (no HTTP hop, no JSON round trip), it knows which engine answered what (load, busy and
 idle seconds per engine, for GPU-hours), it resends exactly the requests a lost engine held, and the
 whole of it runs in CPU CI (`ray.serve.llm` cannot even be imported without vLLM). The engine inside
-a vLLM actor is still `ray.data.llm`'s (generators/vllm.py).
+a vLLM actor is still `ray.data.llm`'s (backends/vllm.py).
 
 Growth and shrinkage follow the work, not the pass structure: the pool starts `min` engines when
 the first request arrives (a rerun answered from the cache loads none), adds
@@ -32,7 +32,7 @@ from typing import Any
 import ray
 
 from ctxforge.config import PreflightError
-from ctxforge.pipeline.generators.base import EngineFactory, EngineMeter, GeneratorBackend, error_result
+from ctxforge.generation.backends.base import EngineFactory, EngineMeter, GeneratorBackend, error_result
 
 log = logging.getLogger(__name__)
 

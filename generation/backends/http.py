@@ -18,7 +18,7 @@ ray/llm/_internal/batch/stages/http_request_stage.py):
   - after the last retry it raises, which fails the whole dataset, where we want the row recorded
     as failed (error set) so that the pass runner can account for it and a rerun can retry it.
 
-Transport only: schema validation and validation attempts live in the pass runner (passes.py).
+Transport only: schema validation and validation attempts live in the scheduler (scheduler.py, validation.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Iterable
 
 from ctxforge.pipeline.config import SynthConfig
 from ctxforge.pipeline.hierarchy import PROMPT_OVERHEAD_TOKENS
-from ctxforge.pipeline.passes import PassStats
+from ctxforge.generation.validation import PassStats
 
 CHARS_PER_TOKEN = 4.0   # for the projection's completion sizes from the schemas' character bounds
 

@@ -19,8 +19,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from ctxforge.pipeline.cache import Attempt
-from ctxforge.pipeline.requests import Request
+from ctxforge.generation.cache import Attempt
+from ctxforge.generation.requests import Request
 
 # what decides a verdict besides the config: bump when validate() or checks.py change what they accept
 RULES_VERSION = 1
@@ -41,7 +41,7 @@ class Verdict:
 
 def attempt_outcome(request: Request, answer: Attempt) -> tuple[dict | None, str]:
     """(object, "") when the attempt's output is usable under today's rules, else (None, reason)."""
-    from ctxforge.pipeline.passes import validate
+    from ctxforge.generation.validation import validate
 
     if answer.error:
         return None, f"backend:{answer.error}"

@@ -1,0 +1,1 @@
+"""ctxforge.generation: runs generation requests for every client (synthesis, Self-Lengthen, the judge)."""

@@ -1,0 +1,94 @@
+"""The generator's config: backend, engines (placement and pool size), sampling, attempts and transport.
+
+One model, used as the `generator` section by every client's config (synthesis, Self-Lengthen).
+Checks that need the filesystem or the network (model paths, the endpoint, the API key) run in the
+generator's preflight (preflight.py) before any work starts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from ctxforge.config import PathStr, StrictModel
+
+
+class GeneratorConfig(StrictModel):
+    backend: Literal["hf", "vllm", "http", "fake"] = Field(
+        "hf",
+        description="hf = transformers on CPU/GPU actors; vllm = ray.data.llm's vLLM engine on GPU actors; http = any "
+        "OpenAI-compatible endpoint; fake = no model: schema-valid answers quoting the prompt after a simulated load "
+        "and latency (engine_kwargs load_s, latency_s, slots), for dry runs of scheduling and accounting.",
+    )
+    model: str = Field("ctxforge:tiny", description="Generator model: a local model directory, a hub name (vllm/http), or ctxforge:tiny.")
+    base_url: str | None = Field(None, description="http backend: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY",
+        description="http backend: environment variable holding the API key (never put keys in the config); it must be "
+        "set before the run starts. null or '' = the endpoint takes no key (a local vLLM or Ray Serve endpoint).",
+    )
+    concurrency: int | tuple[int, int] = Field(
+        1,
+        description="hf/vllm/fake: number of engine actors (or [min, max] for a pool that grows with the queue of "
+        "ready requests and shrinks when engines idle); http: requests in flight.",
+    )
+    requests_per_engine: int | None = Field(
+        None, ge=1,
+        description="Requests in flight per engine actor (null = the backend's default: hf 2 = one generating and "
+        "one queued; vllm 256 for continuous batching; fake engine_kwargs.slots; http: concurrency).",
+    )
+    scale_down_idle_s: float = Field(
+        60.0, ge=0,
+        description="An engine above the pool's minimum that has had no request for this long is released "
+        "(its GPUs go back to the cluster's autoscaler).",
+    )
+    batch_size: int = Field(8, ge=1, description="Requests per Ray Data batch sent to one generator actor.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per generator actor (keep <= 0.5 on a 2-CPU machine, or Ray Data deadlocks).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per generator actor (hf on GPU; vllm uses tensor_parallel_size).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="hf backend device.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf backend weights dtype (auto = bf16 on GPU, fp32 on CPU).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel).")
+    accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type to request, e.g. H100.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each generator actor (hf, http) or each GPU bundle of a vLLM engine requests, so that it lands only on the node type that provides them, e.g. {ctxforge_generate: 1} (the spot GPU nodes of cluster/aws.yaml); {} = none (local runs).")
+    max_model_len: int = Field(32768, ge=256, description="Generator context window in tokens (prompt + completion).")
+    engine_kwargs: dict = Field(
+        default_factory=dict,
+        description="vllm: extra vLLM engine arguments; fake: load_s (seconds to 'load'), latency_s (per request), "
+        "slots (requests generated at once), num_gpus (GPUs it claims to hold, for accounting only).",
+    )
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature (each request is seeded from its id, so reruns are reproducible).")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling.")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0,
+        description="Penalty on tokens already in the prompt or the completion (transformers / vLLM "
+        "`repetition_penalty`: 1.0 = off, > 1 discourages repeats). Small models loop or copy their passage "
+        "until the string cap without it (SmolLM2-135M: 1.1). The http backend sends it only when != 1.0 "
+        "(vLLM, SGLang and TGI servers accept it; OpenAI's API does not).",
+    )
+    summary_max_tokens: int = Field(768, ge=16, description="Completion budget for a summary request.")
+    qa_max_tokens: int = Field(768, ge=16, description="Completion budget for a question/answer request.")
+    max_attempts: int = Field(3, ge=1, description="Attempts per request when the response does not validate against its schema.")
+    timeout_s: float = Field(300.0, gt=0, description="http backend: per-request timeout.")
+    max_retries: int = Field(8, ge=0, description="http backend: retries on 429/5xx/timeouts/connection errors, with exponential backoff.")
+    retry_base_s: float = Field(1.0, gt=0, description="http backend: first backoff wait; doubles per retry (Retry-After is honoured).")
+    schema_length_bounds: bool = Field(
+        True,
+        description="http backend: send minLength/maxLength in the JSON schema. OpenAI's strict structured outputs "
+        "reject them: set false there (lengths are still checked when answers are validated).",
+    )
+    retry_failed: bool = Field(False, description="On rerun, ask again the attempts that failed in transport (429, 500, "
+                               "timeouts); cached outputs are judged again by the current checks on every run anyway.")
+    prompts: PathStr | None = Field(
+        None,
+        description="A prompt-set YAML file replacing the packaged one (ctxforge/pipeline/prompts.yaml: copy it and "
+        "edit). Its placeholders are checked before the run; its hash is part of every request id.",
+    )
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency_positive(cls, v):
+        values = v if isinstance(v, tuple) else (v,)
+        if any(x < 1 for x in values) or (isinstance(v, tuple) and v[0] > v[1]):
+            raise ValueError(f"must be a positive int or [min, max] with 1 <= min <= max, got {v}")
+        return v
