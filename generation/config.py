@@ -77,7 +77,8 @@ class GeneratorConfig(StrictModel):
         description="http backend: send minLength/maxLength in the JSON schema. OpenAI's strict structured outputs "
         "reject them: set false there (lengths are still checked when answers are validated).",
     )
-    retry_failed: bool = Field(False, description="On rerun, retry requests that were recorded as failed (finished ok requests are never redone).")
+    retry_failed: bool = Field(False, description="On rerun, ask again the attempts that failed in transport (429, 500, "
+                               "timeouts); cached outputs are judged again by the current checks on every run anyway.")
     prompts: PathStr | None = Field(
         None,
         description="A prompt-set YAML file replacing the packaged one (ctxforge/pipeline/prompts.yaml: copy it and "

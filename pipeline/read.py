@@ -1,10 +1,22 @@
-"""Read documents with Ray Data from JSONL, Parquet or text/markdown files (local or object store).
+"""Read documents with Ray Data from JSON (Lines, array or one object), Parquet or text/markdown files
+(local or object store).
 
-Every input record becomes one row {doc_id, title, text, source, line, skip_reason, stripped}. Bad
-input is never a crash: an empty document, invalid UTF-8, a binary file, a JSONL line that is not
-JSON, a missing or non-string text field, a format that cannot be read (`unsupported_format:pdf`) or a
-corrupt compressed file (`corrupt_compressed:gz`) each become a row with `skip_reason` set (and empty
-text), which the manifest counts. Document ids come from the input's id field, else a content hash.
+Every input record becomes one row {doc_id, title, text, source, line, skip_reason, stripped, read_as}.
+Bad input is never a crash: an empty document, invalid UTF-8, a binary file, a JSONL line that is not
+JSON, a missing or non-string text field, a format that cannot be read (`unsupported_format:pdf`), a
+corrupt compressed file (`corrupt_compressed:gz`) or Parquet file (`corrupt_parquet`) each become a row
+with `skip_reason` set (and empty text), which the manifest counts. Document ids come from the input's id
+field, else a content hash.
+
+A .json/.jsonl/.ndjson file is read as what its content is, decided per file: a JSON array (first
+non-space character `[`) is one record per element, a single JSON object spread over several lines is
+one record, anything else is JSON Lines. `read_as` names the format each row's file was read as
+(jsonl, json_array, json_object, parquet, text), which the manifest reports per file.
+
+The reader adds no column of its own to the input's records: a file's path travels beside a record,
+never inside it, so a data column of any name (`path`, `bytes`, a Hive partition key) is read as data.
+Parquet files are read with pyarrow one row group per task (no Ray-added `path` column, no partition
+columns taken from folder names), and `line` is the record's row number in its file.
 
 A UTF-8 byte-order mark at the start of a file is dropped (it would make the first JSONL line invalid
 JSON). Compressed files (.gz, .bz2, .zst, .xz) are read as their inner format: `books.jsonl.gz` is
@@ -24,6 +36,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
 from ctxforge.pipeline.boilerplate import strip_boilerplate
@@ -37,7 +50,9 @@ COMPRESSED = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bz2", ".zst": "zstd", ".z
 # formats that hold text but are not read here: skipped with a reason that names them
 UNSUPPORTED = (".pdf", ".epub", ".mobi", ".azw3", ".doc", ".docx", ".odt", ".rtf", ".zip", ".tar", ".tgz", ".7z",
                ".rar", ".xls", ".xlsx", ".ppt", ".pptx", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".mp3", ".mp4")
-ROW_KEYS = ("doc_id", "title", "text", "source", "line", "skip_reason", "stripped")
+ROW_KEYS = ("doc_id", "title", "text", "source", "line", "skip_reason", "stripped", "read_as")
+# what each file was read as (the `read_as` of its rows)
+READ_AS = ("jsonl", "json_array", "json_object", "parquet", "text")
 
 
 def content_id(text: str) -> str:
@@ -156,8 +171,8 @@ def _file_bytes(item: dict) -> tuple[bytes | None, str]:
     return data, ""
 
 
-def _doc_row(record, cfg: InputConfig, source: str, line: int) -> dict:
-    row = {"doc_id": "", "title": "", "text": "", "source": source, "line": line, "skip_reason": "", "stripped": ""}
+def _doc_row(record, cfg: InputConfig, source: str, line: int, read_as: str) -> dict:
+    row = _skip(source, line, "", read_as)
     if not isinstance(record, dict):
         row["skip_reason"] = "record_not_an_object"
         return row
@@ -184,15 +199,56 @@ def _doc_row(record, cfg: InputConfig, source: str, line: int) -> dict:
     return row
 
 
-def _skip(source: str, line: int, reason: str) -> dict:
-    return {"doc_id": "", "title": "", "text": "", "source": source, "line": line, "skip_reason": reason, "stripped": ""}
+def _skip(source: str, line: int, reason: str, read_as: str = "") -> dict:
+    return {"doc_id": "", "title": "", "text": "", "source": source, "line": line, "skip_reason": reason,
+            "stripped": "", "read_as": read_as}
 
 
-def _parse_jsonl_file(item: dict, cfg: InputConfig) -> list[dict]:
+def _parse_json_file(item: dict, cfg: InputConfig) -> list[dict]:
+    """One file of the JSON family, read as what its content is: a JSON array (one record per element), one
+    JSON object over several lines (one record), else JSON Lines (one record per line; a bad line is one
+    skipped row, the others are kept)."""
     source = item["path"]
     data, reason = _file_bytes(item)
     if data is None:
         return [_skip(source, 0, reason)]
+    head = data.lstrip()[:1]
+    if head == b"[":
+        whole = _whole_json(data)
+        if isinstance(whole, list):
+            rows = [_doc_row(rec, cfg, source, n, "json_array") for n, rec in enumerate(whole, start=1)]
+            return rows or [_skip(source, 0, "empty_file", "json_array")]
+        if whole is _INVALID and not _first_line_is_json(data):
+            # not an array, and not JSON Lines of arrays either: one row that says so, not a count per line
+            return [_skip(source, 0, "invalid_json_array", "json_array")]
+    elif head == b"{" and not _first_line_is_json(data):
+        whole = _whole_json(data)
+        if isinstance(whole, dict):
+            return [_doc_row(whole, cfg, source, 1, "json_object")]
+    return _parse_json_lines(source, data, cfg)
+
+
+_INVALID = object()
+
+
+def _whole_json(data: bytes):
+    """The file as one JSON value, or _INVALID."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return _INVALID
+
+
+def _first_line_is_json(data: bytes) -> bool:
+    first = data.lstrip().split(b"\n", 1)[0]
+    try:
+        json.loads(first.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return True
+
+
+def _parse_json_lines(source: str, data: bytes, cfg: InputConfig) -> list[dict]:
     rows = []
     for n, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
@@ -200,16 +256,16 @@ def _parse_jsonl_file(item: dict, cfg: InputConfig) -> list[dict]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            rows.append(_skip(source, n, "invalid_utf8"))
+            rows.append(_skip(source, n, "invalid_utf8", "jsonl"))
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            rows.append(_skip(source, n, "invalid_json_line"))
+            rows.append(_skip(source, n, "invalid_json_line", "jsonl"))
             continue
-        rows.append(_doc_row(record, cfg, source, n))
+        rows.append(_doc_row(record, cfg, source, n, "jsonl"))
     if not rows:
-        rows.append(_skip(source, 0, "empty_file"))
+        rows.append(_skip(source, 0, "empty_file", "jsonl"))
     return rows
 
 
@@ -219,31 +275,56 @@ def _parse_text_file(item: dict, cfg: InputConfig) -> list[dict]:
     if data is None:
         return [_skip(source, 0, reason)]
     if b"\x00" in data[:8192]:
-        return [_skip(source, 0, "binary_file")]
+        return [_skip(source, 0, "binary_file", "text")]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        return [_skip(source, 0, "invalid_utf8")]
+        return [_skip(source, 0, "invalid_utf8", "text")]
     record = {cfg.text_field: text, cfg.title_field: Path(_compression_of(source)[1]).stem}
-    return [_doc_row(record, cfg, source, 0)]
+    return [_doc_row(record, cfg, source, 0, "text")]
 
 
-def _normalize_parquet_batch(batch: dict, cfg: InputConfig) -> dict:
-    import numpy as np
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
 
-    n = len(next(iter(batch.values()))) if batch else 0
-    sources = batch.get("path", np.array([""] * n, dtype=object))
-    rows = []
-    for i in range(n):
-        record = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items() if k != "path"}
-        rows.append(_doc_row(record, cfg, str(sources[i]), i))
-    return {k: np.array([r[k] for r in rows], dtype=object if k != "line" else np.int64) for k in ROW_KEYS}
+
+def _parquet_row_groups(item: dict) -> list[dict]:
+    """A Parquet file's row groups as read tasks {path, row_group, first_line, skip_reason}: only the footer
+    is read here. A file pyarrow cannot open is one `corrupt_parquet` task, an empty one `empty_file`."""
+    path = item["path"]
+    piece = {"path": path, "row_group": -1, "first_line": 0, "skip_reason": ""}
+    try:
+        fs, inner = _filesystem(path)
+        meta = pq.ParquetFile(inner, filesystem=fs).metadata
+    except (OSError, pa.ArrowException):
+        return [{**piece, "skip_reason": "corrupt_parquet"}]
+    if meta.num_rows == 0:
+        return [{**piece, "skip_reason": "empty_file"}]
+    pieces, first = [], 1
+    for group in range(meta.num_row_groups):
+        pieces.append({**piece, "row_group": group, "first_line": first})
+        first += meta.row_group(group).num_rows
+    return pieces
+
+
+def _parse_parquet_row_group(piece: dict, cfg: InputConfig) -> list[dict]:
+    """One row group's records, with only the file's own columns (the path stays outside the record)."""
+    source = piece["path"]
+    if piece["skip_reason"]:
+        return [_skip(source, 0, piece["skip_reason"], "parquet")]
+    try:
+        fs, inner = _filesystem(source)
+        records = pq.ParquetFile(inner, filesystem=fs).read_row_group(int(piece["row_group"])).to_pylist()
+    except (OSError, pa.ArrowException):
+        return [_skip(source, int(piece["first_line"]), "corrupt_parquet", "parquet")]
+    first = int(piece["first_line"])
+    return [_doc_row(record, cfg, source, first + n, "parquet") for n, record in enumerate(records)]
 
 
 def _raw_bytes(item: dict) -> dict:
     """A file's bytes exactly as stored (compression=None: no decompression by extension)."""
     path = item["path"]
-    fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    fs, inner = _filesystem(path)
     with fs.open_input_stream(inner, compression=None) as stream:
         return {"path": path, "bytes": stream.read()}
 
@@ -268,14 +349,16 @@ def read_documents(cfg: InputConfig, cache_dir: str | Path) -> ray.data.Dataset:
     parts = []
     if kinds["jsonl"]:
         ds = _read_files(kinds["jsonl"])
-        parts.append(ds.flat_map(_parse_jsonl_file, fn_kwargs={"cfg": cfg}))
+        parts.append(ds.flat_map(_parse_json_file, fn_kwargs={"cfg": cfg}))
     if kinds["text"]:
         ds = _read_files(kinds["text"])
         parts.append(ds.flat_map(_parse_text_file, fn_kwargs={"cfg": cfg}))
     if kinds["unsupported"]:
         parts.append(ray.data.from_items([_skip(f, 0, f"unsupported_format:{_format_name(f)}") for f in kinds["unsupported"]]))
-    for file in kinds["parquet"]:
-        # one file at a time: files with different columns must not be unified into one schema
-        ds = ray.data.read_parquet(file, include_paths=True)
-        parts.append(ds.map_batches(_normalize_parquet_batch, fn_kwargs={"cfg": cfg}, batch_format="numpy"))
+    if kinds["parquet"]:
+        # not ray.data.read_parquet: its include_paths column `path` replaces a data column of that name, and
+        # its Hive partitioning adds columns from folder names. Each file's columns stay its own (no schema
+        # is unified across files); a corrupt file is one skipped row, not a failed job.
+        pieces = ray.data.from_items([{"path": f} for f in kinds["parquet"]]).flat_map(_parquet_row_groups)
+        parts.append(pieces.flat_map(_parse_parquet_row_group, fn_kwargs={"cfg": cfg}))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])

@@ -27,7 +27,8 @@ from ctxforge.generation.cache import RequestCache
 from ctxforge.pipeline.concat import EmptyStageError, PoolDocument, plan_stage, stage_failure
 from ctxforge.pipeline.config import SynthConfig
 from ctxforge.pipeline.docstore import DocumentStore, QAWriter
-from ctxforge.pipeline.documents import boilerplate_counts, build_documents_table, no_document_error, select_documents
+from ctxforge.pipeline.documents import (boilerplate_counts, build_documents_table, files_read_as, no_document_error,
+                                         select_documents)
 from ctxforge.generation.pool import EnginePool
 from ctxforge.pipeline.generate import PASS_NAMES, QAAssembler, StreamingGenerator, WaveGenerator
 from ctxforge.generation.backends.base import GeneratorBackend
@@ -261,7 +262,7 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
         tokens=finished.tokens, estimate=estimate, passes=passes, totals=totals, cache_counts=cache_counts,
         qa_generated=dict(assembler.generated), qa_dropped=dict(assembler.dropped), qa_kept=finished.qa_kept,
         grounding=assembler.grounding.to_dict(), stages=stage_reports, wall_s=time.time() - started,
-        boilerplate=boilerplate_counts(table),
+        boilerplate=boilerplate_counts(table), files_read_as=files_read_as(table),
         tiny_model=TINY_MODEL_SPEC in (cfg.generator.model, cfg.target.tokenizer),
         accounting=accounting(passes, engine_records, backend.gpus_per_engine(), cfg), projection=proj,
         timings=timings,

@@ -35,6 +35,7 @@ from ctxforge.pipeline.docstore import QA_SCHEMA, Location, QAIndex, SampleSourc
 from ctxforge.generation.validation import PassStats
 from ctxforge.pipeline.prompts import load_prompt_set
 from ctxforge.pipeline.records import DocumentQA, QARecord
+from ctxforge.generation.verdicts import rules_fingerprint
 from ctxforge.schema import SAMPLE_SCHEMA
 
 __all__ = ["QA_SCHEMA", "RenderPool", "SynthReport", "write_manifest", "write_qa_table", "write_stage_samples"]
@@ -70,6 +71,7 @@ class SynthReport:
     projection: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)    # wall seconds per phase (read, generate, qa, samples)
     boilerplate: dict = field(default_factory=dict)   # documents stripped of each kind of wrapper at read time
+    files_read_as: dict = field(default_factory=dict)  # {format read as: [input files]} (documents.files_read_as)
 
 
 def _atomic_table(path: Path, table: pa.Table) -> None:
@@ -344,7 +346,8 @@ def write_manifest(path: Path, report: SynthReport) -> None:
                       "repetition_penalty": cfg.generator.repetition_penalty},
         "tokenizer": {"spec": cfg.target.tokenizer, "path": report.tokenizer_path, "hash": report.tokenizer_hash},
         "input": {"records_read": report.records_read, "documents": report.documents,
-                  "skipped_by_reason": report.skipped, "boilerplate_stripped": report.boilerplate},
+                  "skipped_by_reason": report.skipped, "boilerplate_stripped": report.boilerplate,
+                  "files_read_as": report.files_read_as},
         "chunking": {"small_chunks": report.chunks, "sections": report.sections, "document_tokens": report.tokens},
         "estimate": report.estimate,
         "requests": {
@@ -352,6 +355,9 @@ def write_manifest(path: Path, report: SynthReport) -> None:
             "total": report.totals.to_dict(),
             "cache_hits": report.totals.cache_hits,
             "cache_entries": report.cache_counts,
+            # the rules every verdict above was decided by in this run (cached raw outputs are judged again)
+            "verdict_rules": rules_fingerprint(cfg.checks.model_dump(mode="json"), cfg.generator.max_attempts,
+                                               cfg.grounding.model_dump(mode="json")),
         },
         "failures_by_reason": dict(report.totals.failures),
         "qa": {"generated_by_type": report.qa_generated, "dropped": report.qa_dropped, "kept": report.qa_kept},
@@ -381,6 +387,7 @@ def print_summary(report: SynthReport, console=None) -> None:
     rows = [
         ("documents (records read)", f"{report.documents} ({report.records_read})"),
         ("skipped records", ", ".join(f"{k}={v}" for k, v in report.skipped.items()) or "0"),
+        ("input files read as", ", ".join(f"{k}={len(v)}" for k, v in report.files_read_as.items()) or "-"),
         ("small chunks / sections", f"{report.chunks} / {report.sections}"),
         ("requests (cache hits)", f"{t.requests} ({t.cache_hits})"),
         ("generated ok / failed", f"{t.ok} / {t.failed}"),

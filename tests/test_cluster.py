@@ -572,7 +572,8 @@ def _cache_rows(db: Path) -> tuple[int, int]:
         return 0, 0
     con = sqlite3.connect(str(db), timeout=30)
     try:
-        return con.execute("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM results").fetchone()
+        # (attempts answered, requests): one row per attempt, never duplicated
+        return con.execute("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM attempts").fetchone()
     except sqlite3.OperationalError:         # table not created yet
         return 0, 0
     finally:
@@ -613,7 +614,7 @@ def test_synth_then_train_as_ray_jobs(cluster):
     parts = sorted((synth_out / "samples" / "4K").glob("part-*.parquet"))
     assert parts and manifest["stages"]["4K"]["samples_built"] == len(_samples(synth_out)) >= 1
     rows, distinct = _cache_rows(synth_out / "work" / "requests.sqlite")
-    assert rows == distinct == manifest["requests"]["total"]["requests"] > 0
+    assert rows >= distinct == manifest["requests"]["total"]["requests"] > 0
 
     # training reads the synthesis output; one stage, 2 gloo workers (1 CPU each) on the worker node,
     # one optimizer step (sort batching: one sample per micro-batch so both data-parallel ranks get one)
@@ -659,7 +660,7 @@ def test_worker_node_killed_during_synthesis(cluster):
     manifest = json.loads((out / "manifest.json").read_text())
     rows, distinct = _cache_rows(db)
     total = manifest["requests"]["total"]
-    assert rows == distinct == total["requests"] > before       # work was finished after the kill, on w2
+    assert rows >= distinct == total["requests"] and rows > before   # work was finished after the kill, on w2
     assert total["failed"] == 0 and manifest["requests"]["cache_hits"] == 0
     first = _samples(out)
     assert first
@@ -669,9 +670,9 @@ def test_worker_node_killed_during_synthesis(cluster):
     status, logs = cluster.wait("synth-2")
     assert status == "SUCCEEDED", logs[-4000:]
     again = json.loads((out / "manifest.json").read_text())
-    assert again["requests"]["cache_hits"] == again["requests"]["total"]["requests"] == rows
+    assert again["requests"]["cache_hits"] == again["requests"]["total"]["requests"] == distinct
     assert again["requests"]["total"]["sent"] == 0
-    assert _cache_rows(db) == (rows, rows)
+    assert _cache_rows(db) == (rows, distinct)
     assert _samples(out) == first
 
 

@@ -263,3 +263,53 @@ def test_free_text_requests_go_unconstrained_through_every_backend():
     assert "response_format" not in udf._payload(row)
     assert "response_format" in udf._payload({**row, "schema": '{"type": "object"}'})
     assert "structured_outputs" not in _preprocess(row)["sampling_params"]
+
+
+def test_cached_answers_are_accepted_by_the_current_checks(ray_local, tmp_path):
+    """The request cache keeps what the extender wrote; the acceptance checks run on every run. A run with the
+    end-punctuation check off, then on over the same cache, accepts exactly what a fresh run with it on does."""
+    import hashlib
+
+    from ctxforge.lengthen.tasks import ResponseTask, Role, drive
+    from ctxforge.generation.cache import RequestCache
+    from ctxforge.generation.backends.base import GeneratorBackend, batch_rows, rows_batch
+    from ctxforge.generation.validation import PassRunner
+
+    class Writer(GeneratorBackend):
+        """Prose that depends only on the request: about half the requests end mid-sentence."""
+
+        name = "writer"
+
+        def apply(self, ds):
+            def answer(batch):
+                rows = batch_rows(batch)
+                for row in rows:
+                    n = int(hashlib.sha256(row["request_id"].encode()).hexdigest()[:4], 16)
+                    text = " ".join(f"The ferry crossed the river at dawn on day {n + k} of the season." for k in range(6))
+                    row.update(output_text=text if n % 2 else text.rstrip(".") + " and then the",
+                               prompt_tokens=10, completion_tokens=50, error="")
+                return rows_batch(rows)
+            return ds.map_batches(answer, batch_format="numpy", batch_size=4)
+
+    def run(cache_name: str, end_punctuation: bool):
+        cfg = _cfg("extend.rounds=1", "extend.max_tries=3", "responses.max_tries=3", "extend.min_ratio=0.5",
+                   f"checks.end_punctuation={str(end_punctuation).lower()}", "checks.repeat_ngram=0")
+        role = Role("generator", PassRunner(Writer(cfg.generator, "writer"), RequestCache(tmp_path / cache_name),
+                                            cfg.generator), "writer")
+        responses = [ResponseTask(cfg, f"i{n}", f"Write about crossing {n}.", 0) for n in range(6)]
+        stats = drive(responses, role, cfg, "initial")
+        kept = [r for r in responses if r.text]
+        extensions = [ExtensionTask(cfg, r.instruction, r.response_id, r.text, 0) for r in kept]
+        stats.merge(drive(extensions, role, cfg, "extend"))
+        outcome = ([(r.response_id, r.text, r.tries, dict(r.reasons)) for r in responses],
+                   [(e.extension_id, e.extended, e.tries, dict(e.round_reasons), dict(e.try_reasons)) for e in extensions])
+        return outcome, stats
+
+    fresh_off, _ = run("off.sqlite", False)
+    fresh_on, _ = run("on.sqlite", True)
+    assert fresh_off != fresh_on                                      # negative control: the check matters here
+    assert any(reasons.get("truncated") for *_, reasons in fresh_on[0])
+    off_then_on, stats = run("off.sqlite", True)
+    assert off_then_on == fresh_on and stats.cache_hits > 0
+    on_then_off, stats = run("off.sqlite", False)                     # everything is cached now
+    assert on_then_off == fresh_off and stats.sent == 0

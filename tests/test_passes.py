@@ -82,14 +82,17 @@ def test_retries_then_records_failures_and_rerun_skips_everything(ray_local, tmp
     assert stats.failures == {"schema_mismatch:question": 1, "backend:http 500": 1}
     assert stats.attempt_errors["invalid_json"] == 1
     assert backend.calls == 3  # three rounds: attempts 1, 2, 3
-    # a rerun asks nothing: finished ok and finished failed are both cached
+    # a rerun asks nothing: the cached attempts decide every request again, with the same counts
     answers2, stats2 = PassRunner(ScriptedBackend(script, keys), cache, GeneratorConfig(max_attempts=3)).run(reqs, "again")
     assert stats2.cache_hits == 4 and stats2.sent == 0 and answers2 == answers
-    # ... unless the user asks to retry failures; then only the two failed ones go out again
+    assert (stats2.ok, stats2.failed, stats2.failures, stats2.attempt_errors) == (
+        stats.ok, stats.failed, stats.failures, stats.attempt_errors)
+    # ... unless the user asks to retry failures; then only the transport failures go out again (a schema
+    # failure is judged again from its cached output)
     _, stats3 = PassRunner(ScriptedBackend(script, keys), cache,
-                           GeneratorConfig(max_attempts=1, retry_failed=True)).run(reqs, "retry")
-    assert stats3.sent == 2 and stats3.cache_hits == 2
-    assert cache.count() == {"ok": 2, "failed": 2}  # replaced, never duplicated
+                           GeneratorConfig(max_attempts=3, retry_failed=True)).run(reqs, "retry")
+    assert stats3.sent == 3 and stats3.cache_hits == 3
+    assert cache.count() == {"requests": 4, "attempts": 1 + 2 + 3 + 3, "transport_failures": 3}  # replaced
 
 
 def test_identical_requests_are_asked_once(ray_local, tmp_path):
@@ -99,3 +102,65 @@ def test_identical_requests_are_asked_once(ray_local, tmp_path):
     runner = PassRunner(ScriptedBackend({"same": [ok]}, keys), RequestCache(tmp_path / "c.sqlite"), GeneratorConfig())
     answers, stats = runner.run(reqs, "dup")
     assert stats.sent == 1 and len(answers) == 1
+
+
+GOOD = json.dumps({"question": "Where did the ferry go?", "answer": "Across the river.", "evidence_quote": "the quote"})
+WEAK = json.dumps({"question": "Where did the ferry go?", "answer": "None", "evidence_quote": "the quote"})
+
+
+def _checked_requests(keys, enabled: bool):
+    from ctxforge.pipeline.config import ChecksConfig
+
+    reqs = []
+    for key in keys:  # the checks are not part of the request id: the same ids whatever the rules
+        r = Request("qa", "doc", key, [{"role": "user", "content": key}], "qa", SCHEMA, 64,
+                    meta={"checks": ChecksConfig(enabled=enabled)})
+        reqs.append(r.finalize("m", 0.7, 0.95, "p"))
+    return reqs
+
+
+def test_a_verdict_is_decided_from_cached_attempts_by_todays_rules():
+    from ctxforge.generation.cache import Attempt
+    from ctxforge.generation.verdicts import decide
+
+    off, on = (_checked_requests(["k"], enabled)[0] for enabled in (False, True))
+    cached = {1: Attempt(WEAK), 2: Attempt(GOOD)}
+    assert decide(off, cached, 3, False).obj["answer"] == "None"          # checks off: the first attempt is kept
+    v = decide(on, cached, 3, False)                                       # checks on: it fails, the second is kept
+    assert v.obj["answer"] == "Across the river." and v.reasons == ["placeholder:answer"]
+    v = decide(on, cached, 1, False)                                       # one attempt allowed: failed
+    assert v.decided and v.obj is None and v.reason == "placeholder:answer"
+    v = decide(on, {1: Attempt(WEAK)}, 3, False)                           # attempt 2 not cached: send it
+    assert not v.decided and v.next_attempt == 2
+    transport = {1: Attempt("", "http 500"), 2: Attempt(GOOD)}
+    assert decide(on, transport, 3, False).reasons == ["backend:http 500"]
+    assert decide(on, transport, 3, True).next_attempt == 1                # retry_failed asks it again ...
+    fresh = {1: Attempt("", "http 500", fresh=True), 2: Attempt(GOOD)}
+    assert decide(on, fresh, 3, True).decided                              # ... once per run
+
+
+def test_changed_checks_over_a_full_cache_give_the_fresh_runs_verdicts(ray_local, tmp_path):
+    script = {"weak_then_good": [WEAK, GOOD], "always_weak": [WEAK], "good": [GOOD]}
+
+    def run(cache_name: str, enabled: bool):
+        reqs = _checked_requests(script, enabled)
+        keys = {r.request_id: r.key for r in reqs}
+        runner = PassRunner(ScriptedBackend(script, keys), RequestCache(tmp_path / cache_name), GeneratorConfig(max_attempts=3))
+        answers, stats = runner.run(reqs, "checks")
+        return {keys[rid]: a["answer"] for rid, a in answers.items()}, stats
+
+    def verdicts(result):
+        answers, st = result
+        return answers, st.ok, st.failed, dict(st.failures), dict(st.attempt_errors)
+
+    fresh_off, fresh_on = run("off.sqlite", False), run("on.sqlite", True)
+    # negative control: the rules matter here
+    assert verdicts(fresh_off) != verdicts(fresh_on)
+    assert fresh_on[0] == {"weak_then_good": "Across the river.", "good": "Across the river."}
+    # checks off -> on into the same cache: what a fresh run with the checks on decides
+    off_then_on = run("off.sqlite", True)
+    assert verdicts(off_then_on) == verdicts(fresh_on)
+    assert off_then_on[1].sent == 3 and off_then_on[1].cache_hits == 1   # attempts 2 (and 3 of always_weak) sent
+    # and back: every attempt is cached now, nothing is sent, the verdicts are the fresh checks-off run's
+    on_then_off = run("off.sqlite", False)
+    assert verdicts(on_then_off) == verdicts(fresh_off) and on_then_off[1].sent == 0

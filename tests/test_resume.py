@@ -38,7 +38,8 @@ def cache_rows(out: Path) -> list[tuple]:
         return []
     try:
         db = sqlite3.connect(db_path, timeout=1)
-        rows = db.execute("SELECT request_id, status, output FROM results ORDER BY request_id").fetchall()
+        rows = db.execute("SELECT request_id, attempt, output_text, error FROM attempts "
+                          "ORDER BY request_id, attempt").fetchall()
         db.close()
         return rows
     except sqlite3.OperationalError:  # the schema is not created yet
@@ -100,7 +101,7 @@ def test_killed_run_resumes_without_redoing_or_duplicating(tmp_path):
     # nothing finished before the kill was asked again, and every cache entry is unique
     assert resumed_requests == clean_requests - len(done_before_kill)
     final = cache_rows(out)
-    assert len(final) == len({r[0] for r in final}) == len(cache_rows(clean))
+    assert len(final) == len({r[:2] for r in final}) == len(cache_rows(clean))
     assert set(done_before_kill) <= set(final)  # finished answers were kept as they were
     assert final == cache_rows(clean)
     assert outputs(out) == outputs(clean)

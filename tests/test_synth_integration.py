@@ -93,10 +93,10 @@ def test_hf_tiny_model_end_to_end_then_rerun_redoes_nothing(ray_local, tmp_path,
 def set_of_requests(out: Path) -> set[str]:
     import sqlite3
     db = sqlite3.connect(out / "work" / "requests.sqlite")
-    ids = [r[0] for r in db.execute("SELECT request_id FROM results")]
+    attempts = db.execute("SELECT request_id, attempt FROM attempts").fetchall()
     db.close()
-    assert len(ids) == len(set(ids))
-    return set(ids)
+    assert len(attempts) == len(set(attempts))
+    return {rid for rid, _ in attempts}
 
 
 def test_http_backend_with_faults_grounds_and_retries(ray_local, tmp_path, tiny_tokenizer):
@@ -153,6 +153,8 @@ def test_bad_input_is_skipped_and_counted(ray_local, tmp_path):
              json.dumps({"body": "no text field"}), json.dumps({"text": 42}), json.dumps(["a", "list"]),
              json.dumps({"text": good.replace("river", "road"), "id": "jsonl-1"})]  # same id twice
     (corpus / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    # a JSON array beside JSON Lines: its record is read, not counted as invalid lines
+    (corpus / "array.json").write_text(json.dumps([{"id": "array-1", "text": good.replace("mill", "barn")}], indent=2))
     pq.write_table(pa.table({"text": [good.replace("mill", "forge")], "title": ["forge"]}), corpus / "p.parquet")
     pq.write_table(pa.table({"content": ["wrong column"]}), corpus / "q.parquet")
     (corpus / ".hidden.txt").write_text(good)
@@ -164,9 +166,57 @@ def test_bad_input_is_skipped_and_counted(ray_local, tmp_path):
                      "chunking.min_document_tokens=8")
         synthesize(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["input"]["documents"] == 3  # good.txt, jsonl-1, the parquet row
+    assert manifest["input"]["documents"] == 4  # good.txt, jsonl-1, array-1, the parquet row
     assert manifest["input"]["skipped_by_reason"] == {
         "empty_document": 2, "invalid_utf8": 1, "binary_file": 1, "too_short": 1, "invalid_json_line": 1,
         "missing_text_field": 2, "text_not_string": 1, "record_not_an_object": 1, "duplicate_document": 1,
     }
-    assert manifest["input"]["records_read"] == 14
+    assert manifest["input"]["records_read"] == 15
+    assert {k: [Path(f).name for f in v] for k, v in manifest["input"]["files_read_as"].items()} == {
+        "json_array": ["array.json"], "jsonl": ["docs.jsonl"], "parquet": ["p.parquet", "q.parquet"],
+        "text": ["blank.md", "empty.txt", "good.txt", "image.txt", "latin1.txt", "short.txt"]}
+
+
+def _outcome(out: Path, *overrides: str) -> tuple[dict, dict]:
+    """(what the run decided and wrote, its request counts): exit status, verdict counts, QA table, samples."""
+    from ctxforge.pipeline.concat import EmptyStageError
+
+    try:
+        synthesize(config(out, "generator.backend=fake", *overrides))
+        status = "ok"
+    except EmptyStageError:      # the CLI's exit 2: every stage is written, some empty
+        status = "empty_stage"
+    m = json.loads((out / "manifest.json").read_text())
+    by_pass = {name: {k: p[k] for k in ("ok", "failed", "failures_by_reason", "failed_attempts_by_reason")}
+               for name, p in m["requests"]["by_pass"].items()}
+    qa = pq.read_table(out / "qa" / "qa.parquet").to_pylist()
+    samples = {stage: [(r["sample_id"], r["input_ids"], r["loss_mask"]) for r in read_samples(out, stage)]
+               for stage in ("2K", "4K")}
+    decided = {"status": status, "by_pass": by_pass, "qa": m["qa"], "grounding": m["grounding"], "qa_rows": qa,
+               "samples": samples, "built": {k: v["samples_built"] for k, v in m["stages"].items()},
+               "rules": m["requests"]["verdict_rules"]}
+    return decided, m["requests"]["total"]
+
+
+def test_changed_rules_over_a_full_cache_give_the_fresh_runs_output(ray_local, tmp_path):
+    """A cached answer is judged by the rules of the run that reads it: checks off then on into the same output
+    decides, counts and writes what a fresh run with the checks on does (the fake engine's summaries quote the
+    instructions, not the text, so the checks fail them); back off, nothing is sent and the first run's output
+    returns."""
+    off = ["checks.enabled=false"]
+    on = ["checks.enabled=true"]
+    first, first_total = _outcome(tmp_path / "reused", *off)
+    fresh_on, _ = _outcome(tmp_path / "fresh-on", *on)
+    assert first["status"] == "ok" and first["built"] == {"2K": 2, "4K": 2}
+    assert sum(p["failures_by_reason"].get("unsupported:summary", 0) for p in fresh_on["by_pass"].values()) > 0
+    assert fresh_on["qa"]["kept"] < first["qa"]["kept"]
+    assert first != fresh_on                                          # negative control: the rules matter here
+    reused_on, total = _outcome(tmp_path / "reused", *on)
+    assert reused_on == fresh_on
+    assert total["cache_hits"] > 0 and total["sent"] > 0              # summaries reused; failed QA's next attempts sent
+    back_off, total = _outcome(tmp_path / "reused", *off)
+    assert back_off == first and total["sent"] == 0 and total["cache_hits"] == first_total["requests"]
+    # grounding and limits changed together: stricter quotes (new schemas, so new requests) and a longer minimum
+    strict = [*off, "limits.quote_chars=40", "grounding.min_quote_chars=30", "grounding.on_ungrounded=drop"]
+    reused_strict, _ = _outcome(tmp_path / "reused", *strict)
+    assert reused_strict == _outcome(tmp_path / "fresh-strict", *strict)[0] != first

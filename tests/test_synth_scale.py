@@ -153,7 +153,7 @@ def test_lost_engine_loses_nothing_and_the_pool_grows_and_shrinks(ray_local, tmp
     assert set(answers) == {r.key for r in reqs}
     for r in reqs:
         assert answers[r.key] == fake_answer(schema, r.messages[-1]["content"])
-    assert cache.count() == {"ok": 24}
+    assert cache.count() == {"requests": 24, "attempts": 24, "transport_failures": 0}  # a lost attempt replaced
     stats = sched.finish()["summary_small"]
     assert stats.ok == 24 and stats.failed == 0 and stats.sent == 24 + stats.lost_resent
     # idle engines above the minimum are released (scale_down_idle_s=0)
