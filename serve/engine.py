@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from ctxforge.serve.sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
+from ctxforge.serve.token_bytes import TokenBytes
 
 __all__ = ["ContextLengthError", "Engine", "HFEngine", "SamplingParams", "Step"]
 
@@ -59,6 +60,11 @@ class Engine(ABC):
     @abstractmethod
     def token_text(self, token_id: int) -> str:
         """One token's text as it reads alone (logprob entries)."""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes the token stands for (part of a character for some tokens); engines whose
+        tokenizer has byte pieces override this (token_bytes.TokenBytes)."""
+        return self.token_text(token_id).encode("utf-8")
 
     @abstractmethod
     def vocab_limit(self) -> int:
@@ -130,6 +136,7 @@ class HFEngine(Engine):
             eos.update(ids if isinstance(ids, list) else [ids])
         self.eos_ids = eos
         self.grammars = Grammars(self.tokenizer, vocab_size=self.vocab_size)
+        self._token_bytes = TokenBytes(self.tokenizer)
         # One worker thread: model steps never run concurrently (CPU threads are scarce, GPU memory too);
         # requests interleave between steps.
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
@@ -151,6 +158,9 @@ class HFEngine(Engine):
     @functools.lru_cache(maxsize=65536)
     def token_text(self, token_id):
         return self.tokenizer.decode([token_id])
+
+    def token_bytes(self, token_id):
+        return self._token_bytes(token_id)
 
     def vocab_limit(self):
         return min(len(self.tokenizer), self.vocab_size)

@@ -113,6 +113,7 @@ class _Request(_Body):
     skip_special_tokens: bool | None = None
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    return_tokens_as_token_ids: bool | None = None
     structured_outputs: StructuredOutputsParams | None = None
     guided_json: str | dict | None = None
     guided_regex: str | None = None

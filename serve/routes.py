@@ -128,6 +128,9 @@ class OpenAIRoutes:
             raise LookupError(req.model)
         return req
 
+    def _names(self, req) -> r.Tokens:
+        return r.Tokens(self.engine.token_text, self.engine.token_bytes, bool(req.return_tokens_as_token_ids))
+
     def _token_ids(self, ids: list[int], param: str) -> None:
         limit = self.engine.vocab_limit()
         bad = [t for t in ids if not 0 <= t < limit]
@@ -247,7 +250,7 @@ class OpenAIRoutes:
                 ids, recs = self._echo_logprobs(req, job, prompt_records)
                 ids += [t for s in steps for t in s.token_ids]
                 recs += [x for s in steps for x in s.logprobs]
-                choice["logprobs"] = r.completion_logprobs(self.engine.token_text, ids, recs, req.logprobs)[0]
+                choice["logprobs"] = r.completion_logprobs(self._names(req), ids, recs, req.logprobs)[0]
             if req.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = r.prompt_logprobs(self.engine.token_text, prompt_records)
             choices.append(choice)
@@ -258,6 +261,7 @@ class OpenAIRoutes:
     async def _completion_stream(self, req, jobs: list[Job]):
         head = {"id": r.new_id("cmpl"), "created": r.now(), "model": self.engine.model_id}
         offsets = {j.index: 0 for j in jobs}
+        names = self._names(req)
         echoed: set[int] = set()
         prompt_tokens, completion_tokens = {}, 0
         async for i, step in merge([self.engine.generate(j.ids, j.params) for j in jobs]):
@@ -272,7 +276,7 @@ class OpenAIRoutes:
                       "stop_reason": step.stop_reason}
             if req.logprobs is not None:
                 choice["logprobs"], offsets[job.index] = r.completion_logprobs(
-                    self.engine.token_text, ids, recs, req.logprobs, offsets[job.index])
+                    names, ids, recs, req.logprobs, offsets[job.index])
             if text or ids or step.finish_reason:
                 yield _sse(r.chunk("text", head, [choice]))
             if step.finish_reason:
@@ -300,7 +304,7 @@ class OpenAIRoutes:
             choice = {"index": job.index, "message": {"role": "assistant", "content": job.echo + "".join(s.text for s in steps)},
                       "logprobs": None, "finish_reason": last.finish_reason, "stop_reason": last.stop_reason}
             if req.logprobs:
-                choice["logprobs"] = r.chat_logprobs(self.engine.token_text, [x for s in steps for x in s.logprobs])
+                choice["logprobs"] = r.chat_logprobs(self._names(req), [x for s in steps for x in s.logprobs])
             if req.prompt_logprobs is not None and prompt_lps is None:
                 prompt_lps = r.prompt_logprobs(self.engine.token_text,
                                                next((s.prompt_logprobs for s in steps if s.prompt_logprobs is not None), None))
@@ -311,6 +315,7 @@ class OpenAIRoutes:
 
     async def _chat_stream(self, req, jobs: list[Job]):
         head = {"id": r.new_id("chatcmpl"), "created": r.now(), "model": self.engine.model_id}
+        names = self._names(req)
         for job in jobs:
             delta = {"role": "assistant", "content": job.echo}
             yield _sse(r.chunk("chat", head, [{"index": job.index, "delta": delta, "logprobs": None, "finish_reason": None}]))
@@ -320,7 +325,7 @@ class OpenAIRoutes:
             if not (step.text or step.token_ids or step.finish_reason):
                 continue
             choice = {"index": job.index, "delta": {"content": step.text} if step.text else {},
-                      "logprobs": r.chat_logprobs(self.engine.token_text, step.logprobs) if req.logprobs else None,
+                      "logprobs": r.chat_logprobs(names, step.logprobs) if req.logprobs else None,
                       "finish_reason": step.finish_reason}
             if step.finish_reason:
                 choice["stop_reason"] = step.stop_reason
