@@ -94,6 +94,37 @@ class Engine(ABC):
         return max_tokens
 
 
+def chunked_prompt_logprobs(hidden, head, prompt_ids: list[int], k: int, chunk_tokens: int) -> list[TokenLogprob | None]:
+    """Per prompt position, the logprob of the token there under the model's prediction from the
+    positions before it: [None, record(1), ..., record(n-1)], each with its rank and top-k.
+
+    `hidden`: [n, h] final hidden states (torch); `head`: the output projection (lm_head). Logits and
+    their log-softmax exist for `chunk_tokens` positions at a time ([chunk, vocab] fp32), so memory is
+    bounded whatever the prompt length (the training loss tiles the same way, train/loss.py)."""
+    import torch
+
+    records: list[TokenLogprob | None] = [None]
+    n = len(prompt_ids)
+    for start in range(0, n - 1, chunk_tokens):
+        stop = min(start + chunk_tokens, n - 1)
+        block = torch.log_softmax(head(hidden[start:stop]).float(), dim=-1)
+        for i, row in enumerate(block):
+            records.append(token_logprob(row, prompt_ids[start + i + 1], k))
+        del block
+    return records
+
+
+def check_plain_head(head, hidden_last, logits_last) -> None:
+    """The model's own last logits must equal `head(hidden)`: a model that transforms its logits after
+    the projection (soft-capping, scaling) would get wrong prompt logprobs from the chunked path."""
+    import torch
+
+    mine = head(hidden_last)[0].float()
+    if not torch.allclose(mine, logits_last.float(), rtol=1e-3, atol=1e-3):
+        raise RuntimeError("prompt logprobs: this model's logits are not its output projection of the last hidden "
+                           "state (soft-capped or scaled logits), which chunked prompt logprobs need")
+
+
 def _find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:
     """Earliest stop string in text[start:] as (index, stop)."""
     hits = [(i, s) for s in stops if (i := text.find(s, start)) != -1]
@@ -104,9 +135,11 @@ class HFEngine(Engine):
     """A transformers causal LM on one device, decoded token by token with its KV cache."""
 
     def __init__(self, model_path: str, model_id: str, max_model_len: int, device: str = "auto", dtype: str = "auto",
-                 rope=None):
+                 rope=None, logprobs_chunk_tokens: int = 256):
         """`rope`: a RopeConfig (ctxforge.train.rope) applied to the checkpoint's config before the model is
-        built, with max_position_embeddings raised to `max_model_len` (zero-shot RoPE scaling)."""
+        built, with max_position_embeddings raised to `max_model_len` (zero-shot RoPE scaling).
+        `logprobs_chunk_tokens`: prompt positions whose logits exist at once when prompt logprobs are
+        asked for (memory: chunk x vocab x 4 bytes, twice)."""
         import torch
         from transformers import GenerationConfig
 
@@ -116,6 +149,7 @@ class HFEngine(Engine):
         self._torch = torch
         self.model_id = model_id
         self.max_model_len = max_model_len
+        self.logprobs_chunk_tokens = logprobs_chunk_tokens
         config = None
         if rope is not None:
             from ctxforge.train.rope import stage_config
@@ -174,20 +208,28 @@ class HFEngine(Engine):
         torch = self._torch
         with torch.inference_mode():
             ids = torch.tensor([prompt_ids], device=self.device)
-            # Only the last position's logits unless prompt logprobs are asked for: a full [n, vocab]
-            # logits tensor at long prompts is gigabytes.
-            keep = 0 if prompt_logprobs is not None else 1
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep)
+            # Only the last position's logits come out of the model; prompt logprobs are computed from
+            # the final hidden states, a chunk of positions at a time (a [n, vocab] logits tensor at long
+            # prompts is gigabytes: 2.5 GiB at 4K tokens for a 152K vocabulary in fp32).
+            hidden: dict = {}
+            hook = None
+            if prompt_logprobs is not None:
+                hook = self.model.get_decoder().register_forward_hook(
+                    lambda _m, _a, out: hidden.__setitem__("h", out[0]))
+            try:
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            finally:
+                if hook is not None:
+                    hook.remove()
             state["past"] = out.cache
-            logits = out.logits[0]
+            last = out.logits[0, -1]
             records = None
             if prompt_logprobs is not None:
-                records = [None]
-                for start in range(0, len(prompt_ids) - 1, 256):  # log-softmax in row blocks: bounded memory
-                    block = torch.log_softmax(logits[start:start + 256].float(), dim=-1)
-                    for i, row in enumerate(block[: len(prompt_ids) - 1 - start]):
-                        records.append(token_logprob(row, prompt_ids[start + i + 1], prompt_logprobs))
-            return logits[-1], records
+                head = self.model.get_output_embeddings()
+                check_plain_head(head, hidden["h"][0, -1:], last)
+                records = chunked_prompt_logprobs(hidden["h"][0], head, prompt_ids, prompt_logprobs,
+                                                  self.logprobs_chunk_tokens)
+            return last, records
 
     def _decode_step(self, state: dict, token: int):
         torch = self._torch

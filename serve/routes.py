@@ -67,6 +67,7 @@ class Job:
     ids: list[int]
     params: SamplingParams
     echo: str = ""        # text echoed before the generation (completions echo, chat echo)
+    param: str = "prompt"  # the request field this prompt came from (named in errors)
 
 
 async def merge(gens: list) -> "asyncio.AsyncIterator[tuple[int, Step]]":
@@ -99,9 +100,13 @@ async def merge(gens: list) -> "asyncio.AsyncIterator[tuple[int, Step]]":
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: Engine, api_key: str | None = None):
+    def __init__(self, engine: Engine, api_key: str | None = None, *, prompt_logprobs_max_tokens: int = 32768):
+        """`prompt_logprobs_max_tokens`: the longest prompt whose per-token logprobs (echo + logprobs,
+        prompt_logprobs) are computed; longer ones are refused (400) before any work, since the
+        response holds k + 1 entries per prompt token."""
         self.engine = engine
         self.api_key = api_key or None
+        self.prompt_logprobs_max_tokens = prompt_logprobs_max_tokens
 
     # --- helpers -------------------------------------------------------------------------------
     def auth_error(self, request: Request) -> JSONResponse | None:
@@ -175,8 +180,16 @@ class OpenAIRoutes:
             params = replace(base, max_tokens=allowed)
             for i in range(n):
                 seed = None if params.seed is None else params.seed + i
-                jobs.append(Job(pi * n + i, pi, ids, replace(params, seed=seed), echo))
+                jobs.append(Job(pi * n + i, pi, ids, replace(params, seed=seed), echo, param))
         return jobs
+
+    def _check_prompt_logprobs(self, jobs: list[Job]) -> None:
+        limit = self.prompt_logprobs_max_tokens
+        for job in jobs:
+            if job.params.prompt_logprobs is not None and len(job.ids) > limit:
+                raise p.RequestError(job.param, f"prompt logprobs (echo with logprobs, or prompt_logprobs) are computed "
+                                                f"for prompts of at most {limit} tokens here (serve config "
+                                                f"prompt_logprobs_max_tokens); this prompt has {len(job.ids)}")
 
     async def handle(self, request: Request, chat: bool):
         try:
@@ -232,6 +245,7 @@ class OpenAIRoutes:
         if req.echo and req.logprobs is not None:  # echoed tokens carry their logprobs (vLLM)
             jobs = [replace(j, params=replace(j.params, prompt_logprobs=req.prompt_logprobs
                                               if req.prompt_logprobs is not None else req.logprobs)) for j in jobs]
+        self._check_prompt_logprobs(jobs)
         return jobs
 
     def _echo_logprobs(self, req, job: Job, prompt_records) -> tuple[list[int], list]:
@@ -295,7 +309,9 @@ class OpenAIRoutes:
             raise p.RequestError("messages", f"the chat template cannot render them: {exc}") from None
         # vLLM's chat `echo`: the reply starts with the last message when that is the assistant's.
         echo = messages[-1]["content"] if req.echo and messages[-1]["role"] == "assistant" else ""
-        return self._jobs(req, [(ids, echo, "messages")], req.budget(), req.top_k_logprobs())
+        jobs = self._jobs(req, [(ids, echo, "messages")], req.budget(), req.top_k_logprobs())
+        self._check_prompt_logprobs(jobs)
+        return jobs
 
     def _chat_body(self, req, jobs: list[Job], results: list[list[Step]]) -> dict:
         choices, completion_tokens, prompt_lps = [], 0, None

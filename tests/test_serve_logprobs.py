@@ -201,3 +201,84 @@ def test_chat_top_logprobs_are_the_true_top_k_by_id(app, engine, tiny_tokenizer)
         ids.append(int(top.indices[0]))
         gen.append(ids[-1])
     assert b"".join(bytes(x["bytes"]) for x in content) == b"".join(engine.token_bytes(t) for t in gen)
+
+
+# --- prompt logprobs in bounded memory ------------------------------------------------------------------
+
+def test_chunked_prompt_logprobs_equal_the_unchunked_reference(engine, tiny_tokenizer):
+    import torch
+
+    from ctxforge.serve.engine import chunked_prompt_logprobs
+
+    ids = tiny_tokenizer.encode("The river runs to the sea, " + SPLIT_TEXT, add_special_tokens=False)
+    ls = _reference(engine, ids)
+    with torch.inference_mode():
+        hidden = engine.model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        head = engine.model.get_output_embeddings()
+        small = chunked_prompt_logprobs(hidden, head, ids, 3, chunk_tokens=4)
+        whole = chunked_prompt_logprobs(hidden, head, ids, 3, chunk_tokens=len(ids))
+    assert small[0] is None and len(small) == len(ids)
+    for i in range(1, len(ids)):
+        a, b, row = small[i], whole[i], ls[i - 1]
+        assert (a.token_id, a.rank, [t for t, _ in a.top]) == (b.token_id, b.rank, [t for t, _ in b.top])
+        assert a.logprob == pytest.approx(float(row[ids[i]]), abs=1e-4)
+        assert a.rank == int((row > row[ids[i]]).sum()) + 1
+        assert [t for t, _ in a.top] == row.topk(3).indices.tolist()
+        assert [v for _, v in a.top] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+
+
+_PEAK = r"""
+import resource, sys, torch
+from ctxforge.serve.engine import HFEngine
+torch.set_num_threads(1)
+mode, n = sys.argv[1], int(sys.argv[2])
+engine = HFEngine(sys.argv[3], "tiny", n + 8, device="cpu", logprobs_chunk_tokens=64)
+ids = [int(t) for t in torch.randint(100, 20000, (n,), generator=torch.Generator().manual_seed(0))]
+engine._prefill({}, ids[:64], 1)  # warm-up: everything but the long prompt's own cost
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if mode == "chunked":
+    records = engine._prefill({}, ids, 1)[1]
+else:  # the unchunked reference: the whole prompt's logits and their log-softmax at once
+    with torch.inference_mode():
+        full = torch.log_softmax(engine.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+@pytest.mark.slow  # two engine start-ups in subprocesses (about two minutes on 2 CPUs)
+def test_prompt_logprobs_memory_does_not_grow_with_prompt_times_vocabulary(tiny_model_path):
+    """Peak RSS growth of one 1K-token prefill with prompt logprobs, chunked vs the whole [n, vocab]
+    logits (a ratio, each in its own process: ru_maxrss is a lifetime peak)."""
+    import subprocess
+    import sys
+
+    def growth(mode):
+        out = subprocess.run([sys.executable, "-c", _PEAK, mode, "1024", tiny_model_path], capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.strip().splitlines()[-1])
+
+    full, chunked = growth("full"), growth("chunked")
+    assert full > 1024 * 151_000 * 4  # the reference holds [1024, vocab] fp32 logits at least
+    assert chunked * 4 < full, (chunked, full)
+
+
+def test_prompt_logprobs_above_the_limit_are_refused_naming_it(engine, tiny_tokenizer):
+    from ctxforge.serve.routes import OpenAIRoutes
+
+    routes = OpenAIRoutes(engine, prompt_logprobs_max_tokens=8)
+    api = FastAPI()
+
+    @api.post("/v1/completions")
+    async def completions(request: Request):
+        return await routes.handle(request, chat=False)
+
+    ids = list(range(100, 109))
+    for body, param in (({"prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 1}, "prompt"),
+                        ({"prompt": [ids[:4], ids], "prompt_logprobs": 0, "max_tokens": 1}, "prompt.1")):
+        resp = _post(api, "/v1/completions", body)
+        assert resp.status_code == 400, resp.text
+        err = resp.json()["error"]
+        assert err["param"] == param and "prompt_logprobs_max_tokens" in err["message"] and "9" in err["message"]
+    assert _post(api, "/v1/completions", {"prompt": ids[:8], "echo": True, "logprobs": 1, "max_tokens": 1}).status_code == 200
+    assert _post(api, "/v1/completions", {"prompt": ids, "max_tokens": 1}).status_code == 200  # no logprobs: served
