@@ -52,6 +52,7 @@ class ServeConfig(StrictModel):
     engine_kwargs: dict = Field(default_factory=dict, description="vllm: extra vLLM engine arguments (merged over the ones derived here).")
     # What one request may ask of an hf replica (request_limits()).
     prompt_logprobs_max_tokens: int = Field(32768, ge=1, description="hf: longest prompt whose per-token logprobs (echo + logprobs, prompt_logprobs) are computed; longer ones get a 400 naming this key.")
+    trust_request_chat_template: bool = Field(False, description="hf: render a chat template sent with a request (chat_template, chat_template_kwargs.chat_template); off = such requests get a 400 (vLLM's --trust-request-chat-template).")
     logprobs_chunk_tokens: int = Field(256, ge=1, description="hf: prompt positions whose logits exist at once while prompt logprobs are computed (memory: this x vocabulary x 8 bytes).")
 
     @model_validator(mode="after")
@@ -70,6 +71,7 @@ class ServeConfig(StrictModel):
     def request_limits(self) -> dict:
         """The hf replica's per-request limits (OpenAIServer's `limits`)."""
         return {"prompt_logprobs_max_tokens": self.prompt_logprobs_max_tokens,
+                "trust_request_chat_template": self.trust_request_chat_template,
                 "logprobs_chunk_tokens": self.logprobs_chunk_tokens}
 
     def model_id(self) -> str:

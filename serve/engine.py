@@ -52,7 +52,13 @@ class Engine(ABC):
                     **template_kwargs) -> list[int]: ...
 
     @abstractmethod
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]: ...
+    def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a completions prompt: ids as given, text tokenized with the tokenizer's special
+        tokens (BOS) unless add_special_tokens is false (vLLM's default for /v1/completions)."""
+
+    def chat_template_source(self, override: str | None = None) -> str | None:
+        """The Jinja source encode_chat renders (`override` when given); None when unknown."""
+        return override
 
     @abstractmethod
     def decode(self, ids: list[int]) -> str: ...
@@ -181,10 +187,14 @@ class HFEngine(Engine):
             continue_final_message=continue_final_message, return_dict=True, **template_kwargs)
         return list(out["input_ids"])
 
-    def encode_prompt(self, prompt):
+    def chat_template_source(self, override=None):
+        source = override or self.tokenizer.chat_template
+        return source if isinstance(source, str) else None
+
+    def encode_prompt(self, prompt, add_special_tokens=True):
         if isinstance(prompt, list):
             return list(prompt)
-        return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
 
     def decode(self, ids, skip_special_tokens: bool = False):
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

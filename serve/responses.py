@@ -123,8 +123,9 @@ def completion(model: str, choices: list[dict], use: dict, rid: str | None = Non
             "choices": choices, "usage": use}
 
 
-def chat_completion(model: str, choices: list[dict], use: dict, prompt_lps: list | None = None) -> dict:
-    body = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
+def chat_completion(model: str, choices: list[dict], use: dict, prompt_lps: list | None = None,
+                    rid: str | None = None) -> dict:
+    body = {"id": rid or new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
             "choices": choices, "usage": use}
     if prompt_lps is not None:
         body["prompt_logprobs"] = prompt_lps
