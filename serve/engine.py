@@ -284,7 +284,9 @@ class HFEngine(Engine):
                     finish = "stop"
                     stop_reason = token if token in params.stop_token_ids else None
                     break
-                text = self.tokenizer.decode(out_ids, skip_special_tokens=params.skip_special_tokens)
+                decode = functools.partial(self.tokenizer.decode, out_ids, skip_special_tokens=params.skip_special_tokens)
+                # The whole output is decoded at each step (stop strings, split characters): long outputs off the loop.
+                text = decode() if len(out_ids) <= 256 else await loop.run_in_executor(self._pool, decode)
                 hit = _find_stop(text, params.stop, max(0, sent - hold)) if params.stop else None
                 if hit is not None:
                     cut, stop_str = hit
