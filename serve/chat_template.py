@@ -27,11 +27,15 @@ RESERVED_KWARGS = frozenset({
 
 @functools.lru_cache(maxsize=32)
 def template_variables(source: str) -> frozenset[str]:
-    """Names a Jinja template reads from its context (jinja2.meta.find_undeclared_variables)."""
+    """Names a Jinja chat template reads from its context, parsed in transformers' own template
+    environment (which knows its `{% generation %}` tag); ValueError when it does not parse."""
     import jinja2
-    from jinja2 import meta
+    from transformers.utils.chat_template_utils import _get_template_variables
 
-    return frozenset(meta.find_undeclared_variables(jinja2.Environment().parse(source)))
+    try:
+        return _get_template_variables(source)
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"the chat template does not parse: {exc}") from None
 
 
 def check_request_template(template: str | None, kwargs: dict | None, trusted: bool) -> str | None:
@@ -52,15 +56,20 @@ def check_request_template(template: str | None, kwargs: dict | None, trusted: b
     return sent
 
 
-def check_template_kwargs(kwargs: dict | None, source: str | None) -> dict:
-    """`chat_template_kwargs` without chat_template, each key one the template reads."""
+def check_template_kwargs(kwargs: dict | None, source: str | None, source_field: str = "messages") -> dict:
+    """`chat_template_kwargs` without chat_template, each key one the template reads. `source_field`
+    names the template in errors (the request's field when the client sent it)."""
     out = {k: v for k, v in (kwargs or {}).items() if k != "chat_template"}
     for key in out:
         if key in RESERVED_KWARGS:
             raise RequestError(f"chat_template_kwargs.{key}", "is an argument of the server's template call, "
                                                                "not a template variable")
     if source is not None:
-        unread = sorted(set(out) - template_variables(source))
+        try:
+            read = template_variables(source)
+        except ValueError as exc:
+            raise RequestError(source_field, str(exc)) from None
+        unread = sorted(set(out) - read)
         if unread:
             raise RequestError(f"chat_template_kwargs.{unread[0]}", "the chat template does not read this variable, "
                                                                      "so it would have no effect")

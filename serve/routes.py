@@ -324,7 +324,8 @@ class OpenAIRoutes:
     def _chat_jobs(self, req: p.ChatCompletionRequest) -> list[Job]:
         template = ct.check_request_template(req.chat_template, req.chat_template_kwargs, self.trust_request_chat_template)
         source = self.engine.chat_template_source(template)
-        kwargs = ct.check_template_kwargs(req.chat_template_kwargs, source)
+        field = ("chat_template" if req.chat_template is not None else "chat_template_kwargs.chat_template") if template else "messages"
+        kwargs = ct.check_template_kwargs(req.chat_template_kwargs, source, field)
         messages = ct.map_developer_role([{"role": m.role, "content": m.text()} for m in req.messages], source)
         try:
             ids = self.engine.encode_chat(messages, req.generation_prompt(), bool(req.continue_final_message),

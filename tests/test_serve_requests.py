@@ -256,3 +256,14 @@ async def test_a_slow_template_delays_no_other_route_nor_request():
         assert not heavy.done()  # all three answered while the heavy one was still rendering
         engine.release.set()
         assert (await heavy).status_code == 200
+
+
+def test_template_variables_are_read_in_transformers_template_environment(tiny_tokenizer):
+    from ctxforge.serve import chat_template as ct
+    from ctxforge.serve.protocol import RequestError
+
+    source = tiny_tokenizer.chat_template
+    assert "{% generation %}" in source and {"messages", "add_generation_prompt"} <= ct.template_variables(source)
+    with pytest.raises(RequestError) as err:
+        ct.check_template_kwargs({"x": 1}, "{% if %}", "chat_template")
+    assert err.value.param == "chat_template" and "does not parse" in str(err.value)
