@@ -141,11 +141,12 @@ class HFEngine(Engine):
     """A transformers causal LM on one device, decoded token by token with its KV cache."""
 
     def __init__(self, model_path: str, model_id: str, max_model_len: int, device: str = "auto", dtype: str = "auto",
-                 rope=None, logprobs_chunk_tokens: int = 256):
+                 rope=None, logprobs_chunk_tokens: int = 256, prefill_chunk_tokens: int = 1024):
         """`rope`: a RopeConfig (ctxforge.train.rope) applied to the checkpoint's config before the model is
         built, with max_position_embeddings raised to `max_model_len` (zero-shot RoPE scaling).
         `logprobs_chunk_tokens`: prompt positions whose logits exist at once when prompt logprobs are
-        asked for (memory: chunk x vocab x 4 bytes, twice)."""
+        asked for (memory: chunk x vocab x 4 bytes, twice). `prefill_chunk_tokens`: prompt positions
+        per worker call while prefilling (other requests step between the calls)."""
         import torch
         from transformers import GenerationConfig
 
@@ -156,6 +157,7 @@ class HFEngine(Engine):
         self.model_id = model_id
         self.max_model_len = max_model_len
         self.logprobs_chunk_tokens = logprobs_chunk_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         config = None
         if rope is not None:
             from ctxforge.train.rope import stage_config
@@ -214,10 +216,13 @@ class HFEngine(Engine):
         return {"json_schema": g.json_schema, "regex": g.regex, "choice": g.choice, "grammar": g.ebnf,
                 "json_object": lambda _v: g.json_object()}[kind](value)
 
-    def _prefill(self, state: dict, prompt_ids: list[int], prompt_logprobs: int | None):
+    def _prefill(self, state: dict, prompt_ids: list[int], start: int, stop: int, prompt_logprobs: int | None):
+        """Run prompt positions [start, stop) through the model, extending the KV cache in `state`.
+        Returns the last position's logits and the prompt-logprob records of the tokens at positions
+        start+1 .. stop (those this chunk predicts; None when not asked for)."""
         torch = self._torch
         with torch.inference_mode():
-            ids = torch.tensor([prompt_ids], device=self.device)
+            ids = torch.tensor([prompt_ids[start:stop]], device=self.device)
             # Only the last position's logits come out of the model; prompt logprobs are computed from
             # the final hidden states, a chunk of positions at a time (a [n, vocab] logits tensor at long
             # prompts is gigabytes: 2.5 GiB at 4K tokens for a 152K vocabulary in fp32).
@@ -226,8 +231,9 @@ class HFEngine(Engine):
             if prompt_logprobs is not None:
                 hook = self.model.get_decoder().register_forward_hook(
                     lambda _m, _a, out: hidden.__setitem__("h", out[0]))
+            cache = {"cache": state["past"]} if "past" in state else {}
             try:
-                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)
             finally:
                 if hook is not None:
                     hook.remove()
@@ -237,9 +243,20 @@ class HFEngine(Engine):
             if prompt_logprobs is not None:
                 head = self.model.get_output_embeddings()
                 check_plain_head(head, hidden["h"][0, -1:], last)
-                records = chunked_prompt_logprobs(hidden["h"][0], head, prompt_ids, prompt_logprobs,
-                                                  self.logprobs_chunk_tokens)
+                targets = prompt_ids[start:min(stop + 1, len(prompt_ids))]  # what each position predicts, and more
+                records = chunked_prompt_logprobs(hidden["h"][0], head, targets, prompt_logprobs,
+                                                  self.logprobs_chunk_tokens)[1:]
             return last, records
+
+    def _prefill_spans(self, n: int) -> list[tuple[int, int]]:
+        """The prompt in spans of prefill_chunk_tokens, each one worker call, so other requests' decode
+        steps run between them (one long prompt holds the worker for one span at a time). Dynamic NTK
+        RoPE rescales with the length seen, so its prompts are prefilled whole."""
+        rope = getattr(self.model.config, "rope_parameters", None) or getattr(self.model.config, "rope_scaling", None) or {}
+        if (rope.get("rope_type") or rope.get("type")) == "dynamic":
+            return [(0, n)]
+        step = self.prefill_chunk_tokens
+        return [(i, min(i + step, n)) for i in range(0, n, step)]
 
     def _decode_step(self, state: dict, token: int):
         torch = self._torch
@@ -250,8 +267,8 @@ class HFEngine(Engine):
             state["past"] = out.cache
             return out.logits[0, -1]
 
-    def _first(self, state, prompt_ids, params, sampler):
-        logits, records = self._prefill(state, prompt_ids, params.prompt_logprobs)
+    def _first(self, state, prompt_ids, span, params, sampler):
+        logits, records = self._prefill(state, prompt_ids, *span, params.prompt_logprobs)
         return (sampler.choose(logits) if params.max_tokens > 0 else (None, None)), records
 
     def _next(self, state, token, sampler):
@@ -269,8 +286,17 @@ class HFEngine(Engine):
         sent, finish, stop_reason, text, first = 0, "length", None, "", True
         hold = max((len(s) for s in params.stop), default=1) - 1 if params.stop else 0
         try:
-            (token, record), prompt_records = await loop.run_in_executor(
-                self._pool, self._first, state, prompt_ids, params, sampler)
+            spans = self._prefill_spans(len(prompt_ids))
+            prompt_records = [None] if params.prompt_logprobs is not None else None
+            for span in spans[:-1]:
+                _, records = await loop.run_in_executor(self._pool, self._prefill, state, prompt_ids, *span,
+                                                        params.prompt_logprobs)
+                if prompt_records is not None:
+                    prompt_records += records
+            (token, record), records = await loop.run_in_executor(
+                self._pool, self._first, state, prompt_ids, spans[-1], params, sampler)
+            if prompt_records is not None:
+                prompt_records += records
             while len(out_ids) < budget:
                 if token is None:  # every token masked (a grammar with no way on): end the sequence
                     finish = "stop"

@@ -234,10 +234,10 @@ torch.set_num_threads(1)
 mode, n = sys.argv[1], int(sys.argv[2])
 engine = HFEngine(sys.argv[3], "tiny", n + 8, device="cpu", logprobs_chunk_tokens=64)
 ids = [int(t) for t in torch.randint(100, 20000, (n,), generator=torch.Generator().manual_seed(0))]
-engine._prefill({}, ids[:64], 1)  # warm-up: everything but the long prompt's own cost
+engine._prefill({}, ids[:64], 0, 64, 1)  # warm-up: everything but the long prompt's own cost
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if mode == "chunked":
-    records = engine._prefill({}, ids, 1)[1]
+    records = engine._prefill({}, ids, 0, n, 1)[1]
 else:  # the unchunked reference: the whole prompt's logits and their log-softmax at once
     with torch.inference_mode():
         full = torch.log_softmax(engine.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
@@ -282,3 +282,52 @@ def test_prompt_logprobs_above_the_limit_are_refused_naming_it(engine, tiny_toke
         assert err["param"] == param and "prompt_logprobs_max_tokens" in err["message"] and "9" in err["message"]
     assert _post(api, "/v1/completions", {"prompt": ids[:8], "echo": True, "logprobs": 1, "max_tokens": 1}).status_code == 200
     assert _post(api, "/v1/completions", {"prompt": ids, "max_tokens": 1}).status_code == 200  # no logprobs: served
+
+
+# --- a long prompt is prefilled in spans: other requests step between them -----------------------------
+
+@pytest.fixture
+def small_spans(engine):
+    engine.prefill_chunk_tokens = 7
+    yield engine
+    engine.prefill_chunk_tokens = 1024
+
+
+def test_prompt_logprobs_over_prefill_spans_equal_the_reference(app, small_spans, tiny_tokenizer):
+    ids = tiny_tokenizer.encode("The river runs to the sea, " + SPLIT_TEXT + " and back", add_special_tokens=False)
+    assert len(small_spans._prefill_spans(len(ids))) > 3
+    ls = _reference(small_spans, ids)
+    c = _post(app, "/v1/completions", {"prompt": ids, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2,
+                                       "prompt_logprobs": 2}).json()["choices"][0]
+    assert c["prompt_logprobs"][0] is None and len(c["prompt_logprobs"]) == len(ids)
+    for i in range(1, len(ids)):
+        assert c["logprobs"]["token_logprobs"][i] == pytest.approx(float(ls[i - 1, ids[i]]), abs=1e-4)
+        assert set(c["prompt_logprobs"][i]) >= {str(t) for t in ls[i - 1].topk(2).indices.tolist()}
+    # the generation after a spanned prefill is the model's greedy continuation
+    import torch
+    with torch.inference_mode():
+        gen = small_spans.model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False, eos_token_id=None)
+    assert c["text"] == tiny_tokenizer.decode(ids) + tiny_tokenizer.decode(gen[0, len(ids):])
+
+
+def test_a_short_request_finishes_while_a_long_prompt_is_prefilled(small_spans):
+    import asyncio
+
+    from ctxforge.serve.sampling import SamplingParams
+
+    long_ids = list(range(1000, 1000 + 7 * 12))  # 12 spans
+    order = []
+
+    async def run(name, ids, params):
+        async for step in small_spans.generate(ids, params):
+            order.append((name, step.finish_reason))
+
+    async def main():
+        long = asyncio.create_task(run("long", long_ids, SamplingParams(max_tokens=1, temperature=0)))
+        await asyncio.sleep(0)  # the long prompt's first span is with the worker
+        await run("short", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0))
+        await long
+
+    asyncio.run(main())
+    assert order[0][0] == "short" and ("short", "length") in order
+    assert order.index(("short", "length")) < order.index(("long", "length"))
