@@ -43,13 +43,16 @@ class OpenAIServer(AuthIngressMixin):
     """Transformers deployment: one HFServedModel per replica behind the OpenAI routes."""
 
     def __init__(self, model_path: str, model_id: str, max_model_len: int, device: str, dtype: str,
-                 rope: dict | None, key_digest: str | None):
+                 rope: dict | None, key_digest: str | None, limits: dict | None = None):
+        """`limits`: ServeConfig.request_limits() (what a request may ask of this replica)."""
         from ctxforge.train.rope import RopeConfig
 
+        limits = dict(limits or {})
         self.key_digest = key_digest
         engine = HFServedModel(model_path, model_id, max_model_len, device, dtype,
-                          rope=RopeConfig.model_validate(rope) if rope else None)
-        self.routes = OpenAIRoutes(engine)
+                               rope=RopeConfig.model_validate(rope) if rope else None,
+                               logprobs_chunk_tokens=limits.pop("logprobs_chunk_tokens", 256))
+        self.routes = OpenAIRoutes(engine, **limits)
 
     @fastapi_app.get("/health")
     async def health(self):
@@ -153,7 +156,7 @@ def build_app(cfg: ServeConfig, api_key: str | None = None):
     actor = hf_actor_options(cfg)
     return OpenAIServer.options(ray_actor_options=actor, **_deployment_options(cfg)).bind(
         model_path, cfg.model_id(), served_window(cfg, model_path), cfg.device, cfg.dtype,
-        cfg.rope.model_dump() if cfg.rope else None, key_digest(api_key) if api_key else None)
+        cfg.rope.model_dump() if cfg.rope else None, key_digest(api_key) if api_key else None, cfg.request_limits())
 
 
 def proxy_url(cfg: ServeConfig) -> str:

@@ -50,6 +50,10 @@ class ServeConfig(StrictModel):
                                         "so that it lands only on the node type that provides them, e.g. "
                                         "{ctxforge_generate: 1} (the GPU nodes of cluster/aws.yaml); {} = none.")
     engine_kwargs: dict = Field(default_factory=dict, description="vllm: extra vLLM engine arguments (merged over the ones derived here).")
+    # What one request may ask of an hf replica (request_limits()).
+    prompt_logprobs_max_tokens: int = Field(32768, ge=1, description="hf: longest prompt whose per-token logprobs (echo + logprobs, prompt_logprobs) are computed; longer ones get a 400 naming this key.")
+    trust_request_chat_template: bool = Field(False, description="hf: render a chat template sent with a request (chat_template, chat_template_kwargs.chat_template); off = such requests get a 400 (vLLM's --trust-request-chat-template).")
+    logprobs_chunk_tokens: int = Field(256, ge=1, description="hf: prompt positions whose logits exist at once while prompt logprobs are computed (memory: this x vocabulary x 8 bytes).")
 
     @model_validator(mode="after")
     def _replicas(self):
@@ -63,6 +67,12 @@ class ServeConfig(StrictModel):
         if not v.startswith("/") or (len(v) > 1 and v.endswith("/")):
             raise ValueError(f"route_prefix must start with '/' and not end with one (except '/' itself), got {v!r}")
         return v
+
+    def request_limits(self) -> dict:
+        """The hf replica's per-request limits (OpenAIServer's `limits`)."""
+        return {"prompt_logprobs_max_tokens": self.prompt_logprobs_max_tokens,
+                "trust_request_chat_template": self.trust_request_chat_template,
+                "logprobs_chunk_tokens": self.logprobs_chunk_tokens}
 
     def model_id(self) -> str:
         if self.served_model_name:

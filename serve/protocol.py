@@ -62,26 +62,61 @@ class TextPart(_Body):
     text: str
 
 
+# Message fields OpenAI/vLLM define that this endpoint does not serve: tool calls are not served, and a
+# participant `name` or an assistant's `refusal`/`reasoning` would reach the template in a form most
+# models never saw (or not at all).
+_UNSERVED_MESSAGE_FIELDS = ("name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio",
+                            "reasoning_content", "reasoning")
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
 
+    def check(self, where: str) -> None:
+        if self.role in ("tool", "function"):
+            raise RequestError(f"{where}.role", f"{self.role!r} messages answer tool calls, which this endpoint does not serve")
+        for name in _UNSERVED_MESSAGE_FIELDS:
+            if (self.model_extra or {}).get(name) not in (None, [], ""):
+                raise RequestError(f"{where}.{name}", "is not served by this endpoint (leave it out)")
+        if self.content is None and self.role != "assistant":
+            raise RequestError(f"{where}.content", f"a {self.role} message needs content")
+
     def text(self) -> str:
+        """The content as one string; text parts joined by newlines (as vLLM joins them)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "\n".join(p.text for p in self.content)
 
 
-# Fields OpenAI/vLLM define that this endpoint does not serve, with the values that mean "not used".
+# Fields OpenAI/vLLM define that this endpoint does not serve, with the values that mean "not used"
+# (any other value is a 400 naming the field). OpenAI: tools and functions, audio and other modalities,
+# predicted outputs, reasoning and verbosity controls, web search, stored completions (store, metadata)
+# and non-default service tiers. vLLM: beam search, prompt embeddings and truncation, bad words,
+# documents and multimodal kwargs, priority scheduling, disaggregated-serving and extension params,
+# and the extra response fields (token ids, offsets, prompt text, stream intervals).
 _UNSERVED: dict[str, tuple[Any, ...]] = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "parallel_tool_calls": (None, False, True), "suffix": (None, ""), "best_of": (None, 1),
     "use_beam_search": (None, False), "prompt_embeds": (None,), "logprob_token_ids": (None,),
-    "truncate_prompt_tokens": (None,), "bad_words": (None, []), "audio": (None,), "modalities": (None, ["text"]),
-    "prediction": (None,), "length_penalty": (None, 1.0), "guided_whitespace_pattern": (None,),
+    "truncate_prompt_tokens": (None,), "truncation_side": (None,), "bad_words": (None, []), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "length_penalty": (None, 1.0),
+    "guided_whitespace_pattern": (None,), "guided_decoding_backend": (None,), "store": (None, False),
+    "metadata": (None, {}), "service_tier": (None, "auto", "default"), "reasoning_effort": (None,),
+    "verbosity": (None,), "web_search_options": (None,), "documents": (None, []), "media_io_kwargs": (None, {}),
+    "mm_processor_kwargs": (None, {}), "priority": (None, 0), "spaces_between_special_tokens": (None, True),
+    "return_token_ids": (None, False), "return_token_offsets": (None, False), "return_prompt_text": (None, False),
+    "return_assistant_tokens_mask": (None, False), "kv_transfer_params": (None,), "ec_transfer_params": (None,),
+    "vllm_xargs": (None,), "routed_experts_prompt_start": (None,), "repetition_detection": (None,),
+    "thinking_token_budget": (None,), "include_reasoning": (None, True), "stream_interval": (None, 1),
+    "session_id": (None,),
 }
+# Fields that change nothing a completion holds, on OpenAI's side either (abuse monitoring, cache routing),
+# accepted as OpenAI and vLLM accept them: user, safety_identifier, prompt_cache_key, cache_salt.
 
 
 class _Request(_Body):
@@ -101,6 +136,10 @@ class _Request(_Body):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    cache_salt: str | None = None       # vLLM: salts its prefix cache; this engine shares no cache between requests
+    request_id: str | None = None       # vLLM: the response id is <cmpl|chatcmpl>-<request_id>
     response_format: ResponseFormat | None = None
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1)
@@ -113,6 +152,7 @@ class _Request(_Body):
     skip_special_tokens: bool | None = None
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    return_tokens_as_token_ids: bool | None = None
     structured_outputs: StructuredOutputsParams | None = None
     guided_json: str | dict | None = None
     guided_regex: str | None = None
@@ -127,6 +167,9 @@ class _Request(_Body):
                 raise RequestError(name, "is not served by this endpoint (send null or leave it out)")
         if self.stream_options is not None and not self.is_stream():
             raise RequestError("stream_options", "may only be set when stream is true")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise RequestError("stream_options.continuous_usage_stats", "is not served (include_usage gives the usage "
+                                                                        "in a last chunk)")
         if self.prompt_logprobs is not None and self.is_stream():
             raise RequestError("prompt_logprobs", "prompt logprobs are not available when stream is true")
         for key, bias in (self.logit_bias or {}).items():
@@ -142,6 +185,10 @@ class _Request(_Body):
 
     def is_stream(self) -> bool:
         return bool(self.stream)
+
+    def response_id(self, prefix: str) -> str | None:
+        """The response id vLLM gives a request that names its request_id; None = a fresh one."""
+        return f"{prefix}-{self.request_id}" if self.request_id else None
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -185,13 +232,20 @@ class ChatCompletionRequest(_Request):
     echo: bool | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
+    chat_template: str | None = None
     chat_template_kwargs: dict | None = None
+    add_special_tokens: bool | None = None
 
     def check(self) -> None:
         """Cross-field checks pydantic cannot express. Raises RequestError naming the field (max_tokens below
         1, top_logprobs without logprobs, continue_final_message without a final assistant message or with
         add_generation_prompt)."""
         super().check()
+        for i, message in enumerate(self.messages):
+            message.check(f"messages.{i}")
+        if self.add_special_tokens:
+            raise RequestError("add_special_tokens", "is not served for chat: the chat template writes the model's "
+                                                     "special tokens")
         if self.max_tokens == 0:
             raise RequestError("max_tokens", "must be at least 1")
         if self.top_logprobs and not self.logprobs:
@@ -218,6 +272,7 @@ class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_special_tokens: bool | None = None  # vLLM: text prompts get the tokenizer's special tokens (BOS) by default
 
     def check(self) -> None:
         """Cross-field checks pydantic cannot express. Raises RequestError naming the field (max_tokens 0

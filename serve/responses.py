@@ -1,21 +1,30 @@
 """OpenAI-compatible response bodies, shaped as vLLM serves them (plain dicts, JSON-ready).
 
 - /v1/completions `logprobs`: {tokens, token_logprobs, top_logprobs, text_offset}; top_logprobs maps
-  token text -> logprob for the chosen token plus the `logprobs` most likely ones (so up to k + 1
-  entries, as in OpenAI's legacy API and vLLM). With `echo`, the prompt's tokens come first and the
-  first prompt token has null logprob and null top_logprobs.
+  token text -> logprob for the chosen token and the `logprobs` most likely ones, in that order (so
+  up to k + 1 entries, as in OpenAI's legacy API and vLLM). Different token ids can decode to the same
+  text (every lone piece of a UTF-8 character reads U+FFFD); such keys hold the highest of their
+  logprobs, so `max(top_logprobs.values())` is always the most likely token's logprob and a chosen
+  token below rank 1 never looks greedy (lm-eval's `is_greedy`). vLLM lets the last entry win, which
+  agrees with this rule when k = 1 (lm-eval's requests) and can hide the top token when k > 1. With
+  `return_tokens_as_token_ids` (vLLM's field) tokens and keys read `token_id:<id>`: nothing collides.
+  With `echo`, the prompt's tokens come first and the first prompt token has null logprob and null
+  top_logprobs.
 - /v1/chat/completions `logprobs.content`: [{token, logprob, bytes, top_logprobs: [{token, logprob,
-  bytes}] x top_logprobs}].
+  bytes}] x top_logprobs}]; top_logprobs are the most likely tokens by id, in rank order, and `bytes`
+  are the token's own bytes (token_bytes.py), so a character split over several tokens is rebuilt
+  by concatenating them.
 - vLLM's `prompt_logprobs`: [null, {"<token id>": {logprob, rank, decoded_token}}, ...], per choice
   on /v1/completions and at the top level on /v1/chat/completions.
 Logprobs are clamped at -9999.0 (OpenAI's JSON-safe stand-in for -inf, as vLLM does).
-Nothing here knows about HTTP or models beyond `token_text`.
+Nothing here knows about HTTP or models beyond `Tokens`.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Callable
 
 from ctxforge.serve.sampling import TokenLogprob
@@ -35,13 +44,35 @@ def _lp(x: float) -> float:
     return max(float(x), MIN_LOGPROB)
 
 
-def completion_logprobs(token_text: Callable[[int], str], token_ids: list[int],
-                        records: list[TokenLogprob | None], k: int, offset: int = 0) -> tuple[dict, int]:
+@dataclass(frozen=True)
+class Tokens:
+    """How logprob entries name a token id: `text(id)` as it reads alone, `raw(id)` its own bytes;
+    `as_ids` names it `token_id:<id>` instead (vLLM's `return_tokens_as_token_ids`)."""
+    text: Callable[[int], str]
+    raw: Callable[[int], bytes]
+    as_ids: bool = False
+
+    def name(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self.as_ids else self.text(token_id)
+
+
+def top_dict(names: Tokens, rec: TokenLogprob, k: int) -> dict[str, float]:
+    """The chosen token and at most k alternatives as {name: logprob}; a name shared by several ids
+    keeps the highest logprob (see the module docstring)."""
+    top: dict[str, float] = {}
+    for tid, lp in [(rec.token_id, rec.logprob), *rec.top[:k]]:
+        key = names.name(tid)
+        top[key] = max(_lp(lp), top.get(key, MIN_LOGPROB))
+    return top
+
+
+def completion_logprobs(names: Tokens, token_ids: list[int], records: list[TokenLogprob | None], k: int,
+                        offset: int = 0) -> tuple[dict, int]:
     """The legacy logprobs object for these tokens (chosen token + at most k alternatives each), and the
     text offset after them (for the next chunk)."""
     out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
     for tid, rec in zip(token_ids, records):
-        tok = token_text(tid)
+        tok = names.name(tid)
         out["tokens"].append(tok)
         out["text_offset"].append(offset)
         offset += len(tok)
@@ -50,22 +81,19 @@ def completion_logprobs(token_text: Callable[[int], str], token_ids: list[int],
             out["top_logprobs"].append(None)
             continue
         out["token_logprobs"].append(_lp(rec.logprob))
-        top = {tok: _lp(rec.logprob)}
-        for alt, lp in rec.top[:k]:
-            top.setdefault(token_text(alt), _lp(lp))
-        out["top_logprobs"].append(top)
+        out["top_logprobs"].append(top_dict(names, rec, k))
     return out, offset
 
 
-def _entry(text: str, logprob: float) -> dict:
-    return {"token": text, "logprob": _lp(logprob), "bytes": list(text.encode("utf-8", errors="replace"))}
+def _entry(names: Tokens, token_id: int, logprob: float) -> dict:
+    return {"token": names.name(token_id), "logprob": _lp(logprob), "bytes": list(names.raw(token_id))}
 
 
-def chat_logprobs(token_text: Callable[[int], str], records: list[TokenLogprob]) -> dict:
+def chat_logprobs(names: Tokens, records: list[TokenLogprob]) -> dict:
     content = []
     for rec in records:
-        item = _entry(token_text(rec.token_id), rec.logprob)
-        item["top_logprobs"] = [_entry(token_text(alt), lp) for alt, lp in rec.top]
+        item = _entry(names, rec.token_id, rec.logprob)
+        item["top_logprobs"] = [_entry(names, alt, lp) for alt, lp in rec.top]
         content.append(item)
     return {"content": content}
 
@@ -95,8 +123,9 @@ def completion(model: str, choices: list[dict], use: dict, rid: str | None = Non
             "choices": choices, "usage": use}
 
 
-def chat_completion(model: str, choices: list[dict], use: dict, prompt_lps: list | None = None) -> dict:
-    body = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
+def chat_completion(model: str, choices: list[dict], use: dict, prompt_lps: list | None = None,
+                    rid: str | None = None) -> dict:
+    body = {"id": rid or new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model,
             "choices": choices, "usage": use}
     if prompt_lps is not None:
         body["prompt_logprobs"] = prompt_lps

@@ -15,6 +15,8 @@ the same text, tokens and logprobs both ways.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import hmac
 import json
 import logging
@@ -24,6 +26,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
+from ctxforge.serve import chat_template as ct
 from ctxforge.serve import protocol as p
 from ctxforge.serve import responses as r
 from ctxforge.serve.served_model import ContextLengthError, ServedModel, Step
@@ -67,6 +70,7 @@ class Job:
     ids: list[int]
     params: SamplingParams
     echo: str = ""        # text echoed before the generation (completions echo, chat echo)
+    param: str = "prompt"  # the request field this prompt came from (named in errors)
 
 
 async def merge(gens: list) -> "asyncio.AsyncIterator[tuple[int, Step]]":
@@ -102,9 +106,26 @@ async def merge(gens: list) -> "asyncio.AsyncIterator[tuple[int, Step]]":
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: ServedModel, api_key: str | None = None):
+    """The routes over one engine. Work that grows with a request (parsing its JSON, rendering the chat
+    template, tokenizing, compiling a grammar, building a large response) runs on `prepare_workers`
+    threads, never on the event loop: a heavy request delays no /v1/models, /health or token stream,
+    and at most `prepare_workers` requests prepare at once (the rest wait their turn, first come first
+    served)."""
+
+    def __init__(self, engine: ServedModel, api_key: str | None = None, *, prompt_logprobs_max_tokens: int = 32768,
+                 trust_request_chat_template: bool = False, prepare_workers: int = 2):
+        """`prompt_logprobs_max_tokens`: the longest prompt whose per-token logprobs (echo + logprobs,
+        prompt_logprobs) are computed; longer ones are refused (400) before any work, since the
+        response holds k + 1 entries per prompt token. `trust_request_chat_template`: render a chat
+        template sent with the request (refused with a 400 otherwise)."""
         self.engine = engine
         self.api_key = api_key or None
+        self.prompt_logprobs_max_tokens = prompt_logprobs_max_tokens
+        self.trust_request_chat_template = trust_request_chat_template
+        self._prepare_pool = concurrent.futures.ThreadPoolExecutor(prepare_workers, thread_name_prefix="openai-prepare")
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, functools.partial(fn, *args))
 
     # --- helpers -------------------------------------------------------------------------------
     def auth_error(self, request: Request) -> JSONResponse | None:
@@ -118,9 +139,9 @@ class OpenAIRoutes:
     def models(self) -> dict:
         return r.model_list(self.engine.model_id, self.engine.max_model_len)
 
-    async def _parse(self, request: Request, model: type):
+    def _parse(self, raw: bytes, model: type):
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise p.RequestError("(body)", f"request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
@@ -130,6 +151,14 @@ class OpenAIRoutes:
         if req.model is not None and req.model != self.engine.model_id:
             raise LookupError(req.model)
         return req
+
+    def _prepare(self, raw: bytes, chat: bool):
+        """(request, jobs), every check done (runs on a prepare thread)."""
+        req = self._parse(raw, p.ChatCompletionRequest if chat else p.CompletionRequest)
+        return req, (self._chat_jobs(req) if chat else self._completion_jobs(req))
+
+    def _names(self, req) -> r.Tokens:
+        return r.Tokens(self.engine.token_text, self.engine.token_bytes, bool(req.return_tokens_as_token_ids))
 
     def _token_ids(self, ids: list[int], param: str) -> None:
         limit = self.engine.vocab_limit()
@@ -175,13 +204,20 @@ class OpenAIRoutes:
             params = replace(base, max_tokens=allowed)
             for i in range(n):
                 seed = None if params.seed is None else params.seed + i
-                jobs.append(Job(pi * n + i, pi, ids, replace(params, seed=seed), echo))
+                jobs.append(Job(pi * n + i, pi, ids, replace(params, seed=seed), echo, param))
         return jobs
+
+    def _check_prompt_logprobs(self, jobs: list[Job]) -> None:
+        limit = self.prompt_logprobs_max_tokens
+        for job in jobs:
+            if job.params.prompt_logprobs is not None and len(job.ids) > limit:
+                raise p.RequestError(job.param, f"prompt logprobs (echo with logprobs, or prompt_logprobs) are computed "
+                                                f"for prompts of at most {limit} tokens here (serve config "
+                                                f"prompt_logprobs_max_tokens); this prompt has {len(job.ids)}")
 
     async def handle(self, request: Request, chat: bool):
         try:
-            req = await self._parse(request, p.ChatCompletionRequest if chat else p.CompletionRequest)
-            jobs = self._chat_jobs(req) if chat else self._completion_jobs(req)
+            req, jobs = await self._off_loop(self._prepare, await request.body(), chat)
         except ValidationError as err:
             return _validation_error(err)
         except p.RequestError as err:
@@ -197,8 +233,8 @@ class OpenAIRoutes:
         except Exception as exc:  # an engine failure: OpenAI's envelope, not a plain-text 500
             log.exception("generation failed")
             return error(500, f"generation failed: {type(exc).__name__}: {exc}", "InternalServerError")
-        body = self._chat_body(req, jobs, results) if chat else self._completion_body(req, jobs, results)
-        return JSONResponse(body)
+        build = self._chat_body if chat else self._completion_body
+        return await self._off_loop(lambda: JSONResponse(build(req, jobs, results)))
 
     async def _collect(self, jobs: list[Job]) -> list[list[Step]]:
         steps: list[list[Step]] = [[] for _ in jobs]
@@ -222,7 +258,7 @@ class OpenAIRoutes:
         many = isinstance(req.prompt, list) and not (req.prompt and isinstance(req.prompt[0], int))
         items = []
         for i, prompt in enumerate(prompts):
-            ids = self.engine.encode_prompt(prompt)
+            ids = self.engine.encode_prompt(prompt, add_special_tokens=req.add_special_tokens is not False)
             param = f"prompt.{i}" if many else "prompt"
             if not ids:
                 raise p.RequestError(param, "encodes to no tokens")
@@ -232,6 +268,7 @@ class OpenAIRoutes:
         if req.echo and req.logprobs is not None:  # echoed tokens carry their logprobs (vLLM)
             jobs = [replace(j, params=replace(j.params, prompt_logprobs=req.prompt_logprobs
                                               if req.prompt_logprobs is not None else req.logprobs)) for j in jobs]
+        self._check_prompt_logprobs(jobs)
         return jobs
 
     def _echo_logprobs(self, req, job: Job, prompt_records) -> tuple[list[int], list]:
@@ -250,17 +287,19 @@ class OpenAIRoutes:
                 ids, recs = self._echo_logprobs(req, job, prompt_records)
                 ids += [t for s in steps for t in s.token_ids]
                 recs += [x for s in steps for x in s.logprobs]
-                choice["logprobs"] = r.completion_logprobs(self.engine.token_text, ids, recs, req.logprobs)[0]
+                choice["logprobs"] = r.completion_logprobs(self._names(req), ids, recs, req.logprobs)[0]
             if req.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = r.prompt_logprobs(self.engine.token_text, prompt_records)
             choices.append(choice)
             prompt_tokens[job.prompt] = last.prompt_tokens
             completion_tokens += last.completion_tokens
-        return r.completion(self.engine.model_id, choices, r.usage(sum(prompt_tokens.values()), completion_tokens))
+        return r.completion(self.engine.model_id, choices, r.usage(sum(prompt_tokens.values()), completion_tokens),
+                            req.response_id("cmpl"))
 
     async def _completion_stream(self, req, jobs: list[Job]):
-        head = {"id": r.new_id("cmpl"), "created": r.now(), "model": self.engine.model_id}
+        head = {"id": req.response_id("cmpl") or r.new_id("cmpl"), "created": r.now(), "model": self.engine.model_id}
         offsets = {j.index: 0 for j in jobs}
+        names = self._names(req)
         echoed: set[int] = set()
         prompt_tokens, completion_tokens = {}, 0
         async for i, step in merge([self.engine.generate(j.ids, j.params) for j in jobs]):
@@ -273,9 +312,9 @@ class OpenAIRoutes:
                 ids, recs = e_ids + ids, e_recs + recs
             choice = {"index": job.index, "text": text, "logprobs": None, "finish_reason": step.finish_reason,
                       "stop_reason": step.stop_reason}
-            if req.logprobs is not None:
-                choice["logprobs"], offsets[job.index] = r.completion_logprobs(
-                    self.engine.token_text, ids, recs, req.logprobs, offsets[job.index])
+            if req.logprobs is not None:  # an echoed prompt's entries are many: built off the loop
+                choice["logprobs"], offsets[job.index] = await self._off_loop(
+                    r.completion_logprobs, names, ids, recs, req.logprobs, offsets[job.index])
             if text or ids or step.finish_reason:
                 yield _sse(r.chunk("text", head, [choice]))
             if step.finish_reason:
@@ -286,15 +325,21 @@ class OpenAIRoutes:
 
     # --- /v1/chat/completions ------------------------------------------------------------------
     def _chat_jobs(self, req: p.ChatCompletionRequest) -> list[Job]:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        template = ct.check_request_template(req.chat_template, req.chat_template_kwargs, self.trust_request_chat_template)
+        source = self.engine.chat_template_source(template)
+        field = ("chat_template" if req.chat_template is not None else "chat_template_kwargs.chat_template") if template else "messages"
+        kwargs = ct.check_template_kwargs(req.chat_template_kwargs, source, field)
+        messages = ct.map_developer_role([{"role": m.role, "content": m.text()} for m in req.messages], source)
         try:
             ids = self.engine.encode_chat(messages, req.generation_prompt(), bool(req.continue_final_message),
-                                          **(req.chat_template_kwargs or {}))
+                                          **({"chat_template": template} if template else {}), **kwargs)
         except Exception as exc:  # a chat template that rejects the conversation (e.g. role order)
             raise p.RequestError("messages", f"the chat template cannot render them: {exc}") from None
         # vLLM's chat `echo`: the reply starts with the last message when that is the assistant's.
         echo = messages[-1]["content"] if req.echo and messages[-1]["role"] == "assistant" else ""
-        return self._jobs(req, [(ids, echo, "messages")], req.budget(), req.top_k_logprobs())
+        jobs = self._jobs(req, [(ids, echo, "messages")], req.budget(), req.top_k_logprobs())
+        self._check_prompt_logprobs(jobs)
+        return jobs
 
     def _chat_body(self, req, jobs: list[Job], results: list[list[Step]]) -> dict:
         choices, completion_tokens, prompt_lps = [], 0, None
@@ -303,17 +348,18 @@ class OpenAIRoutes:
             choice = {"index": job.index, "message": {"role": "assistant", "content": job.echo + "".join(s.text for s in steps)},
                       "logprobs": None, "finish_reason": last.finish_reason, "stop_reason": last.stop_reason}
             if req.logprobs:
-                choice["logprobs"] = r.chat_logprobs(self.engine.token_text, [x for s in steps for x in s.logprobs])
+                choice["logprobs"] = r.chat_logprobs(self._names(req), [x for s in steps for x in s.logprobs])
             if req.prompt_logprobs is not None and prompt_lps is None:
                 prompt_lps = r.prompt_logprobs(self.engine.token_text,
                                                next((s.prompt_logprobs for s in steps if s.prompt_logprobs is not None), None))
             choices.append(choice)
             completion_tokens += last.completion_tokens
         use = r.usage(results[0][-1].prompt_tokens, completion_tokens)
-        return r.chat_completion(self.engine.model_id, choices, use, prompt_lps)
+        return r.chat_completion(self.engine.model_id, choices, use, prompt_lps, req.response_id("chatcmpl"))
 
     async def _chat_stream(self, req, jobs: list[Job]):
-        head = {"id": r.new_id("chatcmpl"), "created": r.now(), "model": self.engine.model_id}
+        head = {"id": req.response_id("chatcmpl") or r.new_id("chatcmpl"), "created": r.now(), "model": self.engine.model_id}
+        names = self._names(req)
         for job in jobs:
             delta = {"role": "assistant", "content": job.echo}
             yield _sse(r.chunk("chat", head, [{"index": job.index, "delta": delta, "logprobs": None, "finish_reason": None}]))
@@ -323,7 +369,7 @@ class OpenAIRoutes:
             if not (step.text or step.token_ids or step.finish_reason):
                 continue
             choice = {"index": job.index, "delta": {"content": step.text} if step.text else {},
-                      "logprobs": r.chat_logprobs(self.engine.token_text, step.logprobs) if req.logprobs else None,
+                      "logprobs": r.chat_logprobs(names, step.logprobs) if req.logprobs else None,
                       "finish_reason": step.finish_reason}
             if step.finish_reason:
                 choice["stop_reason"] = step.stop_reason

@@ -24,7 +24,7 @@ class FailingModel(ServedModel):
     def encode_chat(self, messages, add_generation_prompt, continue_final_message, **kw):
         return [1, 2, 3]
 
-    def encode_prompt(self, prompt):
+    def encode_prompt(self, prompt, add_special_tokens=True):
         return [1, 2, 3] if isinstance(prompt, str) else prompt
 
     def decode(self, ids):
