@@ -61,18 +61,18 @@ def preflight_eval(cfg, api_keys: dict) -> None:
 
 
 def check_vllm_serving(cfg, path: str, key: str = "") -> None:
-    """For backend vllm: the engine arguments (vllm_app.check_engine_kwargs) and the KV-cache size, each
-    failing with one line naming the key (prefixed with `key`, e.g. `serve.`)."""
+    """For backend vllm: the engine arguments (vllm_app.check_engine_kwargs), the device, the KV-cache size
+    and the window, each failing with one line naming the key (prefixed with `key`, e.g. `serve.`)."""
     from ctxforge.config import ConfigError
     from ctxforge.serve.app import resolve_backend, served_window
-    from ctxforge.serve.vllm_app import check_engine_kwargs, kv_cache_memory_bytes, serving_device
+    from ctxforge.serve.vllm_app import build_llm_config, check_engine_kwargs
 
     if resolve_backend(cfg) != "vllm":
         return
     try:
         window = served_window(cfg, path)
         check_engine_kwargs(cfg, window, f"{key}engine_kwargs")
-        kv_cache_memory_bytes(cfg, path, window, serving_device(cfg))
+        build_llm_config(cfg, path, window)  # the device, the KV-cache size, a window past the checkpoint's
     except ConfigError as exc:
         raise PreflightError(str(exc)) from None
 

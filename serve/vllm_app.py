@@ -56,6 +56,21 @@ def vllm_hf_overrides(cfg: ServeConfig, model_path: str, window: int) -> dict:
     return {"rope_parameters": params, "max_position_embeddings": max(window, int(ckpt.get("max_position_embeddings") or 0))}
 
 
+def window_beyond_checkpoint(model_path: str, window: int) -> dict:
+    """hf_overrides that let vLLM serve plain RoPE past the checkpoint's window, as transformers does (RoPE
+    at any position, untrained beyond the window: the base row of a context-extension table). vLLM
+    refuses a max_model_len above config.json's and sizes its RoPE table from max_position_embeddings;
+    for unscaled RoPE that number changes no angle, so raising it to the window is the whole override.
+    Scaled RoPE (dynamic, yarn, ...) depends on it: ConfigError, set `rope` instead."""
+    ckpt = read_checkpoint_config(model_path)
+    kind = rope_parameters(ckpt).get("rope_type") or "default"
+    if kind != "default":
+        raise ConfigError(f"max_model_len {window} > the {kind}-scaled window of {model_path!r} "
+                          f"({int(ckpt.get('max_position_embeddings') or 0)} positions): set `rope` to the scaling "
+                          "to serve it with, or lower max_model_len")
+    return {"max_position_embeddings": window}
+
+
 def kv_cache_memory_bytes(cfg: ServeConfig, model_path: str, window: int, device: str) -> int | None:
     """The engine's KV-cache budget in bytes: kv_cache_gib when set; else on CPU room for
     max_ongoing_requests sequences of the whole window (kv_bytes_per_token x window x requests); else
@@ -87,6 +102,8 @@ def build_llm_config(cfg: ServeConfig, model_path: str, window: int | None = Non
         engine_kwargs["enforce_eager"] = cfg.enforce_eager
     if cfg.rope is not None:
         engine_kwargs["hf_overrides"] = vllm_hf_overrides(cfg, model_path, max_len)
+    elif max_len > checkpoint_context_length(model_path):
+        engine_kwargs["hf_overrides"] = window_beyond_checkpoint(model_path, max_len)
     engine_kwargs.update(cfg.engine_kwargs)
     deployment = deployment_options(cfg)
     llm = dict(model_loading_config=dict(model_id=cfg.model_id(), model_source=model_path),

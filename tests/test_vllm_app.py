@@ -156,3 +156,19 @@ def test_ray_serve_llm_turns_the_cpu_config_into_the_mp_executor_and_cpu_bundles
     assert engine.get_initialization_kwargs()["distributed_executor_backend"] == "mp"
     opts = LLMServer.get_deployment_options(llm)
     assert [{k: v for k, v in b.items() if v} for b in opts["placement_group_bundles"]] == [{"CPU": 0.5}]
+
+
+def test_plain_rope_served_past_the_checkpoint_window_raises_only_the_position_count(ckpt, tmp_path_factory):
+    """The base row of a context-extension table: vLLM, like transformers, runs plain RoPE past the trained
+    window; scaled RoPE would change with max_position_embeddings, so it is refused by name."""
+    from ctxforge.serve.vllm_app import build_llm_config
+
+    within = build_llm_config(ServeConfig(model=ckpt, backend="vllm", device="cpu", max_model_len=8192), ckpt)
+    assert "hf_overrides" not in within["engine_kwargs"]  # negative control: inside the window, nothing
+    past = build_llm_config(ServeConfig(model=ckpt, backend="vllm", device="cpu", max_model_len=16384), ckpt)
+    assert past["engine_kwargs"]["hf_overrides"] == {"max_position_embeddings": 16384}
+    scaled = tmp_path_factory.mktemp("dynamic")
+    (scaled / "config.json").write_text(json.dumps(
+        dict(SMOLLM2, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 100000})))
+    with pytest.raises(ConfigError, match="max_model_len 32768 > the dynamic-scaled window"):
+        build_llm_config(ServeConfig(model=str(scaled), backend="vllm", device="cpu", max_model_len=32768), str(scaled))
