@@ -172,3 +172,25 @@ def test_plain_rope_served_past_the_checkpoint_window_raises_only_the_position_c
         dict(SMOLLM2, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 100000})))
     with pytest.raises(ConfigError, match="max_model_len 32768 > the dynamic-scaled window"):
         build_llm_config(ServeConfig(model=str(scaled), backend="vllm", device="cpu", max_model_len=32768), str(scaled))
+
+
+def test_eval_serves_its_models_with_vllm_from_the_serve_section(ckpt):
+    """`ctxforge eval ... serve.backend=vllm`: each model served here gets the CPU engine config with its own
+    name, window and RoPE override."""
+    from ctxforge.config import load_config
+    from ctxforge.serve.eval_config import EvalConfig
+    from ctxforge.serve.evaluate import served_here_config
+    from ctxforge.serve.vllm_app import build_llm_config
+
+    cfg = load_config(EvalConfig, "eval-smollm2", [
+        "serve.backend=vllm", "serve.device=cpu", "serve.num_cpus=1", "serve.max_ongoing_requests=2",
+        f"models=[{{name: base, model: {ckpt}}}, {{name: zero-shot, model: {ckpt}, rope: {{type: linear, factor: 2.0}}, max_model_len: 16384}}]"])
+    base, zero = (served_here_config(cfg, m) for m in cfg.models)
+    assert (base.route_prefix, zero.route_prefix) == ("/eval-base", "/eval-zero-shot")
+    llm = build_llm_config(base, ckpt)
+    assert llm["accelerator_config"] == {"kind": "cpu"} and llm["engine_kwargs"]["max_model_len"] == 8192
+    assert llm["engine_kwargs"]["kv_cache_memory_bytes"] == 23040 * 8192 * 2
+    assert llm["model_loading_config"]["model_id"] == base.model_id()
+    zllm = build_llm_config(zero, ckpt)
+    assert zllm["engine_kwargs"]["max_model_len"] == 16384
+    assert zllm["engine_kwargs"]["hf_overrides"]["rope_parameters"]["rope_type"] == "linear"
