@@ -155,7 +155,7 @@ def check_engine_kwargs(cfg: ServeConfig, window: int, key: str = "engine_kwargs
     for own, where in (("model", "model"), ("served_model_name", "served_model_name")):
         if own in kwargs:
             raise ConfigError(f"{key}.{own}: set by ray.serve.llm from `{where}`; use that key instead")
-    if importlib.util.find_spec("vllm") is not None:
+    if kwargs and importlib.util.find_spec("vllm") is not None:  # importing vLLM costs seconds: only with keys to check
         import dataclasses
 
         from vllm.engine.arg_utils import AsyncEngineArgs
