@@ -56,13 +56,22 @@ def vllm_hf_overrides(cfg: ServeConfig, model_path: str, window: int) -> dict:
     return {"rope_parameters": params, "max_position_embeddings": max(window, int(ckpt.get("max_position_embeddings") or 0))}
 
 
-def window_beyond_checkpoint(model_path: str, window: int) -> dict:
+def window_beyond_checkpoint(model_path: str, window: int) -> dict | None:
     """hf_overrides that let vLLM serve plain RoPE past the checkpoint's window, as transformers does (RoPE
     at any position, untrained beyond the window: the base row of a context-extension table). vLLM
     refuses a max_model_len above config.json's and sizes its RoPE table from max_position_embeddings;
     for unscaled RoPE that number changes no angle, so raising it to the window is the whole override.
-    Scaled RoPE (dynamic, yarn, ...) depends on it: ConfigError, set `rope` instead."""
-    ckpt = read_checkpoint_config(model_path)
+    Scaled RoPE (dynamic, yarn, ...) depends on it: ConfigError, set `rope` instead. None when the window
+    is within the checkpoint's, or its config.json cannot be read here (a path only the serving nodes
+    mount: vLLM checks the window there)."""
+    from ctxforge.serve.config import checkpoint_context_length
+
+    try:
+        if window <= checkpoint_context_length(model_path):
+            return None
+        ckpt = read_checkpoint_config(model_path)
+    except FileNotFoundError:
+        return None
     kind = rope_parameters(ckpt).get("rope_type") or "default"
     if kind != "default":
         raise ConfigError(f"max_model_len {window} > the {kind}-scaled window of {model_path!r} "
@@ -102,8 +111,8 @@ def build_llm_config(cfg: ServeConfig, model_path: str, window: int | None = Non
         engine_kwargs["enforce_eager"] = cfg.enforce_eager
     if cfg.rope is not None:
         engine_kwargs["hf_overrides"] = vllm_hf_overrides(cfg, model_path, max_len)
-    elif max_len > checkpoint_context_length(model_path):
-        engine_kwargs["hf_overrides"] = window_beyond_checkpoint(model_path, max_len)
+    elif (overrides := window_beyond_checkpoint(model_path, max_len)) is not None:
+        engine_kwargs["hf_overrides"] = overrides
     engine_kwargs.update(cfg.engine_kwargs)
     deployment = deployment_options(cfg)
     llm = dict(model_loading_config=dict(model_id=cfg.model_id(), model_source=model_path),
