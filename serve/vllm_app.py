@@ -84,14 +84,21 @@ def kv_cache_memory_bytes(cfg: ServeConfig, model_path: str, window: int, device
     """The engine's KV-cache budget in bytes: kv_cache_gib when set; else on CPU room for
     max_ongoing_requests sequences of the whole window (kv_bytes_per_token x window x requests); else
     None (on GPU vLLM sizes it from gpu_memory_utilization)."""
-    if cfg.kv_cache_gib:
+    if cfg.kv_cache_gib and device == "cuda":
         return int(cfg.kv_cache_gib * GiB)
     if device == "cuda":
         return None
     try:
-        return kv_cache_bytes(read_checkpoint_config(model_path), window * cfg.max_ongoing_requests, cfg.dtype)
+        model_cfg = read_checkpoint_config(model_path)
+        one_window = kv_cache_bytes(model_cfg, window, cfg.dtype)
     except ValueError as exc:
         raise ConfigError(f"model {model_path!r}: {exc}") from None
+    if not cfg.kv_cache_gib:
+        return one_window * cfg.max_ongoing_requests
+    if cfg.kv_cache_gib * GiB < one_window:  # vLLM would refuse to start the engine, minutes later
+        raise ConfigError(f"kv_cache_gib {cfg.kv_cache_gib:g} holds less than one window: max_model_len {window} "
+                          f"needs {one_window / GiB:.2f} GiB for {model_path!r}; raise kv_cache_gib or lower max_model_len")
+    return int(cfg.kv_cache_gib * GiB)
 
 
 def build_llm_config(cfg: ServeConfig, model_path: str, window: int | None = None) -> dict:

@@ -57,6 +57,8 @@ def test_cpu_engine_gets_cpu_bundles_a_bounded_kv_cache_and_unsplit_prompts(ckpt
     assert sized["engine_kwargs"]["kv_cache_memory_bytes"] == int(1.5 * GiB)
     assert sized["engine_kwargs"]["enforce_eager"] is False
     assert sized["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "4"
+    with pytest.raises(ConfigError, match=r"kv_cache_gib 0.05 holds less than one window: max_model_len 4096 needs 0.09 GiB"):
+        build_llm_config(cfg.model_copy(update={"kv_cache_gib": 0.05}), ckpt)
 
 
 def test_gpu_engine_keeps_vllms_own_sizing(ckpt):
