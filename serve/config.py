@@ -1,6 +1,7 @@
 """Config of the serve stage: one validated pydantic model each (see ctxforge.config).
 
-`ServeConfig` describes one served checkpoint (CPU transformers deployment or GPU `ray.serve.llm`);
+`ServeConfig` describes one served checkpoint (a transformers deployment, or `ray.serve.llm` with vLLM on
+CPU or GPU: the same keys on both, only `device` and the sizes change);
 the evaluation's config is eval_config.py's `EvalConfig` (it imports this module, never the reverse). This module knows nothing about HTTP or Ray;
 `checkpoint_context_length` reads a checkpoint's config.json (and an optional RoPE override) to find
 the window its RoPE setup is built for.
@@ -39,9 +40,9 @@ class ServeConfig(StrictModel):
     target_ongoing_requests: float = Field(4.0, gt=0, description="Autoscaling: target in-flight requests per replica.")
     max_ongoing_requests: int = Field(16, ge=1, description="In-flight requests per replica; more are queued by Ray Serve, not dropped.")
     max_queued_requests: int = Field(-1, ge=-1, description="Requests queued per caller before Serve answers 503 (-1 = unbounded queue).")
-    num_cpus: float = Field(0.5, gt=0, description="CPUs per hf replica (keep <= 0.5 on a 2-CPU machine so the proxy and controller fit).")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per replica: hf, the replica actor; vllm on CPU, the engine's bundle (its OpenMP threads = this rounded down, at least 1). Keep <= 0.5 on a 2-CPU machine so that Serve's proxy and controller fit.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per hf replica (vllm uses tensor_parallel_size instead).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="hf backend device.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs (both backends): cpu, cuda, or auto = cuda when torch sees a CUDA GPU or the Ray cluster lists GPUs (vllm: also when accelerator_type is set), else cpu. vllm on cpu: ray.serve.llm's accelerator_config {kind: cpu} (CPU bundles, vLLM's multiprocessing executor).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf backend weights dtype (auto = bf16 on GPU, fp32 on CPU).")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel degree).")
     accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type to request, e.g. H100.")
@@ -49,6 +50,8 @@ class ServeConfig(StrictModel):
                                         "(hf: the replica actor; vllm: every GPU bundle of the engine's placement group), "
                                         "so that it lands only on the node type that provides them, e.g. "
                                         "{ctxforge_generate: 1} (the GPU nodes of cluster/aws.yaml); {} = none.")
+    kv_cache_gib: float = Field(0.0, ge=0, description="vllm: KV-cache memory per engine in GiB. 0 = on CPU, room for max_ongoing_requests sequences of the whole window (layers x KV heads x head size from config.json); on GPU, vLLM's gpu_memory_utilization share.")
+    enforce_eager: bool | None = Field(None, description="vllm: run without torch.compile and CUDA graphs; null = true on CPU (compiling costs minutes per engine start there), vLLM's default on GPU.")
     engine_kwargs: dict = Field(default_factory=dict, description="vllm: extra vLLM engine arguments (merged over the ones derived here).")
     # What one request may ask of an hf replica (request_limits()).
     prompt_logprobs_max_tokens: int = Field(32768, ge=1, description="hf: longest prompt whose per-token logprobs (echo + logprobs, prompt_logprobs) are computed; longer ones get a 400 naming this key.")

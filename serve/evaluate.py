@@ -4,8 +4,8 @@ enabled benchmark of the registry (benchmarks.py) against it.
 A model whose `base_url` is null is served here with Ray Serve, one at a time, under its own
 application name and route prefix (`eval-<name>`, so a model already served on the cluster at "/"
 keeps running), with its RoPE override, and deleted afterwards; otherwise the endpoint is used as is.
-The endpoint's window comes from /v1/models (`max_model_len`, which both our CPU deployment and vLLM
-report) unless set in the config. Results go to `results.json` + report (report.py); per-request
+The endpoint's window comes from /v1/models (`max_model_len` from our transformers deployment and
+vLLM's own server, `metadata.max_request_context_length` from ray.serve.llm) unless set in the config. Results go to `results.json` + report (report.py); per-request
 records with latency go to `<output.dir>/<model>/predictions.jsonl`. This module reads no environment
 variables: API keys are passed in by the CLI.
 """
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ctxforge.serve.benchmarks import EndpointContext, benchmarks
-from ctxforge.serve.client import EndpointError, EvalClient, Record, ResultCache, list_models
+from ctxforge.serve.client import EndpointError, EvalClient, Record, ResultCache, card_window, list_models
 from ctxforge.serve.config import checkpoint_context_length, rope_label
 from ctxforge.serve.eval_config import EndpointConfig, EvalConfig
 
@@ -54,7 +54,7 @@ async def _evaluate_endpoint(cfg: EvalConfig, index: int, entry: EndpointConfig,
     if card is None:
         raise EndpointError(f"models.{index} ({entry.name}): {base_url}/models lists no model")
     model_id = entry.served_model_name or card["id"]
-    window = entry.max_model_len or card.get("max_model_len") or checkpoint_context_length(
+    window = entry.max_model_len or card_window(card) or checkpoint_context_length(
         resolve_model_path(entry.model), entry.rope)
     tokenizer_path = resolve_model_path(entry.tokenizer or entry.model)
     tokenizer = load_tokenizer(tokenizer_path)

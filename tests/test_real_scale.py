@@ -278,7 +278,7 @@ def test_serve_and_eval_replicas_request_the_generation_node_resource(tiny_model
     # the CPU (transformers) deployment: its replica actor
     app = build_app(ServeConfig(model=tiny_model_path, resources={"ctxforge_generate": 1}))
     assert app._bound_deployment.ray_actor_options["resources"] == {"ctxforge_generate": 1}
-    assert "placement_group_config" not in build_llm_config(ServeConfig(model="/m", max_model_len=4096), "/m")
+    assert "placement_group_config" not in build_llm_config(ServeConfig(model="/m", max_model_len=4096, device="cuda"), "/m")
 
 
 class _Dataset:

@@ -137,14 +137,14 @@ def test_rope_override_sets_the_window_and_vllm_hf_overrides(tmp_path):
     rope = RopeConfig(type="yarn", factor=8.0, original_max_position_embeddings=131072)
     assert checkpoint_context_length(path) == 131072
     assert checkpoint_context_length(path, rope) == 1048576
-    cfg = ServeConfig(model=path, backend="vllm", rope=rope)
+    cfg = ServeConfig(model=path, backend="vllm", rope=rope, device="cuda")
     llm = build_llm_config(cfg, path)
     hf = llm["engine_kwargs"]["hf_overrides"]
     assert llm["engine_kwargs"]["max_model_len"] == 1048576 and hf["max_position_embeddings"] == 1048576
     # the llama3 keys are dropped when the type changes; theta is kept
     assert hf["rope_parameters"] == {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 131072,
                                      "rope_theta": 500000.0}
-    assert "hf_overrides" not in build_llm_config(ServeConfig(model=path, backend="vllm"), path)["engine_kwargs"]
+    assert "hf_overrides" not in build_llm_config(ServeConfig(model=path, backend="vllm", device="cuda"), path)["engine_kwargs"]
     assert rope_label(rope, 1048576) == "zero-shot RoPE yarn x8 from 131072 to 1048576"
     builder = vllm_builder_config(cfg, path, key_digest("k"))
     assert builder["ingress_cls_config"] == {"ingress_cls": "ctxforge.serve.vllm_ingress:AuthOpenAiIngress",
