@@ -112,8 +112,8 @@ class HFEngine(Engine):
         self.max_model_len = max_model_len
         config = None
         if rope is not None:
-            from ctxforge.train.rope import stage_config
-            config = stage_config(model_path, rope, max_model_len)
+            from ctxforge.train.rope import serving_config
+            config = serving_config(model_path, rope, max_model_len)
         self.model, self.tokenizer, self.device = load_causal_lm(model_path, device, dtype, config=config)
         if rope is not None:
             from ctxforge.train.rope import verify_rotary

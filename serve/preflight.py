@@ -10,16 +10,27 @@ import asyncio
 from ctxforge.config import PreflightError
 
 
-def check_model(spec: str, key: str, rope=None) -> str:
-    """Resolve a model spec and read its config (window after a RoPE override); returns the path."""
+def check_model(spec: str, key: str, rope=None, window: int | None = None) -> str:
+    """Resolve a model spec and read its config (window after a RoPE override); returns the path. A RoPE
+    override goes through transformers' own validation on the checkpoint's config at the served window
+    (`window`, else the window the override implies), so a setting a replica would crash on is one line
+    naming `rope.<key>` (`models.N.rope.<key>` in eval) here."""
     from ctxforge.models import resolve_model_path
     from ctxforge.serve.config import checkpoint_context_length
 
     try:
         path = resolve_model_path(spec)
-        checkpoint_context_length(path, rope)
+        served = checkpoint_context_length(path, rope)
     except (OSError, ValueError) as exc:  # FileNotFoundError, ModelUnavailableError, no window in config.json
         raise PreflightError(f"{key}: {' '.join(str(exc).split())}") from None
+    if rope is not None:
+        from ctxforge.train.rope import serving_config
+
+        rope_key = f"{key.rsplit('.', 1)[0]}.rope" if "." in key else "rope"
+        try:
+            serving_config(path, rope, window or served, where=rope_key)
+        except ValueError as exc:
+            raise PreflightError(str(exc)) from None
     return path
 
 
@@ -60,4 +71,4 @@ def preflight_eval(cfg, api_keys: dict) -> None:
 def preflight_serve(cfg) -> str:
     """The resolved model path; PreflightError naming `model` when it is neither local, packaged, nor
     loadable from a model hub (a hub id with no hub reachable)."""
-    return check_model(cfg.model, "model", cfg.rope)
+    return check_model(cfg.model, "model", cfg.rope, cfg.max_model_len)
