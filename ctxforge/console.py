@@ -146,8 +146,16 @@ def ray_logs_note() -> str:
 
 
 def _step_line(row: dict) -> str:
-    if row.get("crashed"):
-        return f"   [{row.get('stage', '?')}] step {row['step']}: worker crashed (fault injection); resuming"
+    if row.get("event") == "killed":
+        return f"   [{row.get('stage', '?')}] step {row['at_step']}: worker crashed (fault injection); resuming"
+    if row.get("event") == "resumed":
+        dropped = row.get("dropped_steps") or []
+        span = f"step {dropped[0]}" if len(dropped) == 1 else f"steps {dropped[0]}-{dropped[-1]}"
+        redo = f"; the rows logged for {span} were dropped and are recomputed" if dropped else ""
+        start = f"the checkpoint at step {row['from_step']}" if row.get("from_step") else "the stage's start"
+        return f"   [{row.get('stage', '?')}] resumed from {start}{redo}"
+    if "step" not in row:
+        return f"   {json.dumps(row)}"
     return (f"   [{row['stage']}] step {row['step']}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
             f"{row['samples']} samples / {row['tokens']:,} tokens in {row['step_s']:.1f} s "
             f"({row['tokens_per_s']:.0f} tokens/s)")
@@ -156,27 +164,32 @@ def _step_line(row: dict) -> str:
 @contextlib.contextmanager
 def follow_training(metrics_dir: Path, emit: Callable[[str], None] = print, poll_s: float = 1.0) -> Iterator[None]:
     """Print one line per training step while the block runs, from the rows rank 0 appends to
-    <metrics_dir>/<stage>.jsonl (the workers' own output stays in Ray's logs). Rows already present when
-    the block starts (an earlier run) are not printed again."""
+    <metrics_dir>/<stage>.jsonl (the workers' own output stays in Ray's logs), and one per event row (a
+    killed worker, a resume). Rows already present when the block starts (an earlier run) are not printed
+    again."""
     metrics_dir = Path(metrics_dir)
-    seen: dict[Path, int] = {p: p.stat().st_size for p in metrics_dir.glob("*.jsonl")} if metrics_dir.is_dir() else {}
+
+    def complete_lines(path: Path) -> list[str]:
+        text = path.read_text(encoding="utf-8")
+        return [line for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]  # a row being written waits
+
+    # Lines, not byte offsets: a resumed stage rewrites its file without the rows past its checkpoint.
+    seen: dict[Path, set[str]] = ({p: set(complete_lines(p)) for p in metrics_dir.glob("*.jsonl")}
+                                  if metrics_dir.is_dir() else {})
     stop = threading.Event()
 
     def poll() -> None:
         if not metrics_dir.is_dir():
             return
         for path in sorted(metrics_dir.glob("*.jsonl"), key=lambda p: p.stat().st_mtime):
-            start = seen.get(path, 0)
-            size = path.stat().st_size
-            if size <= start:
+            printed = seen.setdefault(path, set())
+            try:
+                lines = complete_lines(path)
+            except FileNotFoundError:  # replaced between the listing and the read: next poll
                 continue
-            with path.open("rb") as fh:
-                fh.seek(start)
-                chunk = fh.read(size - start)
-            complete = chunk[:chunk.rfind(b"\n") + 1]  # a row still being written waits for the next poll
-            seen[path] = start + len(complete)
-            for line in complete.decode("utf-8").splitlines():
-                if line.strip():
+            for line in lines:
+                if line not in printed:
+                    printed.add(line)
                     emit(_step_line(json.loads(line)))
 
     def loop() -> None:

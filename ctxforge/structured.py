@@ -49,16 +49,17 @@ class Grammars:
         return compiled
 
     def json_schema(self, schema: str | dict):
-        """A JSON schema (text or dict); strings' minLength/maxLength are enforced by the grammar.
+        """A JSON schema (text or dict), enforced exactly: UnenforceableSchema (a GrammarError) for a keyword
+        outside ctxforge.schema_keywords' allow-list, GrammarError for invalid JSON or what xgrammar rejects."""
+        from ctxforge.schema_keywords import check_enforceable
 
-        Raises GrammarError when the schema is not valid JSON or xgrammar cannot compile it.
-        """
         # never sort keys: a decoder writes properties in the schema's order (question before answer)
         text = schema if isinstance(schema, str) else json.dumps(schema)
         try:
-            json.loads(text)
+            parsed = json.loads(text)
         except ValueError as exc:
             raise GrammarError(f"JSON schema is not valid JSON: {exc}") from exc
+        check_enforceable(parsed)
         return self._compiled("JSON schema", text, lambda: self.compiler.compile_grammar(self._strict_json(text)))
 
     # xgrammar's rule for a string with minLength/maxLength admits raw control characters (tabs, U+0000-U+001F),

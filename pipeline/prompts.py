@@ -187,3 +187,12 @@ def judge_schema() -> dict:
         "required": ["supported"],
         "additionalProperties": False,
     }
+
+
+def answer_schemas(limits: LimitsConfig) -> dict[str, dict]:
+    """The JSON schema each kind of prompt's answer must fill, keyed by the prompts that use it (the
+    preflight checks that the grammar enforces every keyword of each)."""
+    return {"summary_chunk/summary_section_*/summary_global": summary_schema(limits),
+            "qa_global/qa_section/qa_chunk/qa_followup/qa_diverse": qa_schema(limits),
+            "qa_* over several passages": qa_multi_schema(limits, 2),
+            "judge": judge_schema()}

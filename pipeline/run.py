@@ -34,11 +34,12 @@ from ctxforge.pipeline.generate import PASS_NAMES, QAAssembler, StreamingGenerat
 from ctxforge.generation.backends.base import GeneratorBackend
 from ctxforge.pipeline.hierarchy import DocState, Planner
 from ctxforge.generation.validation import PassRunner, PassStats
-from ctxforge.pipeline.prompts import PromptSetError, load_prompt_set
+from ctxforge.pipeline.prompts import PromptSetError, answer_schemas, load_prompt_set
 from ctxforge.pipeline.read import holds_a_file
 from ctxforge.generation.scheduler import RequestScheduler
 from ctxforge.pipeline.write import RenderPool, SynthReport, render_workers, write_manifest
 from ctxforge.raycluster import init_ray
+from ctxforge.schema_keywords import unenforceable
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ def preflight(cfg: SynthConfig) -> Preflight:
         load_prompt_set(cfg.generator.prompts)  # every template's placeholders, before any work
     except PromptSetError as exc:
         raise PreflightError(str(exc)) from None
+    for prompts_using, schema in answer_schemas(cfg.limits).items():  # enforced exactly or not run at all
+        if (err := unenforceable(schema)) is not None:
+            raise PreflightError(f"answer schema of prompt {prompts_using}: {err}")
     try:
         target_path = resolve_model_path(cfg.target.tokenizer, cache_dir())
     except FileNotFoundError as exc:

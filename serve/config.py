@@ -143,7 +143,7 @@ def checkpoint_context_length(model_path: str, rope: RopeConfig | None = None) -
     cfg = read_checkpoint_config(model_path)
     params = rope_parameters(cfg)
     if rope is not None:
-        params = stage_rope_parameters(params, rope)
+        params = stage_rope_parameters(params, rope, int(cfg.get("max_position_embeddings") or 0) or None)
     max_pos = context_length(cfg, params)
     if max_pos <= 0:
         raise ValueError(f"model {model_path!r}: config.json has no max_position_embeddings; set max_model_len")

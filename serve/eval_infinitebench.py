@@ -40,7 +40,7 @@ def summarize(records, out: dict) -> None:
     for task in ib.TASK_ORDER:
         recs = [r for r in records if r.meta["task"] == task]
         if recs:
-            tasks[task] = dict(mean_with_failures(recs), metric=ib.METRIC[task])
+            tasks[task] = dict(mean_with_failures(recs), metric=ib.METRIC[task], rule=ib.SCORING_RULE[task])
     vals = [t["score"] for t in tasks.values()]
     out.update(tasks=tasks, average=sum(vals) / len(vals) if vals else None,
                errors=sum(r.error is not None for r in records))

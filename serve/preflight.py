@@ -10,8 +10,11 @@ import asyncio
 from ctxforge.config import PreflightError
 
 
-def check_model(spec: str, key: str, rope=None) -> str:
-    """Resolve a model spec and read its config (window after a RoPE override); returns the path.
+def check_model(spec: str, key: str, rope=None, window: int | None = None) -> str:
+    """Resolve a model spec and read its config (window after a RoPE override); returns the path. A RoPE
+    override goes through transformers' own validation on the checkpoint's config at the served window
+    (`window`, else the window the override implies), so a setting a replica would crash on is one line
+    naming `rope.<key>` (`models.N.rope.<key>` in eval) here.
 
     Raises PreflightError naming `key` when the model cannot be resolved or its config read.
     """
@@ -20,9 +23,17 @@ def check_model(spec: str, key: str, rope=None) -> str:
 
     try:
         path = resolve_model_path(spec)
-        checkpoint_context_length(path, rope)
+        served = checkpoint_context_length(path, rope)
     except (OSError, ValueError) as exc:  # FileNotFoundError, ModelUnavailableError, no window in config.json
         raise PreflightError(f"{key}: {' '.join(str(exc).split())}") from None
+    if rope is not None:
+        from ctxforge.train.rope import serving_config
+
+        rope_key = f"{key.rsplit('.', 1)[0]}.rope" if "." in key else "rope"
+        try:
+            serving_config(path, rope, window or served, where=rope_key)
+        except ValueError as exc:
+            raise PreflightError(str(exc)) from None
     return path
 
 
@@ -89,6 +100,6 @@ def preflight_serve(cfg) -> str:
     """The resolved model path; PreflightError naming `model` when it is neither local, packaged, nor
     loadable from a model hub (a hub id with no hub reachable), or naming the engine argument vLLM
     cannot run with."""
-    path = check_model(cfg.model, "model", cfg.rope)
+    path = check_model(cfg.model, "model", cfg.rope, cfg.max_model_len)
     check_vllm_serving(cfg, path)
     return path

@@ -125,6 +125,9 @@ def infinitebench_markdown(results: dict) -> list[str]:
     for ref in [r for r in results.get("references", []) if r["benchmark"] == "infinitebench"]:
         rows.append([f"{ref['name']} (reference)"] + [_fmt(ref["scores"].get(t)) for t in tasks] + [_fmt(ref["scores"].get("avg"))])
     lines += _table(["model"] + tasks + ["Avg."], rows) + [""]
+    rules = {t: cell["rule"] for m in ib_models.values() for t, cell in m["tasks"].items() if cell.get("rule")}
+    if rules:
+        lines += ["Scoring rule per task:", ""] + [f"- {t}: {rules[t]}" for t in tasks if t in rules] + [""]
     for name, m in ib_models.items():
         for t, why in m.get("skipped", {}).items():
             lines.append(f"- {name}: {t} skipped: {why}")

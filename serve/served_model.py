@@ -162,8 +162,8 @@ class HFServedModel(ServedModel):
         self.prefill_chunk_tokens = prefill_chunk_tokens
         config = None
         if rope is not None:
-            from ctxforge.train.rope import stage_config
-            config = stage_config(model_path, rope, max_model_len)
+            from ctxforge.train.rope import serving_config
+            config = serving_config(model_path, rope, max_model_len)
         self.model, self.tokenizer, self.device = load_causal_lm(model_path, device, dtype, config=config)
         if rope is not None:
             from ctxforge.train.rope import verify_rotary

@@ -52,7 +52,8 @@ def vllm_hf_overrides(cfg: ServeConfig, model_path: str, window: int) -> dict:
     from ctxforge.train.rope import stage_rope_parameters
 
     ckpt = read_checkpoint_config(model_path)
-    params = stage_rope_parameters(rope_parameters(ckpt), cfg.rope)
+    trained = int(ckpt.get("max_position_embeddings") or 0) or None  # before the raise to `window`
+    params = stage_rope_parameters(rope_parameters(ckpt), cfg.rope, trained)
     return {"rope_parameters": params, "max_position_embeddings": max(window, int(ckpt.get("max_position_embeddings") or 0))}
 
 

@@ -89,3 +89,29 @@ def test_follow_training_prints_a_line_per_new_step(tmp_path):
     assert len(lines) == 2
     assert lines[0].startswith("   [2K] step 2: loss 2.2500") and "1,200 tokens" in lines[0]
     assert lines[1].startswith("   [4K] step 1: loss 2.0000")
+
+
+def test_follow_training_reads_a_history_rewritten_by_a_resume(tmp_path):
+    """A resumed stage rewrites its file without the rows past its checkpoint (train/loop.py); the lines
+    after that are printed whole, once, with the resume itself."""
+    from ctxforge.console import follow_training
+    from ctxforge.train.loop import truncate_history
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    path = metrics / "2K.jsonl"
+    row = {"stage": "2K", "loss": 2.5, "lr": 1e-4, "samples": 1, "tokens": 1200, "step_s": 3.0, "tokens_per_s": 400.0}
+    lines: list[str] = []
+    with follow_training(metrics, emit=lines.append, poll_s=0.05):
+        path.write_text("".join(json.dumps({**row, "step": s, "loss": 3.0 - s / 10}) + "\n" for s in (1, 2, 3)))
+        time.sleep(0.3)
+        kept = truncate_history(path, 2)
+        with path.open("a") as fh:
+            for s in (3, 4):
+                fh.write(json.dumps({**row, "step": s, "loss": 2.0 - s / 10}) + "\n")
+    assert [r["step"] for r in kept] == [1, 2]
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines() if "event" not in x] == [1, 2, 3, 4]
+    assert lines[3] == "   [2K] resumed from the checkpoint at step 2; the rows logged for step 3 were dropped and are recomputed"
+    assert [x.split(":")[0] for x in lines] == ["   [2K] step 1", "   [2K] step 2", "   [2K] step 3",
+                                              "   [2K] resumed from the checkpoint at step 2; the rows logged for step 3 were dropped and are recomputed",
+                                              "   [2K] step 3", "   [2K] step 4"]

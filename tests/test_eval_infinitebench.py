@@ -77,7 +77,25 @@ def test_middle_truncation_keeps_head_and_tail(tiny_tokenizer):
     ("math_find", "3.7", {"answer": [3]}, 0),
     ("math_find", "It is 88.", {"answer": [88]}, 100),
     ("math_find", "88.0", {"answer": [88]}, 100),                         # the same number
-    ("longbook_choice_eng", "I think AB or B", {"answer": ["Walking Georgie"], "options": ["x", "Walking Georgie", "z", "w"]}, 0),
+    # the last stand-alone letter answers (upstream's fixed rule); "AB" is not a letter
+    ("longbook_choice_eng", "I think AB or B", {"answer": ["Walking Georgie"], "options": ["x", "Walking Georgie", "z", "w"]}, 100),
+    ("longbook_choice_eng", "Not A. It is B", {"answer": ["y"], "options": ["x", "y", "z", "w"]}, 100),
+    ("longbook_choice_eng", "It is A", {"answer": ["y"], "options": ["x", "y", "z", "w"]}, 0),
+    ("longbook_choice_eng", "B\nThe others (A, C) are wrong", {"answer": ["y"], "options": ["x", "y", "z", "w"]}, 100),
+    ("longbook_choice_eng", "The answer is: y", {"answer": ["y"], "options": ["x", "y", "z", "w"]}, 100),
+    ("longbook_choice_eng", "", {"answer": ["y"], "options": ["x", "y", "z", "w"]}, 0),
+    ("code_debug", "I would pick B", {"answer": ["f"], "options": ["e", "f", "g", "h"]}, 100),
+    ("code_debug", "f has the bug", {"answer": ["f"], "options": ["e", "f", "g", "h"]}, 100),
+    ("code_debug", "I would pick C", {"answer": ["f"], "options": ["e", "f", "g", "h"]}, 0),
+    # dialogue: multi-word names, alternative golds, any case (0 under the earlier word-split rule)
+    ("longdialogue_qa_eng", "Stamp Paid", {"answer": ["STAMP PAID"]}, 100),
+    ("longdialogue_qa_eng", "Bill Ecker", {"answer": ["COMMANDER BILL ECKER", "ECKER"]}, 100),
+    ("longdialogue_qa_eng", "Commander Bill Ecker.", {"answer": ["Commander Bill Ecker"]}, 100),
+    ("longdialogue_qa_eng", "Ilse", {"answer": ["Ilse"]}, 100),
+    ("longdialogue_qa_eng", "ADRIAN", {"answer": ["ADRIAN"]}, 100),
+    ("longdialogue_qa_eng", "Stamp", {"answer": ["STAMP PAID"]}, 0),         # part of a name is not the name
+    ("longdialogue_qa_eng", "Oren", {"answer": ["COMMANDER BILL ECKER", "ECKER"]}, 0),
+    ("longdialogue_qa_eng", "Oren", {"answer": ["", "ILSE"]}, 0),           # an empty gold matches nothing
     ("longbook_choice_eng", "I think B", {"answer": ["Walking Georgie"], "options": ["x", "Walking Georgie", "z", "w"]}, 100),
     ("math_find", "3.5", {"answer": [3.5]}, 100),
     ("math_calc", "[5, 9, 2, 7]", {"answer": [[5, 9, 3, 7]]}, 50),       # leading run of correct values
@@ -93,3 +111,19 @@ def test_rouge_lsum_partial_overlap_is_between_zero_and_hundred():
     ex = {"answer": ["the captain counted the barrels twice"], "id": 0}
     s = ib.score("longbook_sum_eng", "the captain counted barrels", ex)
     assert 0 < s < 100
+
+
+def test_results_and_report_name_the_scoring_rule_of_each_task():
+    from ctxforge.serve import report
+    from ctxforge.serve.client import Record
+    from ctxforge.serve.eval_infinitebench import summarize
+
+    recs = [Record("a", {"task": "longdialogue_qa_eng"}, "Stamp Paid", 100.0),
+            Record("b", {"task": "passkey"}, "1", 0.0)]
+    out: dict = {}
+    summarize(recs, out)
+    assert out["tasks"]["longdialogue_qa_eng"]["rule"] == ib.SCORING_RULE["longdialogue_qa_eng"]
+    assert set(ib.SCORING_RULE) == set(ib.TASK_ORDER)
+    md = "\n".join(report.infinitebench_markdown({"models": {"m": {"infinitebench": out}}}))
+    assert f"- longdialogue_qa_eng: {ib.SCORING_RULE['longdialogue_qa_eng']}" in md
+    assert "- longbook_choice_eng:" not in md  # a task not run lists no rule

@@ -80,3 +80,16 @@ def test_preflight_checks_the_prompt_file(tmp_path):
         preflight(load_config(SynthConfig, "tiny", [f"generator.prompts={path}"]))
     with pytest.raises(PreflightError, match="does not exist"):
         preflight(load_config(SynthConfig, "tiny", [f"generator.prompts={tmp_path / 'missing.yaml'}"]))
+
+
+def test_every_answer_schema_is_enforced_exactly_and_preflight_refuses_one_that_is_not(monkeypatch):
+    from ctxforge.pipeline import prompts
+    from ctxforge.pipeline import run
+    from ctxforge.schema_keywords import unenforceable
+
+    cfg = load_config(SynthConfig, "tiny", [])
+    assert all(unenforceable(s) is None for s in prompts.answer_schemas(cfg.limits).values())
+    widened = dict(prompts.judge_schema(), uniqueItems=True)
+    monkeypatch.setattr(run, "answer_schemas", lambda limits: {"judge": widened})
+    with pytest.raises(PreflightError, match=r"answer schema of prompt judge: .*'uniqueItems' at /uniqueItems"):
+        run.preflight(cfg)

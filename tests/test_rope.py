@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +75,88 @@ def test_changing_type_drops_the_previous_scaling_keys():
                                                                                     "rope_theta": 1e8}
     kept = stage_rope_parameters(llama3, RopeConfig(factor=16.0))
     assert kept["rope_type"] == "llama3" and kept["factor"] == 16.0 and kept["low_freq_factor"] == 1.0
+
+
+# --- settings transformers refuses: one line naming the key, at preflight, on every path ---------------
+
+REFUSED_ROPE = [  # (override, the key the line must name)
+    ({"type": "linear"}, "factor"),
+    ({"type": "dynamic"}, "factor"),
+    ({"type": "yarn"}, "factor"),
+    ({"type": "llama3", "factor": 8.0}, "high_freq_factor, {}.low_freq_factor"),
+    ({"type": "linear", "factor": 0.5}, "factor"),
+    ({"type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}, "high_freq_factor"),
+]
+ACCEPTED_ROPE = [  # every type with what it needs; yarn and llama3 without original_max_position_embeddings
+    {"type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0}, {"type": "yarn", "factor": 4.0},
+    {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, {"theta": 2e6},
+]
+
+
+@pytest.mark.parametrize("override, key", REFUSED_ROPE)
+def test_serve_and_eval_preflight_refuse_a_rope_setting_transformers_refuses(tiny_model_path, override, key):
+    from ctxforge.config import PreflightError
+    from ctxforge.serve.preflight import check_model
+
+    rope = RopeConfig(**override)
+    for model_key, rope_key in (("model", "rope"), ("models.0.model", "models.0.rope")):  # serve, eval
+        with pytest.raises(PreflightError) as err:
+            check_model(tiny_model_path, model_key, rope)
+        msg = str(err.value)
+        assert msg.startswith(f"{rope_key}.{key.format(rope_key)}: ") and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("override, key", [c for c in REFUSED_ROPE if c[0]["type"] != "dynamic"])  # config refuses it
+def test_train_preflight_refuses_a_rope_setting_transformers_refuses(tiny_model_path, override, key):
+    from transformers import AutoConfig
+
+    from ctxforge.config import load_config
+    from ctxforge.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, "train-tiny", [f"stages.1.rope={json.dumps(override)}"])
+    rope_key = "stage 8K: rope"
+    with pytest.raises(ValueError, match=rf"^{rope_key}\.{key.format(rope_key)}: "):
+        cfg.validate_for(AutoConfig.from_pretrained(tiny_model_path))
+
+
+@pytest.mark.parametrize("override", ACCEPTED_ROPE)
+def test_every_scaling_type_with_what_it_needs_passes_both_paths(tiny_model_path, override):
+    from transformers import AutoConfig
+
+    from ctxforge.config import load_config
+    from ctxforge.serve.preflight import check_model
+    from ctxforge.train.config import TrainConfig
+
+    check_model(tiny_model_path, "model", RopeConfig(**override))  # negative control: no error
+    if override.get("type") != "dynamic":
+        load_config(TrainConfig, "train-tiny", [f"stages.1.rope={json.dumps(override)}"]).validate_for(
+            AutoConfig.from_pretrained(tiny_model_path))
+
+
+def test_the_original_window_defaults_to_the_checkpoints_window_before_it_is_raised(tiny_model_path):
+    """The tiny checkpoint's window is 32768; serving (or a stage) raises max_position_embeddings to 131072.
+    yarn/llama3 scale from the window the weights were trained at: 32768, never the raised 131072."""
+    from ctxforge.serve.app import vllm_hf_overrides
+    from ctxforge.serve.config import ServeConfig, checkpoint_context_length
+    from ctxforge.train.rope import serving_config, stage_config
+
+    trained = json.loads((Path(tiny_model_path) / "config.json").read_text())["max_position_embeddings"]
+    assert trained == 32768
+    yarn = RopeConfig(type="yarn", factor=4.0)
+    for config in (serving_config(tiny_model_path, yarn, 131072), stage_config(tiny_model_path, yarn, 131072)):
+        text = config.get_text_config()
+        assert text.max_position_embeddings == 131072
+        assert text.rope_parameters["original_max_position_embeddings"] == trained
+    assert checkpoint_context_length(tiny_model_path, yarn) == 4 * trained
+    served = ServeConfig.model_validate({"model": tiny_model_path, "rope": yarn.model_dump()})
+    overrides = vllm_hf_overrides(served, tiny_model_path, 131072)
+    assert overrides["rope_parameters"]["original_max_position_embeddings"] == trained
+    assert overrides["max_position_embeddings"] == 131072
+    llama3 = RopeConfig(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    assert serving_config(tiny_model_path, llama3, 262144).get_text_config().rope_parameters[
+        "original_max_position_embeddings"] == trained
+    given = RopeConfig(type="yarn", factor=4.0, original_max_position_embeddings=8192)  # a set value is kept
+    assert serving_config(tiny_model_path, given, 131072).get_text_config().rope_parameters[
+        "original_max_position_embeddings"] == 8192
+    model = load_stage_model(tiny_model_path, yarn, 131072, DOC_SDPA)  # and the model builds with it
+    verify_rotary(model)

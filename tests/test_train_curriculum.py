@@ -70,28 +70,26 @@ def test_two_stage_curriculum_survives_a_killed_worker_and_resumes(synth_output,
 
     # The same command again (FailureConfig now allows one restart): 4K resumes from its checkpoint; 8K
     # starts fresh, its rank 0 dies at step 2 too, and Ray Train restarts the worker group from 8K's checkpoint.
-    resumed = _train(synth_output, out, "runtime.max_failures=1")
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    rerun = _train(synth_output, out, "runtime.max_failures=1")
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
 
-    rows = [json.loads(line) for line in (out / "metrics" / "4K.jsonl").read_text().splitlines()]
-    crash = next(i for i, r in enumerate(rows) if r.get("crashed"))
-    before, crashed_row, after = rows[:crash], rows[crash], rows[crash + 1:]
-    assert [r["step"] for r in before] == [1] and crashed_row["step"] == 2
-    assert [r["step"] for r in after] == list(range(registered + 1, 3))   # continues from the checkpoint
-    seen = {r["step"]: r["loss"] for r in before + [crashed_row]}
-    for r in after:                                                     # same weights, optimizer, data position
-        assert r["loss"] == pytest.approx(seen[r["step"]], rel=1e-6), (r, seen)
-    for r in before + after:
+    records = [json.loads(line) for line in (out / "metrics" / "4K.jsonl").read_text().splitlines()]
+    rows = [r for r in records if "event" not in r]
+    assert [r["step"] for r in rows] == list(range(1, 3))              # each step once: one history
+    killed = next(r for r in records if r.get("event") == "killed")
+    assert killed["at_step"] == 2
+    resumed = next(r for r in records if r.get("event") == "resumed")
+    assert resumed["from_step"] == registered                         # continues from the checkpoint
+    assert rows[1]["loss"] == pytest.approx(killed["loss"], rel=1e-6)  # same weights, optimizer, data position
+    for r in rows:
         assert r["tokens_per_s"] > 0 and r["peak_mem_bytes"] > 0 and len(r["peak_mem_bytes_per_rank"]) == 2
 
-    sp_rows = [json.loads(line) for line in (out / "metrics" / "8K.jsonl").read_text().splitlines()]
-    crash = next(i for i, r in enumerate(sp_rows) if r.get("crashed"))
-    assert [r["step"] for r in sp_rows[:crash + 1]] == [1, 2]
-    seen = {r["step"]: r["loss"] for r in sp_rows[:crash + 1]}
-    restarted = sp_rows[crash + 1:]
-    assert restarted and restarted[0]["step"] == 2   # resumed from the step-1 checkpoint
-    for r in restarted:
-        assert r["loss"] == pytest.approx(seen[r["step"]], rel=1e-6), (r, seen)
+    sp_records = [json.loads(line) for line in (out / "metrics" / "8K.jsonl").read_text().splitlines()]
+    sp_rows = [r for r in sp_records if "event" not in r]
+    assert [r["step"] for r in sp_rows] == [1, 2]                      # restarted by FailureConfig, no repeat
+    sp_killed = next(r for r in sp_records if r.get("event") == "killed")
+    assert next(r for r in sp_records if r.get("event") == "resumed")["from_step"] == 1
+    assert sp_rows[1]["loss"] == pytest.approx(sp_killed["loss"], rel=1e-6)
 
     from ctxforge.train.curriculum import stage_checkpoint_dir
 

@@ -217,6 +217,25 @@ def _tfrecord_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def _tensorboard_steps(logdir: Path) -> list[int]:
+    """The loss steps TensorBoard shows: its event files in order, each purge (a SessionLog START with
+    step P, what SummaryWriter(purge_step=P) writes) dropping the steps >= P read before it."""
+    from tensorboardX.proto import event_pb2
+
+    steps: list[int] = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                steps = [s for s in steps if s < event.step]
+            elif any(v.tag == "train/loss" for v in event.summary.value):
+                steps.append(event.step)
+    return steps
+
+
 def test_tensorboard_and_mlflow_write_real_event_data_offline(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
@@ -302,3 +321,34 @@ def test_read_stage_checks_each_sample_against_its_metadata(tmp_path, tiny_token
     pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), folder / "part-00000.parquet")
     with pytest.raises(DataError, match=r"part-00000.parquet: sample 4K-1: num_tokens \d+ but \d+ input_ids"):
         read_stage(tmp_path, "4K", 4096, tokenizer_hash(tiny_tokenizer))
+
+
+def test_a_resumed_attempt_leaves_one_history_in_tensorboard_and_mlflow(tmp_path, monkeypatch):
+    """Attempt 1 logs steps 1-3 and is killed; attempt 2 resumes from the step-2 checkpoint and logs 3-4.
+    TensorBoard (after its purge) and the one live MLflow run show steps 1-4 once, with attempt 2's step 3."""
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    from mlflow.tracking import MlflowClient
+
+    from ctxforge.train.tracking import Tracker
+
+    cfg = load_config(TrainConfig, str(CONFIGS / "train-tiny.yaml"),
+                      [f"output.dir={tmp_path}", "output.report_to=[tensorboard, mlflow]"])
+    row = {"lr": 1e-4, "grad_norm": 0.5, "tokens_per_s": 900.0, "samples_per_s": 3.0, "step_s": 1.5,
+           "peak_mem_bytes": 1024 ** 3}
+    first = Tracker.start(cfg, cfg.stages[0], {"fingerprint": "f"})
+    rows = [dict(row, step=s, loss=10.0 + s) for s in (1, 2, 3)]
+    for r in rows:
+        first.log(r, r["step"])
+    first.finish()  # the worker dies here; the checkpoint is at step 2
+    second = Tracker.start(cfg, cfg.stages[0], {"fingerprint": "f"}, resumed_step=2, history=rows[:2])
+    for s in (3, 4):
+        second.log(dict(row, step=s, loss=20.0 + s), s)
+    second.finish()
+
+    assert _tensorboard_steps(tmp_path / "tensorboard" / "4K") == [1, 2, 3, 4]
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    live = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert len(live) == 1  # the first attempt's run is superseded (deleted), the second holds the curve
+    history = sorted((m.step, m.value) for m in client.get_metric_history(live[0].info.run_id, "loss"))
+    assert history == [(1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0)]

@@ -6,10 +6,14 @@ uninterrupted. Then, in one output directory, each run killed by fault injection
 step's forward/backward, before its optimizer step, once Ray Train has registered the checkpoints so
 far) and the next run resuming from the last checkpoint:
 
-1. dp2 x sp1, dies in step 3                 -> resumes at step 2
-2. same layout, dies in step 5               -> steps 3-4: loss and lr equal the uninterrupted run's
-3. workers 2 = dp1 x sp2, grad_accum 2       -> steps 5-6 equal (sp_degree changed; dies in step 7)
+1. dp2 x sp1, logs steps 1-3, dies in step 4 -> resumes at step 2 (step 3 is done again)
+2. same layout, dies in step 6               -> steps 3-4: loss and lr equal the uninterrupted run's
+3. workers 2 = dp1 x sp2, grad_accum 2       -> steps 5-6 equal (sp_degree changed; dies in step 8)
 4. workers 1, grad_accum 2                   -> steps 7-8 equal (ZeRO shards resharded 2 -> 1)
+
+Every record reads as one history although steps 3, 5 and 7 were each logged twice: the metrics file
+and the MLflow run hold steps 1-8 once each, in order, and TensorBoard's event files purge what a killed
+attempt logged past its checkpoint.
 
 Each layout keeps dp x grad_accum = 2 micro-batches per step, so every run computes the same steps.
 Why this can fail: losses and learning rates are compared step by step with the uninterrupted run, so a
@@ -25,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_train_inputs import _write_stage
+from test_train_inputs import _tensorboard_steps, _write_stage
 
 STEPS = 8
 
@@ -37,7 +41,7 @@ def _config(tmp: Path, synth: Path, out: Path, *overrides: str):
     data = {
         "model": "ctxforge:tiny",
         "input": {"path": str(synth)},
-        "output": {"dir": str(out), "name": "resume"},
+        "output": {"dir": str(out), "name": "resume", "report_to": ["tensorboard", "mlflow"]},
         "runtime": {"device": "cpu", "dtype": "float32", "zero_stage": 2, "gradient_checkpointing": False,
                     "loss_chunk_tokens": 64, "cpus_per_worker": 1, "num_cpus": 2, "max_failures": 0,
                     "progress": False},
@@ -50,6 +54,11 @@ def _config(tmp: Path, synth: Path, out: Path, *overrides: str):
 
 
 def _rows(out: Path) -> list[dict]:
+    """The step rows of the metrics file (event rows left out)."""
+    return [r for r in _records(out) if "event" not in r]
+
+
+def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics" / "4K.jsonl").read_text().splitlines() if line.strip()]
 
 
@@ -79,9 +88,9 @@ def test_resume_is_exact_with_the_same_layout_and_across_layouts(ray_local, synt
     from ctxforge.train.curriculum import run_curriculum
 
     out = tmp_path / "out"
-    runs = [("runtime.fail_at_step=3",),
-            ("runtime.fail_at_step=5",),
-            ("runtime.fail_at_step=7", "stages.0.sp_degree=2", "stages.0.grad_accum=2"),
+    runs = [("runtime.fail_at_step=4",),
+            ("runtime.fail_at_step=6",),
+            ("runtime.fail_at_step=8", "stages.0.sp_degree=2", "stages.0.grad_accum=2"),
             ("stages.0.workers=1", "stages.0.grad_accum=2")]
     for n, overrides in enumerate(runs):
         cfg = _config(tmp_path, synth, out, *overrides)
@@ -93,11 +102,13 @@ def test_resume_is_exact_with_the_same_layout_and_across_layouts(ray_local, synt
             assert report.stages["4K"]["status"] == "trained"
 
     rows = _rows(out)
-    crashes = [i for i, r in enumerate(rows) if r.get("crashed")]
-    assert [rows[i]["step"] for i in crashes] == [3, 5, 7]
-    segments = [rows[:crashes[0]], rows[crashes[0] + 1:crashes[1]], rows[crashes[1] + 1:crashes[2]], rows[crashes[2] + 1:]]
-    assert [[r["step"] for r in seg] for seg in segments] == [[1, 2], [3, 4], [5, 6], [7, 8]]
-    assert [seg[0]["workers"] for seg in segments] == [2, 2, 2, 1] and segments[2][0]["sp_degree"] == 2
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step once, in order
+    events = [r for r in _records(out) if "event" in r]
+    assert [(e["event"], e.get("at_step", e.get("from_step"))) for e in events] == [
+        ("killed", 4), ("resumed", 2), ("killed", 6), ("resumed", 4), ("killed", 8), ("resumed", 6)]
+    assert [e["dropped_steps"] for e in events if e["event"] == "resumed"] == [[3], [5], [7]]
+    assert [r["workers"] for r in rows] == [2, 2, 2, 2, 2, 2, 1, 1] and [r["sp_degree"] for r in rows][4:6] == [2, 2]
+    segments = [rows[:2], rows[2:4], rows[4:6], rows[6:]]
     for seg in segments:
         for r in seg:
             ref = uninterrupted[r["step"]]
@@ -114,3 +125,16 @@ def test_resume_is_exact_with_the_same_layout_and_across_layouts(ray_local, synt
     states = {json.loads((c / "train_state.json").read_text())["step"]: c for c in ckpts}
     assert not (states[6] / "hf").exists() and (states[8] / "hf" / "model.safetensors").is_file()
     assert (states[6] / "universal" / "CONVERTED").is_file()  # the 2 -> 1 worker resume resharded step 6
+    assert max(states) == rows[-1]["step"] == STEPS  # the last checkpoint is the last step recorded
+
+    assert _tensorboard_steps(out / "tensorboard" / "4K") == list(range(1, STEPS + 1))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("resume")
+    live = client.search_runs([experiment.experiment_id])  # deleted (superseded) runs are not listed
+    assert len(live) == 1, [r.info.run_name for r in live]
+    history = client.get_metric_history(live[0].info.run_id, "loss")
+    assert [m.step for m in sorted(history, key=lambda m: (m.step, m.timestamp))] == list(range(1, STEPS + 1))
+    assert {m.step: m.value for m in history} == pytest.approx({s: uninterrupted[s]["loss"] for s in range(1, STEPS + 1)},
+                                                               rel=1e-5)

@@ -7,6 +7,7 @@ state the arithmetic. This module knows nothing about Ray, DeepSpeed or data fil
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import ClassVar, Literal
@@ -15,7 +16,7 @@ from pydantic import Field, model_validator
 
 from ctxforge.config import PathStr, StrictModel
 
-from .rope import RopeConfig, check_trainable, dynamic_rope_message, stage_rope_parameters
+from .rope import RopeConfig, apply_rope, check_trainable, dynamic_rope_message
 from .sequence_parallel import check_sp_degree
 
 
@@ -170,9 +171,10 @@ class TrainConfig(StrictModel):
         `available_workers`.
         """
         text = model_config.get_text_config()
-        rope = dict(getattr(text, "rope_parameters", None) or {})
+        staged = copy.deepcopy(model_config)  # each stage starts from the previous stage's saved config
         for stage in self.stages:
-            rope = stage_rope_parameters(rope, stage.rope)  # each stage starts from the previous stage's config
+            apply_rope(staged, stage.rope, stage.max_seq_len, where=f"stage {stage.name}: rope")
+            rope = staged.get_text_config().rope_parameters
             kept = " (the model's own, kept by the stage)" if stage.rope.type is None else ""
             check_trainable(rope, f"stage {stage.name}: rope{kept}")
             check_sp_degree(stage.sp_degree, text.num_attention_heads, text.num_key_value_heads,

@@ -141,9 +141,13 @@ def train_stage_worker(payload: dict) -> None:
 
     metrics_path = Path(payload["metrics_path"])
     per_step = batches.per_step
-    tracker = Tracker.start(cfg, stage, payload) if layout.rank == 0 else None
+    tracker = None
     if layout.rank == 0:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        # Rows an earlier attempt wrote past the restored checkpoint are recomputed now: drop them, so the
+        # file and every tracker read as one history (each step once, in order).
+        kept = truncate_history(metrics_path, done) if metrics_path.exists() else []
+        tracker = Tracker.start(cfg, stage, payload, resumed_step=done, history=kept)
         if state:
             how = (f"resuming at step {done} (epoch {pos.epoch}, micro-batch {pos.index})"
                    + (f", resharded from {state['workers']} to {layout.world_size} workers" if reshard else "")
@@ -219,23 +223,42 @@ def train_stage_worker(payload: dict) -> None:
         tracker.finish()
 
 
-def _crashed_before(metrics_path: Path, step: int) -> bool:
+def read_history(metrics_path: Path) -> list[dict]:
+    """The rows of a stage's metrics file: step rows ({"step": n, ...}) and event rows ({"event": ...})."""
     if not metrics_path.is_file():
-        return False
-    return any(json.loads(line).get("crashed") and json.loads(line).get("step") == step
-               for line in metrics_path.read_text().splitlines() if line.strip())
+        return []
+    return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+
+
+def truncate_history(metrics_path: Path, step: int) -> list[dict]:
+    """Keep the step rows up to `step` (the restored checkpoint's) and the event rows, drop the step rows an
+    interrupted attempt wrote after it, and append a `resumed` event naming what was dropped; the file is
+    replaced atomically. Returns the kept step rows (what trackers that cannot purge replay)."""
+    rows = read_history(metrics_path)
+    kept = [r for r in rows if "event" in r or r.get("step", 0) <= step]
+    dropped = [r["step"] for r in rows if "event" not in r and r.get("step", 0) > step]
+    kept.append({"event": "resumed", "stage": metrics_path.stem, "from_step": step, "dropped_steps": dropped})
+    tmp = metrics_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, metrics_path)
+    return [r for r in kept if "event" not in r]
+
+
+def _crashed_before(metrics_path: Path, step: int) -> bool:
+    return any(r.get("event") == "killed" and r.get("at_step") == step for r in read_history(metrics_path))
 
 
 def _crash(loss: float, lr: float, step: int, metrics_path: Path, rank: int) -> None:
     """Fault injection (runtime.fail_at_step): after the step's forward/backward, before its optimizer step,
-    rank 0 records the step's loss and dies like a killed worker (the others then lose their group). It
-    first waits until Ray Train has registered every checkpoint reported so far, so the run resumes from
-    the last one deterministically; it fires once per (stage, step)."""
+    rank 0 records the step's loss (a `killed` event row) and dies like a killed worker (the others then
+    lose their group). It first waits until Ray Train has registered every checkpoint reported so far, so
+    the run resumes from the last one deterministically; it fires once per (stage, step)."""
     if rank != 0:
         return
     import ray.train
 
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-    with metrics_path.open("a") as fh:
-        fh.write(json.dumps({"step": step, "loss": loss, "lr": lr, "crashed": True}) + "\n")
+    with metrics_path.open("a") as fh:  # an event row, not a step row: the step is recomputed after the resume
+        event = {"event": "killed", "stage": metrics_path.stem, "at_step": step, "loss": loss, "lr": lr}
+        fh.write(json.dumps(event) + "\n")
     os._exit(17)

@@ -66,11 +66,18 @@ _SCALING_KEYS = ("factor", "original_max_position_embeddings", "low_freq_factor"
                  "beta_fast", "beta_slow", "attention_factor")
 
 
-def stage_rope_parameters(current: dict, rope: RopeConfig) -> dict:
+# Scaling types whose frequencies are relative to the window the checkpoint was trained at.
+WINDOW_RELATIVE_TYPES = ("yarn", "llama3", "longrope")
+
+
+def stage_rope_parameters(current: dict, rope: RopeConfig, trained_window: int | None = None) -> dict:
     """The model's `rope_parameters` (transformers v5 dict) after applying a stage's setting.
 
     Changing the rope type drops the previous type's scaling keys, so no stale llama3 factor rides
-    along into a yarn or default config.
+    along into a yarn or default config. `trained_window`: the checkpoint's max_position_embeddings
+    *before* a stage or a served window raises it; a yarn/llama3 setting without
+    original_max_position_embeddings gets it as that value (filling it from the raised window would
+    scale from the wrong length, the fault of Megatron-LM issue 1418).
     """
     params = dict(current)
     if rope.type is not None and rope.type != params.get("rope_type", "default"):
@@ -83,22 +90,63 @@ def stage_rope_parameters(current: dict, rope: RopeConfig) -> dict:
         if value is not None:
             params[key] = value
     params.setdefault("rope_type", "default")
+    if params["rope_type"] in WINDOW_RELATIVE_TYPES and trained_window and not params.get("original_max_position_embeddings"):
+        params["original_max_position_embeddings"] = int(trained_window)
     return params
+
+
+# transformers' names in rope_parameters -> the RopeConfig field a user sets
+_FIELD = {"rope_theta": "theta", "rope_type": "type"}
+
+
+def apply_rope(config, rope: RopeConfig, max_seq_len: int, where: str = "rope"):
+    """Write `rope` into a transformers config (in place, returned) and raise max_position_embeddings to
+    `max_seq_len`, then run transformers' own validation (`validate_rope`) on the result, so every
+    setting it would refuse when a model is built is refused here, as a ValueError of one line naming
+    `{where}.<key>`. Also refused: a scaling factor below 1 and llama3 with high_freq_factor <=
+    low_freq_factor (transformers only warns; the inverse frequencies come out inverted or NaN)."""
+    import re
+
+    text = config.get_text_config()
+    trained = int(text.max_position_embeddings or 0) or None
+    params = stage_rope_parameters(dict(text.rope_parameters or {}), rope, trained)
+    text.rope_parameters = params
+    text.max_position_embeddings = max(int(text.max_position_embeddings or 0), int(max_seq_len))
+    rope_type = params.get("rope_type", "default")
+    try:
+        text.validate_rope()
+    except KeyError as exc:
+        keys = sorted(re.findall(r"'(\w+)'", str(exc).split(":", 1)[-1]))
+        names = ", ".join(f"{where}.{_FIELD.get(k, k)}" for k in keys) or str(exc)
+        raise ValueError(f"{names}: rope type {rope_type!r} needs {'them' if len(keys) > 1 else 'it'} (transformers refuses the setting without it)") from None
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    factor = params.get("factor")
+    if rope_type != "default" and factor is not None and factor < 1:
+        raise ValueError(f"{where}.factor: {factor} is below 1; a {rope_type} factor scales the window up (new / original)")
+    if rope_type == "llama3" and params.get("high_freq_factor", 0) <= params.get("low_freq_factor", 0):
+        raise ValueError(f"{where}.high_freq_factor: {params.get('high_freq_factor')} must exceed low_freq_factor "
+                         f"{params.get('low_freq_factor')} (llama3 interpolates between them)")
+    return config
 
 
 def stage_config(model_path: str, rope: RopeConfig, max_seq_len: int):
     """The model config for a stage: RoPE per the stage, max_position_embeddings >= the stage length.
-    Raises ValueError for a RoPE type training cannot use (the model's own, when the stage keeps it)."""
+    Raises ValueError for a RoPE type training cannot use (the model's own, when the stage keeps it)
+    or a setting transformers refuses."""
+    config = serving_config(model_path, rope, max_seq_len)
+    check_trainable(config.get_text_config().rope_parameters,
+                    f"{model_path}: rope (the model's, kept by the stage)" if rope.type is None else "rope.type")
+    return config
+
+
+def serving_config(model_path: str, rope: RopeConfig, window: int, where: str = "rope"):
+    """The checkpoint's config with `rope` applied and max_position_embeddings raised to `window`
+    (apply_rope: ValueError naming `{where}.<key>` for a setting transformers refuses). Any type,
+    dynamic included: serving rescales at inference as the type intends."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_path)
-    text = config.get_text_config()
-    text.rope_parameters = stage_rope_parameters(dict(text.rope_parameters or {}), rope)
-    check_trainable(text.rope_parameters, f"{model_path}: rope (the model's, kept by the stage)" if rope.type is None
-                    else "rope.type")
-    text.max_position_embeddings = max(int(text.max_position_embeddings or 0), int(max_seq_len))
-    text.validate_rope()
-    return config
+    return apply_rope(AutoConfig.from_pretrained(model_path), rope, window, where)
 
 
 def expected_inv_freq(config) -> tuple[torch.Tensor, float]:

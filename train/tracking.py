@@ -15,6 +15,13 @@ ranks); the same numbers as metrics/<stage>.jsonl, which is always written.
   `pip install wandb` and the user's login or WANDB_API_KEY (WANDB_MODE=offline works too).
 
 A tracker that cannot start (package missing) is refused at preflight (`check_available`), not mid-run.
+
+After a restart from a checkpoint at step S (a killed worker, `runtime.max_failures`, or a rerun), each
+record reads as one history, each step once: metrics/<stage>.jsonl drops the rows past S (loop.py);
+TensorBoard writes with `purge_step=S+1`, so TensorBoard discards what the killed attempt logged past S;
+MLflow and W&B start a new run for the attempt and replay steps 1..S into it, so the latest run holds
+the whole curve, and the MLflow run it supersedes is deleted (soft: `mlflow gc` or the UI's trash can
+restore it); a superseded W&B run stays, and the newest `<name>-<stage>` run holds the whole curve.
 """
 
 from __future__ import annotations
@@ -51,7 +58,9 @@ class Tracker:
         self.sinks = sinks  # objects with log(metrics, step) and close()
 
     @classmethod
-    def start(cls, cfg, stage, payload: dict) -> "Tracker":
+    def start(cls, cfg, stage, payload: dict, resumed_step: int = 0, history: list[dict] | None = None) -> "Tracker":
+        """The chosen trackers for one attempt at a stage. `resumed_step`: the restored checkpoint's step
+        (0 for a fresh start); `history`: the kept metrics rows of steps 1..resumed_step."""
         out = Path(cfg.output.dir).expanduser().absolute()
         run_name = f"{cfg.output.name}-{stage.name}"
         params = {"stage": stage.name, "model": cfg.model, "max_seq_len": stage.max_seq_len, "lr": stage.lr,
@@ -61,14 +70,18 @@ class Tracker:
         sinks = []
         for name in cfg.output.report_to:
             if name == "tensorboard":
-                sinks.append(_TensorBoard(out / "tensorboard" / stage.name))
-            elif name == "mlflow":
+                sinks.append(_TensorBoard(out / "tensorboard" / stage.name, purge_step=resumed_step + 1))
+                continue  # purging needs no replay
+            if name == "mlflow":
                 if not cfg.output.mlflow_uri:
                     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-                sinks.append(_MLflow(cfg.output.mlflow_uri or (out / "mlruns").as_uri(), cfg.output.name, run_name,
-                                     params))
-            elif name == "wandb":
-                sinks.append(_WandB(cfg.output.name, run_name, params))
+                sink = _MLflow(cfg.output.mlflow_uri or (out / "mlruns").as_uri(), cfg.output.name, run_name,
+                               params, out / "metrics" / f"{stage.name}.mlflow_run")
+            else:
+                sink = _WandB(cfg.output.name, run_name, params)
+            for row in history or []:  # the steps before the checkpoint, into this attempt's run
+                sink.log(step_metrics(row), int(row["step"]))
+            sinks.append(sink)
         return cls(sinks)
 
     def log(self, row: dict, step: int) -> None:
@@ -82,11 +95,16 @@ class Tracker:
 
 
 class _TensorBoard:
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, purge_step: int = 1):
         from tensorboardX import SummaryWriter
 
         logdir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(logdir=str(logdir))
+        # purge_step: TensorBoard drops events of earlier files at steps >= it (what a killed attempt logged
+        # after the checkpoint this one resumes from); a fresh start purges nothing (steps begin at 1)
+        # the suffix keeps two attempts started within one second in two files, in attempt order (TensorBoard
+        # reads a folder's files sorted by name: time stamp, host, then this)
+        self.writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step if purge_step > 1 else None,
+                                    filename_suffix=f".from-step-{purge_step - 1:010d}")
 
     def log(self, metrics: dict, step: int) -> None:
         for key, value in metrics.items():
@@ -98,11 +116,21 @@ class _TensorBoard:
 
 
 class _MLflow:
-    def __init__(self, uri: str, experiment: str, run_name: str, params: dict):
+    def __init__(self, uri: str, experiment: str, run_name: str, params: dict, id_file: Path):
         from ray.air.integrations.mlflow import setup_mlflow
 
         self.mlflow = setup_mlflow(tracking_uri=uri, experiment_name=experiment, run_name=run_name, config=params,
                                    create_experiment_if_not_exists=True)
+        # One run per stage: the run of an interrupted attempt is superseded by this one (which replays its
+        # steps up to the checkpoint), so it is deleted (soft); its id is kept beside the metrics file.
+        run_id = self.mlflow.active_run().info.run_id
+        if id_file.is_file() and (old := id_file.read_text().strip()) and old != run_id:
+            try:
+                self.mlflow.delete_run(old)
+            except Exception:  # already deleted or in another store: nothing to supersede
+                pass
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
 
     def log(self, metrics: dict, step: int) -> None:
         self.mlflow.log_metrics(metrics, step=step)
