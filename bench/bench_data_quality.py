@@ -138,6 +138,33 @@ def truncated(obj: dict, limits) -> bool:
     return False
 
 
+def _verdicts(out: Path, cfg) -> list[tuple]:
+    """(pass, doc_id, key, accepted object or None, reason) per request, from the request cache's raw attempts.
+    The cache keeps outputs, not verdicts: a request's last attempt is the one its verdict rests on (attempts stop
+    at the first accepted one), judged here by the run's schema and content checks (without the checks that
+    need the request's input span, which the cache does not keep)."""
+    from ctxforge.generation.requests import Request
+    from ctxforge.generation.validation import validate
+    from ctxforge.pipeline.prompts import judge_schema, qa_multi_schema, qa_schema, summary_schema
+
+    db = sqlite3.connect(out / "work" / "requests.sqlite")
+    rows = db.execute("SELECT request_id, attempt, pass, doc_id, key, output_text, error FROM attempts "
+                      "ORDER BY request_id, attempt").fetchall()
+    db.close()
+    last = {rid: (pass_name, doc_id, key, text, error) for rid, _, pass_name, doc_id, key, text, error in rows}
+    verdicts = []
+    for pass_name, doc_id, key, text, error in last.values():
+        schema = (summary_schema(cfg.limits) if pass_name.startswith("summary") else
+                  judge_schema() if pass_name == "judge" else qa_schema(cfg.limits))
+        quotes = re.search(r'"evidence_quotes"\s*:\s*\[(.*?)\]', text or "", re.S)
+        if quotes and pass_name != "judge":  # a multi-passage question: one quote per passage
+            schema = qa_multi_schema(cfg.limits, max(1, len(re.findall(r'"(?:[^"\\]|\\.)*"', quotes.group(1)))))
+        request = Request(pass_name, doc_id, key, [], pass_name, schema, 0, meta={"checks": cfg.checks})
+        obj, reason = (None, f"backend:{error}") if error else validate(request, text)
+        verdicts.append((pass_name, doc_id, key, obj, reason))
+    return verdicts
+
+
 def measure(out: Path, cfg) -> dict:
     import pyarrow.parquet as pq
     from rapidfuzz import fuzz
@@ -165,15 +192,12 @@ def measure(out: Path, cfg) -> dict:
                 reached.add(item.section)
         planned_sections[d.doc_id] = (len(reached), len(d.sections))
 
-    db = sqlite3.connect(out / "work" / "requests.sqlite")
-    rows = db.execute("SELECT pass, doc_id, key, status, output, error FROM results").fetchall()
-    db.close()
     per = defaultdict(Counter)
     supports = defaultdict(list)
     questions_by_doc = defaultdict(list)
     failures = Counter()
-    for pass_name, doc_id, key, status, output, error in sorted(rows, key=lambda r: (r[1], r[2])):
-        obj = json.loads(output) if output else None
+    for pass_name, doc_id, key, obj, error in sorted(_verdicts(out, cfg), key=lambda r: (r[1], r[2])):
+        status = "ok" if obj is not None else "failed"
         if pass_name.startswith("summary"):
             qtype = "summary"
         else:

@@ -32,7 +32,7 @@ def config(out: Path, *extra: str) -> SynthConfig:
 
 def cache_rows(out: Path) -> list[tuple]:
     db = sqlite3.connect(out / "work" / "requests.sqlite")
-    rows = db.execute("SELECT request_id, pass, doc_id, status, output, finished_at FROM results").fetchall()
+    rows = db.execute("SELECT request_id, pass, doc_id, attempt, output_text, finished_at FROM attempts").fetchall()
     db.close()
     return rows
 

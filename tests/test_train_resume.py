@@ -82,7 +82,7 @@ def uninterrupted(ray_local, synth, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # five Ray Train runs; about 3 min on an idle 2-core machine
-def test_resume_is_exact_with_the_same_layout_and_across_layouts(ray_local, synth, uninterrupted, tmp_path):
+def test_resume_is_exact_with_the_same_layout_and_across_layouts(ray_local, synth, uninterrupted, tmp_path, monkeypatch):
     from ray.train import TrainingFailedError
 
     from ctxforge.train.curriculum import run_curriculum
@@ -130,6 +130,7 @@ def test_resume_is_exact_with_the_same_layout_and_across_layouts(ray_local, synt
     assert _tensorboard_steps(out / "tensorboard" / "4K") == list(range(1, STEPS + 1))
     from mlflow.tracking import MlflowClient
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the store the workers wrote (tracking.py sets it there)
     client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
     experiment = client.get_experiment_by_name("resume")
     live = client.search_runs([experiment.experiment_id])  # deleted (superseded) runs are not listed
