@@ -136,7 +136,7 @@ def test_every_scaling_type_with_what_it_needs_passes_both_paths(tiny_model_path
 def test_the_original_window_defaults_to_the_checkpoints_window_before_it_is_raised(tiny_model_path):
     """The tiny checkpoint's window is 32768; serving (or a stage) raises max_position_embeddings to 131072.
     yarn/llama3 scale from the window the weights were trained at: 32768, never the raised 131072."""
-    from ctxforge.serve.app import vllm_hf_overrides
+    from ctxforge.serve.vllm_app import vllm_hf_overrides
     from ctxforge.serve.config import ServeConfig, checkpoint_context_length
     from ctxforge.train.rope import serving_config, stage_config
 
