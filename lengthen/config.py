@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ctxforge.config import PathStr, StrictModel
 from ctxforge.lengthen.length_control import TYPES
-from ctxforge.generation.config import GeneratorConfig
+from ctxforge.generation.config import REMOVED_GENERATOR_KEYS, GeneratorConfig
 from ctxforge.train.config import RuntimeConfig, StageConfig
 
 
@@ -128,6 +128,7 @@ class RunConfig(StrictModel):
 
 class LengthenConfig(StrictModel):
     deprecated_keys: ClassVar[dict[str, str]] = {"run": "runtime"}   # `runtime` as in synth, train and eval
+    removed_keys: ClassVar[dict[str, str]] = REMOVED_GENERATOR_KEYS
 
     iterations: int = Field(3, ge=1, description="Generator/extender iterations (published: 3).")
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from ctxforge.config import load_config
-from ctxforge.pipeline.checks import check_output, is_truncated, refers_to_hidden_structure, validate
+from ctxforge.generation.validation import validate
+from ctxforge.pipeline.checks import check_output, is_truncated, refers_to_hidden_structure
 from ctxforge.pipeline.config import SynthConfig
 from ctxforge.pipeline.hierarchy import Planner
 from test_hierarchy import fill_summaries, make_doc
@@ -101,9 +102,10 @@ def test_checks_can_be_switched_off_for_a_random_weight_model(summary_request):
 
 
 def test_validate_hook_runs_schema_then_content_checks(qa_request):
-    assert validate(qa_request, "not json") == (None, "invalid_json")
-    assert validate(qa_request, json.dumps(qa(answer="How many sacks of barley did the miller count")))[1] == "restated_question"
-    obj, reason = validate(qa_request, json.dumps(qa()))
+    assert validate(qa_request, "not json", check_output) == (None, "invalid_json")
+    assert validate(qa_request, json.dumps(qa(answer="How many sacks of barley did the miller count")), check_output)[1] == "restated_question"
+    assert validate(qa_request, json.dumps(qa(answer="How many sacks of barley did the miller count")))[1] == ""  # no content check: schema only
+    obj, reason = validate(qa_request, json.dumps(qa()), check_output)
     assert reason == "" and obj["answer"] == "He counted forty sacks."
 
 

@@ -17,7 +17,8 @@ import re
 import time
 from typing import Any
 
-from ctxforge.generation.backends.base import Engine, EngineFactory, EngineUDF, GeneratorBackend, error_result
+from ctxforge.generation.backends import register
+from ctxforge.generation.backends.base import Engine, EngineFactory, GeneratorBackend, error_result
 
 _WORD = re.compile(r"\S+")
 
@@ -89,8 +90,9 @@ class FakeEngine(Engine):
         return {"output_text": text, "prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()), "error": ""}
 
 
+@register("fake")
 class FakeBackend(GeneratorBackend):
-    name = "fake"
+    uses_model_path = False   # no model: generator.model only names the run's requests
 
     def _kw(self) -> dict[str, Any]:
         kw = self.cfg.engine_kwargs
@@ -111,15 +113,6 @@ class FakeBackend(GeneratorBackend):
 
     def gpus_per_engine(self) -> float:
         return float(self._kw().get("num_gpus", 0.0))
-
-    def apply(self, ds):
-        import ray.data
-
-        lo, hi = self.engine_range()
-        return ds.map_batches(
-            EngineUDF, fn_constructor_kwargs={"factory": self.engine_factory()}, batch_size=self.cfg.batch_size,
-            batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-            num_cpus=self.cfg.num_cpus)
 
     def describe(self) -> dict:
         return {**super().describe(), "engine_kwargs": dict(self.cfg.engine_kwargs), "actors": self.cfg.concurrency}
