@@ -20,7 +20,24 @@ from pydantic import Field, field_validator, model_validator
 from ctxforge.config import PathStr, StrictModel
 
 
-class GeneratorConfig(StrictModel):
+class EnginePlacement(StrictModel):
+    """Where an engine runs on the Ray cluster: the same five keys in the generator section (synthesis,
+    Self-Lengthen) and in `ctxforge serve`'s config."""
+
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per engine actor (a generator engine, an hf serve replica); keep "
+                                                   "<= 0.5 on a 2-CPU machine so that Ray's other tasks fit.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per engine actor of the hf backend (vllm asks for "
+                                                   "tensor_parallel_size GPUs instead).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel degree).")
+    accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type to request, e.g. H100.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each engine requests (hf, http: its actor or replica; vllm: every GPU bundle "
+        "of the engine's placement group), so that it lands only on the node type that provides them, e.g. "
+        "{ctxforge_generate: 1} (the GPU nodes of cluster/aws.yaml); {} = none (local runs).")
+
+
+class GeneratorConfig(EnginePlacement):
     backend: str = Field(
         "hf",
         description="hf = transformers on CPU/GPU actors; vllm = ray.data.llm's vLLM engine on GPU actors; http = any "
@@ -49,13 +66,8 @@ class GeneratorConfig(StrictModel):
         description="An engine above the pool's minimum that has had no request for this long is released "
         "(its GPUs go back to the cluster's autoscaler).",
     )
-    num_cpus: float = Field(0.5, gt=0, description="CPUs per generator actor (keep <= 0.5 on a 2-CPU machine, or Ray Data deadlocks).")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per generator actor (hf on GPU; vllm uses tensor_parallel_size).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="hf backend device.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf backend weights dtype (auto = bf16 on GPU, fp32 on CPU).")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel).")
-    accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type to request, e.g. H100.")
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each generator actor (hf, http) or each GPU bundle of a vLLM engine requests, so that it lands only on the node type that provides them, e.g. {ctxforge_generate: 1} (the spot GPU nodes of cluster/aws.yaml); {} = none (local runs).")
     max_model_len: int = Field(32768, ge=256, description="Generator context window in tokens (prompt + completion).")
     engine_kwargs: dict = Field(
         default_factory=dict,

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ctxforge.config import PathStr, StrictModel
+from ctxforge.config import PathStr, StrictModel, check_weights
 from ctxforge.generation.config import REMOVED_GENERATOR_KEYS, GeneratorConfig
 
 
@@ -118,12 +118,7 @@ class QAConfig(StrictModel):
     @field_validator("diverse_type_weights")
     @classmethod
     def _known_types(cls, v: dict[str, float]):
-        unknown = sorted(set(v) - set(DIVERSE_TYPES))
-        if unknown:
-            raise ValueError(f"unknown diverse question type(s) {unknown}; known: {list(DIVERSE_TYPES)}")
-        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
-            raise ValueError("weights must be >= 0 with a positive sum")
-        return v
+        return check_weights(v, DIVERSE_TYPES, "diverse question type")
 
 
 class GroundingConfig(StrictModel):
