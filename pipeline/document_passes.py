@@ -1,7 +1,7 @@
 """Algorithm 1: the passes each document goes through, each document advancing on its own answers.
 
 `PASSES` is the per-document state machine, in order. Each pass says which requests a document sends
-now (`ask`, from the Planner), how their answers fill the document's state (`absorb`), what to do
+now (`ask`, from the RequestPlanner), how their answers fill the document's state (`absorb`), what to do
 when the pass starts (`start`), and, for a pass that runs in rounds, whether another round is needed
 (`again`). StreamingGenerator walks the table: each document advances to its next pass as soon as its
 own answers are in; requests of documents at different passes share the engines through one
@@ -15,7 +15,7 @@ follow-up waits for its parent's answer. One step ("qa") hands out both kinds, e
 own pass name ("qa", "followup") for statistics and cache. The optional judge pass (grounding.judge,
 judge.py) runs last. QA records are assembled in assemble.py.
 
-Adding a pass is one entry in PASSES, in dependency order, with the Planner methods it names; its
+Adding a pass is one entry in PASSES, in dependency order, with the RequestPlanner methods it names; its
 requests, statistics, cache entries and manifest rows follow (list its request pass names in PASS_NAMES).
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from ctxforge.pipeline.assemble import QAAssembler
-from ctxforge.pipeline.hierarchy import DocState, Planner
+from ctxforge.pipeline.hierarchy import DocState, RequestPlanner
 from ctxforge.pipeline.judge import judge_requests, record_verdicts
 from ctxforge.generation.requests import Request
 
@@ -39,27 +39,27 @@ __all__ = ["PASSES", "PASS_NAMES", "QAAssembler", "StreamingGenerator"]  # QAAss
 Answers = dict  # request key -> validated answer object (failed requests are absent)
 
 
-def _nothing(planner: Planner, doc: DocState) -> None:
+def _nothing(planner: RequestPlanner, doc: DocState) -> None:
     return None
 
 
 @dataclass(frozen=True)
 class Pass:
     name: str
-    ask: Callable[[Planner, DocState], list[Request]]
-    absorb: Callable[[Planner, DocState, Answers], None]
-    start: Callable[[Planner, DocState], None] = _nothing
+    ask: Callable[[RequestPlanner, DocState], list[Request]]
+    absorb: Callable[[RequestPlanner, DocState, Answers], None]
+    start: Callable[[RequestPlanner, DocState], None] = _nothing
     again: Callable[[DocState], bool] | None = None   # None: one round; else rounds while it holds
 
 
-def _absorb_small(p: Planner, d: DocState, got: Answers) -> None:
+def _absorb_small(p: RequestPlanner, d: DocState, got: Answers) -> None:
     for c in d.chunks:
         a = got.get(d.chunk_summary_id(c.index))
         if a:
             d.summaries[d.chunk_summary_id(c.index)] = a["summary"]
 
 
-def _absorb_sections(p: Planner, d: DocState, got: Answers) -> None:
+def _absorb_sections(p: RequestPlanner, d: DocState, got: Answers) -> None:
     for s in d.sections:
         a = got.get(d.section_summary_id(s.index))
         if a:
@@ -68,15 +68,15 @@ def _absorb_sections(p: Planner, d: DocState, got: Answers) -> None:
     p.start_global(d)
 
 
-def _absorb_global(p: Planner, d: DocState, got: Answers) -> None:
+def _absorb_global(p: RequestPlanner, d: DocState, got: Answers) -> None:
     p.finish_global_round(d, {key: a["summary"] for key, a in got.items()})
 
 
-def _ask_qa(p: Planner, d: DocState) -> list[Request]:
+def _ask_qa(p: RequestPlanner, d: DocState) -> list[Request]:
     return p.qa_requests(d) + p.followup_requests(d)
 
 
-def _absorb_qa(p: Planner, d: DocState, got: Answers) -> None:
+def _absorb_qa(p: RequestPlanner, d: DocState, got: Answers) -> None:
     """Every question or follow-up handed out in the round finished: answered, or failed (None)."""
     for item in d.plan:
         if item.key in d.asked and item.key not in d.finished:
@@ -94,7 +94,7 @@ def _qa_ready(d: DocState) -> bool:
     return False
 
 
-def _ask_judge(p: Planner, d: DocState) -> list[Request]:
+def _ask_judge(p: RequestPlanner, d: DocState) -> list[Request]:
     return judge_requests(p, d) if p.cfg.grounding.judge else []
 
 
@@ -113,7 +113,7 @@ PASS_NAMES = ("summary_small", "summary_section", "summary_global", "qa", "follo
 class DocumentFlow:
     """One document walking PASSES: `advance()` returns the requests it waits for next ([] = finished)."""
 
-    def __init__(self, doc: DocState, rank: int, planner: Planner, passes: tuple[Pass, ...] = PASSES):
+    def __init__(self, doc: DocState, rank: int, planner: RequestPlanner, passes: tuple[Pass, ...] = PASSES):
         self.doc = doc
         self.rank = rank
         self.planner = planner
@@ -183,7 +183,7 @@ class StreamingGenerator:
     finished document, in completion order.
     """
 
-    def __init__(self, planner: Planner, scheduler, max_documents: int, passes: tuple[Pass, ...] = PASSES):
+    def __init__(self, planner: RequestPlanner, scheduler, max_documents: int, passes: tuple[Pass, ...] = PASSES):
         self.planner = planner
         self.scheduler = scheduler
         self.max_documents = max_documents

@@ -2,7 +2,7 @@
 
 Algorithm 1 streams: documents are admitted from the documents table a few at a time, each advances
 through its passes as its own answers come back, on engines that load once for the whole run (a
-client of ctxforge.generation: generate.py hands its requests to a scheduler of `Generation`); a finished document's QA go to the QA table and its state
+client of ctxforge.generation: document_passes.py hands its requests to a scheduler of `Generation`); a finished document's QA go to the QA table and its state
 leaves the driver. Algorithm 2 plans in the driver and renders in parallel workers (write.py).
 
 Everything written is either content-addressed (the request cache) or a deterministic function of
@@ -29,12 +29,12 @@ from ctxforge.generation.session import Generation
 from ctxforge.generation.stats import PassStats
 from ctxforge.models import TINY_MODEL_SPEC, load_tokenizer, resolve_model_path, tokenizer_hash
 from ctxforge.pipeline.checks import check_output
-from ctxforge.pipeline.concat import EmptyStageError, PoolDocument, plan_stage, stage_failure
+from ctxforge.pipeline.concat import EmptyStageError, PoolDocument, plan_stage_samples, stage_failure
 from ctxforge.pipeline.config import SynthConfig
 from ctxforge.pipeline.docstore import DocumentStore, QAWriter
 from ctxforge.pipeline.documents import boilerplate_counts, build_documents_table, no_document_error, select_documents
-from ctxforge.pipeline.generate import PASS_NAMES, QAAssembler, StreamingGenerator
-from ctxforge.pipeline.hierarchy import DocState, Planner
+from ctxforge.pipeline.document_passes import PASS_NAMES, QAAssembler, StreamingGenerator
+from ctxforge.pipeline.hierarchy import DocState, RequestPlanner
 from ctxforge.pipeline.projection import projection, projection_line
 from ctxforge.pipeline.prompts import PromptSetError, load_prompt_set
 from ctxforge.pipeline.read import holds_a_file
@@ -126,7 +126,7 @@ class _Finished:
         self.writer.add(rank, state.doc_id, records)
 
 
-def _generate(cfg: SynthConfig, pre: Preflight, planner: Planner, cache: RequestCache,
+def _generate(cfg: SynthConfig, pre: Preflight, planner: RequestPlanner, cache: RequestCache,
               store: DocumentStore, ids: list[str], finished: _Finished) -> tuple[dict, list[dict], dict]:
     """Algorithm 1 over the documents `ids`: (statistics per pass, engine snapshots, engine counts)."""
     with Generation.open(pre.backend, cfg.generator, cache) as generation:
@@ -163,7 +163,7 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
     timings["read_s"] = time.time() - started
 
     cache = RequestCache(work / "requests.sqlite")
-    planner = Planner(cfg, lambda text: len(pre.budget_tokenizer(text, add_special_tokens=False)["input_ids"]))
+    planner = RequestPlanner(cfg, lambda text: len(pre.budget_tokenizer(text, add_special_tokens=False)["input_ids"]))
     finished = _Finished(cfg, len(ids), out / "qa" / "qa.parquet", pre.tokenizer)
     t = time.time()
     pass_stats, engine_records, engine_counts = _generate(cfg, pre, planner, cache, store, ids, finished)
@@ -178,7 +178,7 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
     render = RenderPool(workers, pre.target_path, {i: store.locations[i] for i in ids}, qa_index, pre.tokenizer)
     try:
         for stage in cfg.concat.stages:
-            plan = plan_stage(stage, finished.pool, cfg.concat)
+            plan = plan_stage_samples(stage, finished.pool, cfg.concat)
             stage_reports[stage.name] = render.write_stage(out / "samples" / stage.name, stage, plan, cfg,
                                                            pre.tokenizer_hash)
     finally:

@@ -13,8 +13,8 @@ from ctxforge.generation.requests import attempt_seed
 from ctxforge.generation.scheduler import RequestScheduler
 from ctxforge.pipeline.checks import check_output
 from ctxforge.pipeline.config import SynthConfig
-from ctxforge.pipeline.generate import PASS_NAMES, QAAssembler, StreamingGenerator
-from ctxforge.pipeline.hierarchy import Planner
+from ctxforge.pipeline.document_passes import PASS_NAMES, QAAssembler, StreamingGenerator
+from ctxforge.pipeline.hierarchy import RequestPlanner
 from inprocess_pool import InProcessPool
 from test_assemble import make_state
 
@@ -46,7 +46,7 @@ def test_rounds_checks_and_judge_through_the_scheduler(tmp_path):
         "qa.hierarchical_per_document=4", "qa.diverse_per_document=6", "qa.duplicate_threshold=100",
         "qa.diverse_type_weights={local_specific: 1.0}",
         "limits.question_chars=200", "limits.answer_chars=300", "limits.quote_chars=200", "limits.summary_chars=300"])
-    planner = Planner(cfg, lambda text: len(text.split()))
+    planner = RequestPlanner(cfg, lambda text: len(text.split()))
     scheduler = RequestScheduler(InProcessPool(reading_engine), RequestCache(tmp_path / "c.sqlite"), cfg.generator, "m",
                                  planner.prompts.hash, PASS_NAMES, content_check=check_output)
     doc = make_state(summaries={})

@@ -227,7 +227,7 @@ def test_parallel_algorithm_2_is_byte_identical_to_sequential(ray_local, tmp_pat
     from test_concat import make_doc
 
     from ctxforge.models import tokenizer_hash
-    from ctxforge.pipeline.concat import PoolDocument, plan_stage
+    from ctxforge.pipeline.concat import PoolDocument, plan_stage_samples
     from ctxforge.pipeline.docstore import QAWriter
     from ctxforge.pipeline.write import RenderPool, write_stage_samples
 
@@ -251,7 +251,7 @@ def test_parallel_algorithm_2_is_byte_identical_to_sequential(ray_local, tmp_pat
     try:
         for stage in stages:
             seq[stage.name] = write_stage_samples(tmp_path / "seq" / stage.name, stage, docs, cfg, tok, tok_hash)
-            par = parallel.write_stage(tmp_path / "par" / stage.name, stage, plan_stage(stage, pool, cfg.concat), cfg,
+            par = parallel.write_stage(tmp_path / "par" / stage.name, stage, plan_stage_samples(stage, pool, cfg.concat), cfg,
                                        tok_hash)
             assert par == seq[stage.name]
             assert len(par["files"]) >= 2
