@@ -5,7 +5,7 @@ every backend (hf and the fake engine have no Serve app; http needs no GPU), the
 engines directly (no HTTP hop, no JSON round trip), it knows which engine answered what (load, busy and
 idle seconds per engine, for GPU-hours), it resends exactly the requests a lost engine held, and the
 whole of it runs in CPU CI (`ray.serve.llm` cannot even be imported without vLLM). The engine inside
-a vLLM actor is still `ray.data.llm`'s (generators/vllm.py).
+a vLLM actor is still `ray.data.llm`'s engine wrapper (backends/vllm.py).
 
 Growth and shrinkage follow the work, not the pass structure: the pool starts `min` engines when
 the first request arrives (a rerun answered from the cache loads none), adds
@@ -13,8 +13,8 @@ engines (up to `max`) while ready requests wait for a free slot, and releases an
 that has had nothing to do for `generator.scale_down_idle_s`. An engine that asks for GPUs no node has
 stays pending; on a cluster the Ray autoscaler launches a node for it (spot GPU workers).
 
-Preemption and crashes: when an engine's actor or node dies, every request it held comes back from
-`poll()` as lost, with the engine's serial number and its last error, to be sent again (same attempt,
+Preemption and crashes: when an engine's actor or node dies (or the engine raises EngineCrashed), every
+request it held comes back from `poll()` as lost, with the engine's serial number and its last error, to be sent again (same attempt,
 same seed: nothing is counted twice). The scheduler sends it only to an engine started after that death
 (`submit(..., fresh_from=)`, see `autoscale`), alone on that engine from its second crash on (so that a
 poisoned request cannot take innocent ones down with it twice), and records it as failed with reason
@@ -38,7 +38,7 @@ from typing import Any
 import ray
 
 from ctxforge.config import PreflightError
-from ctxforge.generation.backends.base import EngineFactory, EngineMeter, GeneratorBackend, error_result
+from ctxforge.generation.backends.base import EngineCrashed, EngineFactory, EngineMeter, GeneratorBackend, error_result
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class EngineActor:
                 out = await self.engine.agenerate(row)
             else:
                 out = await asyncio.get_running_loop().run_in_executor(self.pool, self.engine.generate, row)
+        except EngineCrashed:
+            raise             # the engine is broken: the pool sees the task fail with it and replaces the engine
         except Exception as exc:  # engines should not raise for one request; if one does, that row failed
             out = error_result(f"{type(exc).__name__}: {exc}")
         duration = self.meter.end(began)
@@ -147,7 +149,8 @@ class EnginePool:
         self.started = 0                 # engine loads begun (every actor started)
         self.load_failures = 0           # engines whose load raised or whose actor died while loading
         self.lost_engines = 0            # loaded engines that died (crash, preemption)
-        self.replacements = 0            # engines started because a lost request needed a fresh one
+        self.replacements = 0            # engines started after a death or failed load, in its place
+        self._unreplaced = 0
         self.failures_in_a_row = 0       # load failures and deaths since the last completed request
         self.last_error = ""
         self.ever_ready = False
@@ -172,6 +175,9 @@ class EnginePool:
         self.engines[key] = _Engine(actor, actor.ready.remote(), self._next_id, pg)
         self._next_id += 1
         self.started += 1
+        if self._unreplaced:
+            self._unreplaced -= 1
+            self.replacements += 1
 
     def start(self) -> None:
         for _ in range(self.min):
@@ -283,7 +289,8 @@ class EnginePool:
                 dead[key] = _last_line(exc)
                 continue
             except ray.exceptions.RayTaskError as exc:
-                if job_ref is None:  # the engine's constructor raised: it could not load
+                # the engine's constructor raised (it could not load), or the engine reported itself broken
+                if job_ref is None or isinstance(exc.cause, EngineCrashed):
                     dead[key] = _last_line(exc.cause if exc.cause is not None else exc)
                     continue
                 answered.append((eng.in_flight.pop(ref), error_result(f"{type(exc.cause).__name__}: {exc.cause}")))
@@ -314,6 +321,7 @@ class EnginePool:
             lost.extend(Lost(job, reason, eng.serial) for job in eng.in_flight.values())
             eng.in_flight.clear()
             self._release(key, None, lost=eng.ready)
+            self._unreplaced += 1
             self._failed(reason)
         return answered, lost
 
@@ -348,7 +356,6 @@ class EnginePool:
                     self._release(idle[0][1], None)
             if len(self.engines) < self.max:
                 self._start_one()
-                self.replacements += 1
         want = min(self.max, max(self.min, math.ceil(backlog / max(1, self.slots))))
         if len(self.engines) < want:
             for _ in range(want - len(self.engines)):

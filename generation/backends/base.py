@@ -39,6 +39,12 @@ from typing import Any
 REQUEST_COLUMNS = ("request_id", "messages", "schema", "schema_name", "max_tokens", "temperature", "top_p",
                    "repetition_penalty", "seed")
 RESULT_COLUMNS = ("output_text", "prompt_tokens", "completion_tokens", "error")
+class EngineCrashed(RuntimeError):
+    """Raised by an engine that can no longer generate (its runtime's fatal errors: a dead worker process, a
+    corrupted device state). The engine pool then treats the engine as dead: it is released, counted as a
+    death, and the requests it held are sent again to a fresh engine (pool.py)."""
+
+
 class Engine(abc.ABC):
     """One loaded generator (a model in memory, an HTTP client...), built once inside an actor.
 
@@ -46,7 +52,8 @@ class Engine(abc.ABC):
     can only do one at a time serializes inside). Async engines (`is_async = True`) implement
     `agenerate`, awaited up to `slots` times at once on the actor's event loop (vLLM's continuous
     batching). Both take a request row (REQUEST_COLUMNS) and return the RESULT_COLUMNS; they never
-    raise for one bad request: the error goes in the `error` field.
+    raise for one bad request: the error goes in the `error` field. They raise EngineCrashed when the
+    engine itself is broken.
     """
 
     is_async: bool = False
