@@ -71,7 +71,7 @@ def corpus_docs() -> list[dict]:
 
 OVERRIDES = [
     "target.tokenizer=ctxforge:smollm2", "generator.model=ctxforge:smollm2", "generator.backend=hf",
-    "generator.device=cpu", "generator.concurrency=1", "generator.num_cpus=0.5", "generator.batch_size=4",
+    "generator.device=cpu", "generator.concurrency=1", "generator.num_cpus=0.5",
     "generator.max_model_len=4096", "generator.temperature=0.7", "generator.summary_max_tokens=160",
     "generator.qa_max_tokens=160", "generator.max_attempts=2",
     "limits.summary_chars=480", "limits.question_chars=150", "limits.answer_chars=300", "limits.quote_chars=150",

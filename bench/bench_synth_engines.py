@@ -52,7 +52,7 @@ def run(out: Path, data: Path, args, *extra: str) -> dict:
         f"output.dir={out}", f"input.path={data}", "input.limit=0", "input.max_document_tokens=0",
         "generator.backend=fake", "generator.model=fake", f"generator.concurrency={args.engines}",
         f"generator.engine_kwargs={{load_s: {args.load_s}, latency_s: {args.latency_s}, slots: {args.slots}}}",
-        f"generator.batch_size={args.slots}", "runtime.progress=false",
+        "runtime.progress=false",
         "concat.stages=[{name: 4K, target_tokens: 4096, documents_per_sample: 1, samples: 4}]", *extra])
     t = time.monotonic()
     synthesize(cfg)

@@ -199,7 +199,7 @@ def test_in_flight_requests_are_bounded(ray_local, concurrency):
 
 def test_udf_in_process_connection_drop_and_malformed_content():
     """Transport-only: a dropped connection is retried; non-JSON content passes through unvalidated
-    (schema validation and its attempts belong to the pass runner)."""
+    (schema validation and its attempts belong to the request scheduler)."""
     rows = make_rows(3)
     with FakeOpenAIServer(schedule=("disconnect", "malformed")) as server:
         engine = HTTPEngine(server.base_url, "fake", KEY_ENV + "_UNSET", 2, 5.0, 3, 0.01)
