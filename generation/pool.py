@@ -255,7 +255,10 @@ class EnginePool:
         return True
 
     def poll(self, timeout: float) -> tuple[list[tuple[Any, dict]], list[Lost]]:
-        """Wait up to `timeout` s for answers; returns (job, result) pairs and jobs lost with their engine."""
+        """Wait up to `timeout` s for answers; returns (job, result) pairs and jobs lost with their engine.
+
+        Raises EngineFailureError when this poll's failed loads or deaths make generator.max_engine_failures_in_a_row
+        in a row with no request completed (the pool is shut down first)."""
         waiting = {}
         for key, eng in self.engines.items():
             if not eng.ready:

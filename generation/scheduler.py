@@ -119,7 +119,9 @@ class RequestScheduler:
         return n
 
     def step(self, timeout: float = 0.5) -> None:
-        """Fill free engine slots from the queue, wait up to `timeout` s for answers, and process them."""
+        """Fill free engine slots from the queue, wait up to `timeout` s for answers, and process them.
+
+        Raises EngineFailureError (from the pool) when engines keep failing with no request completed."""
         self.deliver()
         waiting_fresh = [self._fresh_from[rid] for _, _, rid in self._queue if rid in self._fresh_from]
         self.pool.autoscale(self.outstanding(), max(waiting_fresh) if waiting_fresh else None)
@@ -205,7 +207,8 @@ class RequestScheduler:
             table.pop(rid, None)
 
     def run(self) -> None:
-        """Step until every request asked so far (and every request their callbacks ask) is answered."""
+        """Step until every request asked so far (and every request their callbacks ask) is answered.
+        Raises EngineFailureError as `step` does."""
         while self.busy():
             self.step()
 

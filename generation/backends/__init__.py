@@ -59,6 +59,7 @@ def backend_class(name: str) -> type[GeneratorBackend]:
 
 def make_backend(gen: Any, model_path: str) -> GeneratorBackend:
     """The backend `gen.backend` (a GeneratorConfig) loading `model_path`, the resolved model directory or hub
-    name; backends that reach a served model or none (`uses_model_path = False`) get `gen.model` instead."""
+    name; backends that reach a served model or none (`uses_model_path = False`) get `gen.model` instead.
+    Raises ValueError for a backend name that is not registered."""
     cls = backend_class(gen.backend)
     return cls(gen, model_path if cls.uses_model_path else gen.model)
