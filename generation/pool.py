@@ -242,7 +242,9 @@ class EnginePool:
                     max(eligible, key=lambda e: e.serial).draining = True
                 return False
             best = max(empty, key=lambda e: e.serial)
-            best.alone, best.draining = True, False
+            for eng in self.engines.values():   # the reservation is used: every engine takes work again
+                eng.draining = False
+            best.alone = True
         else:
             best, best_free = None, 0
             for eng in eligible:
