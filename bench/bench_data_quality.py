@@ -71,7 +71,7 @@ def corpus_docs() -> list[dict]:
 
 OVERRIDES = [
     "target.tokenizer=ctxforge:smollm2", "generator.model=ctxforge:smollm2", "generator.backend=hf",
-    "generator.device=cpu", "generator.concurrency=1", "generator.num_cpus=0.5", "generator.batch_size=4",
+    "generator.device=cpu", "generator.concurrency=1", "generator.num_cpus=0.5",
     "generator.max_model_len=4096", "generator.temperature=0.7", "generator.summary_max_tokens=160",
     "generator.qa_max_tokens=160", "generator.max_attempts=2",
     "limits.summary_chars=480", "limits.question_chars=150", "limits.answer_chars=300", "limits.quote_chars=150",
@@ -172,14 +172,14 @@ def measure(out: Path, cfg) -> dict:
 
     from ctxforge.models import load_tokenizer, resolve_model_path
     from ctxforge.pipeline.documents import load_doc_states, select_documents
-    from ctxforge.pipeline.hierarchy import Planner
+    from ctxforge.pipeline.hierarchy import RequestPlanner
 
     stop = set(get_stop_words("en"))
     table = out / "work" / "documents"
     kept_meta, skipped, _ = select_documents(table, 0)
     docs = {d.doc_id: d for d in load_doc_states(table, [m["doc_id"] for m in kept_meta])}
     tok = load_tokenizer(resolve_model_path(cfg.generator.model))
-    planner = Planner(cfg, lambda text: len(tok(text, add_special_tokens=False)["input_ids"]))
+    planner = RequestPlanner(cfg, lambda text: len(tok(text, add_special_tokens=False)["input_ids"]))
     plan = {}
     planned_sections = {}
     for d in docs.values():

@@ -2,8 +2,8 @@
 
 The request cache keeps what the backend answered (cache.py), never whether the answer was kept. The
 verdict walks attempts 1..generator.max_attempts in order, exactly as the first run did: an attempt is
-a transport failure or an output that goes through `validate` (schema, then the content checks of the
-request's `meta["checks"]`); the first usable one is the answer; a request whose every attempt failed
+a transport failure or an output that goes through `validate` (schema, then the client's content check,
+for synthesis checks.py under the request's `meta["checks"]`); the first usable one is the answer; a request whose every attempt failed
 is failed with its last reason. An attempt that is not cached yet (or, with generator.retry_failed, a
 cached transport failure) stops the walk: that attempt is sent next. So checks switched on, a lower
 max_attempts or a stricter rule give, from a full cache and without a request sent, the same answers,
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from ctxforge.generation.cache import Attempt
 from ctxforge.generation.requests import Request
+from ctxforge.generation.validation import ContentCheck, validate
 
 # what decides a verdict besides the config: bump when validate() or checks.py change what they accept
 RULES_VERSION = 1
@@ -39,24 +40,25 @@ class Verdict:
         return self.decided and self.obj is not None
 
 
-def attempt_outcome(request: Request, answer: Attempt) -> tuple[dict | None, str]:
+def attempt_outcome(request: Request, answer: Attempt,
+                    content_check: ContentCheck | None = None) -> tuple[dict | None, str]:
     """(object, "") when the attempt's output is usable under today's rules, else (None, reason)."""
-    from ctxforge.generation.validation import validate
-
     if answer.error:
         return None, f"backend:{answer.error}"
-    return validate(request, answer.output_text)
+    return validate(request, answer.output_text, content_check)
 
 
-def decide(request: Request, attempts: dict[int, Attempt], max_attempts: int, retry_transport: bool) -> Verdict:
+def decide(request: Request, attempts: dict[int, Attempt], max_attempts: int, retry_transport: bool,
+           content_check: ContentCheck | None = None) -> Verdict:
     """The verdict of `request` from its known attempts ({attempt: Attempt}, 1-based). retry_transport
-    (generator.retry_failed): a transport failure read from the cache is asked again, not counted."""
+    (generator.retry_failed): a transport failure read from the cache is asked again, not counted.
+    `content_check`: the client's check of a schema-valid answer (validation.validate)."""
     reasons: list[str] = []
     for n in range(1, max_attempts + 1):
         answer = attempts.get(n)
         if answer is None or (retry_transport and answer.error and not answer.fresh):
             return Verdict(False, next_attempt=n, reasons=reasons)
-        obj, reason = attempt_outcome(request, answer)
+        obj, reason = attempt_outcome(request, answer, content_check)
         if obj is not None:
             return Verdict(True, obj=obj, reasons=reasons)
         reasons.append(reason)

@@ -65,7 +65,7 @@ JUDGE_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["s
 
 
 def answer_text(answer: dict) -> str:
-    """The text of a free-text answer (the pass runner hands it over as {"text": ...}), stripped."""
+    """The text of a free-text answer (validation hands it over as {"text": ...}), stripped."""
     text = answer.get("text")
     return text.strip() if isinstance(text, str) else ""
 

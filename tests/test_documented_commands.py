@@ -259,7 +259,7 @@ def test_documented_command_parses_and_passes_preflight(doc, command, tree, monk
     monkeypatch.chdir(tree)                                       # relative paths (runs/...) land in the tree
     monkeypatch.setenv("TOGETHER_API_KEY", "fixture-key")         # the README exports it before qwen72b-http
     # no endpoint is up here: synthesis's reachability check has its own tests (test_http_backend.py)
-    monkeypatch.setattr("ctxforge.pipeline.run._check_endpoint", lambda cfg: None)
+    monkeypatch.setattr("ctxforge.generation.backends.http.check_endpoint", lambda cfg: None)
     # the tree holds a few samples per stage, not a step's worth for 8 ranks: the amount check has its own test
     monkeypatch.setattr("ctxforge.train.curriculum.check_enough_data", lambda *args: None)
     argv = [_remap(a, tree, hub=False) for a in shlex.split(command, comments=True)[1:]]

@@ -109,6 +109,8 @@ def _differences(want, got, where: str = "") -> list[str]:
             else:
                 diffs += _differences(want[key], got[key], f"{where}.{key}")
         return diffs
+    if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
+        return [d for i, (w, g) in enumerate(zip(want, got)) for d in _differences(w, g, f"{where}[{i}]")]
     return [] if want == got else [f"{where}: {json.dumps(want, default=str)[:120]} -> {json.dumps(got, default=str)[:120]}"]
 
 
@@ -134,4 +136,6 @@ def test_normalization_keeps_what_is_compared():
     assert normalize({**record, "requests": 4}, "/tmp/x") != base
     assert _differences({"files": {"a": "1"}}, {"files": {"a": "1", "b": "2"}})        # a new output file counts
     assert not _differences({"manifest": {"a": 1}}, {"manifest": {"a": 1, "loads": 2}})  # an added manifest key not
+    assert not _differences({"manifest": {"it": [{"a": 1}]}}, {"manifest": {"it": [{"a": 1, "engines": {}}]}})
+    assert _differences({"manifest": {"it": [{"a": 1}]}}, {"manifest": {"it": [{"a": 2, "engines": {}}]}})
     assert _differences({"manifest": {"a": 1}}, {"manifest": {"a": 2}})

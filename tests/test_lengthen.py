@@ -248,8 +248,8 @@ def test_help_documents_every_option(capsys):
 
 
 def test_free_text_requests_go_unconstrained_through_every_backend():
-    from ctxforge.generation.backends.http import HTTPGeneratorUDF
-    from ctxforge.generation.backends.vllm import _preprocess
+    from ctxforge.generation.backends.http import HTTPEngine
+    from ctxforge.generation.backends.vllm import sampling_params
     from ctxforge.generation.validation import validate_output
     from ctxforge.generation.requests import Request, request_row
 
@@ -259,43 +259,44 @@ def test_free_text_requests_go_unconstrained_through_every_backend():
     assert validate_output("  Some prose.\n\nMore.  ", None) == ({"text": "Some prose.\n\nMore."}, "")
     assert validate_output("   ", None) == (None, "empty_output")
     assert validate_output("Some prose.", {"type": "object"})[1] == "invalid_json"   # structured stays strict
-    udf = HTTPGeneratorUDF("http://127.0.0.1:1/v1", "m", "", 1, 1.0, 0, 0.1)
+    udf = HTTPEngine("http://127.0.0.1:1/v1", "m", "", 1, 1.0, 0, 0.1)
     assert "response_format" not in udf._payload(row)
     assert "response_format" in udf._payload({**row, "schema": '{"type": "object"}'})
-    assert "structured_outputs" not in _preprocess(row)["sampling_params"]
+    assert "structured_outputs" not in sampling_params(row)
 
 
-def test_cached_answers_are_accepted_by_the_current_checks(ray_local, tmp_path):
+def test_cached_answers_are_accepted_by_the_current_checks(tmp_path):
     """The request cache keeps what the extender wrote; the acceptance checks run on every run. A run with the
     end-punctuation check off, then on over the same cache, accepts exactly what a fresh run with it on does."""
     import hashlib
 
-    from ctxforge.lengthen.tasks import ResponseTask, Role, drive
+    from inprocess_pool import InProcessPool
+
     from ctxforge.generation.cache import RequestCache
-    from ctxforge.generation.backends.base import GeneratorBackend, batch_rows, rows_batch
-    from ctxforge.generation.validation import PassRunner
+    from ctxforge.generation.scheduler import RequestScheduler
+    from ctxforge.lengthen.tasks import ResponseTask, Role, drive
 
-    class Writer(GeneratorBackend):
+    def write(row: dict) -> dict:
         """Prose that depends only on the request: about half the requests end mid-sentence."""
+        n = int(hashlib.sha256(row["request_id"].encode()).hexdigest()[:4], 16)
+        text = " ".join(f"The ferry crossed the river at dawn on day {n + k} of the season." for k in range(6))
+        return {"output_text": text if n % 2 else text.rstrip(".") + " and then the",
+                "prompt_tokens": 10, "completion_tokens": 50, "error": ""}
 
-        name = "writer"
+    class WriterGeneration:
+        """The Generation interface drive() uses, over an in-process engine and a real request cache."""
 
-        def apply(self, ds):
-            def answer(batch):
-                rows = batch_rows(batch)
-                for row in rows:
-                    n = int(hashlib.sha256(row["request_id"].encode()).hexdigest()[:4], 16)
-                    text = " ".join(f"The ferry crossed the river at dawn on day {n + k} of the season." for k in range(6))
-                    row.update(output_text=text if n % 2 else text.rstrip(".") + " and then the",
-                               prompt_tokens=10, completion_tokens=50, error="")
-                return rows_batch(rows)
-            return ds.map_batches(answer, batch_format="numpy", batch_size=4)
+        def __init__(self, cache, gen):
+            self.cache, self.gen = cache, gen
+
+        def scheduler(self, prompt_hash: str = "", pass_names=(), content_check=None):
+            return RequestScheduler(InProcessPool(write), self.cache, self.gen, "writer", prompt_hash, pass_names,
+                                    content_check)
 
     def run(cache_name: str, end_punctuation: bool):
         cfg = _cfg("extend.rounds=1", "extend.max_tries=3", "responses.max_tries=3", "extend.min_ratio=0.5",
                    f"checks.end_punctuation={str(end_punctuation).lower()}", "checks.repeat_ngram=0")
-        role = Role("generator", PassRunner(Writer(cfg.generator, "writer"), RequestCache(tmp_path / cache_name),
-                                            cfg.generator), "writer")
+        role = Role("generator", WriterGeneration(RequestCache(tmp_path / cache_name), cfg.generator), "writer")
         responses = [ResponseTask(cfg, f"i{n}", f"Write about crossing {n}.", 0) for n in range(6)]
         stats = drive(responses, role, cfg, "initial")
         kept = [r for r in responses if r.text]
