@@ -16,7 +16,12 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-from ctxforge.structured import GrammarError
+
+
+class GrammarError(ValueError):
+    """A constraint xgrammar cannot compile or would not enforce exactly (invalid JSON schema, regex or
+    grammar; a keyword outside the allow-list below). Defined here, below structured.py, so that this
+    module needs nothing from it; structured.py re-exports it."""
 
 # Keywords that constrain nothing (annotations) or only hold definitions for $ref.
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",

@@ -16,9 +16,7 @@ import json
 import re
 import threading
 
-
-class GrammarError(ValueError):
-    """A constraint xgrammar cannot compile (invalid JSON schema, regex or grammar)."""
+from ctxforge.schema_keywords import GrammarError, check_enforceable  # noqa: F401 (GrammarError is public here)
 
 
 class Grammars:
@@ -51,8 +49,6 @@ class Grammars:
     def json_schema(self, schema: str | dict):
         """A JSON schema (text or dict), enforced exactly: UnenforceableSchema (a GrammarError) for a keyword
         outside ctxforge.schema_keywords' allow-list, GrammarError for invalid JSON or what xgrammar rejects."""
-        from ctxforge.schema_keywords import check_enforceable
-
         # never sort keys: a decoder writes properties in the schema's order (question before answer)
         text = schema if isinstance(schema, str) else json.dumps(schema)
         try:

@@ -94,6 +94,5 @@ def test_no_import_cycles_outside_the_synthesis_pipeline():
     assert cycles == []
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.checks and pipeline.passes still each hold a `validate`")
 def test_no_import_cycles_in_the_synthesis_pipeline():
     assert import_cycles() == []

@@ -180,9 +180,9 @@ def _routes_app(engine):
 
 @pytest.mark.anyio
 async def test_the_endpoint_refuses_an_unenforceable_strict_schema_and_enforces_a_defs_reference(tiny_model_path):
-    from ctxforge.serve.engine import HFEngine
+    from ctxforge.serve.served_model import HFServedModel
 
-    app = _routes_app(HFEngine(tiny_model_path, "tiny", 512, device="cpu"))
+    app = _routes_app(HFServedModel(tiny_model_path, "tiny", 512, device="cpu"))
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "temperature": 0}
 
     def fmt(schema):
