@@ -25,8 +25,8 @@ def request(seed: int, text: str = "The miller counted forty sacks of grain befo
 
 @pytest.fixture(scope="module")
 def hf_udf(tiny_model_path):
-    from ctxforge.generation.backends.hf import HFServedModel
-    return HFServedModel(tiny_model_path, device="cpu", dtype="auto", max_model_len=2048)
+    from ctxforge.generation.backends.hf import HFEngine
+    return HFEngine(tiny_model_path, device="cpu", dtype="auto", max_model_len=2048)
 
 
 def columns(engine, rows: list[dict]) -> dict[str, list]:
