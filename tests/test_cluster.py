@@ -604,6 +604,7 @@ def cluster():
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_synth_then_train_as_ray_jobs(cluster):
     synth_out, train_out = cluster.root / "synth", cluster.root / "train"
     cluster.submit(["ctxforge", "synth", "--config", "tiny", f"output.dir={synth_out}", *SYNTH_SMALL], "synth")
@@ -633,6 +634,7 @@ def test_synth_then_train_as_ray_jobs(cluster):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_worker_node_killed_during_synthesis(cluster):
     """SIGKILL the worker node (the only node with CPUs, so the generator actor and every Ray Data task run
     there) in the middle of synthesis, then let a replacement node join, as the autoscaler does after a
