@@ -124,9 +124,11 @@ class GeneratorConfig(EnginePlacement):
         return v
 
     @model_validator(mode="after")
-    def _crash_bounds(self):
+    def _cross_checks(self):
+        if self.backend == "http" and not self.base_url:
+            raise ValueError("base_url is required when backend = http")
         if self.max_engine_failures_in_a_row <= self.max_engine_crashes_per_request + 1:
-            raise ValueError(f"generator.max_engine_failures_in_a_row = {self.max_engine_failures_in_a_row} must exceed "
+            raise ValueError(f"max_engine_failures_in_a_row = {self.max_engine_failures_in_a_row} must exceed "
                              f"max_engine_crashes_per_request + 1 = {self.max_engine_crashes_per_request + 1}: one "
                              f"poisoned request alone would stop the run")
         return self

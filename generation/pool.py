@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -128,9 +129,11 @@ class EngineFailureError(PreflightError):
 
 
 def _last_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
+    """`Type: message` of what ended an engine: the original exception where Ray's error carries it in its last
+    line (an actor that died in its constructor), else Ray's own error type and last line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1][:300] if lines else ""
+    return last if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Crashed)\b: ", last) else f"{type(exc).__name__}: {last}"
 
 
 class EnginePool:

@@ -146,8 +146,6 @@ class LengthenConfig(StrictModel):
     @model_validator(mode="after")
     def _cross_checks(self):
         gen = self.generator
-        if gen.backend == "http" and not gen.base_url:
-            raise ValueError("generator.base_url is required when generator.backend = http")
         if gen.backend == "http" and self.iterations > 1 and self.train.enabled:
             raise ValueError(f"generator.backend = http reaches one fixed served model, but iterations = "
                              f"{self.iterations} with training needs the trained checkpoints from iteration 2 on: "

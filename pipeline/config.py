@@ -312,8 +312,6 @@ class SynthConfig(StrictModel):
                     f"concat.stages[{st.name}].target_tokens = {st.target_tokens} is below "
                     f"chunking.small_tokens = {small}: a sample could not hold even one chunk"
                 )
-        if self.generator.backend == "http" and not self.generator.base_url:
-            raise ValueError("generator.base_url is required when generator.backend = http")
         if self.generator.max_model_len <= max(self.generator.summary_max_tokens, self.generator.qa_max_tokens):
             raise ValueError(
                 f"generator.max_model_len = {self.generator.max_model_len} leaves no room for a prompt after "

@@ -53,8 +53,6 @@ class HTTPBackend(GeneratorBackend):
         check_endpoint(cfg)
 
     def _client_kwargs(self) -> dict[str, Any]:
-        if not self.cfg.base_url:
-            raise ValueError("generator.base_url is required when generator.backend = http")
         return {
             "base_url": self.cfg.base_url,
             # The endpoint's own model name, not a local path that model_path may have resolved to.
