@@ -29,7 +29,7 @@ from ctxforge.generation.pool import EnginePool
 from ctxforge.generation.requests import Request, request_row
 from ctxforge.generation.stats import PassStats
 from ctxforge.generation.validation import ContentCheck
-from ctxforge.generation.verdicts import Verdict, attempt_outcome, decide
+from ctxforge.generation.verdicts import Verdict, decide
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +151,14 @@ class RequestScheduler:
         stats = self._stat(req.pass_name)
         self._crashes[rid] = self._crashes.get(rid, 0) + 1
         if self._crashes[rid] > self.gen.max_engine_crashes_per_request:
-            # Not cached: an engine death is no answer, so a rerun asks again (bounded the same way).
-            earlier = [attempt_outcome(req, a, self.content_check)[1]
-                       for n, a in sorted(self._known[rid].items()) if n < self._attempt[rid]]
-            crash = f"engine_crash: {reason}"
-            self._finish(rid, Verdict(True, reason=crash, reasons=[*earlier, crash]))
+            # Recorded as the attempt's outcome, so a rerun does not feed the same request to new engines
+            # (generator.retry_failed asks it again, like any transport failure).
+            crash = Attempt("", f"engine_crash: {reason}", fresh=True)
+            attempt = self._attempt[rid]
+            self.cache.put(rid, attempt, req.pass_name, req.doc_id, req.key, crash)
+            self._known[rid][attempt] = crash
+            self._finish(rid, decide(req, self._known[rid], self.gen.max_attempts, self.gen.retry_failed,
+                                     self.content_check))
             return
         self.lost_resent += 1
         stats.lost_resent += 1

@@ -25,6 +25,8 @@ from ctxforge.generation.validation import ContentCheck, validate
 
 # what decides a verdict besides the config: bump when validate() or checks.py change what they accept
 RULES_VERSION = 1
+# the error of an attempt that killed generator.max_engine_crashes_per_request + 1 engines (scheduler.py)
+ENGINE_CRASH = "engine_crash"
 
 
 @dataclass
@@ -44,7 +46,7 @@ def attempt_outcome(request: Request, answer: Attempt,
                     content_check: ContentCheck | None = None) -> tuple[dict | None, str]:
     """(object, "") when the attempt's output is usable under today's rules, else (None, reason)."""
     if answer.error:
-        return None, f"backend:{answer.error}"
+        return None, answer.error if answer.error.startswith(ENGINE_CRASH) else f"backend:{answer.error}"
     return validate(request, answer.output_text, content_check)
 
 
@@ -62,6 +64,8 @@ def decide(request: Request, attempts: dict[int, Attempt], max_attempts: int, re
         if obj is not None:
             return Verdict(True, obj=obj, reasons=reasons)
         reasons.append(reason)
+        if reason.startswith(ENGINE_CRASH):     # it killed its engines: no further attempt is sent
+            break
     return Verdict(True, reason=reasons[-1], reasons=reasons)
 
 

@@ -27,7 +27,7 @@ def requests(texts: list[str]) -> list[Request]:
 
 def run(tmp_path, texts: list[str], **engine_kwargs):
     """Every request through Generation's scheduler on one fake engine at a time: (answers by key, stats, counts,
-    cache rows by key)."""
+    each key's last cached attempt: (attempt, error))."""
     gen = GeneratorConfig(backend="fake", model="fake", concurrency=1, num_cpus=0.25,
                           engine_kwargs={"slots": 2, **engine_kwargs})
     answers = {}
@@ -35,20 +35,24 @@ def run(tmp_path, texts: list[str], **engine_kwargs):
         scheduler = generation.scheduler("p", ("qa",))
         scheduler.ask(requests(texts), 0, lambda req, obj: answers.__setitem__(req.key, obj))
         scheduler.run()
-        rows = generation.cache.db.execute("SELECT key, status, error FROM results").fetchall()
-    return answers, scheduler.finish()["qa"], generation.pool.counts(), {k: (s, e) for k, s, e in rows}
+        rows = generation.cache.db.execute("SELECT key, attempt, error FROM attempts ORDER BY attempt").fetchall()
+    return answers, scheduler.finish()["qa"], generation.pool.counts(), {k: (a, e) for k, a, e in rows}
 
 
 def test_a_poisoned_request_fails_as_engine_crash_and_the_rest_completes(ray_local, tmp_path):
     texts = ["one", "two", "POISON three", "four", "five"]
     answers, stats, counts, rows = run(tmp_path, texts, crash_on="POISON")
     assert answers["k2"] is None and all(answers[f"k{i}"] is not None for i in (0, 1, 3, 4))
-    status, error = rows["k2"]
-    assert status == "failed" and error.startswith("engine_crash: EngineCrashed: fake engine broken by its request")
+    attempt, error = rows["k2"]
+    assert attempt == 1 and error.startswith("engine_crash: EngineCrashed: fake engine broken by its request")
     assert stats.failures == {"engine_crash": 1} and stats.ok == 4
     # sent once, then resent at most max_engine_crashes_per_request (2) times, each time to a new engine
     assert counts["deaths"] == 3 and counts["replacements"] in (2, 3) and counts["loads"] == 1 + counts["replacements"]
     assert reason_class(error) == "engine_crash"
+    # a rerun reads the verdict from the cache and kills no engine; retry_failed asks it again
+    answers2, stats2, counts2, _ = run(tmp_path, texts, crash_on="POISON")
+    assert answers2 == answers and stats2.sent == 0 and stats2.failures == {"engine_crash": 1}
+    assert counts2["deaths"] == 0
 
 
 def test_an_engine_that_always_breaks_stops_the_run_in_one_line_after_bounded_loads(ray_local, tmp_path):
@@ -64,6 +68,7 @@ def test_an_engine_that_always_breaks_stops_the_run_in_one_line_after_bounded_lo
 def test_an_engine_that_dies_once_by_chance_is_replaced_and_every_request_completes(ray_local, tmp_path):
     answers, stats, counts, rows = run(tmp_path, ["one", "two", "three", "four"], crash_once=str(tmp_path / "died"))
     assert all(a is not None for a in answers.values()) and stats.ok == 4 and stats.failed == 0
+    assert not any(error for _, error in rows.values())     # a death by chance is no request's outcome
     assert counts == {"loads": 2, "load_failures": 0, "deaths": 1, "replacements": 1}
     assert stats.lost_resent >= 1 and (tmp_path / "died").exists()
 
