@@ -25,7 +25,7 @@ import ray
 
 from ctxforge.config import load_config
 from ctxforge.models import load_tokenizer, resolve_model_path, tokenizer_hash
-from ctxforge.pipeline.concat import PoolDocument, plan_stage
+from ctxforge.pipeline.concat import PoolDocument, plan_stage_samples
 from ctxforge.pipeline.config import StageConfig, SynthConfig
 from ctxforge.pipeline.docstore import DocumentStore, QAWriter
 from ctxforge.pipeline.read import materialize_kjv
@@ -82,13 +82,13 @@ def main():
         tmp = Path(tmp)
         docs = documents(args.documents, tok)
         locations, qa = tables(tmp, docs)
-        plan = plan_stage(stage, [PoolDocument.of(d) for d in docs], cfg.concat)
+        plan = plan_stage_samples(stage, [PoolDocument.of(d) for d in docs], cfg.concat)
         results = {}
         for workers in (0, 1, 2):
             pool = RenderPool(workers, path, locations, qa, tok if workers == 0 else None)
             if workers:   # started, tokenizer loaded: a one-sample stage first
                 warm = StageConfig(name="warm", target_tokens=args.target, documents_per_sample=1, samples=1)
-                pool.write_stage(tmp / f"warm{workers}", warm, plan_stage(warm, [PoolDocument.of(docs[0])], cfg.concat),
+                pool.write_stage(tmp / f"warm{workers}", warm, plan_stage_samples(warm, [PoolDocument.of(docs[0])], cfg.concat),
                                  cfg, tokenizer_hash(tok))
             t = time.perf_counter()
             stats = pool.write_stage(tmp / f"w{workers}", stage, plan, cfg, tokenizer_hash(tok))

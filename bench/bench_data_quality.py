@@ -145,14 +145,14 @@ def measure(out: Path, cfg) -> dict:
 
     from ctxforge.models import load_tokenizer, resolve_model_path
     from ctxforge.pipeline.documents import load_doc_states, select_documents
-    from ctxforge.pipeline.hierarchy import Planner
+    from ctxforge.pipeline.hierarchy import RequestPlanner
 
     stop = set(get_stop_words("en"))
     table = out / "work" / "documents"
     kept_meta, skipped, _ = select_documents(table, 0)
     docs = {d.doc_id: d for d in load_doc_states(table, [m["doc_id"] for m in kept_meta])}
     tok = load_tokenizer(resolve_model_path(cfg.generator.model))
-    planner = Planner(cfg, lambda text: len(tok(text, add_special_tokens=False)["input_ids"]))
+    planner = RequestPlanner(cfg, lambda text: len(tok(text, add_special_tokens=False)["input_ids"]))
     plan = {}
     planned_sections = {}
     for d in docs.values():

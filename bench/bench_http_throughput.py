@@ -9,7 +9,6 @@ path sends rounds * c requests and must end with a completion for every one of t
                       through the scheduler (cache, validation), wall time from pool start to the last answer
   ours, warm          the next rounds * c requests on the same engines (every later pass of a run: no start-up)
   ours, steady        the warm run measured at the server, first arrival to last response
-  Ray Data job        our HTTP transform as one Ray Data job (runtime.scheduler=passes: one job per pass)
   ray.data.llm        HttpRequestProcessorConfig + build_processor, c/4 actors of 4 concurrent batches (its async
                       stage runs at most 4 batches per actor, each batch one request after another), batch_size =
                       rounds; rows that come back with an error (it retries 408/429/502/503/504, not 500) are sent
@@ -34,7 +33,7 @@ from ctxforge.generation.cache import RequestCache  # noqa: E402
 from ctxforge.generation.config import GeneratorConfig  # noqa: E402
 from ctxforge.generation.pool import EnginePool  # noqa: E402
 from ctxforge.generation.backends.http import HTTPBackend  # noqa: E402
-from ctxforge.generation.requests import Request, request_row  # noqa: E402
+from ctxforge.generation.requests import Request  # noqa: E402
 from ctxforge.generation.scheduler import RequestScheduler  # noqa: E402
 
 SCHEMA = {
@@ -85,16 +84,6 @@ def run_ours(server, c: int, n: int, workdir: Path) -> tuple[float, float, float
     return times[0], times[1], steady
 
 
-def run_ray_data_job(server, c: int, n: int) -> float:
-    gen = gen_config(server, c)
-    rows = [request_row(r.finalize("fake", 0.7, 0.95, "bench"), 1, 0.7, 0.95) for r in make_requests(n, "job")]
-    t = time.monotonic()
-    out = HTTPBackend(gen, "fake").apply(ray.data.from_items(rows)).take_all()
-    elapsed = time.monotonic() - t
-    assert len(out) == n and all(r["error"] == "" for r in out), "a request failed"
-    return elapsed
-
-
 def run_ray_data_llm(server, c: int, n: int, rounds: int) -> tuple[float, int]:
     """(e2e s until every request has a completion, jobs it took)."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
@@ -137,9 +126,9 @@ def main():
     print(f"latency {args.latency:.3f} s, {args.rounds} rounds; ratio = achieved / (c / latency); machine: "
           f"{ray.cluster_resources().get('CPU')} CPUs")
     print(f"{'500s':>5} {'c':>4} {'n':>5} {'ideal/s':>8} | {'ours cold':>9} {'ours warm':>9} {'ours steady':>11} "
-          f"| {'Ray Data job':>12} | {'ray.data.llm':>12} {'(jobs)':>6} | {'ours/ray.data.llm':>17}")
+          f"| {'ray.data.llm':>12} {'(jobs)':>6} | {'ours/ray.data.llm':>17}")
     with tempfile.TemporaryDirectory() as tmp, FakeOpenAIServer(latency_s=args.latency) as server:
-        run_ray_data_job(server, 4, 8)   # warm-up: worker processes, imports
+        run_ours(server, 4, 8, Path(tmp) / "warm-up")   # warm-up: worker processes, imports
         for p500 in (0.0, args.p500):
             server.configure(p_500=p500, seed=1)
             for c in args.concurrency:
@@ -147,10 +136,9 @@ def main():
                 ideal = c / args.latency
                 ratio = lambda s: n / s / ideal  # noqa: E731
                 cold, warm, steady = run_ours(server, c, n, Path(tmp))
-                job = run_ray_data_job(server, c, n)
                 rdl, jobs = run_ray_data_llm(server, c, n, args.rounds)
                 print(f"{p500:>5.0%} {c:>4} {n:>5} {ideal:>8.1f} | {ratio(cold):>9.3f} {ratio(warm):>9.3f} "
-                      f"{ratio(steady):>11.3f} | {ratio(job):>12.3f} | {ratio(rdl):>12.3f} {jobs:>6} | "
+                      f"{ratio(steady):>11.3f} | {ratio(rdl):>12.3f} {jobs:>6} | "
                       f"{rdl / cold:>17.2f}", flush=True)
     ray.shutdown()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from ctxforge.config import load_config
 from ctxforge.lengthen.checks import count_words, length_stats
 from ctxforge.lengthen.config import LengthenConfig
-from ctxforge.lengthen.loop import make_backend, run_lengthen
+from ctxforge.lengthen.loop import run_lengthen
 from ctxforge.lengthen.tasks import ResponseTask, Role, drive
 
 BENCH_OVERRIDES = ["iterations=1", "self_instruct.count=6", "extend.max_tries=1", "runtime.progress=false"]
@@ -31,18 +31,15 @@ BENCH_OVERRIDES = ["iterations=1", "self_instruct.count=6", "extend.max_tries=1"
 
 def after_responses(cfg: LengthenConfig, model: str, instructions: list[dict], out: Path) -> tuple[list[int], dict]:
     """Word counts of the trained generator's responses to `instructions` (same checks, tries and budget)."""
-    from ctxforge.generation.cache import RequestCache
-    from ctxforge.generation.validation import PassRunner
+    from ctxforge.generation.backends import make_backend
+    from ctxforge.generation.session import Generation
 
-    cache = RequestCache(out / "work" / "requests.sqlite")  # the loop's cache: a rerun of the bench is free
-    try:
-        backend = make_backend(cfg.generator, model)
-        role = Role("generator", PassRunner(backend, cache, cfg.generator), backend.model_path)
+    # the loop's cache: a rerun of the bench is free
+    with Generation.open(make_backend(cfg.generator, model), cfg.generator, out / "work" / "requests.sqlite") as generation:
+        role = Role("generator", generation, generation.backend.model_path)
         tasks = [ResponseTask(cfg, r["instruction_id"], r["instruction"], s) for r in instructions
                  for s in range(cfg.responses.per_instruction)]
         stats = drive(tasks, role, cfg, "after: trained generator")
-    finally:
-        cache.close()
     return [count_words(t.text) for t in tasks if t.text], stats.to_dict()
 
 

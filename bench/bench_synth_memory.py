@@ -6,9 +6,9 @@ Each run is a fresh process (its own local Ray; the engines, Ray Data and render
 processes) synthesizing a corpus of documents of about 8,000 tokens, cut from the King James Bible, with the
 fake engine (no latency). A thread samples the driver's /proc/self/status every 50 ms: peak RssAnon (the
 driver's own heap: texts, states, QA, Python objects) and the kernel's VmHWM (peak resident set, including
-shared libraries and Ray's shared-memory pages). Runs: streaming (the default) for N and 10N documents,
-and for reference the pass-per-job scheduler with every document in one wave (today's default wave of 512
-documents covers both sizes), which holds every document's state in the driver until the wave ends.
+shared libraries and Ray's shared-memory pages). Runs for N and 10N documents: runtime.documents_in_flight
+64 (the bounded window) and, for reference, 512 (every document of both sizes admitted at once), which
+holds every document's state in the driver until it finishes.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _status() -> dict[str, int]:
     return out
 
 
-def child(n: int, scheduler: str, workdir: Path) -> None:
+def child(n: int, in_flight: str, workdir: Path) -> None:
     import ray
 
     from ctxforge.config import load_config
@@ -68,8 +68,8 @@ def child(n: int, scheduler: str, workdir: Path) -> None:
     cfg = load_config(SynthConfig, "tiny", [
         f"output.dir={workdir / 'out'}", f"input.path={data}", "input.limit=0", "input.max_document_tokens=0",
         "chunking.small_tokens=1024", "generator.max_model_len=8192", "generator.backend=fake", "generator.model=fake",
-        "generator.concurrency=2", "generator.engine_kwargs={slots: 16}", f"runtime.scheduler={scheduler}",
-        f"runtime.documents_in_flight={64 if scheduler == 'streaming' else 512}", "runtime.progress=false",
+        "generator.concurrency=2", "generator.engine_kwargs={slots: 16}",
+        f"runtime.documents_in_flight={in_flight}", "runtime.progress=false",
         "concat.stages=[{name: 16K, target_tokens: 16384, documents_per_sample: 1, samples: 4}]"])
     t = time.monotonic()
     synthesize(cfg)
@@ -82,9 +82,9 @@ def child(n: int, scheduler: str, workdir: Path) -> None:
     ray.shutdown()
 
 
-def measure(n: int, scheduler: str) -> dict:
+def measure(n: int, in_flight: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), scheduler, tmp], check=True,
+        out = subprocess.run([sys.executable, __file__, "--child", str(n), in_flight, tmp], check=True,
                              capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -101,17 +101,17 @@ def main():
     n, big = args.documents, args.documents * args.factor
     mib = 1 << 20
     print("driver peak memory, documents of ~8,000 tokens, fake engine; machine: 2-CPU shared, local Ray")
-    print(f"{'scheduler':<10} {'documents':>9} {'requests':>8} {'peak RssAnon MiB':>16} {'VmHWM MiB':>9} {'wall s':>7}")
+    print(f"{'in flight':<10} {'documents':>9} {'requests':>8} {'peak RssAnon MiB':>16} {'VmHWM MiB':>9} {'wall s':>7}")
     rows = {}
-    for scheduler in ("streaming", "passes"):
+    for in_flight in ("64", "512"):
         for docs in (n, big):
-            r = measure(docs, scheduler)
-            rows[(scheduler, docs)] = r
-            print(f"{scheduler:<10} {r['documents']:>9} {r['requests']:>8} {r['rss_anon'] / mib:>16.1f} "
+            r = measure(docs, in_flight)
+            rows[(in_flight, docs)] = r
+            print(f"{in_flight:<10} {r['documents']:>9} {r['requests']:>8} {r['rss_anon'] / mib:>16.1f} "
                   f"{r['vm_hwm'] / mib:>9.1f} {r['wall_s']:>7.1f}", flush=True)
-    for scheduler in ("streaming", "passes"):
-        a, b = rows[(scheduler, n)], rows[(scheduler, big)]
-        print(f"{scheduler}: {args.factor}x documents -> peak RssAnon x{b['rss_anon'] / a['rss_anon']:.2f}, "
+    for in_flight in ("64", "512"):
+        a, b = rows[(in_flight, n)], rows[(in_flight, big)]
+        print(f"documents_in_flight {in_flight}: {args.factor}x documents -> peak RssAnon x{b['rss_anon'] / a['rss_anon']:.2f}, "
               f"VmHWM x{b['vm_hwm'] / a['vm_hwm']:.2f}")
 
 

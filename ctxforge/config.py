@@ -52,6 +52,17 @@ class StrictModel(BaseModel):
     removed_keys: ClassVar[dict[str, str]] = {}
 
 
+def check_weights(weights: dict[str, float], known, kind: str) -> dict[str, float]:
+    """Sampling weights over named kinds: every name known, every weight >= 0, a positive sum. Returns
+    `weights`; raises ValueError naming the unknown `kind`(s) or the bad weights (for a field validator)."""
+    unknown = sorted(set(weights) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {kind}(s) {unknown}; known: {list(known)}")
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError("weights must be >= 0 with a positive sum")
+    return weights
+
+
 _ENV_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
 
 

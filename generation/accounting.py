@@ -1,4 +1,5 @@
-"""Where synthesis spends engine time and money, per pass and in total; and the projection before a run.
+"""Where a run spends engine time and money, per pass and in total (the projection before a run is
+pipeline/projection.py).
 
 Engine seconds come from the engines themselves (EngineMeter): `alive` from the actor's start to its
 release, of which `load` (building the engine: weights, CUDA graphs), `generating` (at least one
@@ -17,16 +18,12 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from ctxforge.pipeline.config import SynthConfig
-from ctxforge.pipeline.hierarchy import PROMPT_OVERHEAD_TOKENS
-from ctxforge.generation.validation import PassStats
-
-CHARS_PER_TOKEN = 4.0   # for the projection's completion sizes from the schemas' character bounds
+from ctxforge.generation.stats import PassStats
 
 
-def _api_cost(prompt: int, completion: int, cfg: SynthConfig) -> float:
-    c = cfg.cost
-    return prompt / 1e6 * c.prompt_usd_per_mtok + completion / 1e6 * c.completion_usd_per_mtok
+def api_cost(prompt: int, completion: int, cost) -> float:
+    """USD of `prompt` and `completion` tokens at the prices of `cost` (a CostConfig: USD per million tokens)."""
+    return prompt / 1e6 * cost.prompt_usd_per_mtok + completion / 1e6 * cost.completion_usd_per_mtok
 
 
 def engine_totals(records: Iterable[dict], gpus_per_engine: float) -> dict:
@@ -51,10 +48,15 @@ def engine_totals(records: Iterable[dict], gpus_per_engine: float) -> dict:
     }
 
 
-def accounting(passes: dict[str, PassStats], records: list[dict], gpus_per_engine: float, cfg: SynthConfig) -> dict:
-    """The manifest's `accounting` section: per pass, total, engines, measured rates, cost."""
-    totals = engine_totals(records, gpus_per_engine)
-    price = cfg.cost.gpu_hour_usd
+def accounting(passes: dict[str, PassStats], records: list[dict], gpus_per_engine: float, cost,
+               counts: dict[str, int] | None = None) -> dict:
+    """The manifest's `accounting` section: per pass, total, engines, measured rates, cost.
+
+    `records`: engine snapshots (EngineMeter); `cost`: a CostConfig (gpu_hour_usd, *_usd_per_mtok);
+    `counts`: the pool's loads, load_failures, deaths and replacements (EnginePool.counts), which
+    replace the loads counted from the records (an engine that never loaded has no record)."""
+    totals = {**engine_totals(records, gpus_per_engine), **(counts or {})}
+    price = cost.gpu_hour_usd
     gpu_cost = totals["gpu_hours"] * price
     all_request_s = sum(s.request_s for s in passes.values())
     by_pass = {}
@@ -66,11 +68,11 @@ def accounting(passes: dict[str, PassStats], records: list[dict], gpus_per_engin
             "completion_tokens": s.completion_tokens, "request_s": round(s.request_s, 2),
             "engine_generating_s": round(generating, 2),
             "gpu_generating_hours": round(generating * gpus_per_engine / 3600, 4),
-            "cost_usd": round(gpu_cost * share + _api_cost(s.prompt_tokens, s.completion_tokens, cfg), 4),
+            "cost_usd": round(gpu_cost * share + api_cost(s.prompt_tokens, s.completion_tokens, cost), 4),
         }
     prompt = sum(s.prompt_tokens for s in passes.values())
     completion = sum(s.completion_tokens for s in passes.values())
-    api_cost = _api_cost(prompt, completion, cfg)
+    spent_api = api_cost(prompt, completion, cost)
     return {
         "by_pass": by_pass,
         "total": {
@@ -82,7 +84,7 @@ def accounting(passes: dict[str, PassStats], records: list[dict], gpus_per_engin
             "gpu_hours_loading": round(totals["load_s"] * gpus_per_engine / 3600, 4),
             "gpu_hours_generating": round(totals["generating_s"] * gpus_per_engine / 3600, 4),
             "gpu_hours_idle": round(totals["idle_s"] * gpus_per_engine / 3600, 4),
-            "cost_usd": round(gpu_cost + api_cost, 4),
+            "cost_usd": round(gpu_cost + spent_api, 4),
         },
         "engines": totals,
         "measured": {
@@ -91,63 +93,5 @@ def accounting(passes: dict[str, PassStats], records: list[dict], gpus_per_engin
             if totals["generating_s"] else 0.0,
             "load_s_per_engine": round(totals["load_s"] / totals["engines"], 2) if totals["engines"] else 0.0,
         },
-        "prices": cfg.cost.model_dump(),
+        "prices": cost.model_dump(),
     }
-
-
-def projection(cfg: SynthConfig, doc_tokens: list[int], gpus_per_engine: float, max_engines: int) -> dict:
-    """Before the run: requests and tokens per pass from the documents' sizes, and what they cost.
-
-    Prompt tokens: each request's evidence (chunk, section or summaries) + PROMPT_OVERHEAD_TOKENS.
-    Completion tokens: the schema's character bounds / 4, capped by the pass's max_tokens (an upper
-    estimate). Engine time: tokens / cost.engine_tokens_per_s, plus cost.engine_load_s per engine.
-    """
-    ch, qa, gen, lim = cfg.chunking, cfg.qa, cfg.generator, cfg.limits
-    small = ch.small_tokens
-    summary_out = min(gen.summary_max_tokens, math.ceil(lim.summary_chars / CHARS_PER_TOKEN) + 8)
-    qa_out = min(gen.qa_max_tokens, math.ceil((lim.question_chars + lim.answer_chars + lim.quote_chars) / CHARS_PER_TOKEN) + 16)
-    n_follow = math.floor(qa.hierarchical_per_document * qa.followup_ratio)
-    n_base = qa.hierarchical_per_document - n_follow + qa.diverse_per_document
-    rows = {name: [0, 0, 0] for name in ("summary_small", "summary_section", "summary_global", "qa", "followup")}
-
-    def add(name: str, n: int, prompt: int, out: int) -> None:
-        rows[name][0] += n
-        rows[name][1] += n * (prompt + PROMPT_OVERHEAD_TOKENS)
-        rows[name][2] += n * out
-
-    for n_tokens in doc_tokens:
-        chunks = max(1, math.ceil(n_tokens / small))
-        sections = max(1, math.ceil(chunks / ch.smalls_per_medium))
-        add("summary_small", chunks, min(n_tokens, small), summary_out)
-        if chunks > 1:
-            add("summary_section", sections, min(n_tokens, small * ch.smalls_per_medium), summary_out)
-        if sections > 1:
-            add("summary_global", 1, sections * summary_out, summary_out)
-        add("qa", n_base, min(n_tokens, small) + summary_out, qa_out)
-        add("followup", n_follow, min(n_tokens, small) + qa_out, qa_out)
-    by_pass = {name: {"requests": r, "prompt_tokens": p, "completion_tokens": c} for name, (r, p, c) in rows.items()}
-    prompt = sum(r[1] for r in rows.values())
-    completion = sum(r[2] for r in rows.values())
-    out = {"documents": len(doc_tokens), "document_tokens": sum(doc_tokens), "gpus_per_engine": gpus_per_engine,
-           "by_pass": by_pass,
-           "requests": sum(r[0] for r in rows.values()), "prompt_tokens": prompt, "completion_tokens": completion,
-           "api_cost_usd": round(_api_cost(prompt, completion, cfg), 2)}
-    tps = cfg.cost.engine_tokens_per_s
-    if tps > 0:
-        engine_s = (prompt + completion) / tps + max_engines * cfg.cost.engine_load_s
-        out["engine_hours"] = round(engine_s / 3600, 2)
-        out["gpu_hours"] = round(engine_s * gpus_per_engine / 3600, 2)
-        out["gpu_cost_usd"] = round(out["gpu_hours"] * cfg.cost.gpu_hour_usd, 2)
-    return out
-
-
-def projection_line(p: dict) -> str:
-    line = (f"projection for {p['documents']} documents ({p['document_tokens']:,} tokens): {p['requests']:,} requests, "
-            f"{p['prompt_tokens']:,} prompt + {p['completion_tokens']:,} completion tokens")
-    if "gpu_hours" in p:
-        line += f", {p['engine_hours']:,} engine-hours = {p['gpu_hours']:,} GPU-hours (${p['gpu_cost_usd']:,})"
-    if p["api_cost_usd"]:
-        line += f", API ${p['api_cost_usd']:,}"
-    if "gpu_hours" not in p and p["gpus_per_engine"]:
-        line += " (set cost.engine_tokens_per_s to project GPU-hours)"
-    return line

@@ -7,17 +7,40 @@ generator's preflight (preflight.py) before any work starts.
 
 from __future__ import annotations
 
+# Keys of the generator section that no longer exist, with what replaced them (for the config's removed_keys).
+REMOVED_GENERATOR_KEYS = {
+    "generator.batch_size": "every request goes to the engine pool on its own (generator.requests_per_engine sets "
+                            "how many one engine holds at once)",
+}
+
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ctxforge.config import PathStr, StrictModel
 
 
-class GeneratorConfig(StrictModel):
-    backend: Literal["hf", "vllm", "http", "fake"] = Field(
+class EnginePlacement(StrictModel):
+    """Where an engine runs on the Ray cluster: the same five keys in the generator section (synthesis,
+    Self-Lengthen) and in `ctxforge serve`'s config."""
+
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per engine actor (a generator engine, an hf serve replica); keep "
+                                                   "<= 0.5 on a 2-CPU machine so that Ray's other tasks fit.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per engine actor of the hf backend (vllm asks for "
+                                                   "tensor_parallel_size GPUs instead).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel degree).")
+    accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type to request, e.g. H100.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each engine requests (hf, http: its actor or replica; vllm: every GPU bundle "
+        "of the engine's placement group), so that it lands only on the node type that provides them, e.g. "
+        "{ctxforge_generate: 1} (the GPU nodes of cluster/aws.yaml); {} = none (local runs).")
+
+
+class GeneratorConfig(EnginePlacement):
+    backend: str = Field(
         "hf",
-        description="hf = transformers on CPU/GPU actors; vllm = ray.data.llm's vLLM engine on GPU actors; http = any "
+        description="hf = transformers on CPU/GPU actors; vllm = ray.data.llm's vLLM engine on GPU or CPU actors (device); http = any "
         "OpenAI-compatible endpoint; fake = no model: schema-valid answers quoting the prompt after a simulated load "
         "and latency (engine_kwargs load_s, latency_s, slots), for dry runs of scheduling and accounting.",
     )
@@ -43,9 +66,6 @@ class GeneratorConfig(StrictModel):
         description="An engine above the pool's minimum that has had no request for this long is released "
         "(its GPUs go back to the cluster's autoscaler).",
     )
-    batch_size: int = Field(8, ge=1, description="Requests per Ray Data batch sent to one generator actor.")
-    num_cpus: float = Field(0.5, gt=0, description="CPUs per generator actor (keep <= 0.5 on a 2-CPU machine, or Ray Data deadlocks).")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per generator actor (hf on GPU; vllm uses tensor_parallel_size).")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="hf and vllm: where the engines run. auto = cuda when a GPU is visible (to Ray once it is up, "
@@ -53,9 +73,6 @@ class GeneratorConfig(StrictModel):
         "holding num_cpus of Ray's CPUs each; on an autoscaling cluster whose GPU nodes are not up yet, say cuda.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf backend weights dtype (auto = bf16 on GPU, fp32 on CPU).")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel).")
-    accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type to request, e.g. H100.")
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each generator actor (hf, http) or each GPU bundle of a vLLM engine requests, so that it lands only on the node type that provides them, e.g. {ctxforge_generate: 1} (the spot GPU nodes of cluster/aws.yaml); {} = none (local runs).")
     kv_cache_gib: float | None = Field(
         None, gt=0,
         description="vllm: KV cache per engine in GiB. null = on cpu what requests_per_engine sequences of "
@@ -85,6 +102,19 @@ class GeneratorConfig(StrictModel):
     summary_max_tokens: int = Field(768, ge=16, description="Completion budget for a summary request.")
     qa_max_tokens: int = Field(768, ge=16, description="Completion budget for a question/answer request.")
     max_attempts: int = Field(3, ge=1, description="Attempts per request when the response does not validate against its schema.")
+    max_engine_crashes_per_request: int = Field(
+        2, ge=0,
+        description="A request whose engine died is sent again, to an engine started after that death (alone on it "
+        "from its second death), at most this many times; then it is recorded as failed with reason engine_crash "
+        "and the engine's last error (a poisoned request cannot restart engines forever).",
+    )
+    max_engine_failures_in_a_row: int = Field(
+        4, ge=1,
+        description="Engines that fail to load or die this many times in a row with no request completed in between "
+        "stop the run with one error naming the last exception and the engine's arguments (a broken engine "
+        "configuration costs a bounded number of loads). Must exceed max_engine_crashes_per_request + 1, so that "
+        "one poisoned request alone never stops the run.",
+    )
     timeout_s: float = Field(300.0, gt=0, description="http backend: per-request timeout.")
     max_retries: int = Field(8, ge=0, description="http backend: retries on 429/5xx/timeouts/connection errors, with exponential backoff.")
     retry_base_s: float = Field(1.0, gt=0, description="http backend: first backoff wait; doubles per retry (Retry-After is honoured).")
@@ -99,6 +129,22 @@ class GeneratorConfig(StrictModel):
         description="A prompt-set YAML file replacing the packaged one (ctxforge/pipeline/prompts.yaml: copy it and "
         "edit). Its placeholders are checked before the run; its hash is part of every request id.",
     )
+
+    @field_validator("backend")
+    @classmethod
+    def _registered_backend(cls, v: str):
+        from ctxforge.generation.backends import backend_class
+
+        backend_class(v)  # raises ValueError listing the registered names
+        return v
+
+    @model_validator(mode="after")
+    def _crash_bounds(self):
+        if self.max_engine_failures_in_a_row <= self.max_engine_crashes_per_request + 1:
+            raise ValueError(f"generator.max_engine_failures_in_a_row = {self.max_engine_failures_in_a_row} must exceed "
+                             f"max_engine_crashes_per_request + 1 = {self.max_engine_crashes_per_request + 1}: one "
+                             f"poisoned request alone would stop the run")
+        return self
 
     @field_validator("concurrency")
     @classmethod

@@ -5,7 +5,7 @@ every backend (hf and the fake engine have no Serve app; http needs no GPU), the
 engines directly (no HTTP hop, no JSON round trip), it knows which engine answered what (load, busy and
 idle seconds per engine, for GPU-hours), it resends exactly the requests a lost engine held, and the
 whole of it runs in CPU CI (`ray.serve.llm` cannot even be imported without vLLM). The engine inside
-a vLLM actor is still `ray.data.llm`'s (backends/vllm.py).
+a vLLM actor is still `ray.data.llm`'s engine wrapper (backends/vllm.py).
 
 Growth and shrinkage follow the work, not the pass structure: the pool starts `min` engines when
 the first request arrives (a rerun answered from the cache loads none), adds
@@ -13,10 +13,16 @@ engines (up to `max`) while ready requests wait for a free slot, and releases an
 that has had nothing to do for `generator.scale_down_idle_s`. An engine that asks for GPUs no node has
 stays pending; on a cluster the Ray autoscaler launches a node for it (spot GPU workers).
 
-Preemption: when an engine's actor or node dies, every request it held comes back from `poll()` as
-lost, to be sent again (same attempt, same seed: nothing is counted twice), and the pool starts a
-replacement when the work needs one. Engines that fail while loading are retried; after
-MAX_START_FAILURES in a row without any engine ever loading, the run stops with the engine's error.
+Preemption and crashes: when an engine's actor or node dies (or the engine raises EngineCrashed), every
+request it held comes back from `poll()` as lost, with the engine's serial number and its last error, to be sent again (same attempt,
+same seed: nothing is counted twice). The scheduler sends it only to an engine started after that death
+(`submit(..., fresh_from=)`, see `autoscale`), alone on that engine from its second crash on (so that a
+poisoned request cannot take innocent ones down with it twice), and records it as failed with reason
+`engine_crash` after generator.max_engine_crashes_per_request resends. Engines that fail, loading or
+running, generator.max_engine_failures_in_a_row times with no request completed in between stop the
+run with one EngineFailureError naming the last error and the engine's arguments: a broken engine
+configuration costs a bounded number of loads, never an endless restart loop. Every load, failed load,
+death and replacement is counted (`counts()`, in the manifest's accounting).
 """
 
 from __future__ import annotations
@@ -32,11 +38,10 @@ from typing import Any
 import ray
 
 from ctxforge.config import PreflightError
-from ctxforge.generation.backends.base import EngineFactory, EngineMeter, GeneratorBackend, error_result
+from ctxforge.generation.backends.base import EngineCrashed, EngineFactory, EngineMeter, GeneratorBackend, error_result
 
 log = logging.getLogger(__name__)
 
-MAX_START_FAILURES = 3
 PENDING_WARNING_S = 120.0   # say so when no engine has loaded after this long (resources, autoscaler)
 
 
@@ -64,6 +69,8 @@ class EngineActor:
                 out = await self.engine.agenerate(row)
             else:
                 out = await asyncio.get_running_loop().run_in_executor(self.pool, self.engine.generate, row)
+        except EngineCrashed:
+            raise             # the engine is broken: the pool sees the task fail with it and replaces the engine
         except Exception as exc:  # engines should not raise for one request; if one does, that row failed
             out = error_result(f"{type(exc).__name__}: {exc}")
         duration = self.meter.end(began)
@@ -92,8 +99,11 @@ def _remote_engine_actor():
 class _Engine:
     actor: Any
     ready_ref: Any
+    serial: int                                     # start order: engines with a higher serial started later
     placement_group: Any = None
     ready: bool = False
+    alone: bool = False                             # holds a request that must be the only one on it
+    draining: bool = False                          # reserved for such a request: takes no other work
     created: float = field(default_factory=time.monotonic)
     idle_since: float = field(default_factory=time.monotonic)
     in_flight: dict = field(default_factory=dict)   # ObjectRef -> job
@@ -102,22 +112,33 @@ class _Engine:
 
 @dataclass
 class Lost:
-    """A job whose engine died before answering; send it again."""
+    """A job whose engine died before answering: `reason` is the engine's last error, `serial` its start order
+    (the job is sent again only to an engine with a higher serial)."""
 
     job: Any
     reason: str
+    serial: int = -1
 
 
-class EngineStartError(PreflightError):
-    """No engine could load (a bad model path, too little memory...): a one-line error, like preflight's.
-    Nothing finished is lost; the same command resumes once the cause is fixed."""
+class EngineFailureError(PreflightError):
+    """Engines failed (could not load, or died) generator.max_engine_failures_in_a_row times with no request
+    completed in between: a bad model path, too little memory, an engine argument the engine rejects. A
+    one-line error, like preflight's; nothing finished is lost and the same command resumes once the cause
+    is fixed."""
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
 
 
 class EnginePool:
     """Driver-side handle on the engine actors. Not thread-safe: the scheduler's loop owns it."""
 
-    def __init__(self, backend: GeneratorBackend, scale_down_idle_s: float = 60.0):
+    def __init__(self, backend: GeneratorBackend, scale_down_idle_s: float = 60.0, max_failures_in_a_row: int = 4):
         self.backend = backend
+        self.max_failures_in_a_row = max_failures_in_a_row
         self.factory = backend.engine_factory()
         self.min, self.max = backend.engine_range()
         self.slots = backend.slots_per_engine()
@@ -125,10 +146,14 @@ class EnginePool:
         self.scale_down_idle_s = scale_down_idle_s
         self.engines: dict[str, _Engine] = {}
         self.records: list[dict] = []          # final snapshots of released or lost engines
-        self.started = 0
-        self.start_failures = 0
+        self.started = 0                 # engine loads begun (every actor started)
+        self.load_failures = 0           # engines whose load raised or whose actor died while loading
+        self.lost_engines = 0            # loaded engines that died (crash, preemption)
+        self.replacements = 0            # engines started after a death or failed load, in its place
+        self._unreplaced = 0
+        self.failures_in_a_row = 0       # load failures and deaths since the last completed request
+        self.last_error = ""
         self.ever_ready = False
-        self.lost_engines = 0
         self.since = time.monotonic()
         self._warned_pending = False
         self._next_id = 0
@@ -147,9 +172,12 @@ class EnginePool:
         # every load is counted. max_concurrency: the slots plus room for ready()/stats() calls.
         actor = _remote_engine_actor().options(max_restarts=0, max_concurrency=self.slots + 4, **opts).remote(self.factory)
         key = f"e{self._next_id}"
+        self.engines[key] = _Engine(actor, actor.ready.remote(), self._next_id, pg)
         self._next_id += 1
-        self.engines[key] = _Engine(actor, actor.ready.remote(), pg)
         self.started += 1
+        if self._unreplaced:
+            self._unreplaced -= 1
+            self.replacements += 1
 
     def start(self) -> None:
         for _ in range(self.min):
@@ -194,15 +222,35 @@ class EnginePool:
     def free_slots(self) -> int:
         return sum(self.slots - len(e.in_flight) for e in self.engines.values() if e.ready)
 
-    def submit(self, row: dict[str, Any], job: Any) -> bool:
-        """Send one request row to the ready engine with the most free slots; False when all are full."""
-        best, best_free = None, 0
-        for eng in self.engines.values():
-            free = self.slots - len(eng.in_flight) if eng.ready else 0
-            if free > best_free:
-                best, best_free = eng, free
-        if best is None:
-            return False
+    def fresh_mark(self) -> int:
+        """The serial the next engine will get: `submit(..., fresh_from=fresh_mark())` waits for an engine
+        started from now on."""
+        return self._next_id
+
+    def submit(self, row: dict[str, Any], job: Any, fresh_from: int = 0, alone: bool = False) -> bool:
+        """Send one request row to a ready engine; False when none can take it now.
+
+        Normal jobs go to the engine with the most free slots. `fresh_from`: only engines with that serial
+        or higher (started after the death that lost this job). `alone`: only an engine with nothing in flight,
+        which then takes nothing else until this job is answered; until one is empty, the freshest eligible
+        engine is reserved (takes no new work) so that it drains."""
+        eligible = [e for e in self.engines.values() if e.ready and e.serial >= fresh_from and not e.alone]
+        if alone:
+            empty = [e for e in eligible if not e.in_flight]
+            if not empty:
+                if eligible and not any(e.draining for e in eligible):
+                    max(eligible, key=lambda e: e.serial).draining = True
+                return False
+            best = max(empty, key=lambda e: e.serial)
+            best.alone, best.draining = True, False
+        else:
+            best, best_free = None, 0
+            for eng in eligible:
+                free = self.slots - len(eng.in_flight) if not eng.draining else 0
+                if free > best_free:
+                    best, best_free = eng, free
+            if best is None:
+                return False
         best.in_flight[best.actor.generate.remote(row)] = job
         return True
 
@@ -238,25 +286,24 @@ class EnginePool:
                 value = values[ref] if ref in values else ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
                     ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
-                dead[key] = f"{type(exc).__name__}"
-                if job_ref is None:
-                    self._start_failed(key, exc)
+                dead[key] = _last_line(exc)
                 continue
             except ray.exceptions.RayTaskError as exc:
-                if job_ref is None:  # the engine's constructor raised: it could not load
-                    dead[key] = "load failed"
-                    self._start_failed(key, exc)
+                # the engine's constructor raised (it could not load), or the engine reported itself broken
+                if job_ref is None or isinstance(exc.cause, EngineCrashed):
+                    dead[key] = _last_line(exc.cause if exc.cause is not None else exc)
                     continue
                 answered.append((eng.in_flight.pop(ref), error_result(f"{type(exc.cause).__name__}: {exc.cause}")))
                 continue
             if job_ref is None:
                 eng.ready, eng.last, eng.idle_since = True, value, time.monotonic()
                 self.ever_ready = True
-                self.start_failures = 0
                 log.info("engine %s loaded in %.1f s on node %s", value["engine_id"], value["load_s"], value["node_id"][:8])
                 continue
             job = eng.in_flight.pop(ref)
             eng.last = value.pop("engine")
+            eng.alone = False
+            self.failures_in_a_row = 0   # an engine completed a request: the engines can work
             if not eng.in_flight:
                 eng.idle_since = time.monotonic()
             answered.append((job, value))
@@ -266,26 +313,49 @@ class EnginePool:
                 continue
             if eng.ready:
                 self.lost_engines += 1
-                log.warning("engine %s lost (%s) with %d requests in flight: they are sent again",
+                log.warning("engine %s lost (%s) with %d requests in flight: they are sent again to a fresh engine",
                             eng.last.get("engine_id", key), reason, len(eng.in_flight))
-            lost.extend(Lost(job, reason) for job in eng.in_flight.values())
+            else:
+                self.load_failures += 1
+                log.warning("engine failed to load: %s", reason)
+            lost.extend(Lost(job, reason, eng.serial) for job in eng.in_flight.values())
             eng.in_flight.clear()
             self._release(key, None, lost=eng.ready)
+            self._unreplaced += 1
+            self._failed(reason)
         return answered, lost
 
-    def _start_failed(self, key: str, exc: Exception) -> None:
-        self.start_failures += 1
-        log.warning("engine failed to start (%d in a row): %s", self.start_failures, str(exc).splitlines()[-1][:300])
-        if not self.ever_ready and self.start_failures >= MAX_START_FAILURES:
+    def _failed(self, reason: str) -> None:
+        """Count one engine failure (load or death); raises EngineFailureError at max_failures_in_a_row."""
+        self.failures_in_a_row += 1
+        self.last_error = reason
+        if self.failures_in_a_row >= self.max_failures_in_a_row:
             self.shutdown()
-            raise EngineStartError(f"generator.backend={self.backend.name}: the engine failed to start "
-                                   f"{self.start_failures} times: {str(exc).strip().splitlines()[-1][:500]}")
+            raise EngineFailureError(
+                f"generator.backend={self.backend.name}: {self.failures_in_a_row} engines in a row failed to load or "
+                f"died with no request completed; last error: {reason}; engine arguments: {self.factory.kwargs}")
 
-    def autoscale(self, backlog: int) -> None:
-        """Grow while requests wait for slots; release engines idle for scale_down_idle_s (never below min)."""
+    def counts(self) -> dict[str, int]:
+        """The manifest's engine counts: loads begun, failed loads, deaths of loaded engines, replacements."""
+        return {"loads": self.started, "load_failures": self.load_failures, "deaths": self.lost_engines,
+                "replacements": self.replacements}
+
+    def autoscale(self, backlog: int, fresh_from: int | None = None) -> None:
+        """Grow while requests wait for slots; release engines idle for scale_down_idle_s (never below min).
+
+        `fresh_from`: a lost request waits for an engine with this serial or higher; one is started (a
+        replacement) when none is running or loading, first releasing the longest-idle older engine when
+        the pool is at its maximum."""
         now = time.monotonic()
         if backlog == 0 and self.started == 0:
             return  # engines start with the first request: a rerun answered from the cache loads nothing
+        if fresh_from is not None and not any(e.serial >= fresh_from for e in self.engines.values()):
+            if len(self.engines) >= self.max:
+                idle = sorted((e.idle_since, k) for k, e in self.engines.items() if e.ready and not e.in_flight)
+                if idle:
+                    self._release(idle[0][1], None)
+            if len(self.engines) < self.max:
+                self._start_one()
         want = min(self.max, max(self.min, math.ceil(backlog / max(1, self.slots))))
         if len(self.engines) < want:
             for _ in range(want - len(self.engines)):

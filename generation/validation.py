@@ -1,67 +1,24 @@
-"""Per-request validation and per-pass statistics, shared by both schedulers; and the pass runner.
+"""Output validation: the one check every generated answer goes through, whoever asked for it.
 
-`validate(request, text)` is the one check every answer goes through, whichever scheduler ran it:
-a failed check is retried with a new seed up to generator.max_attempts, then recorded as failed
-with its reason (counted per reason).
-
-`PassRunner` runs one pass as one Ray Data job (runtime.scheduler=passes, the earlier design kept for
-comparison): cached requests are skipped, the rest go through the backend's Ray Data transform;
-results stream back as Ray Data finishes them, each is validated and persisted at once; a response
-that does not validate (or a transport error) is sent again in the next round (a new job) with a
-new seed.
+`validate(request, text, content_check)` first checks the text against the request's JSON schema
+(`validate_output`: parses, matches, no blank strings; a free-text request, schema None, answers
+{"text": ...}), then, when the schema holds, the client's content check (synthesis passes its
+checks.py: truncation, placeholders, repetition...). A failed check is retried by the scheduler with a
+new seed up to generator.max_attempts, then recorded as failed with its reason, counted per
+`reason_class` in the manifest.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+from typing import Callable
 
 import jsonschema
-import ray
 
-from ctxforge.generation.cache import RequestCache
-from ctxforge.pipeline.checks import check_output
-from ctxforge.generation.config import GeneratorConfig
-from ctxforge.generation.backends.base import GeneratorBackend, batch_rows
-from ctxforge.generation.requests import Request, request_row
+from ctxforge.generation.requests import Request
 
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class PassStats:
-    requests: int = 0
-    cache_hits: int = 0
-    sent: int = 0                 # request attempts sent to the backend
-    ok: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    wall_s: float = 0.0
-    request_s: float = 0.0        # seconds requests spent in engines, summed (overlapping requests add up)
-    lost_resent: int = 0          # attempts sent again because their engine was lost (preemption)
-    failures: Counter = field(default_factory=Counter)          # final failures by reason
-    attempt_errors: Counter = field(default_factory=Counter)    # every failed attempt by reason
-
-    def merge(self, other: "PassStats") -> None:
-        for name in ("requests", "cache_hits", "sent", "ok", "failed", "prompt_tokens", "completion_tokens", "wall_s",
-                     "request_s", "lost_resent"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.failures.update(other.failures)
-        self.attempt_errors.update(other.attempt_errors)
-
-    def to_dict(self) -> dict:
-        return {
-            "requests": self.requests, "cache_hits": self.cache_hits, "sent": self.sent, "ok": self.ok,
-            "failed": self.failed, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "wall_s": round(self.wall_s, 2), "request_s": round(self.request_s, 2), "lost_resent": self.lost_resent,
-            "failures_by_reason": dict(self.failures),
-            "failed_attempts_by_reason": dict(self.attempt_errors),
-        }
-
+# (request, schema-valid object) -> "" when the content is usable, else the reason it is not
+ContentCheck = Callable[[Request, dict], str]
 
 _VALIDATORS: dict[str, object] = {}
 
@@ -99,99 +56,25 @@ def validate_output(text: str, schema: dict | None) -> tuple[dict | None, str]:
     return {k: v.strip() if isinstance(v, str) else v for k, v in obj.items()}, ""
 
 
-def validate(request: Request, text: str) -> tuple[dict | None, str]:
+def validate(request: Request, text: str, content_check: ContentCheck | None = None) -> tuple[dict | None, str]:
     """The check every generated answer goes through: (object, "") when it is usable, else (None, reason).
 
-    First the JSON schema of the request (validate_output), then, when the schema holds, the content
-    checks of checks.py (truncation, placeholders, repetition, restated questions...).
-    """
+    First the JSON schema of the request (validate_output), then, when the schema holds and the client
+    gave one, its content check. Raises nothing for a bad answer (the reason says what is wrong);
+    jsonschema.SchemaError when the request's own schema is not a valid JSON schema."""
     obj, reason = validate_output(text, request.schema)
-    if obj is None:
-        return None, reason
-    reason = check_output(request, obj)
+    if obj is None or content_check is None:
+        return obj, reason
+    reason = content_check(request, obj)
     return (None, reason) if reason else (obj, "")
-
-
-class PassRunner:
-    def __init__(self, backend: GeneratorBackend, cache: RequestCache, gen: GeneratorConfig):
-        self.backend = backend
-        self.cache = cache
-        self.gen = gen
-        # engine_id -> {"started_at", "load_s", "busy_s", "requests", "request_s", "ended_at"}: engines that
-        # answered (backends run through EngineUDF report themselves in every row)
-        self.engines: dict[str, dict] = {}
-
-    def run(self, requests: list[Request], label: str) -> tuple[dict[str, dict], PassStats]:
-        """Answers of every finished-ok request (request_id -> object) and the pass's statistics."""
-        stats = PassStats(requests=len(requests))
-        start = time.time()
-        by_id: dict[str, Request] = {}
-        for req in requests:
-            by_id.setdefault(req.request_id, req)  # identical requests (same content) are asked once
-        done = self.cache.finished(list(by_id), include_failed=not self.gen.retry_failed)
-        stats.cache_hits = sum(1 for r in requests if r.request_id in done)
-        answers = {rid: d["output"] for rid, d in done.items() if d["status"] == "ok"}
-        pending = [req for rid, req in by_id.items() if rid not in done]
-        if pending:
-            log.info("%s: %d requests, %d cached, %d to generate", label, len(requests), stats.cache_hits, len(pending))
-        attempt = 1
-        while pending:
-            retry = []
-            rows = [request_row(r, attempt, self.gen.temperature, self.gen.top_p, self.gen.repetition_penalty) for r in pending]
-            blocks = max(1, min(len(rows) // max(1, self.gen.batch_size), 200))
-            ds = self.backend.apply(ray.data.from_items(rows, override_num_blocks=blocks))
-            stats.sent += len(rows)
-            seen: dict[str, dict] = {}
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for row in batch_rows(batch):
-                    req = by_id[row["request_id"]]
-                    stats.prompt_tokens += int(row["prompt_tokens"])
-                    stats.completion_tokens += int(row["completion_tokens"])
-                    if "engine_id" in row:
-                        stats.request_s += float(row["duration_s"])
-                        eng = seen.setdefault(row["engine_id"], {"started_at": row["engine_started_at"], "requests": 0,
-                                                                 "request_s": 0.0, "load_s": row["engine_load_s"]})
-                        eng["busy_s"] = max(eng.get("busy_s", 0.0), float(row["engine_busy_s"]))
-                        eng["requests"] += 1
-                        eng["request_s"] += float(row["duration_s"])
-                    if row["error"]:
-                        obj, reason = None, f"backend:{row['error']}"
-                    else:
-                        obj, reason = validate(req, row["output_text"])
-                    if obj is not None:
-                        answers[req.request_id] = obj
-                        stats.ok += 1
-                        self._put(req, "ok", obj, "", attempt, row)
-                        continue
-                    stats.attempt_errors[reason_class(reason)] += 1
-                    if attempt < self.gen.max_attempts:
-                        retry.append(req)
-                    else:
-                        stats.failed += 1
-                        stats.failures[reason_class(reason)] += 1
-                        self._put(req, "failed", None, reason, attempt, row)
-                self.cache.commit()  # persisted as they complete: a kill loses at most this batch
-            # The job is over: Ray Data releases its actors now, so each engine was alive until here.
-            ended = time.time()
-            for engine_id, eng in seen.items():
-                self.engines[engine_id] = {**eng, "ended_at": ended}
-            pending = retry
-            attempt += 1
-        stats.wall_s = time.time() - start
-        return answers, stats
-
-    def _put(self, req: Request, status: str, obj, error: str, attempt: int, row: dict) -> None:
-        self.cache.put(req.request_id, req.pass_name, req.doc_id, req.key, status, obj, error, attempt,
-                       int(row["prompt_tokens"]), int(row["completion_tokens"]))
 
 
 def reason_class(reason: str) -> str:
     """Group reasons for counting: schema_mismatch:answer:maxLength -> schema_mismatch:answer."""
     if reason.startswith("schema_mismatch:"):
         return ":".join(reason.split(":")[:2])
+    if reason.startswith("engine_crash"):
+        return "engine_crash"
     if reason.startswith("backend:"):
         return reason.split(" after ")[0][:80]
     return reason
-
-
-_reason_class = reason_class  # the earlier name

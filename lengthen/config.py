@@ -12,9 +12,9 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from ctxforge.config import PathStr, StrictModel
+from ctxforge.config import PathStr, StrictModel, check_weights
 from ctxforge.lengthen.length_control import TYPES
-from ctxforge.generation.config import GeneratorConfig
+from ctxforge.generation.config import REMOVED_GENERATOR_KEYS, GeneratorConfig
 from ctxforge.train.config import RuntimeConfig, StageConfig
 
 
@@ -98,12 +98,7 @@ class LengthControlConfig(StrictModel):
     @field_validator("type_weights")
     @classmethod
     def _known(cls, v: dict[str, float]):
-        unknown = sorted(set(v) - set(TYPES))
-        if unknown:
-            raise ValueError(f"unknown constraint type(s) {unknown}; known: {list(TYPES)}")
-        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
-            raise ValueError("weights must be >= 0 with a positive sum")
-        return v
+        return check_weights(v, TYPES, "constraint type")
 
 
 def _default_stage() -> StageConfig:
@@ -128,6 +123,7 @@ class RunConfig(StrictModel):
 
 class LengthenConfig(StrictModel):
     deprecated_keys: ClassVar[dict[str, str]] = {"run": "runtime"}   # `runtime` as in synth, train and eval
+    removed_keys: ClassVar[dict[str, str]] = REMOVED_GENERATOR_KEYS
 
     iterations: int = Field(3, ge=1, description="Generator/extender iterations (published: 3).")
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -5,8 +5,8 @@ Per iteration (OUTPUT/iter_NNN/): self-instruct -> initial responses (generator)
 the next iteration starts from the two new checkpoints. After the last iteration every accepted
 extension goes into the long-output set (OUTPUT/final/) with word-count suffixes on its queries.
 
-Generation runs through the synthesis stage's backends (hf | vllm | http on Ray Data) and its request
-cache (OUTPUT/work/requests.sqlite); training runs through the training stage on Ray Train. Where the
+Generation runs through ctxforge.generation (backends hf | vllm | http | fake, the engine pool, the
+request scheduler and its cache OUTPUT/work/requests.sqlite); training runs through the training stage on Ray Train. Where the
 published scripts killed their servers (`pkill -f`) to end a step, each step here ends when its tasks
 are done and writes its output and its entry in OUTPUT/manifest.json. A rerun of a killed run replays
 finished steps from the cache (no request sent twice), trains only what is unfinished (finished
@@ -47,16 +47,11 @@ class Preflight:
 
 def preflight(cfg: LengthenConfig) -> Preflight:
     """Every input is checked before any work: model, tokenizer, seed file. Errors name the key."""
-    from ctxforge.models import load_tokenizer, resolve_model_path, tokenizer_hash
+    from ctxforge.generation.preflight import generator_backend
+    from ctxforge.models import load_tokenizer, tokenizer_hash
 
     gen = cfg.generator
-    try:
-        model_path = gen.model if gen.backend == "http" else resolve_model_path(gen.model)
-    except FileNotFoundError as exc:
-        raise PreflightError(f"generator.model: {exc}") from None
-    if gen.backend == "hf" and not Path(model_path).is_dir():
-        raise PreflightError(f"generator.model {gen.model!r}: the hf backend needs a local model directory "
-                             f"(no model hub is reached at run time)")
+    model_path = generator_backend(gen).model_path
     spec = cfg.tokenizer or gen.model
     try:
         tokenizer = load_tokenizer(spec)
@@ -70,18 +65,6 @@ def preflight(cfg: LengthenConfig) -> Preflight:
     return Preflight(model_path, tokenizer, tokenizer_hash(tokenizer), seeds)
 
 
-def make_backend(gen, model_path: str):
-    """The synthesis stage's backend for `gen.backend`, loading `model_path` (the served name for http)."""
-    if gen.backend == "hf":
-        from ctxforge.generation.backends.hf import HFBackend
-        return HFBackend(gen, model_path)
-    if gen.backend == "http":
-        from ctxforge.generation.backends.http import HTTPBackend
-        return HTTPBackend(gen, gen.model)
-    from ctxforge.generation.backends.vllm import VLLMBackend
-    return VLLMBackend(gen, model_path)
-
-
 @dataclass
 class Lengthener:
     cfg: LengthenConfig
@@ -91,7 +74,7 @@ class Lengthener:
 
     def __post_init__(self):
         self.out = Path(self.cfg.output.dir).expanduser().resolve()
-        self.roles: dict[str, Role] = {}
+        self.generations: dict = {}   # model path -> Generation (ctxforge.generation.session)
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -105,14 +88,28 @@ class Lengthener:
         self._save()
 
     def _role(self, name: str, model_path: str) -> Role:
-        from ctxforge.generation.validation import PassRunner
+        """The role's engines on `model_path`: one engine pool per model, shared by the roles that load it
+        (both in the first iteration) and kept until the iteration's generation is over."""
+        from ctxforge.generation.backends import make_backend
+        from ctxforge.generation.session import Generation
 
-        key = f"{name}:{model_path}"
-        if key not in self.roles:
+        if model_path not in self.generations:
             gen = self.cfg.generator
-            backend = make_backend(gen, model_path)
-            self.roles[key] = Role(name, PassRunner(backend, self.cache, gen), backend.model_path)
-        return self.roles[key]
+            self.generations[model_path] = Generation.open(make_backend(gen, model_path), gen, self.cache)
+        generation = self.generations[model_path]
+        return Role(name, generation, generation.backend.model_path)
+
+    def _release_engines(self, it: int | None = None) -> None:
+        """Shut the iteration's engine pools down (before training needs the CPUs and GPUs); their load, death
+        and replacement counts go to the iteration's manifest entry."""
+        counts: dict[str, int] = {}
+        for generation in self.generations.values():
+            generation.close()
+            for key, n in generation.pool.counts().items():
+                counts[key] = counts.get(key, 0) + n
+        self.generations = {}
+        if it is not None and counts:
+            self.manifest["iterations"][it - 1]["engines"] = counts
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -140,6 +137,7 @@ class Lengthener:
                 instructions = self._instructions(it, idir, models["generator"])
                 responses = self._initial(it, idir, models["generator"], instructions)
                 accepted = self._extend(it, idir, models["extender"], responses)
+                self._release_engines(it)
                 extensions += accepted
                 data_dir, data = self._data(it, idir, accepted)
                 if cfg.train.enabled:
@@ -150,6 +148,7 @@ class Lengthener:
                 self._save()
             self.manifest["final"] = self._collect(extensions)
         finally:
+            self._release_engines()
             self.cache.close()
         sent = sum(s.get("requests", {}).get("sent", 0) for i in self.manifest["iterations"] for s in i["steps"].values())
         self.manifest["requests_sent"] = sent

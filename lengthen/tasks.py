@@ -1,10 +1,12 @@
-"""The generation steps of one iteration as small state machines driven in waves through the PassRunner.
+"""The generation steps of one iteration as small state machines, clients of the generation layer.
 
-Each task (one wanted instruction, one initial response, one extension attempt) issues at most one
-request per wave and advances on its answer. `drive` collects every active task's request, sends them
-as one pass (cache first, then the backend on Ray Data), and feeds the answers back, until no task
-wants more. A task's state depends only on its answers and the config, so a rerun replays the same
-waves from the request cache and sends nothing; a killed run loses at most the batch in flight.
+Each task (one wanted instruction, one initial response, one extension attempt) has at most one
+request out at a time and advances on its answer. `drive` hands every task's request to a request
+scheduler on the role's engine pool (cache first, then the engines) and, as each answer comes back,
+feeds it to its task and asks that task's next request, until no task wants more. A task's state
+depends only on its own answers and the config, so the requests made (and the outputs) do not depend
+on the order in which answers arrive; a rerun replays them from the request cache and sends nothing,
+and a killed run loses at most the answers of one poll.
 
 A task distinguishes its tries by the request key (`initial:s1:t2`), which enters the request id: a
 retry is a new request with its own sampling seed, and a rerun asks the same ones.
@@ -13,6 +15,7 @@ retry is a new request with its own sampling seed, and a rerun asks the same one
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,8 +23,12 @@ from dataclasses import dataclass, field
 from ctxforge.lengthen import prompts
 from ctxforge.lengthen.checks import check_text, count_words, split_paragraphs
 from ctxforge.lengthen.config import LengthenConfig
-from ctxforge.generation.validation import PassRunner, PassStats
 from ctxforge.generation.requests import Request
+from ctxforge.generation.session import Generation
+from ctxforge.generation.stats import PassStats
+
+
+log = logging.getLogger(__name__)
 
 
 def text_id(text: str) -> str:
@@ -35,31 +42,35 @@ def _messages(cfg: LengthenConfig, user: str) -> list[dict[str, str]]:
 
 @dataclass
 class Role:
-    """One role's engine for this iteration: the runner (backend + cache) and the model it loads."""
+    """One role's engines for this iteration: the generation (engine pool + cache) on the model it loads."""
 
-    name: str          # generator | extender
-    runner: PassRunner
-    model: str         # resolved model path (or served name for http): part of every request id
+    name: str                # generator | extender
+    generation: Generation
+    model: str               # resolved model path (or served name for http): part of every request id
 
 
 def drive(tasks: list, role: Role, cfg: LengthenConfig, label: str) -> PassStats:
-    """Advance `tasks` wave by wave until all are done; returns the requests' statistics."""
-    stats = PassStats()
+    """Advance every task on its own answers until all are done; returns the requests' statistics."""
     gen = cfg.generator
     version = prompts.prompt_set_hash()
-    wave = 0
-    while True:
-        pending = [(t, r) for t in tasks if not t.done and (r := t.next_request()) is not None]
-        if not pending:
-            return stats
-        wave += 1
-        for _, req in pending:
-            # the key (try / round / step) makes each try its own content-addressed request
-            req.finalize(role.model, gen.temperature, gen.top_p, f"{version}|{req.key}", gen.repetition_penalty)
-        answers, st = role.runner.run([r for _, r in pending], f"{label} wave {wave} ({role.name})")
+    scheduler = role.generation.scheduler()
+
+    def ask(rank: int, task) -> None:
+        req = None if task.done else task.next_request()
+        if req is None:
+            return
+        # the key (try / round / step) makes each try its own content-addressed request
+        req.finalize(role.model, gen.temperature, gen.top_p, f"{version}|{req.key}", gen.repetition_penalty)
+        scheduler.ask([req], rank, lambda _req, answer: (task.feed(answer), ask(rank, task)))
+
+    for rank, task in enumerate(tasks):
+        ask(rank, task)
+    log.info("%s (%s): %d tasks", label, role.name, len(tasks))
+    scheduler.run()
+    stats = PassStats()
+    for st in scheduler.finish().values():
         stats.merge(st)
-        for task, req in pending:
-            task.feed(answers.get(req.request_id))
+    return stats
 
 
 @dataclass

@@ -5,8 +5,9 @@ text: summaries that are exactly "..." (the placeholder of an example reply), lo
 solid, ..." up to the token cap), empty talk ("The passage is written in plain prose."), answers cut
 at the schema's character cap mid-word, answers that restate the question, and questions that point at
 what the student never sees ("this passage", "section 4"). `check_output(request, obj)` returns the
-first failed check's reason ("" when all pass); the pass runner then retries the request with a new
-seed and finally records it as failed with that reason, counted per reason in the manifest.
+first failed check's reason ("" when all pass); synthesis hands it to the request scheduler as its
+content check (ctxforge.generation.validation.validate runs it after the JSON schema), which retries
+the request with a new seed and finally records it as failed with that reason, counted per reason.
 
 Reasons: truncated:<field>, placeholder:<field>, repetitive:<field>, too_short:summary,
 unsupported:summary, restated_question, hidden_reference.
@@ -111,15 +112,3 @@ def check_output(request, obj: dict) -> str:
         if checks.hidden_references == "retry" and refers_to_hidden_structure(obj["question"]):
             return "hidden_reference"
     return ""
-
-
-def validate(request, text: str) -> tuple[dict | None, str]:
-    """The runner's hook: schema validation, then the content checks. (object, "") or (None, reason)."""
-    from ctxforge.generation.validation import validate_output
-
-    obj, reason = validate_output(text, request.schema)
-    if obj is None:
-        return None, reason
-    reason = check_output(request, obj)
-    return (None, reason) if reason else (obj, "")
-

@@ -1,6 +1,6 @@
 """Algorithm 2 (He et al. 2025): several documents and their QA in one multi-turn conversation.
 
-The plan (documents, cuts, turns; pure and seeded) is schedule.py's StagePlanner. `plan_stage` runs
+The plan (documents, cuts, turns; pure and seeded) is sample_plan.py's SamplePlanner. `plan_stage_samples` runs
 it over a stage from document sketches (`PoolDocument`: sizes and ids, no text), in the driver, and
 keeps of each sample what a renderer needs: its documents' ids, where each was cut, and its seed
 (`RenderPlan`). Each planned sample is then rendered with the target tokenizer's chat template
@@ -23,7 +23,7 @@ from ctxforge.config import PreflightError
 from .config import ConcatConfig, StageConfig
 from .records import DocumentQA
 from .render import Rendered, render_detailed
-from .schedule import (  # the schedule's names are part of this module's interface (__all__)
+from .sample_plan import (  # the sample plan's names are part of this module's interface (__all__)
     PART_DIVERSE,
     PART_EARLIER,
     PART_FOLLOWUP,
@@ -36,7 +36,7 @@ from .schedule import (  # the schedule's names are part of this module's interf
     PoolDocument,
     QASketch,
     SamplePlan,
-    StagePlanner,
+    SamplePlanner,
     build_messages,
     cut_document,
     plan_conversation,
@@ -46,8 +46,8 @@ from .schedule import (  # the schedule's names are part of this module's interf
 __all__ = [
     "PART_DIVERSE", "PART_EARLIER", "PART_FOLLOWUP", "PART_HIERARCHICAL", "PART_REST_DIVERSE",
     "PART_REST_HIERARCHICAL", "PART_SUMMARY", "REST_PARTS", "EmptyStageError", "PlannedTurn", "PoolDocument",
-    "QASketch", "RenderPlan", "SamplePlan", "SampleSummary", "StagePlan", "StagePlanner", "build_messages",
-    "build_stage_samples", "cut_document", "plan_conversation", "plan_stage", "render_planned", "render_sample",
+    "QASketch", "RenderPlan", "SamplePlan", "SampleSummary", "StagePlan", "SamplePlanner", "build_messages",
+    "build_stage_samples", "cut_document", "plan_conversation", "plan_stage_samples", "render_planned", "render_sample",
     "sample_id", "stable_int", "stage_failure", "stage_stats",
 ]
 HISTOGRAM_BINS = 10
@@ -176,7 +176,7 @@ class RenderPlan:
 
     @classmethod
     def of(cls, plan: SamplePlan, pool: dict[str, PoolDocument]) -> "RenderPlan":
-        # a cut keeps fewer sections than the document has (StagePlanner cuts before the last one)
+        # a cut keeps fewer sections than the document has (SamplePlanner cuts before the last one)
         last = tuple(len(d.sections) - 1 if len(d.sections) < len(pool[d.doc_id].sections) else -1
                      for d in plan.documents)
         return cls(plan.index, tuple(d.doc_id for d in plan.documents), last, plan.seed, plan.cut, plan.qa_cut)
@@ -190,8 +190,8 @@ class StagePlan:
     counters: Counter           # the planner's counters (samples_short_of_documents)
 
 
-def plan_stage(stage: StageConfig, pool: Sequence[PoolDocument], cfg: ConcatConfig) -> StagePlan:
-    """The seeded, sequential part of Algorithm 2 (StagePlanner) over document sketches: which documents
+def plan_stage_samples(stage: StageConfig, pool: Sequence[PoolDocument], cfg: ConcatConfig) -> StagePlan:
+    """The seeded, sequential part of Algorithm 2 (SamplePlanner) over document sketches: which documents
     each sample gets, cut where, and its schedule seed. Cheap (no text, no tokenizer), in sample order.
 
     concat.special_tokens=skip_document needs sketches made with a tokenizer (PoolDocument.of(doc, tok)).
@@ -206,7 +206,7 @@ def plan_stage(stage: StageConfig, pool: Sequence[PoolDocument], cfg: ConcatConf
                              f"tokenizer)")
         return "special_tokens" if doc.special_tokens else ""
 
-    planner = StagePlanner(stage, pool, cfg, exclude)
+    planner = SamplePlanner(stage, pool, cfg, exclude)
     samples: list[RenderPlan] = []
     skip_reasons: Counter = Counter()
     for index in range(stage.samples):
@@ -311,14 +311,14 @@ def build_stage_samples(
 ) -> tuple[list[dict], dict]:
     """Build `stage.samples` rows (ctxforge.schema.SAMPLE_SCHEMA) and the stage's statistics, in this process.
 
-    `plan_stage` over the documents' sketches, then `render_planned` for each planned sample in order, then
+    `plan_stage_samples` over the documents' sketches, then `render_planned` for each planned sample in order, then
     `stage_stats`; the parallel path (write.py's RenderPool) runs the same three with the renders spread
     over workers. No row exceeds `stage.target_tokens`. Cost is dominated by tokenizing each rendered
     sample once (about 8 s per 1M tokens for Qwen2's BPE on one core), a few times when it had to be trimmed.
     """
     by_id = {d.doc_id: d for d in documents}
     special = tokenizer if cfg.special_tokens == "skip_document" else None
-    plan = plan_stage(stage, [PoolDocument.of(d, special) for d in documents], cfg)
+    plan = plan_stage_samples(stage, [PoolDocument.of(d, special) for d in documents], cfg)
     rows: list[dict] = []
     summaries: list[SampleSummary] = []
     counters: Counter = Counter()

@@ -12,8 +12,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ctxforge.config import PathStr, StrictModel
-from ctxforge.generation.config import GeneratorConfig
+from ctxforge.config import PathStr, StrictModel, check_weights
+from ctxforge.generation.config import REMOVED_GENERATOR_KEYS, GeneratorConfig
 
 
 class InputConfig(StrictModel):
@@ -118,12 +118,7 @@ class QAConfig(StrictModel):
     @field_validator("diverse_type_weights")
     @classmethod
     def _known_types(cls, v: dict[str, float]):
-        unknown = sorted(set(v) - set(DIVERSE_TYPES))
-        if unknown:
-            raise ValueError(f"unknown diverse question type(s) {unknown}; known: {list(DIVERSE_TYPES)}")
-        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
-            raise ValueError("weights must be >= 0 with a positive sum")
-        return v
+        return check_weights(v, DIVERSE_TYPES, "diverse question type")
 
 
 class GroundingConfig(StrictModel):
@@ -269,16 +264,10 @@ class CostConfig(StrictModel):
 class RunConfig(StrictModel):
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS if set (ray job submit), else start a local embedded Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (null = all).")
-    scheduler: Literal["streaming", "passes"] = Field(
-        "streaming",
-        description="streaming = every document advances to its next pass as soon as its own answers are in, on "
-        "engines loaded once per run; passes = one Ray Data job per pass and wave, engines loaded per job (the "
-        "earlier design, kept for comparison).",
-    )
     documents_in_flight: int = Field(
         512, ge=1,
-        description="streaming: most documents whose state the driver holds at once (new ones are admitted while the "
-        "engines have room); passes: documents per wave. Bounds driver memory on huge corpora.",
+        description="Most documents whose state the driver holds at once (new ones are admitted while the engines "
+        "have room). Bounds driver memory on huge corpora.",
     )
     render_workers: int | None = Field(
         None, ge=0,
@@ -294,6 +283,11 @@ class SynthConfig(StrictModel):
     deprecated_keys: ClassVar[dict[str, str]] = {"run.documents_per_wave": "runtime.documents_in_flight",
                                                  "runtime.documents_per_wave": "runtime.documents_in_flight",
                                                  "run": "runtime"}
+    removed_keys: ClassVar[dict[str, str]] = {
+        "runtime.scheduler": "every request runs through the engine pool's request scheduler (the pass-per-job "
+                             "stack is gone)",
+        **REMOVED_GENERATOR_KEYS,
+    }
 
     input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -92,7 +92,7 @@ class DocState:
 _TEXT_MARK = "\ue010ctxforge-input\ue011"  # private-use characters: no template writes them
 
 
-class Planner:
+class RequestPlanner:
     """Builds each pass's requests for a document; `count_tokens` sizes prompts for the generator."""
 
     def __init__(self, cfg: SynthConfig, count_tokens: Callable[[str], int]):

@@ -1,8 +1,8 @@
 """`ctxforge synth`: preflight -> read + chunk -> Algorithm 1 -> grounding -> Algorithm 2 -> write.
 
 Algorithm 1 streams: documents are admitted from the documents table a few at a time, each advances
-through its passes as its own answers come back, on engines that load once for the whole run
-(generation/pool.py, generation/scheduler.py, generate.py); a finished document's QA go to the QA table and its state
+through its passes as its own answers come back, on engines that load once for the whole run (a
+client of ctxforge.generation: document_passes.py hands its requests to a scheduler of `Generation`); a finished document's QA go to the QA table and its state
 leaves the driver. Algorithm 2 plans in the driver and renders in parallel workers (write.py).
 
 Everything written is either content-addressed (the request cache) or a deterministic function of
@@ -21,21 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctxforge.config import PreflightError
-from ctxforge.models import TINY_MODEL_SPEC, load_tokenizer, resolve_model_path, tokenizer_hash
-from ctxforge.generation.accounting import accounting, projection, projection_line
+from ctxforge.generation.accounting import accounting
+from ctxforge.generation.backends.base import GeneratorBackend
 from ctxforge.generation.cache import RequestCache
-from ctxforge.pipeline.concat import EmptyStageError, PoolDocument, plan_stage, stage_failure
+from ctxforge.generation.preflight import generator_backend
+from ctxforge.generation.session import Generation
+from ctxforge.generation.stats import PassStats
+from ctxforge.models import TINY_MODEL_SPEC, load_tokenizer, resolve_model_path, tokenizer_hash
+from ctxforge.pipeline.checks import check_output
+from ctxforge.pipeline.concat import EmptyStageError, PoolDocument, plan_stage_samples, stage_failure
 from ctxforge.pipeline.config import SynthConfig
 from ctxforge.pipeline.docstore import DocumentStore, QAWriter
 from ctxforge.pipeline.documents import boilerplate_counts, build_documents_table, no_document_error, select_documents
-from ctxforge.generation.pool import EnginePool
-from ctxforge.pipeline.generate import PASS_NAMES, QAAssembler, StreamingGenerator, WaveGenerator
-from ctxforge.generation.backends.base import GeneratorBackend
-from ctxforge.pipeline.hierarchy import DocState, Planner
-from ctxforge.generation.validation import PassRunner, PassStats
+from ctxforge.pipeline.document_passes import PASS_NAMES, QAAssembler, StreamingGenerator
+from ctxforge.pipeline.hierarchy import DocState, RequestPlanner
+from ctxforge.pipeline.projection import projection, projection_line
 from ctxforge.pipeline.prompts import PromptSetError, load_prompt_set
 from ctxforge.pipeline.read import holds_a_file
-from ctxforge.generation.scheduler import RequestScheduler
 from ctxforge.pipeline.write import RenderPool, SynthReport, render_workers, write_manifest
 from ctxforge.raycluster import init_ray
 
@@ -70,10 +72,6 @@ def preflight(cfg: SynthConfig) -> Preflight:
         generator_path = resolve_model_path(cfg.generator.model, cache_dir())
     except FileNotFoundError as exc:
         raise PreflightError(f"generator.model: {exc}") from None
-    if cfg.generator.backend == "hf" and not Path(generator_path).is_dir():
-        raise PreflightError(
-            f"generator.model {cfg.generator.model!r}: the hf backend needs a local model directory "
-            f"(no model hub is reached at run time); download it first or use generator.backend=vllm/http")
     try:
         tokenizer = load_tokenizer(target_path)
     except Exception as exc:  # an unreadable tokenizer must stop the run before any work
@@ -92,52 +90,8 @@ def preflight(cfg: SynthConfig) -> Preflight:
             raise PreflightError(f"input.path {cfg.input.path!r} holds no files")
     if "://" not in cfg.output.dir and Path(cfg.output.dir).exists() and not Path(cfg.output.dir).is_dir():
         raise PreflightError(f"output.dir {cfg.output.dir!r} is a file, not a directory")
-    key_env = cfg.generator.api_key_env
-    if cfg.generator.backend == "http" and key_env and not os.environ.get(key_env):
-        raise PreflightError(
-            f"generator.api_key_env: ${key_env} is not set; export it with the endpoint's API key, or set "
-            f"generator.api_key_env to the variable that holds it (null for an endpoint that takes no key)")
-    if cfg.generator.backend == "http":
-        _check_endpoint(cfg)
-    try:
-        backend = make_backend(cfg, generator_path)
-        if cfg.runtime.scheduler == "streaming":
-            backend.engine_factory()
-    except (ValueError, NotImplementedError) as exc:
-        raise PreflightError(str(exc)) from None
+    backend = generator_backend(cfg.generator, cache_dir())
     return Preflight(target_path, generator_path, tokenizer, tokenizer_hash(tokenizer), budget, cache_dir(), backend)
-
-
-def _check_endpoint(cfg: SynthConfig) -> None:
-    """The http generator's endpoint answers (GET /models, as every OpenAI-compatible server serves) before any
-    work: a down or mistyped endpoint is one line at once, not hours of retried requests."""
-    import httpx
-
-    url = (cfg.generator.base_url or "").rstrip("/") + "/models"
-    key = os.environ.get(cfg.generator.api_key_env or "", "")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    try:
-        response = httpx.get(url, headers=headers, timeout=min(30.0, cfg.generator.timeout_s))
-    except httpx.HTTPError as exc:
-        raise PreflightError(f"generator.base_url: cannot reach {url}: {type(exc).__name__}: {exc}") from None
-    if response.status_code in (401, 403):
-        raise PreflightError(f"generator.base_url: {url} refused the API key from ${cfg.generator.api_key_env} "
-                             f"(HTTP {response.status_code})")
-
-
-def make_backend(cfg: SynthConfig, model_path: str) -> GeneratorBackend:
-    if cfg.generator.backend == "fake":
-        from ctxforge.generation.backends.fake import FakeBackend
-        return FakeBackend(cfg.generator, cfg.generator.model)
-    if cfg.generator.backend == "hf":
-        from ctxforge.generation.backends.hf import HFBackend
-        return HFBackend(cfg.generator, model_path)
-    if cfg.generator.backend == "http":
-        from ctxforge.generation.backends.http import HTTPBackend
-        # the endpoint knows the model by its served name, not by a resolved path
-        return HTTPBackend(cfg.generator, cfg.generator.model)
-    from ctxforge.generation.backends.vllm import VLLMBackend
-    return VLLMBackend(cfg.generator, model_path)
 
 
 def estimate_requests(cfg: SynthConfig, docs: list[dict]) -> dict:
@@ -172,32 +126,16 @@ class _Finished:
         self.writer.add(rank, state.doc_id, records)
 
 
-def _generate_streaming(cfg: SynthConfig, pre: Preflight, planner: Planner, cache: RequestCache,
-                        store: DocumentStore, ids: list[str], finished: _Finished) -> tuple[dict, list[dict]]:
-    pool = EnginePool(pre.backend, cfg.generator.scale_down_idle_s)
-    scheduler = RequestScheduler(pool, cache, cfg.generator, pre.backend.model_path, planner.prompts.hash, PASS_NAMES)
-    try:
+def _generate(cfg: SynthConfig, pre: Preflight, planner: RequestPlanner, cache: RequestCache,
+              store: DocumentStore, ids: list[str], finished: _Finished) -> tuple[dict, list[dict], dict]:
+    """Algorithm 1 over the documents `ids`: (statistics per pass, engine snapshots, engine counts)."""
+    with Generation.open(pre.backend, cfg.generator, cache) as generation:
+        scheduler = generation.scheduler(planner.prompts.hash, PASS_NAMES, content_check=check_output)
         StreamingGenerator(planner, scheduler, cfg.runtime.documents_in_flight).run(store.load(ids), finished)
-    finally:
-        pool.shutdown()
+    pool = generation.pool
     log.info("generation done: %d engines started, %d lost, %d requests sent again after a loss",
              pool.started, pool.lost_engines, scheduler.lost_resent)
-    return scheduler.finish(), pool.engine_records()
-
-
-def _generate_passes(cfg: SynthConfig, pre: Preflight, planner: Planner, cache: RequestCache,
-                     store: DocumentStore, ids: list[str], finished: _Finished) -> tuple[dict, list[dict]]:
-    runner = PassRunner(pre.backend, cache, cfg.generator)
-    generator = WaveGenerator(cfg, planner, runner, pre.backend.model_path)
-    wave = cfg.runtime.documents_in_flight
-    for start in range(0, len(ids), wave):
-        states = list(store.load(ids[start:start + wave]))
-        generator.run_wave(states, f"wave {start // wave + 1}/{-(-len(ids) // wave)}")
-        for i, state in enumerate(states):
-            finished(start + i, state)
-    records = [{"alive_s": e["ended_at"] - e["started_at"], "load_s": e["load_s"], "busy_s": e["busy_s"],
-                "requests": e["requests"], "request_s": e["request_s"]} for e in runner.engines.values()]
-    return generator.pass_stats, records
+    return scheduler.finish(), generation.engine_records(), pool.counts()
 
 
 def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
@@ -225,11 +163,10 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
     timings["read_s"] = time.time() - started
 
     cache = RequestCache(work / "requests.sqlite")
-    planner = Planner(cfg, lambda text: len(pre.budget_tokenizer(text, add_special_tokens=False)["input_ids"]))
+    planner = RequestPlanner(cfg, lambda text: len(pre.budget_tokenizer(text, add_special_tokens=False)["input_ids"]))
     finished = _Finished(cfg, len(ids), out / "qa" / "qa.parquet", pre.tokenizer)
     t = time.time()
-    run = _generate_streaming if cfg.runtime.scheduler == "streaming" else _generate_passes
-    pass_stats, engine_records = run(cfg, pre, planner, cache, store, ids, finished)
+    pass_stats, engine_records, engine_counts = _generate(cfg, pre, planner, cache, store, ids, finished)
     timings["generate_s"] = time.time() - t
     qa_index = finished.writer.close()
     cache_counts = cache.count()
@@ -241,7 +178,7 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
     render = RenderPool(workers, pre.target_path, {i: store.locations[i] for i in ids}, qa_index, pre.tokenizer)
     try:
         for stage in cfg.concat.stages:
-            plan = plan_stage(stage, finished.pool, cfg.concat)
+            plan = plan_stage_samples(stage, finished.pool, cfg.concat)
             stage_reports[stage.name] = render.write_stage(out / "samples" / stage.name, stage, plan, cfg,
                                                            pre.tokenizer_hash)
     finally:
@@ -263,7 +200,8 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
         grounding=assembler.grounding.to_dict(), stages=stage_reports, wall_s=time.time() - started,
         boilerplate=boilerplate_counts(table),
         tiny_model=TINY_MODEL_SPEC in (cfg.generator.model, cfg.target.tokenizer),
-        accounting=accounting(passes, engine_records, backend.gpus_per_engine(), cfg), projection=proj,
+        accounting=accounting(passes, engine_records, backend.gpus_per_engine(), cfg.cost, engine_counts),
+        projection=proj,
         timings=timings,
     )
     write_manifest(out / "manifest.json", report)

@@ -32,7 +32,7 @@ from ctxforge.pipeline.concat import (
 )
 from ctxforge.pipeline.config import ConcatConfig, StageConfig, SynthConfig
 from ctxforge.pipeline.docstore import QA_SCHEMA, Location, QAIndex, SampleSource
-from ctxforge.generation.validation import PassStats
+from ctxforge.generation.stats import PassStats
 from ctxforge.pipeline.prompts import load_prompt_set
 from ctxforge.pipeline.records import DocumentQA, QARecord
 from ctxforge.schema import SAMPLE_SCHEMA

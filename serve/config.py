@@ -14,11 +14,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ctxforge.config import PathStr, StrictModel
+from ctxforge.config import PathStr
+from ctxforge.generation.config import EnginePlacement
 from ctxforge.train.rope import RopeConfig, stage_rope_parameters
 
 
-class ServeConfig(StrictModel):
+class ServeConfig(EnginePlacement):
+    """`ctxforge serve`: the model, the HTTP endpoint, replicas, and where each engine runs (EnginePlacement's
+    num_cpus, num_gpus, tensor_parallel_size, accelerator_type, resources, shared with the generator section)."""
+
     model: PathStr = Field("ctxforge:tiny", description="Checkpoint to serve: a model directory, a hub name (vllm), or ctxforge:tiny / ctxforge:smollm2.")
     served_model_name: str | None = Field(None, description="Model id clients send in `model` (default: the directory name, or the packaged name: `tiny` for ctxforge:tiny, `smollm2` for ctxforge:smollm2).")
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="hf = transformers deployment (CPU or one GPU); vllm = ray.serve.llm with the vLLM engine; auto = vllm when a CUDA GPU and vllm are present, else hf.")
@@ -39,16 +43,8 @@ class ServeConfig(StrictModel):
     target_ongoing_requests: float = Field(4.0, gt=0, description="Autoscaling: target in-flight requests per replica.")
     max_ongoing_requests: int = Field(16, ge=1, description="In-flight requests per replica; more are queued by Ray Serve, not dropped.")
     max_queued_requests: int = Field(-1, ge=-1, description="Requests queued per caller before Serve answers 503 (-1 = unbounded queue).")
-    num_cpus: float = Field(0.5, gt=0, description="CPUs per hf replica (keep <= 0.5 on a 2-CPU machine so the proxy and controller fit).")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per hf replica (vllm uses tensor_parallel_size instead).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="hf backend device.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf backend weights dtype (auto = bf16 on GPU, fp32 on CPU).")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel degree).")
-    accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type to request, e.g. H100.")
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each replica requests "
-                                        "(hf: the replica actor; vllm: every GPU bundle of the engine's placement group), "
-                                        "so that it lands only on the node type that provides them, e.g. "
-                                        "{ctxforge_generate: 1} (the GPU nodes of cluster/aws.yaml); {} = none.")
     engine_kwargs: dict = Field(default_factory=dict, description="vllm: extra vLLM engine arguments (merged over the ones derived here).")
 
     @model_validator(mode="after")

@@ -8,9 +8,10 @@ import json
 import pytest
 
 from ctxforge.config import load_config
-from ctxforge.pipeline.checks import check_output, is_truncated, refers_to_hidden_structure, validate
+from ctxforge.generation.validation import validate
+from ctxforge.pipeline.checks import check_output, is_truncated, refers_to_hidden_structure
 from ctxforge.pipeline.config import SynthConfig
-from ctxforge.pipeline.hierarchy import Planner
+from ctxforge.pipeline.hierarchy import RequestPlanner
 from test_hierarchy import fill_summaries, make_doc
 
 CHUNK = ("The miller counted forty sacks of barley in the loft, and his daughter Agnes wrote each number on the "
@@ -21,7 +22,7 @@ CHUNK = ("The miller counted forty sacks of barley in the loft, and his daughter
 @pytest.fixture(scope="module")
 def planner():
     cfg = load_config(SynthConfig, "tiny", ["checks.enabled=true", "limits.summary_chars=160", "limits.answer_chars=120"])
-    return Planner(cfg, lambda text: len(text.split()))
+    return RequestPlanner(cfg, lambda text: len(text.split()))
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +102,16 @@ def test_checks_can_be_switched_off_for_a_random_weight_model(summary_request):
 
 
 def test_validate_hook_runs_schema_then_content_checks(qa_request):
-    assert validate(qa_request, "not json") == (None, "invalid_json")
-    assert validate(qa_request, json.dumps(qa(answer="How many sacks of barley did the miller count")))[1] == "restated_question"
-    obj, reason = validate(qa_request, json.dumps(qa()))
+    assert validate(qa_request, "not json", check_output) == (None, "invalid_json")
+    assert validate(qa_request, json.dumps(qa(answer="How many sacks of barley did the miller count")), check_output)[1] == "restated_question"
+    assert validate(qa_request, json.dumps(qa(answer="How many sacks of barley did the miller count")))[1] == ""  # no content check: schema only
+    obj, reason = validate(qa_request, json.dumps(qa()), check_output)
     assert reason == "" and obj["answer"] == "He counted forty sacks."
 
 
 def test_hidden_references_can_be_kept(planner):
     cfg = load_config(SynthConfig, "tiny", ["checks.enabled=true", "checks.hidden_references=keep"])
-    p = Planner(cfg, lambda text: len(text.split()))
+    p = RequestPlanner(cfg, lambda text: len(text.split()))
     doc = make_doc(3)
     fill_summaries(p, doc)
     p.make_plan(doc)

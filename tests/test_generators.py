@@ -9,7 +9,7 @@ import pytest
 
 from ctxforge.pipeline.config import LimitsConfig
 from ctxforge.generation.config import GeneratorConfig
-from ctxforge.generation.backends.base import REQUEST_COLUMNS, RESULT_COLUMNS, rows_batch
+from ctxforge.generation.backends.base import REQUEST_COLUMNS, RESULT_COLUMNS
 from ctxforge.generation.validation import validate_output
 from ctxforge.pipeline.prompts import load_prompt_set, qa_schema
 
@@ -25,12 +25,18 @@ def request(seed: int, text: str = "The miller counted forty sacks of grain befo
 
 @pytest.fixture(scope="module")
 def hf_udf(tiny_model_path):
-    from ctxforge.generation.backends.hf import HFGeneratorUDF
-    return HFGeneratorUDF(tiny_model_path, device="cpu", dtype="auto", max_model_len=2048)
+    from ctxforge.generation.backends.hf import HFEngine
+    return HFEngine(tiny_model_path, device="cpu", dtype="auto", max_model_len=2048)
+
+
+def columns(engine, rows: list[dict]) -> dict[str, list]:
+    """The engine's answers to `rows`, one after another, as columns (request and result fields)."""
+    out = [{**row, **engine.generate(row)} for row in rows]
+    return {key: [r[key] for r in out] for key in out[0]}
 
 
 def test_hf_structured_output_is_seeded_and_schema_shaped(hf_udf):
-    out = hf_udf(rows_batch([request(1), request(1), request(2)]))
+    out = columns(hf_udf, ([request(1), request(1), request(2)]))
     assert set(REQUEST_COLUMNS + RESULT_COLUMNS) <= set(out)
     texts = list(out["output_text"])
     assert texts[0] == texts[1]          # same seed, same text: reruns reproduce
@@ -47,32 +53,23 @@ def test_hf_structured_output_is_seeded_and_schema_shaped(hf_udf):
 
 
 def test_hf_prompt_longer_than_window_is_an_error_row_not_a_crash(hf_udf):
-    out = hf_udf(rows_batch([request(3, text="grain " * 3000)]))
+    out = columns(hf_udf, ([request(3, text="grain " * 3000)]))
     assert out["output_text"][0] == ""
     assert out["error"][0].startswith("prompt_too_long")
 
 
-def test_vllm_processor_builds_on_cpu_without_vllm():
-    from ctxforge.generation.backends.vllm import VLLMBackend, _postprocess, _preprocess
+def test_vllm_engine_arguments_and_sampling_on_cpu_without_vllm():
+    from ctxforge.generation.backends.vllm import VLLMBackend, sampling_params
 
     cfg = GeneratorConfig(backend="vllm", tensor_parallel_size=4, concurrency=(1, 8), accelerator_type="H100",
                           max_model_len=32768, engine_kwargs={"gpu_memory_utilization": 0.9})
-    backend = VLLMBackend(cfg, "/models/Qwen2.5-72B-Instruct")
-    pc = backend.processor_config()
-    assert pc.engine_kwargs["tensor_parallel_size"] == 4 and pc.engine_kwargs["max_model_len"] == 32768
-    assert pc.engine_kwargs["gpu_memory_utilization"] == 0.9 and pc.accelerator_type == "H100"
-    assert pc.should_continue_on_error
-    processor = backend.build()   # vllm itself is imported only inside the engine actors
-    assert processor is not None
-    # the row mapping around the engine keeps our contract
+    kwargs = VLLMBackend(cfg, "/models/Qwen2.5-72B-Instruct").engine_factory().kwargs["engine_kwargs"]
+    assert kwargs["tensor_parallel_size"] == 4 and kwargs["max_model_len"] == 32768
+    assert kwargs["gpu_memory_utilization"] == 0.9
     row = request(5)
-    pre = _preprocess(row)
-    assert pre["sampling_params"]["structured_outputs"] == {"json": json.loads(row["schema"])}
-    assert pre["sampling_params"]["seed"] == 5 and pre["messages"][0]["role"] == "system"
-    post = _postprocess({**pre, "generated_text": '{"a": 1}', "num_input_tokens": 12, "num_generated_tokens": 4})
-    assert post["output_text"] == '{"a": 1}' and post["error"] == "" and post["messages"] == row["messages"]
-    failed = _postprocess({**pre, "__inference_error__": "CUDA OOM", "generated_text": "x"})
-    assert failed["output_text"] == "" and failed["error"] == "CUDA OOM"
+    params = sampling_params(row)
+    assert params["structured_outputs"] == {"json": json.loads(row["schema"])} and params["seed"] == 5
+    assert "structured_outputs" not in sampling_params({**row, "schema": ""})   # free text: unconstrained
 
 
 def test_vllm_engine_actor_wiring_on_cpu_without_vllm():
@@ -129,27 +126,12 @@ def test_vllm_engine_in_the_pool_generates_schema_valid_json_on_gpu(ray_local, t
     assert pool.engine_records()[0]["requests"] == 4
 
 
-@pytest.mark.gpu
-def test_vllm_backend_generates_schema_valid_json_on_gpu(ray_local, tiny_model_path):
-    pytest.importorskip("vllm")
-    import ray
-    from ctxforge.generation.backends.vllm import VLLMBackend
-
-    cfg = GeneratorConfig(backend="vllm", concurrency=1, max_model_len=2048, batch_size=4,
-                          engine_kwargs={"gpu_memory_utilization": 0.3, "enforce_eager": True})
-    rows = [request(s) for s in range(4)]
-    out = VLLMBackend(cfg, tiny_model_path).apply(ray.data.from_items(rows)).take_all()
-    schema = json.loads(rows[0]["schema"])
-    assert len(out) == 4 and all(r["error"] == "" for r in out)
-    assert sum(validate_output(r["output_text"], schema)[0] is not None for r in out) >= 3
-
-
 def test_http_payload_can_leave_out_length_bounds_for_strict_endpoints():
-    from ctxforge.generation.backends.http import HTTPGeneratorUDF
+    from ctxforge.generation.backends.http import HTTPEngine
 
     row = request(7)
-    with_bounds = HTTPGeneratorUDF("http://127.0.0.1:9/v1", "m", "NO_SUCH_KEY_VAR", 1, 1.0, 0, 0.01)._payload(row)
-    without = HTTPGeneratorUDF("http://127.0.0.1:9/v1", "m", "NO_SUCH_KEY_VAR", 1, 1.0, 0, 0.01,
+    with_bounds = HTTPEngine("http://127.0.0.1:9/v1", "m", "NO_SUCH_KEY_VAR", 1, 1.0, 0, 0.01)._payload(row)
+    without = HTTPEngine("http://127.0.0.1:9/v1", "m", "NO_SUCH_KEY_VAR", 1, 1.0, 0, 0.01,
                                length_bounds=False)._payload(row)
     sent = json.dumps(without["response_format"])
     assert "maxLength" in json.dumps(with_bounds["response_format"])  # control: bounds are sent by default
@@ -158,8 +140,8 @@ def test_http_payload_can_leave_out_length_bounds_for_strict_endpoints():
 
 
 def test_repetition_penalty_reaches_the_request_id_and_every_backend(hf_udf):
-    from ctxforge.generation.backends.http import HTTPGeneratorUDF
-    from ctxforge.generation.backends.vllm import _preprocess
+    from ctxforge.generation.backends.http import HTTPEngine
+    from ctxforge.generation.backends.vllm import sampling_params
     from ctxforge.generation.requests import Request, request_row
 
     def rid(**kw):
@@ -172,8 +154,8 @@ def test_repetition_penalty_reaches_the_request_id_and_every_backend(hf_udf):
     assert request_row(req, 0, 0.7, 0.95, 1.1)["repetition_penalty"] == 1.1
 
     row = {**request(7), "repetition_penalty": 1.1}
-    assert _preprocess(row)["sampling_params"]["repetition_penalty"] == 1.1              # vLLM SamplingParams
-    udf = HTTPGeneratorUDF("http://127.0.0.1:9/v1", "m", "CTXFORGE_UNSET_KEY", 1, 1.0, 0, 0.01)
+    assert sampling_params(row)["repetition_penalty"] == 1.1                          # vLLM SamplingParams
+    udf = HTTPEngine("http://127.0.0.1:9/v1", "m", "CTXFORGE_UNSET_KEY", 1, 1.0, 0, 0.01)
     assert udf._payload(row)["repetition_penalty"] == 1.1
     assert "repetition_penalty" not in udf._payload(request(7))  # 1.0 is not sent: OpenAI's API rejects the key
     # transformers: generate() receives it (the random tiny model's flat logits would hide its effect)
@@ -185,7 +167,7 @@ def test_repetition_penalty_reaches_the_request_id_and_every_backend(hf_udf):
 
     hf_udf.model.generate = spy
     try:
-        hf_udf(rows_batch([{**request(8), "max_tokens": 16}, {**request(8), "max_tokens": 16, "repetition_penalty": 1.5}]))
+        columns(hf_udf, ([{**request(8), "max_tokens": 16}, {**request(8), "max_tokens": 16, "repetition_penalty": 1.5}]))
     finally:
         hf_udf.model.generate = generate
     assert seen == [1.0, 1.5]
@@ -199,7 +181,7 @@ def test_request_rows_keep_the_schemas_property_order(hf_udf):
     schema = qa_schema(LimitsConfig())
     req = Request("qa", "d", "k", [{"role": "user", "content": "x"}], "qa", schema, 8).finalize("m", 0.7, 0.95, "p")
     assert list(json.loads(request_row(req, 0, 0.7, 0.95)["schema"])["properties"]) == ["question", "answer", "evidence_quote"]
-    out = hf_udf(rows_batch([{**request(9), "schema": json.dumps(schema), "max_tokens": 24}]))
+    out = columns(hf_udf, ([{**request(9), "schema": json.dumps(schema), "max_tokens": 24}]))
     assert out["output_text"][0].startswith('{"question": ')
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 from ctxforge.config import load_config
 from ctxforge.pipeline.config import SynthConfig
-from ctxforge.pipeline.hierarchy import DocState, Planner
+from ctxforge.pipeline.hierarchy import DocState, RequestPlanner
 from ctxforge.pipeline.records import Chunk, Section
 
 
@@ -28,12 +28,12 @@ def make_doc(n_chunks: int, per_section: int = 3, doc_id: str = "doc") -> DocSta
     return DocState(doc_id, "Title", text, n_chunks * 10, chunks, sections)
 
 
-def planner(*overrides: str) -> Planner:
+def planner(*overrides: str) -> RequestPlanner:
     cfg = load_config(SynthConfig, "qwen72b-vllm", list(overrides))
-    return Planner(cfg, lambda text: len(text.split()))
+    return RequestPlanner(cfg, lambda text: len(text.split()))
 
 
-def fill_summaries(p: Planner, doc: DocState) -> None:
+def fill_summaries(p: RequestPlanner, doc: DocState) -> None:
     for c in doc.chunks:
         doc.summaries[doc.chunk_summary_id(c.index)] = f"summary of chunk {c.index}"
     for s in doc.sections:
@@ -41,7 +41,7 @@ def fill_summaries(p: Planner, doc: DocState) -> None:
     doc.summaries[doc.global_id] = "global summary"
 
 
-def ask_all(p: Planner, doc: DocState) -> list:
+def ask_all(p: RequestPlanner, doc: DocState) -> list:
     """Every QA and follow-up request of the plan, round by round, each answered at once."""
     asked = []
     while True:

@@ -14,8 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FakeOpenAIServer, answer_for, request_key  # noqa: E402
 
 from ctxforge.generation.config import GeneratorConfig  # noqa: E402
-from ctxforge.generation.backends.base import REQUEST_COLUMNS, RESULT_COLUMNS, rows_batch  # noqa: E402
-from ctxforge.generation.backends.http import HTTPBackend, HTTPGeneratorUDF  # noqa: E402
+from ctxforge.generation.backends.base import REQUEST_COLUMNS, RESULT_COLUMNS  # noqa: E402
+from ctxforge.generation.backends.http import HTTPBackend, HTTPEngine  # noqa: E402
+from ctxforge.generation.pool import EnginePool  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -81,9 +82,25 @@ def run(ray, server: FakeOpenAIServer, rows: list[dict], **overrides) -> list[di
         "backend": "http", "base_url": server.base_url, "model": "fake", "api_key_env": KEY_ENV + "_UNSET",
         "concurrency": 4, "retry_base_s": 0.01, "max_retries": 3, "timeout_s": 10.0, **overrides,
     })
-    out = HTTPBackend(cfg, "fake").apply(ray.data.from_items(rows)).take_all()
-    assert len(out) == len(rows)
-    return sorted(out, key=lambda r: r["request_id"])
+    pool = EnginePool(HTTPBackend(cfg, "fake"))   # the engine pool's http engine, as a run uses it
+    answers, queue = {}, list(rows)
+    try:
+        while len(answers) < len(rows):
+            pool.autoscale(len(queue))
+            while queue and pool.submit(queue[0], queue[0]["request_id"]):
+                queue.pop(0)
+            answered, lost = pool.poll(0.5)
+            assert not lost
+            answers.update({rid: result for rid, result in answered})
+    finally:
+        pool.shutdown()
+    return sorted(({**row, **answers[row["request_id"]]} for row in rows), key=lambda r: r["request_id"])
+
+
+def columns(engine, rows: list[dict]) -> dict[str, list]:
+    """The engine's answers to `rows`, one after another, as columns (request and result fields)."""
+    out = [{**row, **engine.generate(row)} for row in rows]
+    return {key: [r[key] for r in out] for key in out[0]}
 
 
 def key_of(row: dict) -> str:
@@ -173,7 +190,7 @@ def test_api_key_from_env_reaches_server_only(ray_local):
 def test_in_flight_requests_are_bounded(ray_local, concurrency):
     rows = make_rows(24)
     with FakeOpenAIServer(latency_s=0.05) as server:
-        out = run(ray_local, server, rows, concurrency=concurrency, batch_size=4)
+        out = run(ray_local, server, rows, concurrency=concurrency)
     assert all(r["error"] == "" for r in out)
     assert server.stats.max_in_flight <= concurrency
     if concurrency > 1:
@@ -185,15 +202,15 @@ def test_udf_in_process_connection_drop_and_malformed_content():
     (schema validation and its attempts belong to the pass runner)."""
     rows = make_rows(3)
     with FakeOpenAIServer(schedule=("disconnect", "malformed")) as server:
-        udf = HTTPGeneratorUDF(server.base_url, "fake", KEY_ENV + "_UNSET", 2, 5.0, 3, 0.01)
-        out = udf(rows_batch(rows))
+        engine = HTTPEngine(server.base_url, "fake", KEY_ENV + "_UNSET", 2, 5.0, 3, 0.01)
+        out = columns(engine, rows)
     assert list(out["error"]) == ["", "", ""]
     assert all(text.startswith("Sure!") for text in out["output_text"])
     assert server.stats.faults == {"disconnect": 3, "malformed": 3}
 
     with FakeOpenAIServer(permanent="disconnect") as server:
-        udf = HTTPGeneratorUDF(server.base_url, "fake", KEY_ENV + "_UNSET", 2, 5.0, 1, 0.01)
-        out = udf(rows_batch(rows[:1]))
+        engine = HTTPEngine(server.base_url, "fake", KEY_ENV + "_UNSET", 2, 5.0, 1, 0.01)
+        out = columns(engine, rows[:1])
     assert out["error"][0].startswith("connection error (") and out["error"][0].endswith("after 1 retries")
 
 

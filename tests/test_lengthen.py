@@ -248,8 +248,8 @@ def test_help_documents_every_option(capsys):
 
 
 def test_free_text_requests_go_unconstrained_through_every_backend():
-    from ctxforge.generation.backends.http import HTTPGeneratorUDF
-    from ctxforge.generation.backends.vllm import _preprocess
+    from ctxforge.generation.backends.http import HTTPEngine
+    from ctxforge.generation.backends.vllm import sampling_params
     from ctxforge.generation.validation import validate_output
     from ctxforge.generation.requests import Request, request_row
 
@@ -259,7 +259,7 @@ def test_free_text_requests_go_unconstrained_through_every_backend():
     assert validate_output("  Some prose.\n\nMore.  ", None) == ({"text": "Some prose.\n\nMore."}, "")
     assert validate_output("   ", None) == (None, "empty_output")
     assert validate_output("Some prose.", {"type": "object"})[1] == "invalid_json"   # structured stays strict
-    udf = HTTPGeneratorUDF("http://127.0.0.1:1/v1", "m", "", 1, 1.0, 0, 0.1)
+    udf = HTTPEngine("http://127.0.0.1:1/v1", "m", "", 1, 1.0, 0, 0.1)
     assert "response_format" not in udf._payload(row)
     assert "response_format" in udf._payload({**row, "schema": '{"type": "object"}'})
-    assert "structured_outputs" not in _preprocess(row)["sampling_params"]
+    assert "structured_outputs" not in sampling_params(row)

@@ -8,7 +8,7 @@ import yaml
 
 from ctxforge.config import PreflightError, load_config
 from ctxforge.pipeline.config import SynthConfig
-from ctxforge.pipeline.hierarchy import Planner
+from ctxforge.pipeline.hierarchy import RequestPlanner
 from ctxforge.pipeline.prompts import DEFAULT_PROMPTS, TEMPLATES, PromptSetError, load_prompt_set, placeholders
 from test_hierarchy import fill_summaries, make_doc
 
@@ -35,7 +35,7 @@ def test_packaged_set_is_valid_and_has_no_placeholder_values():
 
 
 def _request_ids(cfg: SynthConfig) -> list[str]:
-    p = Planner(cfg, lambda text: len(text.split()))
+    p = RequestPlanner(cfg, lambda text: len(text.split()))
     doc = make_doc(3)
     fill_summaries(p, doc)
     return [r.finalize("m", 0.7, 0.95, p.prompts.hash).request_id for r in p.small_summary_requests(doc)]
@@ -46,7 +46,7 @@ def test_a_user_prompt_file_replaces_the_set_and_changes_every_request_id(tmp_pa
     data = yaml.safe_load(DEFAULT_PROMPTS.read_text())
     path = write_set(tmp_path, summary_chunk=data["summary_chunk"].replace("in your own words", "briefly"))
     custom = load_config(SynthConfig, "tiny", [f"generator.prompts={path}"])
-    mine = Planner(custom, len)
+    mine = RequestPlanner(custom, len)
     assert mine.prompts.hash != load_prompt_set().hash and mine.prompts.path == path
     assert "briefly" in mine.small_summary_requests(make_doc(2))[0].messages[-1]["content"]
     assert not set(_request_ids(default)) & set(_request_ids(custom))

@@ -281,14 +281,6 @@ def test_serve_and_eval_replicas_request_the_generation_node_resource(tiny_model
     assert "placement_group_config" not in build_llm_config(ServeConfig(model="/m", max_model_len=4096), "/m")
 
 
-class _Dataset:
-    """Records what a generator backend asks Ray Data for."""
-
-    def map_batches(self, fn, **kwargs):
-        self.kwargs = kwargs
-        return self
-
-
 def test_synthesis_generators_request_the_generation_node_resource():
     from ctxforge.generation.backends.hf import HFBackend
     from ctxforge.generation.backends.http import HTTPBackend
@@ -301,12 +293,8 @@ def test_synthesis_generators_request_the_generation_node_resource():
     assert len(bundles) == 4 and all(b["ctxforge_generate"] == 1 and b["GPU"] == 1 for b in bundles)
     one_gpu = VLLMBackend(gen.model_copy(update={"tensor_parallel_size": 1}), "/models/qwen")
     assert one_gpu.placement_bundles() is None and one_gpu.actor_options()["resources"] == {"ctxforge_generate": 1}
-    # passes mode (ray.data.llm): the processor's placement group
-    pg = vllm.processor_config().placement_group_config
-    assert pg["bundle_per_worker"] == {"CPU": 1, "GPU": 1, "ctxforge_generate": 1}
     for backend, extra in ((HFBackend, {}), (HTTPBackend, {"base_url": "http://127.0.0.1:1/v1"})):
         cfg = gen.model_copy(update={"backend": backend.name, "concurrency": 1, **extra})
         assert backend(cfg, "/models/qwen").actor_options()["resources"] == {"ctxforge_generate": 1}
-        assert backend(cfg, "/models/qwen").apply(_Dataset()).kwargs["resources"] == {"ctxforge_generate": 1}
         local = backend(cfg.model_copy(update={"resources": {}}), "/m")
-        assert "resources" not in local.apply(_Dataset()).kwargs and "resources" not in local.actor_options()
+        assert "resources" not in local.actor_options()

@@ -1,13 +1,10 @@
-"""The generator backend interface: an engine built once per actor, and the Ray Data transform around it.
+"""The generator backend interface: the engine a long-lived actor of the engine pool builds once.
 
-A backend (hf, vllm, http, fake) describes two ways to run the same generator:
-  - `engine_factory()`: the `Engine` that a long-lived actor of the engine pool (pool.py) builds
-    once (loads the model) and then asks request after request, for every pass, wave and retry of
-    the run. That is the default path (runtime.scheduler=streaming).
-  - `apply(ds)`: a Ray Data transform from request rows to result rows, one job per pass (the
-    earlier design, runtime.scheduler=passes). Its actors load the engine again for every job.
-Backends do transport only: schema validation, attempts, caching and accounting happen in the
-scheduler (scheduler.py) or the pass runner (validation.py), the same for every backend.
+A backend (hf, vllm, http, fake: one file each, registered by name in backends/__init__.py) says how
+to build its `Engine` (`engine_factory()`), which the pool's actors (pool.py) load once and then ask
+request after request, for every pass, round and retry of the run, and where those actors go (CPUs,
+GPUs, placement groups, custom resources). Backends do transport only: schema validation, attempts,
+caching and accounting happen in the scheduler (scheduler.py, validation.py), the same for every backend.
 
 A request row:
   request_id  str   content-addressed id (cache key)
@@ -29,25 +26,23 @@ A result row adds:
 from __future__ import annotations
 
 import abc
-import asyncio
 import importlib
 import json
 import os
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
 REQUEST_COLUMNS = ("request_id", "messages", "schema", "schema_name", "max_tokens", "temperature", "top_p",
                    "repetition_penalty", "seed")
 RESULT_COLUMNS = ("output_text", "prompt_tokens", "completion_tokens", "error")
-# Added by engines run through EngineUDF (passes mode), for the accounting: which engine answered, when
-# it started (wall clock), how long it took to load, its busy seconds so far, and this request's seconds.
-ENGINE_COLUMNS = ("engine_id", "engine_started_at", "engine_load_s", "engine_busy_s", "duration_s")
+class EngineCrashed(RuntimeError):
+    """Raised by an engine that can no longer generate (its runtime's fatal errors: a dead worker process, a
+    corrupted device state). The engine pool then treats the engine as dead: it is released, counted as a
+    death, and the requests it held are sent again to a fresh engine (pool.py)."""
 
 
 class Engine(abc.ABC):
@@ -57,7 +52,8 @@ class Engine(abc.ABC):
     can only do one at a time serializes inside). Async engines (`is_async = True`) implement
     `agenerate`, awaited up to `slots` times at once on the actor's event loop (vLLM's continuous
     batching). Both take a request row (REQUEST_COLUMNS) and return the RESULT_COLUMNS; they never
-    raise for one bad request: the error goes in the `error` field.
+    raise for one bad request: the error goes in the `error` field. They raise EngineCrashed when the
+    engine itself is broken.
     """
 
     is_async: bool = False
@@ -89,7 +85,7 @@ class EngineMeter:
     """Where an engine's seconds go: loading, generating (at least one request in it), the rest idle.
 
     Durations are measured inside the engine's process (no clock is compared across machines);
-    `started_at` (wall clock) only dates the engine for the pass-per-job accounting.
+    `started_at` (wall clock) only dates the engine in its snapshot.
     """
 
     def __init__(self):
@@ -138,64 +134,25 @@ def error_result(reason: str) -> dict[str, Any]:
     return {"output_text": "", "prompt_tokens": 0, "completion_tokens": 0, "error": reason[:300]}
 
 
-class EngineUDF:
-    """A Ray Data callable class around an Engine (passes mode): built once per Ray Data actor, i.e. once
-    per job. Rows of a batch run `slots` at a time; result rows carry ENGINE_COLUMNS for the accounting."""
-
-    def __init__(self, factory: EngineFactory):
-        self.meter = EngineMeter()
-        self.engine = factory.build()
-        self.meter.loaded()
-        self.pool = None if self.engine.is_async else ThreadPoolExecutor(max(1, self.engine.slots))
-
-    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
-        began = self.meter.begin()
-        try:
-            out = self.engine.generate(row)
-        except Exception as exc:  # an engine must not raise for one request; if it does, that row failed
-            out = error_result(f"{type(exc).__name__}: {exc}")
-        return {**row, **out, "duration_s": self.meter.end(began)}
-
-    async def _aone(self, row: dict[str, Any]) -> dict[str, Any]:
-        began = self.meter.begin()
-        try:
-            out = await self.engine.agenerate(row)
-        except Exception as exc:
-            out = error_result(f"{type(exc).__name__}: {exc}")
-        return {**row, **out, "duration_s": self.meter.end(began)}
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = batch_rows(batch)
-        if self.engine.is_async:
-            async def run_all():
-                return await asyncio.gather(*(self._aone(r) for r in rows))
-            out = asyncio.run(run_all())
-        else:
-            out = list(self.pool.map(self._one, rows))
-        snap = self.meter.snapshot()
-        for r in out:
-            r.update(engine_id=snap["engine_id"], engine_started_at=snap["started_at"], engine_load_s=snap["load_s"],
-                     engine_busy_s=snap["busy_s"])
-        return rows_batch(out)
-
-
 class GeneratorBackend(abc.ABC):
-    """A generator: the engine an actor builds (streaming) and the Ray Data stage around it (passes)."""
+    """A generator: the engine an actor builds once, and where that actor is placed."""
 
-    name: str = ""
+    name: str = ""                # set by @register
+    uses_model_path: bool = True  # False: the model is a served name (http) or none (fake), never resolved
 
     def __init__(self, cfg: Any, model_path: str):
-        self.cfg = cfg                # pipeline.config.GeneratorConfig
-        self.model_path = model_path  # resolved local directory or hub name
+        self.cfg = cfg                # ctxforge.generation.config.GeneratorConfig
+        self.model_path = model_path  # resolved local directory or hub name (the served name when not uses_model_path)
+
+    @classmethod
+    def check(cls, cfg: Any, model_path: str) -> None:
+        """Preflight checks of this backend's settings that need the filesystem, the environment or the network.
+        Raises ValueError with one line naming the key when the run could not work."""
 
     @abc.abstractmethod
-    def apply(self, ds):
-        """Return a Dataset with REQUEST_COLUMNS + RESULT_COLUMNS for every input row (one job, passes mode)."""
-
     def engine_factory(self) -> EngineFactory:
-        """What each engine actor builds once and keeps for the whole run (streaming)."""
-        raise NotImplementedError(f"generator backend {self.name!r} has no engine for the streaming scheduler; "
-                                  f"use runtime.scheduler=passes")
+        """What each engine actor builds once and keeps for the whole run. Raises ValueError naming the key of
+        a setting the engine cannot take."""
 
     def engine_range(self) -> tuple[int, int]:
         """(min, max) engine actors: generator.concurrency, an int or [min, max]."""
@@ -233,27 +190,5 @@ class GeneratorBackend(abc.ABC):
         return {"backend": self.name, "model": self.model_path}
 
 
-def batch_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """A Ray Data numpy batch as a list of row dicts (python scalars)."""
-    keys = list(batch)
-    n = len(batch[keys[0]]) if keys else 0
-    return [{k: _py(batch[k][i]) for k in keys} for i in range(n)]
-
-
-def rows_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """The inverse of batch_rows, keeping strings as object arrays."""
-    if not rows:
-        return {}
-    out = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        out[key] = np.array(values, dtype=object) if isinstance(values[0], str) else np.array(values)
-    return out
-
-
 def parse_messages(messages_json: str) -> list[dict[str, str]]:
     return json.loads(messages_json)
-
-
-def _py(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value

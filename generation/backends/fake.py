@@ -7,6 +7,12 @@ user message (so grounding succeeds). `slots` requests are generated at once, ea
 `latency_s` (continuous batching as an ideal engine does it). Answers depend only on the request, so
 reruns reproduce them. engine_kwargs: load_s (default 0), latency_s (0), slots (8), num_gpus (0,
 what the accounting counts the engine as holding).
+
+Faults, for tests of the engine pool (engine_kwargs): crash_on (a string: a request whose last user
+message contains it breaks the engine, a poisoned request; "" = every request, a broken engine
+configuration) and crash_once (a file path: the first request of the run, across engines, breaks its
+engine and creates the file; later ones are answered, a death by chance). A broken engine raises
+EngineCrashed, as a real engine does on its runtime's fatal errors.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import re
 import time
 from typing import Any
 
-from ctxforge.generation.backends.base import Engine, EngineFactory, EngineUDF, GeneratorBackend, error_result
+from ctxforge.generation.backends import register
+from ctxforge.generation.backends.base import Engine, EngineCrashed, EngineFactory, GeneratorBackend, error_result
 
 _WORD = re.compile(r"\S+")
+FAKE_ENGINE_KWARGS = ("load_s", "latency_s", "slots", "num_gpus", "crash_on", "crash_once")
 
 
 def last_user(messages: list[dict]) -> str:
@@ -69,15 +77,34 @@ def fake_answer(schema: dict, prompt: str, name: str = "value") -> Any:
 
 
 class FakeEngine(Engine):
-    def __init__(self, load_s: float = 0.0, latency_s: float = 0.0, slots: int = 8):
+    def __init__(self, load_s: float = 0.0, latency_s: float = 0.0, slots: int = 8, crash_on: str | None = None,
+                 crash_once: str | None = None):
         time.sleep(load_s)  # what loading weights costs a real engine
         self.latency_s = latency_s
         self.slots = slots
+        self.crash_on = crash_on
+        self.crash_once = crash_once
+
+    def _maybe_crash(self, prompt: str) -> None:
+        """Raises EngineCrashed for the configured faults (crash_on, crash_once)."""
+        if self.crash_on is not None and self.crash_on in prompt:
+            raise EngineCrashed(f"fake engine broken by its request (engine_kwargs.crash_on={self.crash_on!r})")
+        if self.crash_once:
+            try:
+                with open(self.crash_once, "x"):
+                    pass
+            except FileExistsError:
+                return
+            raise EngineCrashed("fake engine died once by chance (engine_kwargs.crash_once)")
 
     def generate(self, row: dict) -> dict:
         try:
             messages = json.loads(row["messages"])
             prompt = last_user(messages)
+        except Exception as exc:  # a malformed row is that row's failure
+            return error_result(f"bad request row: {type(exc).__name__}: {exc}")
+        self._maybe_crash(prompt)
+        try:
             if row["schema"]:
                 text = json.dumps(fake_answer(json.loads(row["schema"]), prompt))
             else:  # a free-text request: prose derived from the prompt
@@ -89,37 +116,29 @@ class FakeEngine(Engine):
         return {"output_text": text, "prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()), "error": ""}
 
 
+@register("fake")
 class FakeBackend(GeneratorBackend):
-    name = "fake"
+    uses_model_path = False   # no model: generator.model only names the run's requests
 
     def _kw(self) -> dict[str, Any]:
         kw = self.cfg.engine_kwargs
-        unknown = sorted(set(kw) - {"load_s", "latency_s", "slots", "num_gpus"})
+        unknown = sorted(set(kw) - set(FAKE_ENGINE_KWARGS))
         if unknown:
             raise ValueError(f"generator.engine_kwargs: unknown key(s) {unknown} for the fake backend "
-                             f"(known: load_s, latency_s, slots, num_gpus)")
+                             f"(known: {', '.join(FAKE_ENGINE_KWARGS)})")
         return kw
 
     def engine_factory(self) -> EngineFactory:
         kw = self._kw()
         return EngineFactory(f"{__name__}:FakeEngine", {
             "load_s": float(kw.get("load_s", 0.0)), "latency_s": float(kw.get("latency_s", 0.0)),
-            "slots": self.slots_per_engine()})
+            "slots": self.slots_per_engine(), "crash_on": kw.get("crash_on"), "crash_once": kw.get("crash_once")})
 
     def default_slots(self) -> int:
         return int(self._kw().get("slots", 8))
 
     def gpus_per_engine(self) -> float:
         return float(self._kw().get("num_gpus", 0.0))
-
-    def apply(self, ds):
-        import ray.data
-
-        lo, hi = self.engine_range()
-        return ds.map_batches(
-            EngineUDF, fn_constructor_kwargs={"factory": self.engine_factory()}, batch_size=self.cfg.batch_size,
-            batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-            num_cpus=self.cfg.num_cpus)
 
     def describe(self) -> dict:
         return {**super().describe(), "engine_kwargs": dict(self.cfg.engine_kwargs), "actors": self.cfg.concurrency}

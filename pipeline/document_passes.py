@@ -1,16 +1,13 @@
-"""Algorithm 1: the passes each document goes through, driven per document (streaming) or per wave (passes).
+"""Algorithm 1: the passes each document goes through, each document advancing on its own answers.
 
 `PASSES` is the per-document state machine, in order. Each pass says which requests a document sends
-now (`ask`, from the Planner), how their answers fill the document's state (`absorb`), what to do
+now (`ask`, from the RequestPlanner), how their answers fill the document's state (`absorb`), what to do
 when the pass starts (`start`), and, for a pass that runs in rounds, whether another round is needed
-(`again`). Both drivers below walk the same table:
-  - StreamingGenerator (runtime.scheduler=streaming): each document advances to its next pass as soon as
-    its own answers are in; requests of documents at different passes share the engines through one
-    scheduler queue; finished documents leave the driver at once (their QA go to `on_done`).
-  - WaveGenerator (runtime.scheduler=passes): every document of a wave finishes a pass before any starts
-    the next; each pass (and each round of it) is one Ray Data job. The earlier design, kept for
-    comparison.
-Both send exactly the same requests (ids and seeds) for the same documents, so their outputs agree.
+(`again`). StreamingGenerator walks the table: each document advances to its next pass as soon as its
+own answers are in; requests of documents at different passes share the engines through one
+scheduler queue (ctxforge.generation); finished documents leave the driver at once (their QA go to
+`on_done`). A document's requests depend only on its own answers, so the outputs do not depend on
+the order in which the engines answer.
 
 Questions and follow-ups run in rounds of the requests that are READY (hierarchy.py): a repeated
 question over the same evidence waits for the one before it and sees the questions already asked; a
@@ -18,13 +15,12 @@ follow-up waits for its parent's answer. One step ("qa") hands out both kinds, e
 own pass name ("qa", "followup") for statistics and cache. The optional judge pass (grounding.judge,
 judge.py) runs last. QA records are assembled in assemble.py.
 
-Adding a pass is one entry in PASSES, in dependency order, with the Planner methods it names; its
+Adding a pass is one entry in PASSES, in dependency order, with the RequestPlanner methods it names; its
 requests, statistics, cache entries and manifest rows follow (list its request pass names in PASS_NAMES).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import Counter
@@ -32,40 +28,38 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from ctxforge.pipeline.assemble import QAAssembler
-from ctxforge.pipeline.config import SynthConfig
-from ctxforge.pipeline.hierarchy import DocState, Planner
+from ctxforge.pipeline.hierarchy import DocState, RequestPlanner
 from ctxforge.pipeline.judge import judge_requests, record_verdicts
-from ctxforge.generation.validation import PassRunner, PassStats
 from ctxforge.generation.requests import Request
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PASSES", "PASS_NAMES", "QAAssembler", "StreamingGenerator", "WaveGenerator"]  # QAAssembler: assemble.py
+__all__ = ["PASSES", "PASS_NAMES", "QAAssembler", "StreamingGenerator"]  # QAAssembler: assemble.py
 
 Answers = dict  # request key -> validated answer object (failed requests are absent)
 
 
-def _nothing(planner: Planner, doc: DocState) -> None:
+def _nothing(planner: RequestPlanner, doc: DocState) -> None:
     return None
 
 
 @dataclass(frozen=True)
 class Pass:
     name: str
-    ask: Callable[[Planner, DocState], list[Request]]
-    absorb: Callable[[Planner, DocState, Answers], None]
-    start: Callable[[Planner, DocState], None] = _nothing
+    ask: Callable[[RequestPlanner, DocState], list[Request]]
+    absorb: Callable[[RequestPlanner, DocState, Answers], None]
+    start: Callable[[RequestPlanner, DocState], None] = _nothing
     again: Callable[[DocState], bool] | None = None   # None: one round; else rounds while it holds
 
 
-def _absorb_small(p: Planner, d: DocState, got: Answers) -> None:
+def _absorb_small(p: RequestPlanner, d: DocState, got: Answers) -> None:
     for c in d.chunks:
         a = got.get(d.chunk_summary_id(c.index))
         if a:
             d.summaries[d.chunk_summary_id(c.index)] = a["summary"]
 
 
-def _absorb_sections(p: Planner, d: DocState, got: Answers) -> None:
+def _absorb_sections(p: RequestPlanner, d: DocState, got: Answers) -> None:
     for s in d.sections:
         a = got.get(d.section_summary_id(s.index))
         if a:
@@ -74,15 +68,15 @@ def _absorb_sections(p: Planner, d: DocState, got: Answers) -> None:
     p.start_global(d)
 
 
-def _absorb_global(p: Planner, d: DocState, got: Answers) -> None:
+def _absorb_global(p: RequestPlanner, d: DocState, got: Answers) -> None:
     p.finish_global_round(d, {key: a["summary"] for key, a in got.items()})
 
 
-def _ask_qa(p: Planner, d: DocState) -> list[Request]:
+def _ask_qa(p: RequestPlanner, d: DocState) -> list[Request]:
     return p.qa_requests(d) + p.followup_requests(d)
 
 
-def _absorb_qa(p: Planner, d: DocState, got: Answers) -> None:
+def _absorb_qa(p: RequestPlanner, d: DocState, got: Answers) -> None:
     """Every question or follow-up handed out in the round finished: answered, or failed (None)."""
     for item in d.plan:
         if item.key in d.asked and item.key not in d.finished:
@@ -100,7 +94,7 @@ def _qa_ready(d: DocState) -> bool:
     return False
 
 
-def _ask_judge(p: Planner, d: DocState) -> list[Request]:
+def _ask_judge(p: RequestPlanner, d: DocState) -> list[Request]:
     return judge_requests(p, d) if p.cfg.grounding.judge else []
 
 
@@ -119,7 +113,7 @@ PASS_NAMES = ("summary_small", "summary_section", "summary_global", "qa", "follo
 class DocumentFlow:
     """One document walking PASSES: `advance()` returns the requests it waits for next ([] = finished)."""
 
-    def __init__(self, doc: DocState, rank: int, planner: Planner, passes: tuple[Pass, ...] = PASSES):
+    def __init__(self, doc: DocState, rank: int, planner: RequestPlanner, passes: tuple[Pass, ...] = PASSES):
         self.doc = doc
         self.rank = rank
         self.planner = planner
@@ -189,7 +183,7 @@ class StreamingGenerator:
     finished document, in completion order.
     """
 
-    def __init__(self, planner: Planner, scheduler, max_documents: int, passes: tuple[Pass, ...] = PASSES):
+    def __init__(self, planner: RequestPlanner, scheduler, max_documents: int, passes: tuple[Pass, ...] = PASSES):
         self.planner = planner
         self.scheduler = scheduler
         self.max_documents = max_documents
@@ -237,48 +231,3 @@ class StreamingGenerator:
                 at = Counter(f.pass_name for f in self.active.values())
                 log.info("documents in flight %d (%s); requests queued %d, at engines %d",
                          len(self.active), dict(at), self.scheduler.queued(), self.scheduler.pool.in_flight())
-
-
-class WaveGenerator:
-    """Passes mode: every document of the wave finishes a pass (each round one Ray Data job) before the next."""
-
-    def __init__(self, cfg: SynthConfig, planner: Planner, runner: PassRunner, generator_model: str,
-                 passes: tuple[Pass, ...] = PASSES):
-        self.cfg = cfg
-        self.planner = planner
-        self.runner = runner
-        self.model = generator_model
-        self.passes = passes
-        self.prompt_hash = planner.prompts.hash
-        self.pass_stats: dict[str, PassStats] = {name: PassStats() for name in PASS_NAMES}
-
-    def _run(self, requests: list[Request], label: str) -> dict[tuple[str, str], dict]:
-        """Answers keyed by (doc_id, request key); one Ray Data job per pass name among the requests."""
-        gen = self.cfg.generator
-        for req in requests:
-            req.finalize(self.model, gen.temperature, gen.top_p, self.prompt_hash, gen.repetition_penalty)
-        got = {}
-        for name in dict.fromkeys(r.pass_name for r in requests):
-            reqs = [r for r in requests if r.pass_name == name]
-            answers, stats = self.runner.run(reqs, label if name in label else f"{label} ({name})")
-            self.pass_stats.setdefault(name, PassStats()).merge(stats)
-            got.update({(r.doc_id, r.key): answers[r.request_id] for r in reqs if r.request_id in answers})
-        return got
-
-    def run_wave(self, docs: list[DocState], wave_label: str) -> None:
-        p = self.planner
-        for step in self.passes:
-            for d in docs:
-                step.start(p, d)
-            rounds = itertools.count(1)
-            active = [d for d in docs if step.again is None or step.again(d)]
-            while active:
-                n = next(rounds)
-                label = f"{wave_label} {step.name}" + (f" (round {n})" if step.again is not None else "")
-                got = self._run([r for d in active for r in step.ask(p, d)], label)
-                for d in active:
-                    step.absorb(p, d, {key: a for (doc_id, key), a in got.items() if doc_id == d.doc_id})
-                if step.again is None:
-                    break
-                active = [d for d in active if step.again(d)]
-

@@ -1,6 +1,6 @@
 """Algorithm 2's PLAN (He et al. 2025): which documents go in each sample, cut where, and which QA turns follow.
 
-Pure Python and seeded, no tokenizer: `plan_stage` plans every sample of a stage (documents, cuts,
+Pure Python and seeded, no tokenizer: `plan_stage_samples` plans every sample of a stage (documents, cuts,
 turns); concat.py then renders and fits each plan (that part can run in parallel).
 
 Per sample:
@@ -289,7 +289,7 @@ class _DocumentCycler:
         self.uses[doc.doc_id] += 1
 
 
-class StagePlanner:
+class SamplePlanner:
     """Plans the samples of one stage in order (document choice depends on earlier samples' usage).
 
     The pool leaves out, counted in `pool`: documents without QA (without_qa), documents that do not fit
