@@ -152,6 +152,38 @@ def _what_it_shows(preset: Preset, synth_cfg, synth_report, train_cfg, train_dir
         "bench/bench_context_extension.py takes SmolLM2 past its 8K window with the same curriculum.")
 
 
+def vllm_import_error(module: str = "vllm", timeout_s: float = 300.0) -> str | None:
+    """None when `import vllm` (`module`) works in a fresh interpreter, else the reason in one line. A child process,
+    because a broken install (a torchvision built for another torch) fails at import, and the demo must not
+    carry vLLM's import side effects into its driver. Raises nothing."""
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if proc.returncode == 0:
+        return None
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit {proc.returncode}"
+
+
+def production_engine_overrides(preset: Preset, synth_overrides: list[str]) -> tuple[list[str], list[str], str]:
+    """(synthesis overrides, evaluation overrides, a line saying which engine runs and why). The real-model
+    demo generates and serves with vLLM (the production engine) where it imports; otherwise, and for the
+    tiny model, with the transformers backend. The user's own `generator.backend=` override wins."""
+    if not preset.real_model:
+        return [], [], "engine: transformers (hf), the tiny model's plumbing run"
+    if any(o.split("=", 1)[0].strip() == "generator.backend" for o in synth_overrides):
+        return [], [], "engine: generator.backend as given; serving with transformers (hf)"
+    reason = vllm_import_error()
+    if reason is None:
+        return (["generator.backend=vllm"], ["serve.backend=vllm"],
+                "engine: vLLM on this machine for synthesis and serving (generator.backend=hf for transformers)")
+    return [], [], f"engine: transformers (hf); vllm does not import here ({reason})"
+
+
 def run_demo(synth_config: str | None, synth_overrides: list[str], preset_name: str = DEFAULT_PRESET,
              root: Path | None = None) -> int:
     from ctxforge import console as ray_console
@@ -167,14 +199,16 @@ def run_demo(synth_config: str | None, synth_overrides: list[str], preset_name: 
     root = root or preset.root
     con = _console()
     synth_dir, train_dir, eval_dir = root / "synth", root / "train", root / "eval"
+    engine_synth, engine_eval, engine_line = production_engine_overrides(preset, synth_overrides)
     # every stage's config is loaded (and so checked) before any work: a typo fails at once, in one line
-    synth_cfg = load_config(SynthConfig, synth_config, [f"output.dir={synth_dir}", *synth_overrides],
+    synth_cfg = load_config(SynthConfig, synth_config, [f"output.dir={synth_dir}", *engine_synth, *synth_overrides],
                             default=preset.synth)
     train_cfg = load_config(TrainConfig, preset.train, [f"input.path={synth_dir}", f"output.dir={train_dir}"])
     models = json.dumps([{"name": "base", "model": train_cfg.model},
                          {"name": "trained", "model": str(stage_checkpoint_dir(train_dir, train_cfg.stages[-1].name))}])
-    eval_cfg = load_config(EvalConfig, preset.eval, [f"output.dir={eval_dir}", f"models={models}"])
+    eval_cfg = load_config(EvalConfig, preset.eval, [f"output.dir={eval_dir}", f"models={models}", *engine_eval])
     con.print(f"[bold]ctxforge demo[/]: {preset.title}; local Ray on this machine; outputs in {root}/")
+    con.print(engine_line, markup=False)
 
     con.print(f"\n[bold]== 1/3 synthesize[/] -> {synth_dir}")
     synth_report = synthesize(synth_cfg, config_label=synth_config or preset.synth)

@@ -46,3 +46,25 @@ def test_demo_runs_every_stage_and_rerun_reuses_what_is_finished(tmp_path):
     rerun = json.loads((runs / "eval" / "results.json").read_text())
     for model in rerun["models"].values():
         assert model["requests"]["cached"] == model["requests"]["total"] > 0
+
+
+def test_the_real_model_demo_runs_the_production_engine_where_vllm_imports(monkeypatch):
+    from ctxforge import demo
+
+    monkeypatch.setattr(demo, "vllm_import_error", lambda: None)
+    synth, ev, line = demo.production_engine_overrides(demo.PRESETS["smollm2"], [])
+    assert synth == ["generator.backend=vllm"] and ev == ["serve.backend=vllm"] and "vLLM" in line
+    # the user's backend wins; the tiny model keeps transformers
+    assert demo.production_engine_overrides(demo.PRESETS["smollm2"], ["generator.backend=hf"])[:2] == ([], [])
+    assert demo.production_engine_overrides(demo.PRESETS["tiny"], [])[:2] == ([], [])
+    # negative control: where vllm does not import, hf is the fallback and the line says why
+    monkeypatch.setattr(demo, "vllm_import_error", lambda: "RuntimeError: operator torchvision::nms does not exist")
+    synth, ev, line = demo.production_engine_overrides(demo.PRESETS["smollm2"], [])
+    assert (synth, ev) == ([], []) and "torchvision::nms" in line
+
+
+def test_the_vllm_import_probe_names_the_error():
+    from ctxforge.demo import vllm_import_error
+
+    assert vllm_import_error("json") is None
+    assert vllm_import_error("ctxforge_no_such_module") == "ModuleNotFoundError: No module named 'ctxforge_no_such_module'"
