@@ -17,9 +17,9 @@ greedy, end-of-sequence ignored),
 and prefill tokens/s on --prefill-tokens-token prompts (one completion token each, one at a time).
 Ratios are vllm / hf. Only one vLLM engine is alive at a time, each with a --kv-cache-gib KV cache.
 
---smoke: one book, 2 evaluation requests, 512-token prefill, and hf only (a vLLM load alone takes 40 s to
-minutes on a small CPU); it checks that the benchmark runs (tests/test_bench_backends_smoke.py; 10.6 min on
-2 cores shared with other test runs, mostly the book's synthesis).
+--smoke: one book with one hierarchical and one diverse question, 2 evaluation requests, 512-token prefill,
+and hf only (a vLLM load alone takes 40 s to minutes on a small CPU); it checks that the benchmark runs
+(tests/test_bench_backends_smoke.py).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ RNG_TEXT = ("And the word of the LORD came unto Jonah the son of Amittai, saying
             "city, and cry against it; for their wickedness is come up before me. ")
 
 
-def synth_run(backend: str, out: Path, books: int, kv_gib: float) -> dict:
+def synth_run(backend: str, out: Path, books: int, kv_gib: float, extra: list[str] = ()) -> dict:
     """One `ctxforge synth --config smollm2` run on `backend`; figures from its manifest."""
     from ctxforge.config import load_config
     from ctxforge.pipeline.config import SynthConfig
@@ -45,7 +45,7 @@ def synth_run(backend: str, out: Path, books: int, kv_gib: float) -> dict:
     overrides = [f"output.dir={out}", f"input.limit={books}", "runtime.progress=false", f"generator.backend={backend}"]
     if backend == "vllm":
         overrides += ["generator.device=cpu", "generator.concurrency=1", f"generator.kv_cache_gib={kv_gib}"]
-    cfg = load_config(SynthConfig, "smollm2", overrides)
+    cfg = load_config(SynthConfig, "smollm2", [*overrides, *extra])
     t = time.monotonic()
     synthesize(cfg)
     wall = time.monotonic() - t
@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, hf only: checks that the benchmark runs")
     ap.add_argument("--out", default=None, help="keep the synthesis outputs here (default: a temporary folder)")
     args = ap.parse_args()
+    # smoke: one book and one question of each kind, so the run checks the code path, not the model's speed
+    smoke_synth = ["qa.hierarchical_per_document=1", "qa.diverse_per_document=1", "qa.followup_ratio=0"]
     if args.smoke:
         args.books, args.eval_requests, args.prefill_tokens = 1, 2, 512
     backends = ["hf"] if args.smoke else ["hf", "vllm"]
@@ -161,7 +163,7 @@ def main() -> None:
     synth = {}
     for b in backends:
         shutil.rmtree(tmp / b, ignore_errors=True)
-        synth[b] = synth_run(b, tmp / b, args.books, args.kv_cache_gib)
+        synth[b] = synth_run(b, tmp / b, args.books, args.kv_cache_gib, smoke_synth if args.smoke else [])
     import ray
     ray.shutdown()   # the synthesis engines are gone; the evaluation engines run in this process
 

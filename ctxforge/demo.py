@@ -179,7 +179,9 @@ def production_engine_overrides(preset: Preset, synth_overrides: list[str]) -> t
         return [], [], "engine: generator.backend as given; serving with transformers (hf)"
     reason = vllm_import_error()
     if reason is None:
-        return (["generator.backend=vllm"], ["serve.backend=vllm"],
+        # one engine: vLLM batches on its own, and two engines would split 2 cores; a 1 GiB KV cache holds the
+        # demo's 2K-token requests many times over
+        return (["generator.backend=vllm", "generator.concurrency=1", "generator.kv_cache_gib=1"], ["serve.backend=vllm"],
                 "engine: vLLM on this machine for synthesis and serving (generator.backend=hf for transformers)")
     return [], [], f"engine: transformers (hf); vllm does not import here ({reason})"
 

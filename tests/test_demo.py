@@ -53,7 +53,7 @@ def test_the_real_model_demo_runs_the_production_engine_where_vllm_imports(monke
 
     monkeypatch.setattr(demo, "vllm_import_error", lambda: None)
     synth, ev, line = demo.production_engine_overrides(demo.PRESETS["smollm2"], [])
-    assert synth == ["generator.backend=vllm"] and ev == ["serve.backend=vllm"] and "vLLM" in line
+    assert synth[0] == "generator.backend=vllm" and ev == ["serve.backend=vllm"] and "vLLM" in line
     # the user's backend wins; the tiny model keeps transformers
     assert demo.production_engine_overrides(demo.PRESETS["smollm2"], ["generator.backend=hf"])[:2] == ([], [])
     assert demo.production_engine_overrides(demo.PRESETS["tiny"], [])[:2] == ([], [])
