@@ -11,7 +11,7 @@ fresh output folder (no request cache), measured from each run's manifest:
   completion tok/s  completion tokens / generation phase seconds
   busy share        the engines' generating seconds / their alive seconds (as the engines measure them)
 Evaluation: the same chat requests sent in-process to the engine each backend serves with (ctxforge's
-HFEngine, what `ctxforge serve backend=hf` runs; vLLM's AsyncLLM, what `ray.serve.llm` runs), without the
+HFServedModel, what `ctxforge serve backend=hf` runs; vLLM's AsyncLLM, what `ray.serve.llm` runs), without the
 HTTP endpoint: requests/s with 1 and with 8 requests in flight (--eval-requests requests of exactly 64 tokens,
 greedy, end-of-sequence ignored),
 and prefill tokens/s on --prefill-tokens-token prompts (one completion token each, one at a time).
@@ -111,10 +111,10 @@ async def _measure(one, short, long, concurrency_levels=(1, 8), max_tokens=64) -
 
 
 def eval_hf(model_path: str, short, long, max_model_len: int) -> dict:
-    from ctxforge.serve.engine import HFEngine
+    from ctxforge.serve.served_model import HFServedModel
 
     t = time.perf_counter()
-    engine = HFEngine(model_path, "smollm2", max_model_len, device="cpu")
+    engine = HFServedModel(model_path, "smollm2", max_model_len, device="cpu")
     load = time.perf_counter() - t
     res = asyncio.run(_measure(lambda ids, n: _hf_one(engine, ids, n), short, long))
     return {"load_s": load, **res}
