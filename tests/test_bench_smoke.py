@@ -29,7 +29,7 @@ SMOKES = {
     "bench_train_sp.py": ([], r"longest of \[256, 512\] within 64 MiB per rank"),
     "bench_train_packing.py": ([], r"pack\s+\d+ tok/s"),
     "bench_lengthen.py": (["{tmp}/lengthen"], r"after: trained generator, same instructions"),
-    "bench_memory_plan.py": ([], r"measured"),
+    "bench_memory_plan.py": ([], r"formula/measured\n.*\d+\.\d{3}\n"),
     "bench_train_data.py": ([], r"whole\s+[\d.]+\s+[\d.]+\s+[\d.]+"),
     "bench_train_grad_scale.py": ([], r"dp1 x sp2\s+told SP\s+\d"),
     "bench_data_quality.py": (["--out", "{tmp}/quality"], r"QA kept:"),
