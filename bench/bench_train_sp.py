@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--budget-mib", type=float, default=512.0, help="memory budget per rank for the longest-fit search")
     ap.add_argument("--target-share", type=float, default=0.01, help="share of tokens that are answer targets")
     ap.add_argument("--chunk-tokens", type=int, default=32, help="tiled-loss tile (tokens)")
-    args = parse_args(ap, {"lengths": "256,512", "budget_mib": 64.0})
+    args = parse_args(ap, {"lengths": "512", "budget_mib": 64.0})
     from ctxforge.models import resolve_model_path
 
     path = resolve_model_path("ctxforge:tiny")

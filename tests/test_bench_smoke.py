@@ -26,7 +26,7 @@ SMOKES = {
     "bench_synth_memory.py": ([], r"documents_in_flight 4: 2x documents -> peak RssAnon x\d"),
     "bench_concat_parallel.py": ([], r"shards byte-identical: True"),
     "bench_serve.py": ([], r"concurrency 16: .* ratio \d"),
-    "bench_train_sp.py": ([], r"longest of \[256, 512\] within 64 MiB per rank"),
+    "bench_train_sp.py": ([], r"longest of \[512\] within 64 MiB per rank"),
     "bench_train_packing.py": ([], r"pack\s+\d+ tok/s"),
     "bench_lengthen.py": (["{tmp}/lengthen"], r"after: trained generator, same instructions"),
     "bench_memory_plan.py": ([], r"formula/measured\n.*\d+\.\d{3}\n"),
