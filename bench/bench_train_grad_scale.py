@@ -28,15 +28,17 @@ def main() -> None:
     ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--layouts", default="dp1xsp2,dp2xsp2", help="dp1xsp2 (2 processes) and/or dp2xsp2 (4 processes)")
     args = parse_args(ap, {"stages": "0", "layouts": "dp1xsp2"})
+    worlds = {"dp1xsp2": 2, "dp2xsp2": 4}
+    layouts = args.layouts.split(",")
+    for layout in layouts:
+        if layout not in worlds:
+            sys.exit(f"--layouts: {layout!r} is not one of {', '.join(worlds)}")
     from ctxforge.models import resolve_model_path
 
     stages = [int(s) for s in args.stages.split(",")]
     path = resolve_model_path("ctxforge:tiny")
     print(f"{'layout':<14} {'wiring':<9} " + " ".join(f"{'ZeRO-' + str(s):>8}" for s in stages))
-    worlds = {"dp1xsp2": 2, "dp2xsp2": 4}
-    for layout in args.layouts.split(","):
-        if layout not in worlds:
-            sys.exit(f"--layouts: {layout!r} is not one of {', '.join(worlds)}")
+    for layout in layouts:
         world, name = worlds[layout], layout.replace("x", " x ")
         with tempfile.TemporaryDirectory() as out:
             res = run(world, 2, stages, path, out, free_port(), told_sp=tuple(stages))
