@@ -83,7 +83,7 @@ def smoke_docs() -> list[dict]:
 # --smoke: the same synthesis and measurement with the fake engine (no model) and the tiny model's tokenizer;
 # its answers quote the prompt, so the figures say nothing about data quality, only that the bench runs
 SMOKE_OVERRIDES = ["generator.backend=fake", "generator.model=fake", "target.tokenizer=ctxforge:tiny",
-                   "generator.engine_kwargs={load_s: 0, latency_s: 0, slots: 8}"]
+                   "generator.engine_kwargs={load_s: 0, latency_s: 0, slots: 8}", "checks.enabled=false"]
 
 OVERRIDES = [
     "target.tokenizer=ctxforge:smollm2", "generator.model=ctxforge:smollm2", "generator.backend=hf",
@@ -186,7 +186,7 @@ def measure(out: Path, cfg) -> dict:
     from rapidfuzz import fuzz
     from stop_words import get_stop_words
 
-    from ctxforge.models import load_tokenizer, resolve_model_path
+    from ctxforge.pipeline.run import preflight
     from ctxforge.pipeline.documents import load_doc_states, select_documents
     from ctxforge.pipeline.hierarchy import RequestPlanner
 
@@ -194,7 +194,7 @@ def measure(out: Path, cfg) -> dict:
     table = out / "work" / "documents"
     kept_meta, skipped, _ = select_documents(table, 0)
     docs = {d.doc_id: d for d in load_doc_states(table, [m["doc_id"] for m in kept_meta])}
-    tok = load_tokenizer(resolve_model_path(cfg.generator.model))
+    tok = preflight(cfg).budget_tokenizer   # the tokenizer the run planned its requests with
     planner = RequestPlanner(cfg, lambda text: len(tok(text, add_special_tokens=False)["input_ids"]))
     plan = {}
     planned_sections = {}
