@@ -27,7 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--layouts", default="dp1xsp2,dp2xsp2", help="dp1xsp2 (2 processes) and/or dp2xsp2 (4 processes)")
-    args = parse_args(ap, {"stages": "0", "layouts": "dp1xsp2"})
+    args = parse_args(ap, {"stages": "2", "layouts": "dp1xsp2"})
     worlds = {"dp1xsp2": 2, "dp2xsp2": 4}
     layouts = args.layouts.split(",")
     for layout in layouts:
