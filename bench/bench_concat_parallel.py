@@ -1,6 +1,6 @@
 """Algorithm 2 throughput (rendered tokens per second) in the driver, with 1 and with 2 render workers.
 
-    .venv/bin/python bench/bench_concat_parallel.py [--samples 16] [--target 65536] [--documents 32]
+    .venv/bin/python bench/bench_concat_parallel.py [--samples 16] [--target 65536] [--documents 32] [--smoke]
 
 Documents of about 16,000 tokens cut from the King James Bible, each with 20 hierarchical and 20 diverse QA
 taken from its own sentences, sit in a documents table and a QA table on disk as synthesis leaves them. One
@@ -32,6 +32,7 @@ from ctxforge.pipeline.read import materialize_kjv
 from ctxforge.pipeline.records import DocumentQA, QARecord
 from ctxforge.pipeline.run import cache_dir
 from ctxforge.pipeline.write import RenderPool
+from smoke_sizes import parse_args
 
 
 def documents(n: int, tok) -> list[DocumentQA]:
@@ -72,7 +73,7 @@ def main():
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--target", type=int, default=65536)
     ap.add_argument("--documents", type=int, default=32)
-    args = ap.parse_args()
+    args = parse_args(ap, {"samples": 1, "documents": 4})
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     path = resolve_model_path("ctxforge:tiny")
     tok = load_tokenizer(path)

@@ -26,6 +26,7 @@ The per-type table is over every QA output that validated (before any drop); "ke
 pipeline kept in qa/qa.parquet.
 
     python bench/bench_data_quality.py --out runs/bench-quality [--label after]
+    python bench/bench_data_quality.py --smoke [--out DIR]    # CI: fake engine, KJV slices
 Wall time on the shared 2-core CPU: see the printed line (about 30-60 min: the model runs on CPU).
 """
 
@@ -68,6 +69,21 @@ def corpus_docs() -> list[dict]:
                  "text": "\n".join(lines[:end]).strip()})
     return docs
 
+
+def smoke_docs() -> list[dict]:
+    """--smoke: two slices of the King James Bible (shipped with ctxforge), about 1,500 tokens each."""
+    from ctxforge.pipeline.read import materialize_kjv
+    from ctxforge.pipeline.run import cache_dir
+
+    books = [json.loads(line) for line in open(materialize_kjv(cache_dir()), encoding="utf-8")]
+    return [{"id": f"kjv-{i}", "title": b.get("title", f"Book {i}"), "text": b["text"][:6000]}
+            for i, b in enumerate(books[:2])]
+
+
+# --smoke: the same synthesis and measurement with the fake engine (no model) and the tiny model's tokenizer;
+# its answers quote the prompt, so the figures say nothing about data quality, only that the bench runs
+SMOKE_OVERRIDES = ["generator.backend=fake", "generator.model=fake", "target.tokenizer=ctxforge:tiny",
+                   "generator.engine_kwargs={load_s: 0, latency_s: 0, slots: 8}", "checks.enabled=false"]
 
 OVERRIDES = [
     "target.tokenizer=ctxforge:smollm2", "generator.model=ctxforge:smollm2", "generator.backend=hf",
@@ -170,7 +186,7 @@ def measure(out: Path, cfg) -> dict:
     from rapidfuzz import fuzz
     from stop_words import get_stop_words
 
-    from ctxforge.models import load_tokenizer, resolve_model_path
+    from ctxforge.pipeline.run import preflight
     from ctxforge.pipeline.documents import load_doc_states, select_documents
     from ctxforge.pipeline.hierarchy import RequestPlanner
 
@@ -178,7 +194,7 @@ def measure(out: Path, cfg) -> dict:
     table = out / "work" / "documents"
     kept_meta, skipped, _ = select_documents(table, 0)
     docs = {d.doc_id: d for d in load_doc_states(table, [m["doc_id"] for m in kept_meta])}
-    tok = load_tokenizer(resolve_model_path(cfg.generator.model))
+    tok = preflight(cfg).budget_tokenizer   # the tokenizer the run planned its requests with
     planner = RequestPlanner(cfg, lambda text: len(tok(text, add_special_tokens=False)["input_ids"]))
     plan = {}
     planned_sections = {}
@@ -313,7 +329,12 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-quality")
     ap.add_argument("--label", default="this version")
     ap.add_argument("--measure-only", action="store_true", help="measure an existing run's artifacts")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CI: KJV slices and the fake engine instead of the two texts and SmolLM2 (--out defaults to "
+                         "runs/bench-quality-smoke); the figures measure nothing but that the bench runs")
     args = ap.parse_args()
+    if args.smoke and args.out == ap.get_default("out"):
+        args.out = "runs/bench-quality-smoke"
 
     from ctxforge.config import load_config
     from ctxforge.pipeline.config import SynthConfig
@@ -321,10 +342,12 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in corpus_docs()), encoding="utf-8")
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in (smoke_docs() if args.smoke else corpus_docs())),
+                      encoding="utf-8")
     # the packaged tiny config turns content checks off (random weights); a real model gets them where they exist
     checks = ["checks.enabled=true"] if "checks" in SynthConfig.model_fields else []
-    cfg = load_config(SynthConfig, "tiny", [f"output.dir={out}", f"input.path={corpus}", *OVERRIDES, *checks])
+    cfg = load_config(SynthConfig, "tiny", [f"output.dir={out}", f"input.path={corpus}", *OVERRIDES, *checks,
+                                                  *(SMOKE_OVERRIDES if args.smoke else [])])
     wall = 0.0
     if not args.measure_only:
         from ctxforge.pipeline.run import synthesize

@@ -1,7 +1,7 @@
 """End-to-end throughput of the http generator against a fake endpoint with a fixed latency, side by side with
 ray.data.llm's own HTTP request processor (same requests, concurrency and latency), with and without 5% 500s.
 
-    .venv/bin/python bench/bench_http_throughput.py [--latency 0.2] [--rounds 10] [--concurrency 32] [--p500 0.05]
+    .venv/bin/python bench/bench_http_throughput.py [--latency 0.2] [--rounds 10] [--concurrency 32] [--p500 0.05] [--smoke]
 
 With every request taking `latency` seconds, the ideal rate at `c` requests in flight is c / latency. Each
 path sends rounds * c requests and must end with a completion for every one of them; ratio = achieved / ideal:
@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
+from smoke_sizes import parse_args  # noqa: E402
 
 import ray  # noqa: E402
 
@@ -119,7 +120,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[32])
     ap.add_argument("--p500", type=float, default=0.05)
-    args = ap.parse_args()
+    args = parse_args(ap, {"latency": 0.05, "rounds": 2, "concurrency": [4]})
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -8,6 +8,7 @@ generator); the acceptance rates of the extension rounds, tries and attempts; wa
 A 135M model does not write 8,000 good words: the figures show that the loop runs and lengths move.
 
     python bench/bench_lengthen.py [OUT_DIR] [key=value ...]     # default OUT_DIR runs/bench-lengthen
+    python bench/bench_lengthen.py --smoke [OUT_DIR]               # CI: lengthen-tiny, one instruction
 
 Sized for a shared 2-core CPU (about an hour): 6 self-instructed instructions and one extension try per
 response (BENCH_OVERRIDES); later key=value arguments override these.
@@ -27,6 +28,8 @@ from ctxforge.lengthen.loop import run_lengthen
 from ctxforge.lengthen.tasks import ResponseTask, Role, drive
 
 BENCH_OVERRIDES = ["iterations=1", "self_instruct.count=6", "extend.max_tries=1", "runtime.progress=false"]
+# --smoke: the same loop and table on the random-weight tiny model (configs/lengthen-tiny.yaml), one instruction
+SMOKE_OVERRIDES = ["self_instruct.count=1", "extend.rounds=1"]
 
 
 def after_responses(cfg: LengthenConfig, model: str, instructions: list[dict], out: Path) -> tuple[list[int], dict]:
@@ -47,11 +50,16 @@ def main(argv: list[str]) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    out = Path(argv[0] if argv and "=" not in argv[0] else "runs/bench-lengthen").resolve()
+    smoke = "--smoke" in argv
+    argv = [a for a in argv if a != "--smoke"]
+    config, model_name = ("lengthen-tiny", "the random-weight tiny model") if smoke else \
+        ("lengthen-smollm2", "SmolLM2-135M-Instruct")
+    out = Path(argv[0] if argv and "=" not in argv[0] else "runs/bench-lengthen" + ("-tiny" if smoke else "")).resolve()
     overrides = [a for a in argv if "=" in a]
-    cfg = load_config(LengthenConfig, "lengthen-smollm2", [f"output.dir={out}", *BENCH_OVERRIDES, *overrides])
+    cfg = load_config(LengthenConfig, config, [f"output.dir={out}", *BENCH_OVERRIDES,
+                                               *(SMOKE_OVERRIDES if smoke else []), *overrides])
     t0 = time.time()
-    manifest = run_lengthen(cfg, "lengthen-smollm2 (bench)")
+    manifest = run_lengthen(cfg, f"{config} (bench)")
     loop_s = time.time() - t0
     steps = manifest["iterations"][0]["steps"]
     instructions = [json.loads(line) for line in (out / "iter_001" / "instructions.jsonl").read_text().splitlines()]
@@ -63,7 +71,7 @@ def main(argv: list[str]) -> int:
     rows = [("before: base generator, initial responses", before),
             ("accepted extensions (extender)", ext["words_extended"]),
             ("after: trained generator, same instructions", length_stats(after))]
-    print(f"\nSelf-Lengthen bench, SmolLM2-135M-Instruct on CPU, 1 iteration, {len(instructions)} instructions "
+    print(f"\nSelf-Lengthen bench, {model_name} on CPU, 1 iteration, {len(instructions)} instructions "
           f"(output: {out})\n")
     print(f"{'response length (words)':<46} {'n':>4} {'median':>8} {'p90':>6} {'mean':>8}")
     for label, s in rows:

@@ -14,7 +14,7 @@ the per-token slope (weight-sized buffers cancel), which is compared with `bytes
 layer count. The attention here is torch's CPU sdpa with KV heads repeated (the formula is evaluated with
 rep = 4 to match); flash-attn's buffers on a GPU differ a little: bench/gpu_checks.py measures those.
 
-    .venv/bin/python bench/bench_memory_plan.py [--skip-measure] [--tokens 32768,65536]
+    .venv/bin/python bench/bench_memory_plan.py [--skip-measure] [--tokens 32768,65536] [--smoke]
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import math
 import sys
 import weakref
 from pathlib import Path
+
+from smoke_sizes import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 PREVIOUS_LAYOUTS = {"180K": (8, 4), "350K": (8, 8), "650K": (16, 8), "1M": (32, 16)}
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-measure", action="store_true", help="part 1 only")
     parser.add_argument("--tokens", default="65536,131072", help="the two lengths of part 2")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, {"tokens": "1024,2048"}, argv)
     part1()
     if not args.skip_measure:
         part2([int(x) for x in args.tokens.split(",")][:2])

@@ -10,7 +10,7 @@
    grammar (xgrammar mask every step), logprobs with 5 alternatives, and prompt logprobs (full-prompt
    logits instead of the last position's).
 
-    .venv/bin/python bench/bench_serve.py [--requests 12] [--max-tokens 8]
+    .venv/bin/python bench/bench_serve.py [--requests 12] [--max-tokens 8] [--smoke]
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import statistics
 import time
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from smoke_sizes import parse_args  # noqa: E402
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -126,7 +128,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=12, help="requests per measurement")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--throughput-requests", type=int, default=32)
-    args = ap.parse_args()
+    args = parse_args(ap, {"requests": 2, "max_tokens": 2, "throughput_requests": 4})
 
     import ray
     from ray import serve

@@ -1,17 +1,17 @@
-"""Engine utilisation of synthesis with many documents in flight versus one at a time, with a fake engine.
+"""The engine pool's busy share during synthesis, at several engine counts and documents-in-flight sizes, with a fake engine.
 
-    .venv/bin/python bench/bench_synth_engines.py [--documents 200] [--engines 2] [--slots 4] [--load-s 3]
-                                                  [--latency-s 0.1] [--wave 64]
+    .venv/bin/python bench/bench_synth_engines.py [--documents 200] [--engines 1 2] [--in-flight 1 8 64]
+                                                  [--slots 4] [--load-s 3] [--latency-s 0.1] [--smoke]
 
 The fake engine (generator.backend=fake) loads for `load_s`, then answers `slots` requests at once, each in
-`latency_s`. Both runs read the same corpus (slices of the King James Bible, 200+ documents of 300 to 1,500
-tokens), with the same config and seed, into fresh output folders:
-  serial     runtime.documents_in_flight=1: one document at a time, whose few ready requests leave slots idle
-  streaming  runtime.documents_in_flight=`wave`: documents advance pass by pass on their own answers, their
-             requests sharing the engines' slots
-Printed per run: engine loads, busy / alive (the engines' generating seconds over their alive seconds, as
-the engines measure them; goal >= 0.9 streaming) and the generation wall time; then the ratios. Outputs of
-the two runs are checked equal (a document's requests depend only on its own answers).
+`latency_s`. Every run reads the same corpus (slices of the King James Bible, documents of 300 to 1,500
+tokens) with the same config and seed into a fresh output folder; one run per (generator.concurrency,
+runtime.documents_in_flight) pair. With one document in flight its few ready requests leave slots idle;
+with more, documents advance pass by pass on their own answers and their requests share the engines' slots.
+Printed per run: engine loads, busy / alive (the pool's generating seconds over its engines' alive seconds,
+as the engines measure them; goal >= 0.9 at the largest in-flight size) and the generation and run wall
+times; then, per engine count, largest / smallest in-flight size. Outputs of all runs are checked equal
+(a document's requests depend only on its own answers, not on what else is in flight).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ctxforge.config import load_config
 from ctxforge.pipeline.config import SynthConfig
 from ctxforge.pipeline.read import materialize_kjv
 from ctxforge.pipeline.run import cache_dir, synthesize
+from smoke_sizes import parse_args
 
 
 def corpus(path: Path, n: int) -> Path:
@@ -50,7 +51,7 @@ def corpus(path: Path, n: int) -> Path:
 def run(out: Path, data: Path, args, *extra: str) -> dict:
     cfg = load_config(SynthConfig, "tiny", [
         f"output.dir={out}", f"input.path={data}", "input.limit=0", "input.max_document_tokens=0",
-        "generator.backend=fake", "generator.model=fake", f"generator.concurrency={args.engines}",
+        "generator.backend=fake", "generator.model=fake",
         f"generator.engine_kwargs={{load_s: {args.load_s}, latency_s: {args.latency_s}, slots: {args.slots}}}",
         "runtime.progress=false",
         "concat.stages=[{name: 4K, target_tokens: 4096, documents_per_sample: 1, samples: 4}]", *extra])
@@ -66,36 +67,42 @@ def run(out: Path, data: Path, args, *extra: str) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--documents", type=int, default=200)
-    ap.add_argument("--engines", type=int, default=2)
+    ap.add_argument("--engines", type=int, nargs="+", default=[1, 2], help="generator.concurrency values")
+    ap.add_argument("--in-flight", type=int, nargs="+", default=[1, 8, 64], help="runtime.documents_in_flight values")
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--load-s", type=float, default=3.0)
     ap.add_argument("--latency-s", type=float, default=0.1)
-    ap.add_argument("--wave", type=int, default=64)
-    args = ap.parse_args()
+    args = parse_args(ap, {"documents": 6, "engines": [2], "in_flight": [1, 6], "load_s": 0.1, "latency_s": 0.01})
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    results: dict[tuple[int, int], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = corpus(tmp / "corpus.jsonl", args.documents)
-        results = {
-            "serial": run(tmp / "serial", data, args, "runtime.documents_in_flight=1"),
-            "streaming": run(tmp / "streaming", data, args, f"runtime.documents_in_flight={args.wave}"),
-        }
-        same = all((tmp / "serial" / p).read_bytes() == (tmp / "streaming" / p).read_bytes()
-                   for p in ["samples/4K/part-00000.parquet"])
-        same_qa = pq.read_table(tmp / "serial" / "qa" / "qa.parquet").equals(
-            pq.read_table(tmp / "streaming" / "qa" / "qa.parquet"))
+        for engines in args.engines:
+            for in_flight in args.in_flight:
+                out = tmp / f"e{engines}-f{in_flight}"
+                results[engines, in_flight] = run(out, data, args, f"generator.concurrency={engines}",
+                                                  f"runtime.documents_in_flight={in_flight}")
+        first = tmp / "e{}-f{}".format(*next(iter(results)))
+        same = all((tmp / f"e{e}-f{f}" / "samples/4K/part-00000.parquet").read_bytes()
+                   == (first / "samples/4K/part-00000.parquet").read_bytes()
+                   and pq.read_table(tmp / f"e{e}-f{f}" / "qa" / "qa.parquet").equals(pq.read_table(first / "qa" / "qa.parquet"))
+                   for e, f in results)
     ray.shutdown()
-    r = results["streaming"]
-    print(f"fake engine: load {args.load_s} s, {args.latency_s} s per request, {args.slots} slots; {args.engines} engines; "
+    r = next(iter(results.values()))
+    print(f"fake engine: load {args.load_s} s, {args.latency_s} s per request, {args.slots} slots; "
           f"{r['documents']} documents, {r['requests']} requests; machine: 2-CPU local Ray")
-    print(f"{'run':<10} {'loads':>6} {'busy/alive':>11} {'engine alive s':>15} {'generation s':>13} {'run wall s':>11}")
-    for name, r in results.items():
-        print(f"{name:<10} {r['loads']:>6} {r['busy']:>11.3f} {r['alive_s']:>15.1f} {r['generate_s']:>13.1f} {r['wall_s']:>11.1f}")
-    a, b = results["serial"], results["streaming"]
-    print(f"streaming / serial: busy/alive x{b['busy'] / a['busy']:.2f}, generation time x{b['generate_s'] / a['generate_s']:.2f}, "
-          f"run wall time x{b['wall_s'] / a['wall_s']:.2f}, engine loads {a['loads']} -> {b['loads']}; "
-          f"same samples: {same}, same QA table: {same_qa}")
-    sys.exit(0 if same and same_qa else 1)
+    print(f"{'engines':>7} {'in flight':>9} {'loads':>6} {'busy/alive':>11} {'engine alive s':>15} {'generation s':>13} {'run wall s':>11}")
+    for (engines, in_flight), r in results.items():
+        print(f"{engines:>7} {in_flight:>9} {r['loads']:>6} {r['busy']:>11.3f} {r['alive_s']:>15.1f} "
+              f"{r['generate_s']:>13.1f} {r['wall_s']:>11.1f}")
+    lo, hi = min(args.in_flight), max(args.in_flight)
+    for engines in args.engines:
+        a, b = results[engines, lo], results[engines, hi]
+        print(f"{engines} engines, {hi} / {lo} in flight: busy/alive x{b['busy'] / a['busy']:.2f}, "
+              f"generation time x{b['generate_s'] / a['generate_s']:.2f}, run wall time x{b['wall_s'] / a['wall_s']:.2f}")
+    print(f"same samples and QA table in every run: {same}")
+    sys.exit(0 if same else 1)
 
 
 if __name__ == "__main__":

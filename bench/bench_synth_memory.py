@@ -1,6 +1,6 @@
 """Peak memory of the synthesis driver for N versus 10N documents (goal: at most 1.2x).
 
-    .venv/bin/python bench/bench_synth_memory.py [--documents 40] [--factor 10]
+    .venv/bin/python bench/bench_synth_memory.py [--documents 40] [--factor 10] [--in-flight 64 512] [--smoke]
 
 Each run is a fresh process (its own local Ray; the engines, Ray Data and render workers are other
 processes) synthesizing a corpus of documents of about 8,000 tokens, cut from the King James Bible, with the
@@ -21,6 +21,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from smoke_sizes import parse_args
 
 
 def corpus(path: Path, n: int) -> Path:
@@ -93,8 +95,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--documents", type=int, default=40)
     ap.add_argument("--factor", type=int, default=10)
+    ap.add_argument("--in-flight", nargs="+", default=["64", "512"], help="runtime.documents_in_flight values")
     ap.add_argument("--child", nargs=3)
-    args = ap.parse_args()
+    args = parse_args(ap, {"documents": 2, "factor": 2, "in_flight": ["4"]})
     if args.child:
         child(int(args.child[0]), args.child[1], Path(args.child[2]))
         return
@@ -103,13 +106,13 @@ def main():
     print("driver peak memory, documents of ~8,000 tokens, fake engine; machine: 2-CPU shared, local Ray")
     print(f"{'in flight':<10} {'documents':>9} {'requests':>8} {'peak RssAnon MiB':>16} {'VmHWM MiB':>9} {'wall s':>7}")
     rows = {}
-    for in_flight in ("64", "512"):
+    for in_flight in args.in_flight:
         for docs in (n, big):
             r = measure(docs, in_flight)
             rows[(in_flight, docs)] = r
             print(f"{in_flight:<10} {r['documents']:>9} {r['requests']:>8} {r['rss_anon'] / mib:>16.1f} "
                   f"{r['vm_hwm'] / mib:>9.1f} {r['wall_s']:>7.1f}", flush=True)
-    for in_flight in ("64", "512"):
+    for in_flight in args.in_flight:
         a, b = rows[(in_flight, n)], rows[(in_flight, big)]
         print(f"documents_in_flight {in_flight}: {args.factor}x documents -> peak RssAnon x{b['rss_anon'] / a['rss_anon']:.2f}, "
               f"VmHWM x{b['vm_hwm'] / a['vm_hwm']:.2f}")

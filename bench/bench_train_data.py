@@ -11,7 +11,7 @@ which measures the growth of its peak RSS over its value after imports while it:
 The ratio 4N / N is ~1 for the streamed path (one row group and one step's samples at a time) and ~4
 for reading whole.
 
-    .venv/bin/python bench/bench_train_data.py [--tokens 4000000] [--sample-tokens 40000] [--dp 2]
+    .venv/bin/python bench/bench_train_data.py [--tokens 4000000] [--sample-tokens 40000] [--dp 2] [--smoke]
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from smoke_sizes import parse_args
 
 
 def write_stage(root: Path, tokens: int, sample_tokens: int, rows_per_shard: int, tok_hash: str) -> None:
@@ -92,7 +94,7 @@ def main() -> None:
     ap.add_argument("--rows-per-shard", type=int, default=16)
     ap.add_argument("--dp", type=int, default=2)
     ap.add_argument("--trial", nargs=4, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_args(ap, {"tokens": 40_000, "sample_tokens": 4_000, "rows_per_shard": 4})
     if args.trial:
         root, mode, max_len, dp = args.trial
         print(json.dumps(trial(root, mode, int(max_len), int(dp))))

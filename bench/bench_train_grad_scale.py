@@ -7,7 +7,7 @@ the full sequences. Rows "ctxforge" use the trainer's wiring (DeepSpeed sees a f
 ranks); rows "told SP" give DeepSpeed the SP mpu and `sequence_parallel_size` (the earlier wiring), whose
 ZeRO-0/1/2 paths sum over SP ranks instead of averaging.
 
-    .venv/bin/python bench/bench_train_grad_scale.py [--stages 0,1,2,3]
+    .venv/bin/python bench/bench_train_grad_scale.py [--stages 0,1,2,3] [--layouts dp1xsp2,dp2xsp2] [--smoke]
 """
 
 from __future__ import annotations
@@ -20,18 +20,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from grad_scale_worker import run  # noqa: E402
 from ports import free_port  # noqa: E402
+from smoke_sizes import parse_args  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", default="0,1,2,3")
-    args = ap.parse_args()
+    ap.add_argument("--layouts", default="dp1xsp2,dp2xsp2", help="dp1xsp2 (2 processes) and/or dp2xsp2 (4 processes)")
+    args = parse_args(ap, {"stages": "2", "layouts": "dp1xsp2"})
+    worlds = {"dp1xsp2": 2, "dp2xsp2": 4}
+    layouts = args.layouts.split(",")
+    for layout in layouts:
+        if layout not in worlds:
+            sys.exit(f"--layouts: {layout!r} is not one of {', '.join(worlds)}")
     from ctxforge.models import resolve_model_path
 
     stages = [int(s) for s in args.stages.split(",")]
     path = resolve_model_path("ctxforge:tiny")
     print(f"{'layout':<14} {'wiring':<9} " + " ".join(f"{'ZeRO-' + str(s):>8}" for s in stages))
-    for world, name in ((2, "dp1 x sp2"), (4, "dp2 x sp2")):
+    for layout in layouts:
+        world, name = worlds[layout], layout.replace("x", " x ")
         with tempfile.TemporaryDirectory() as out:
             res = run(world, 2, stages, path, out, free_port(), told_sp=tuple(stages))
         for wiring, suffix in (("ctxforge", ""), ("told SP", "_told_sp")):

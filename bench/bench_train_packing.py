@@ -8,7 +8,7 @@
    per document (varlen semantics, like flash-attn varlen on GPU), so a pack costs what its documents cost;
    padded rows cost their padding.
 
-    .venv/bin/python bench/bench_train_packing.py --synth runs/tiny/synth [--samples 512] [--batch-size 4]
+    .venv/bin/python bench/bench_train_packing.py --synth runs/tiny/synth [--samples 512] [--batch-size 4] [--smoke]
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,6 +29,7 @@ from ctxforge.train.loss import step_scale
 from ctxforge.train.model import load_stage_model, weighted_loss_sum
 from ctxforge.train.rope import RopeConfig
 from ctxforge.train.sequence_parallel import DOC_SDPA
+from smoke_sizes import parse_args
 
 
 def synth_samples(synth_dir: str, stages: list[str], max_len: int, tok_hash: str):
@@ -34,6 +37,30 @@ def synth_samples(synth_dir: str, stages: list[str], max_len: int, tok_hash: str
     for stage in stages:
         samples += read_stage(synth_dir, stage, max_len, tok_hash)[0]
     return samples
+
+
+def write_synthetic_stage(root: Path, stage: str, n: int, max_len: int, tok_hash: str) -> None:
+    """`n` samples of random token ids (lengths uniform in [max_len / 8, max_len]), the last 5% of each an
+    answer, as one Parquet shard in the sample contract: the --smoke input when no synthesis output is at hand."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctxforge.schema import SAMPLE_SCHEMA
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        length = int(rng.integers(max_len // 8, max_len + 1))
+        mask = np.zeros(length, dtype=np.int8)
+        mask[-max(1, length // 20):] = 1
+        rows.append({"sample_id": f"s{i}", "stage": stage, "target_tokens": max_len, "num_tokens": length,
+                     "num_loss_tokens": int(mask.sum()), "input_ids": rng.integers(10, 1000, length, dtype=np.int32),
+                     "loss_mask": mask, "messages": [], "documents": [], "chunks": [], "qa_ids": [],
+                     "num_questions": 1, "ungrounded_questions": 0, "tokenizer_hash": tok_hash})
+    folder = root / "samples" / stage
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), folder / "part-00000.parquet")
 
 
 def token_shares(lengths: list[int], max_tokens: int, batch_size: int) -> dict[str, float]:
@@ -69,10 +96,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="rows per naive/sorted batch")
     ap.add_argument("--train-samples", type=int, default=16, help="samples per timed training run")
     ap.add_argument("--repeats", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--synthetic", type=int, default=0,
+                    help="write this many random-token samples of stage --stages to a temporary --synth instead")
+    args = parse_args(ap, {"synthetic": 24, "stages": "S", "max_tokens": 512, "samples": 32, "train_samples": 4,
+                           "repeats": 1})
 
     path = resolve_model_path("ctxforge:tiny")
     tok = load_tokenizer(path)
+    if args.synthetic:
+        args.synth = tempfile.mkdtemp(prefix="bench-packing-")
+        for stage in args.stages.split(","):
+            write_synthetic_stage(Path(args.synth), stage, args.synthetic, args.max_tokens, tokenizer_hash(tok))
     base = synth_samples(args.synth, args.stages.split(","), args.max_tokens, tokenizer_hash(tok))
     rng = random.Random(0)
     drawn = [base[rng.randrange(len(base))] for _ in range(args.samples)]

@@ -9,7 +9,7 @@ process). The per-rank peak is the max over the SP ranks.
 What does not shrink with SP: the model (each rank holds it whole here; ZeRO-3 shards it in training)
 and the loss tile ([tile, vocab] fp32), so the ratio approaches 1/2 only as activations dominate.
 
-    .venv/bin/python bench/bench_train_sp.py [--lengths 16384,32768,65536,131072] [--budget-mib 512]
+    .venv/bin/python bench/bench_train_sp.py [--lengths 16384,32768,65536,131072] [--budget-mib 512] [--smoke]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tempfile
 
 import torch
 import torch.multiprocessing as mp
+from smoke_sizes import parse_args
 
 
 def _port() -> int:
@@ -108,7 +109,7 @@ def main() -> None:
     ap.add_argument("--budget-mib", type=float, default=512.0, help="memory budget per rank for the longest-fit search")
     ap.add_argument("--target-share", type=float, default=0.01, help="share of tokens that are answer targets")
     ap.add_argument("--chunk-tokens", type=int, default=32, help="tiled-loss tile (tokens)")
-    args = ap.parse_args()
+    args = parse_args(ap, {"lengths": "512", "budget_mib": 64.0})
     from ctxforge.models import resolve_model_path
 
     path = resolve_model_path("ctxforge:tiny")

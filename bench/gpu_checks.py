@@ -17,7 +17,10 @@
 Writes gpu_checks.json (every number) to --out (default: $OUT if set, else runs/gpu_checks) and prints a
 summary. Without CUDA it prints that nothing ran and exits 0.
 
-    python bench/gpu_checks.py [--tokens 32768,65536] [--layers 4] [--out DIR]
+    python bench/gpu_checks.py [--tokens 32768,65536] [--layers 4] [--out DIR] [--smoke]
+
+With --smoke (CI) the same checks at 2K/4K tokens and one layer; on a machine without CUDA that is the
+line saying that nothing ran.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from smoke_sizes import parse_args
 
 
 def _packed(length: int, vocab: int, device, seed: int = 0, doc_min: int = 1024, doc_max: int = 8192):
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default="32768,65536", help="two sequence lengths for the memory slope")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers at Llama-3.1-8B sizes")
     parser.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_checks")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, {"tokens": "2048,4096", "layers": 1}, argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
