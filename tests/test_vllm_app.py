@@ -196,3 +196,26 @@ def test_eval_serves_its_models_with_vllm_from_the_serve_section(ckpt):
     zllm = build_llm_config(zero, ckpt)
     assert zllm["engine_kwargs"]["max_model_len"] == 16384
     assert zllm["engine_kwargs"]["hf_overrides"]["rope_parameters"]["rope_type"] == "linear"
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed")
+def test_building_the_vllm_app_leaves_the_drivers_logging_as_it_was(smollm2_path):
+    """ray.serve.llm puts Ray's JSON formatter on the root logger when it builds an app; the console of
+    `ctxforge eval`/`demo` must keep its plain lines."""
+    import logging
+
+    from ray.llm._internal.serve.observability.logging.setup import setup_logging
+
+    from ctxforge.serve.vllm_app import build_vllm_app
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        build_vllm_app(ServeConfig(model=smollm2_path, backend="vllm", device="cpu", max_model_len=2048),
+                       smollm2_path, None, 2048)
+        assert root.handlers == handlers and root.level == level
+        setup_logging()                                  # negative control: what it does unguarded
+        assert root.handlers != handlers
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
