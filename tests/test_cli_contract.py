@@ -276,3 +276,17 @@ def test_help_with_a_config_that_does_not_load_says_so(config, capsys):
     with pytest.raises(SystemExit):
         build_parser(argv).parse_args(argv)
     assert "built-in defaults" not in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_saying_the_run_resumes(monkeypatch, capsys):
+    import argparse
+
+    from ctxforge import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_run_synth", interrupted)
+    args = argparse.Namespace(command="synth", verbose=False, config=None, overrides=[])
+    assert cli._dispatch(args) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and "run the same command again to resume" in err
