@@ -58,6 +58,7 @@ def vllm_synth(smollm2_path, tmp_path_factory):
 def test_vllm_on_cpu_writes_schema_valid_answers(vllm_synth):
     import jsonschema
 
+    from ctxforge.generation.validation import validate_output
     from ctxforge.pipeline.config import LimitsConfig
     from ctxforge.pipeline.prompts import qa_schema, summary_schema
 
@@ -68,17 +69,23 @@ def test_vllm_on_cpu_writes_schema_valid_answers(vllm_synth):
     assert engines["loads"] == 1 and engines["lost"] == 0
     limits = LimitsConfig(**manifest["config"]["limits"])
     db = sqlite3.connect(out / "work" / "requests.sqlite")
-    rows = db.execute("SELECT pass, status, output, error FROM results").fetchall()
+    rows = db.execute("SELECT pass, output_text, error FROM attempts").fetchall()   # raw attempts, as answered
     db.close()
-    ok = [(p, json.loads(o)) for p, status, o, _ in rows if status == "ok"]
-    failed = [(p, e) for p, status, _, e in rows if status != "ok"]
+    # no attempt failed in the engine itself (a crash, a vLLM error): every one came back as text
+    assert rows and not [e for _, _, e in rows if e], [e for _, _, e in rows if e]
+    failures = manifest["requests"]["total"]["failures_by_reason"]
+    assert not [r for r in failures if r.startswith(("backend", "engine_crash"))], failures
     # a 135M model fails many content checks on so few requests (truncated, unsupported...), each with its
-    # reason; no request fails in the engine itself (a crash, a vLLM error)
-    assert all(e for _, e in failed), failed
-    assert not [e for _, e in failed if e.startswith("engine_crash") or "Error" in e], failed
-    assert len(ok) >= 2, failed
-    for pass_name, obj in ok:   # every answer the stage used is a JSON object of its request's schema
-        jsonschema.validate(obj, summary_schema(limits) if pass_name.startswith("summary") else qa_schema(limits))
+    # reason; what the grammar made it write is a JSON object of its request's schema
+    valid = []
+    for pass_name, text, _ in rows:
+        schema = summary_schema(limits) if pass_name.startswith("summary") else qa_schema(limits)
+        obj, reason = validate_output(text, schema)
+        if obj is not None:
+            jsonschema.validate(obj, schema)
+            valid.append(pass_name)
+    assert len(valid) >= 2, failures
+    assert manifest["requests"]["total"]["ok"] >= 2
 
 
 def test_vllm_rerun_is_answered_from_the_cache(vllm_synth):
