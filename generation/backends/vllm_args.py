@@ -39,7 +39,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-GiB = 1 << 30
+from ctxforge import vllm_sizing
+
+GiB = vllm_sizing.GiB
 KV_SHARE_OF_MEMORY = 0.25   # of the Ray memory per engine, for the automatic CPU KV cache
 CPU_BLOCK_TOKENS = 128      # vLLM's CPU KV block (platforms/cpu.py): the cache holds whole blocks
 
@@ -94,15 +96,12 @@ def model_window(model_path: str) -> int | None:
     return int(window) if window else None
 
 
-def kv_bytes_per_token(model_path: str, dtype_bytes: int = 2) -> int | None:
-    """K and V of one token over every layer: 2 x layers x KV heads x head dim x bytes (bf16 = 2; vLLM on
-    CPU runs float32 checkpoints in bf16). None when the model's config.json is not readable here."""
-    cfg = _model_config(model_path)
+def kv_bytes_per_token(model_path: str) -> int | None:
+    """K and V of one token over every layer (ctxforge.vllm_sizing's formula, shared with serving; bf16:
+    vLLM on CPU runs float32 checkpoints in bf16). None when the model's config.json is not readable here."""
     try:
-        heads = int(cfg["num_attention_heads"])
-        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
-        return 2 * int(cfg["num_hidden_layers"]) * int(cfg.get("num_key_value_heads") or heads) * head_dim * dtype_bytes
-    except (KeyError, TypeError, ValueError):
+        return vllm_sizing.kv_bytes_per_token(_model_config(model_path))
+    except (TypeError, ValueError):
         return None
 
 
