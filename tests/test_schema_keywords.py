@@ -10,10 +10,10 @@ import json
 import httpx
 import jsonschema
 import pytest
-from fastapi import FastAPI, Request
 
 from ctxforge.schema_keywords import unenforceable
 from ctxforge.structured import GrammarError, Grammars
+from routes_app import routes_app
 
 FMT = jsonschema.Draft202012Validator.FORMAT_CHECKER
 INT = {"type": "integer"}
@@ -168,14 +168,7 @@ def test_outputs_generated_under_allowed_schemas_validate(tiny_model, grammars):
 
 
 def _routes_app(engine):
-    from ctxforge.serve.routes import OpenAIRoutes
-
-    routes, app = OpenAIRoutes(engine), FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await routes.handle(request, chat=True)
-    return app
+    return routes_app(engine)
 
 
 @pytest.mark.anyio

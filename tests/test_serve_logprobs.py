@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 
 from ctxforge.serve import responses as r
 from ctxforge.serve.sampling import TokenLogprob
+from routes_app import routes_app
 
 # Many characters the tiny (Qwen2) vocabulary holds only as several byte tokens, each reading U+FFFD alone.
 SPLIT_TEXT = "𓀀 🫠 ꙮ 𝔘 ᚠ 𓀀𓀀 naïve 🫠🫠"
@@ -80,19 +81,7 @@ def engine(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def app(engine):
-    from ctxforge.serve.routes import OpenAIRoutes
-
-    routes = OpenAIRoutes(engine)
-    api = FastAPI()
-
-    @api.post("/v1/completions")
-    async def completions(request: Request):
-        return await routes.handle(request, chat=False)
-
-    @api.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await routes.handle(request, chat=True)
-    return api
+    return routes_app(engine)
 
 
 def _post(app, path, body) -> httpx.Response:

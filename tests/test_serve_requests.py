@@ -10,10 +10,10 @@ import threading
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from ctxforge.serve.served_model import ServedModel, Step
-from ctxforge.serve.routes import OpenAIRoutes
+from routes_app import routes_app
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{% if enable_thinking %}<think>{% endif %}")
@@ -60,25 +60,7 @@ class RecordingEngine(ServedModel):
 
 
 def _app(engine, **opts) -> FastAPI:
-    routes = OpenAIRoutes(engine, **opts)
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models():
-        return routes.models()
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await routes.handle(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await routes.handle(request, chat=True)
-    return app
+    return routes_app(engine, **opts)
 
 
 def _client(app):

@@ -8,13 +8,13 @@ import json
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from ctxforge.serve.auth import AuthIngressMixin, BearerAuth, key_digest
 from ctxforge.serve.config import ServeConfig, checkpoint_context_length, rope_label
 from ctxforge.serve.served_model import ServedModel, Step
-from ctxforge.serve.routes import OpenAIRoutes
 from ctxforge.train.rope import RopeConfig
+from routes_app import routes_app
 
 
 class FailingModel(ServedModel):
@@ -45,17 +45,7 @@ class FailingModel(ServedModel):
 
 
 def _app(engine) -> FastAPI:
-    routes = OpenAIRoutes(engine)
-    app = FastAPI()
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await routes.handle(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await routes.handle(request, chat=True)
-    return app
+    return routes_app(engine)
 
 
 async def _request(app, method, path, **kw):
