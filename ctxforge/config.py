@@ -1,7 +1,7 @@
 """Config loading shared by every stage: YAML file + dotted `key=value` overrides -> a pydantic model.
 
 A stage's config is one typed pydantic v2 model with `extra="forbid"`; this module only knows how
-to find a YAML file (a path, or the name of a config shipped in `ctxforge/configs`), apply dotted
+to find a YAML file (a path, or the name of a config shipped in the package `ctxforge.configs`, the checkout's configs/), apply dotted
 overrides, and turn validation errors into one message that names the file and the key.
 It knows nothing about what any stage does with its config.
 """
@@ -98,6 +98,17 @@ def packaged_config_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def _shown_path(packaged) -> str:
+    """Where a packaged config really lies (relative to the working directory when under it, as in a
+    checkout: configs/tiny.yaml), so an error names a file the user can open; the package name
+    `ctxforge.configs` is not a folder in a checkout."""
+    path = Path(str(packaged))
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def resolve_config_path(spec: str) -> tuple[str, str]:
     """Return (label, yaml_text) for a path or a packaged config name such as `tiny`.
 
@@ -109,7 +120,7 @@ def resolve_config_path(spec: str) -> tuple[str, str]:
     name = spec[: -len(".yaml")] if spec.endswith(".yaml") else spec
     packaged = resources.files("ctxforge.configs").joinpath(f"{name}.yaml")
     if "/" not in name and packaged.is_file():
-        return f"ctxforge/configs/{name}.yaml", packaged.read_text(encoding="utf-8")
+        return _shown_path(packaged), packaged.read_text(encoding="utf-8")
     raise ConfigError(
         f"config {spec!r}: no such file, and not a packaged config "
         f"(packaged: {', '.join(packaged_config_names())})"

@@ -290,3 +290,18 @@ def test_ctrl_c_is_one_line_saying_the_run_resumes(monkeypatch, capsys):
     assert cli._dispatch(args) == 130
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "interrupted" in err and "run the same command again to resume" in err
+
+
+@pytest.mark.parametrize("cwd", ["repo", "elsewhere"])
+def test_an_error_in_a_packaged_config_names_a_file_that_exists(cwd, tmp_path, monkeypatch):
+    """The label of a packaged config is the file itself (configs/tiny.yaml in a checkout), not the package
+    name, which is no folder a user can open."""
+    from ctxforge.config import resolve_config_path
+
+    monkeypatch.chdir(REPO if cwd == "repo" else tmp_path)
+    label, text = resolve_config_path("tiny")
+    assert Path(label).is_file() and Path(label).read_text(encoding="utf-8") == text
+    if cwd == "repo":
+        assert label == "configs/tiny.yaml"
+    with pytest.raises(ConfigError, match=re.escape(label)):
+        load_config(_models()["synth"], "tiny", ["generator.modle=x"])
