@@ -1,8 +1,8 @@
 """Config loading shared by every stage: YAML file + dotted `key=value` overrides -> a pydantic model.
 
 A stage's config is one typed pydantic v2 model with `extra="forbid"`; this module only knows how
-to find a YAML file (a path, or the name of a config shipped in the package `ctxforge.configs`, the checkout's configs/), apply dotted
-overrides, and turn validation errors into one message that names the file and the key.
+to find a YAML file (a path, or the name of a config shipped in the package `ctxforge.configs`, which is
+the checkout's configs/), apply dotted overrides, and turn validation errors into one message that names the file and the key.
 It knows nothing about what any stage does with its config.
 """
 
