@@ -11,7 +11,9 @@ Growth and shrinkage follow the work, not the pass structure: the pool starts `m
 the first request arrives (a rerun answered from the cache loads none), adds
 engines (up to `max`) while ready requests wait for a free slot, and releases an engine above `min`
 that has had nothing to do for `generator.scale_down_idle_s`. An engine that asks for GPUs no node has
-stays pending; on a cluster the Ray autoscaler launches a node for it (spot GPU workers).
+stays pending; on a cluster the Ray autoscaler launches a node for it (spot GPU workers). While no engine
+has loaded, the pool tells the two waits apart after PENDING_WARNING_S: an engine Ray has not placed gets a
+warning naming what it asks for, one placed and still loading its model an info line.
 
 Preemption and crashes: when an engine's actor or node dies (or the engine raises EngineCrashed), every
 request it held comes back from `poll()` as lost, with the engine's serial number and its last error, to be sent again (same attempt,
@@ -190,7 +192,7 @@ class EnginePool:
             pg = ray.util.placement_group(bundles, strategy="PACK")
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
         # max_restarts=0: a lost engine is the pool's to replace, so that its requests are resent once and
-        # every load is counted. max_concurrency: the slots plus room for ready()/stats() calls.
+        # every load is counted. max_concurrency: the slots plus room for placed()/load()/ready()/stats() calls.
         actor = _remote_engine_actor().options(max_restarts=0, max_concurrency=self.slots + 4, **opts).remote(self.factory)
         key = f"e{self._next_id}"
         # Two calls, answered in this order: placed() once Ray has placed the actor (its constructor holds no
