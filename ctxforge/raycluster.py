@@ -12,6 +12,24 @@ import os
 log = logging.getLogger(__name__)
 
 
+def cluster_address(address: str | None = None) -> str | None:
+    """The address of the cluster init_ray(address) connects to: `address`, else RAY_ADDRESS; None (or
+    "local") = init_ray starts an embedded local cluster."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    return address if address and address != "local" else None
+
+
+def started_here() -> bool:
+    """True when Ray is up and this process started its head node (an embedded local cluster: nothing but
+    this process can add a node to it); False when it connected to a cluster, or Ray is not up."""
+    import ray
+
+    # Ray has no public accessor for this; the driver's node object is a head node only when ray.init
+    # started the cluster (it is a connect-only node when ray.init joined one, absent under Ray Client).
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(ray.is_initialized() and node is not None and node.is_head())
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, progress: bool = True) -> str:
     """Initialize Ray once; returns "cluster" or "local".
 
@@ -26,7 +44,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, progress: 
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if ray.is_initialized():
         return "existing"
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     if address:
         context = ray.init(address=address, log_to_driver=not console.is_quiet())
         mode = "cluster"

@@ -1,8 +1,8 @@
-"""Where a vLLM engine runs and how big its KV cache is: the same engine keys on a laptop and a GPU cluster,
-only the device and the sizes change.
+"""How big a vLLM engine's KV cache is and what it needs on CPU: the same engine keys on a laptop and a GPU
+cluster, only the device (ctxforge.devices) and the sizes change.
 
-`resolve_device` turns a config's `device` (auto / cpu / cuda) into cpu or cuda. `kv_cache_bytes` is the
-memory a number of cached tokens needs, from the checkpoint's config.json. `cpu_engine_kwargs` holds the
+`kv_cache_bytes` is the memory a number of cached tokens needs, from the checkpoint's config.json.
+`cpu_engine_kwargs` holds the
 engine arguments vLLM's CPU backend needs to run ctxforge's requests: its sampler cannot move a seeded
 generator's offset when chunked prefill splits a prompt ("CPU Generator does not use offset",
 vllm/v1/worker/gpu_model_runner.py rewinds it for every partial prefill), so on CPU no prompt may be split.
@@ -17,25 +17,6 @@ import math
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
-
-
-def resolve_device(device: str) -> str:
-    """'cpu' or 'cuda'. auto = cuda when torch sees a CUDA GPU here or the running Ray cluster lists GPUs
-    (a head node without a GPU still serves on its GPU workers), else cpu."""
-    if device != "auto":
-        return device
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    try:
-        import ray
-
-        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
-            return "cuda"
-    except ImportError:  # ray is a dependency; a bare interpreter without it has no cluster either
-        pass
-    return "cpu"
 
 
 def kv_bytes_per_token(model_cfg: dict, dtype: str = "auto") -> int:

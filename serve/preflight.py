@@ -1,5 +1,5 @@
 """Checks before any work, each failing with one line that names the config key or URL to fix:
-models (a local directory, a packaged model, or a hub id that can be loaded), every endpoint
+the device (cuda where no GPU can appear), models (a local directory, a packaged model, or a hub id that can be loaded), every endpoint
 reachable (`models.N` and its URL), and every enabled benchmark's data (its own `preflight`).
 """
 
@@ -66,6 +66,7 @@ def preflight_eval(cfg, api_keys: dict) -> None:
         else:
             from ctxforge.serve.evaluate import served_here_config
 
+            check_serving_device(cfg.serve, "serve.")
             path = check_model(entry.model, f"models.{i}.model", entry.rope)
             check_vllm_serving(served_here_config(cfg, entry), path, "serve.")
         tok_key = f"models.{i}.tokenizer" if entry.tokenizer else f"models.{i}.model"
@@ -77,6 +78,16 @@ def preflight_eval(cfg, api_keys: dict) -> None:
     for bench in benchmarks():
         if bench.enabled(cfg):
             bench.preflight(cfg, api_keys)
+
+
+def check_serving_device(cfg, key: str = "") -> None:
+    """PreflightError naming `{key}device` (or, for vllm, `{key}accelerator_type`) when the replicas ask for a GPU
+    no node can ever offer: the local Ray these commands start (no RAY_ADDRESS) on a machine without a GPU."""
+    from ctxforge.devices import check_gpu_reachable
+    from ctxforge.serve.app import resolve_backend
+
+    accelerator = cfg.accelerator_type if resolve_backend(cfg) == "vllm" else None   # hf replicas take num_gpus
+    check_gpu_reachable(key, cfg.device, accelerator, None, "RAY_ADDRESS")
 
 
 def check_vllm_serving(cfg, path: str, key: str = "") -> None:
@@ -97,9 +108,10 @@ def check_vllm_serving(cfg, path: str, key: str = "") -> None:
 
 
 def preflight_serve(cfg) -> str:
-    """The resolved model path; PreflightError naming `model` when it is neither local, packaged, nor
-    loadable from a model hub (a hub id with no hub reachable), or naming the engine argument vLLM
-    cannot run with."""
+    """The resolved model path; PreflightError naming `device` when it asks for a GPU none can offer, `model`
+    when it is neither local, packaged, nor loadable from a model hub (a hub id with no hub reachable), or
+    the engine argument vLLM cannot run with."""
+    check_serving_device(cfg)
     path = check_model(cfg.model, "model", cfg.rope, cfg.max_model_len)
     check_vllm_serving(cfg, path)
     return path

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from ctxforge.config import ConfigError
 from ctxforge.serve.config import ServeConfig, read_checkpoint_config, rope_parameters
-from ctxforge.vllm_sizing import GiB, cpu_engine_kwargs, cpu_thread_env, kv_cache_bytes, resolve_device
+from ctxforge.devices import resolve_device
+from ctxforge.vllm_sizing import GiB, cpu_engine_kwargs, cpu_thread_env, kv_cache_bytes
 
 INGRESS_CLS = "ctxforge.serve.vllm_ingress:AuthOpenAiIngress"
 
@@ -30,9 +31,7 @@ def serving_device(cfg: ServeConfig) -> str:
     if cfg.device == "cpu" and cfg.accelerator_type:
         raise ConfigError(f"accelerator_type {cfg.accelerator_type!r} names a GPU but device is cpu: "
                           "drop accelerator_type or set device=cuda")
-    if cfg.device == "auto" and cfg.accelerator_type:
-        return "cuda"
-    return resolve_device(cfg.device)
+    return resolve_device(cfg.device, cfg.accelerator_type)
 
 
 def deployment_options(cfg: ServeConfig) -> dict:

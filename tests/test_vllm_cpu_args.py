@@ -88,17 +88,3 @@ def test_valid_engine_arguments_pass_preflight(model_dir):
                 model_dir).engine_factory()
 
 
-def test_auto_device_follows_what_ray_or_torch_sees(monkeypatch):
-    import ray
-    import torch
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert vllm_args.resolve_device("auto") == "cpu"
-    assert vllm_args.resolve_device("auto", accelerator_type="H100") == "cuda"
-    assert vllm_args.resolve_device("cuda") == "cuda"
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
-    assert vllm_args.resolve_device("auto") == "cuda"
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
-    assert vllm_args.resolve_device("auto") == "cpu"

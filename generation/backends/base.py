@@ -39,6 +39,7 @@ from typing import Any
 REQUEST_COLUMNS = ("request_id", "messages", "schema", "schema_name", "max_tokens", "temperature", "top_p",
                    "repetition_penalty", "seed")
 RESULT_COLUMNS = ("output_text", "prompt_tokens", "completion_tokens", "error")
+RAY_ADDRESS_KEYS = "runtime.address or RAY_ADDRESS"   # how a run is pointed at a Ray cluster (ctxforge.raycluster)
 class EngineCrashed(RuntimeError):
     """Raised by an engine that can no longer generate (its runtime's fatal errors: a dead worker process, a
     corrupted device state). The engine pool then treats the engine as dead: it is released, counted as a
@@ -148,6 +149,12 @@ class GeneratorBackend(abc.ABC):
     def check(cls, cfg: Any, model_path: str) -> None:
         """Preflight checks of this backend's settings that need the filesystem, the environment or the network.
         Raises ValueError with one line naming the key when the run could not work."""
+
+    @classmethod
+    def check_device(cls, cfg: Any, ray_address: str | None) -> None:
+        """Preflight check of where the engines run, for backends with a `generator.device` (hf, vllm): raises
+        PreflightError naming the key when they ask for a GPU that no node can ever offer the run on the Ray
+        cluster at `ray_address` (ctxforge.devices.check_gpu_reachable). Backends without a device check nothing."""
 
     @abc.abstractmethod
     def engine_factory(self) -> EngineFactory:

@@ -18,7 +18,7 @@ import logging
 import threading
 
 from ctxforge.generation.backends import register
-from ctxforge.generation.backends.base import Engine, EngineFactory, GeneratorBackend, error_result
+from ctxforge.generation.backends.base import RAY_ADDRESS_KEYS, Engine, EngineFactory, GeneratorBackend, error_result
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,12 @@ class HFBackend(GeneratorBackend):
         if not Path(model_path).is_dir():
             raise ValueError(f"generator.model {cfg.model!r}: the hf backend needs a local model directory (no model "
                              f"hub is reached at run time); download it first or use generator.backend=vllm/http")
+
+    @classmethod
+    def check_device(cls, cfg, ray_address: str | None) -> None:
+        from ctxforge.devices import check_gpu_reachable
+
+        check_gpu_reachable("generator.", cfg.device, None, ray_address, RAY_ADDRESS_KEYS)
 
     def engine_factory(self) -> EngineFactory:
         cfg = self.cfg

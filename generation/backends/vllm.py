@@ -24,8 +24,9 @@ import logging
 import os
 from typing import Any
 
+from ctxforge.devices import resolve_device
 from ctxforge.generation.backends import register, vllm_args
-from ctxforge.generation.backends.base import Engine, EngineFactory, GeneratorBackend, error_result
+from ctxforge.generation.backends.base import RAY_ADDRESS_KEYS, Engine, EngineFactory, GeneratorBackend, error_result
 
 log = logging.getLogger(__name__)
 IDX = "__idx_in_batch"
@@ -97,9 +98,15 @@ class VLLMEngine(Engine):
 @register("vllm")
 class VLLMBackend(GeneratorBackend):
 
+    @classmethod
+    def check_device(cls, cfg, ray_address: str | None) -> None:
+        from ctxforge.devices import check_gpu_reachable
+
+        check_gpu_reachable("generator.", cfg.device, cfg.accelerator_type, ray_address, RAY_ADDRESS_KEYS)
+
     def device(self) -> str:
-        """'cpu' or 'cuda' (generator.device; auto decides from Ray's resources once Ray is up)."""
-        return vllm_args.resolve_device(self.cfg.device, self.cfg.accelerator_type)
+        """'cpu' or 'cuda' (generator.device; auto: ctxforge.devices.resolve_device's order)."""
+        return resolve_device(self.cfg.device, self.cfg.accelerator_type)
 
     def _common_engine_kwargs(self, device: str) -> dict[str, Any]:
         """vLLM engine arguments from the config and the device (engine_kwargs last: they override), checked first."""

