@@ -325,9 +325,10 @@ def document_reuse(stage: StageConfig, usable: int, built: Sequence[SampleSummar
         reusing += any(d in seen for d in s.documents)
         seen.update(s.documents)
         uses.update(s.documents)
-    lacking = sum(1 for s in built if s.num_documents < stage.documents_per_sample) if usable < stage.documents_per_sample else 0
+    k = stage.documents_per_sample
+    lacking = sum(1 for s in built if s.num_documents < k) if usable < k else 0
     return {
-        "documents_needed": stage.samples * stage.documents_per_sample,
+        "documents_needed": stage.samples * k,
         "usable_documents": usable,
         "distinct_documents_used": len(seen),
         "samples_reusing_a_document": reusing,
@@ -336,12 +337,20 @@ def document_reuse(stage: StageConfig, usable: int, built: Sequence[SampleSummar
     }
 
 
+def _count(n: int, singular: str, plural: str = "") -> str:
+    """n and the noun, plural when n != 1 ("1 usable document", "2 usable documents"); `plural` for irregular words."""
+    if plural:
+        return f"{n} {singular if n == 1 else plural}"
+    return f"{n} {singular}{'' if n == 1 else 's'}"
+
+
 def document_reuse_note(stats: dict, more_documents: str) -> str:
     """The summary's warning for a stage whose corpus is too small for it ("" when no sample repeats a document
     and none is short of documents for lack of them): what happened, the arithmetic, and what to change.
     `more_documents` says how to get more documents ("add documents to input.path", "raise input.limit ...")."""
     reuse, name = stats.get("document_reuse", {}), stats["stage"]
-    reusing, lacking = reuse.get("samples_reusing_a_document", 0), reuse.get("samples_short_of_documents_for_lack_of_documents", 0)
+    reusing = reuse.get("samples_reusing_a_document", 0)
+    lacking = reuse.get("samples_short_of_documents_for_lack_of_documents", 0)
     if not reusing and not lacking:
         return ""
     k, n, built = stats["documents_per_sample_requested"], stats["samples_requested"], stats["samples_built"]
@@ -350,13 +359,16 @@ def document_reuse_note(stats: dict, more_documents: str) -> str:
     what = []
     if reusing:
         what.append(f"{reusing} of {built} samples repeat a document that an earlier sample of the stage holds (one "
-                    f"document is in up to {reuse['most_samples_per_document']} samples, with other questions), so "
-                    f"training sees the same texts again")
+                    f"document is in up to {reuse['most_samples_per_document']} samples; only the choice and order "
+                    f"of its questions differ), so training sees the same texts again")
+    usable = reuse["usable_documents"]
     if lacking:
-        what.append(f"{lacking} samples hold fewer than {k} documents, as only {reuse['usable_documents']} are usable")
-    return (f"stage {name}: {'; '.join(what)} ({n} samples x {k} documents call for {reuse['documents_needed']} "
-            f"distinct documents; the stage had {reuse['usable_documents']} usable documents{of}). To fix: {more_documents}; or lower "
-            f"concat.stages[{name}].samples (now {n}) or concat.stages[{name}].documents_per_sample (now {k}).")
+        what.append(f"{lacking} of {built} samples hold fewer than {k} documents, as only "
+                    f"{_count(usable, 'is', 'are')} usable")
+    return (f"stage {name}: {'; '.join(what)} ({n} samples x {_count(k, 'document')} call for {reuse['documents_needed']} "
+            f"distinct documents; the stage had {_count(usable, 'usable document')}{of}). To fix: {more_documents}; "
+            f"or lower concat.stages[{name}].samples (now {n}) or concat.stages[{name}].documents_per_sample "
+            f"(now {k}).")
 
 
 def build_stage_samples(

@@ -262,8 +262,8 @@ SKIP_KEYS = {
     "text_not_string": "set input.text_field to a field holding text (now {text_field!r})",
     "empty_document": "fill or remove the empty records (blank input.text_field {text_field!r} values or blank text "
                       "files)",
-    "duplicate_document": "nothing is lost: these records repeat a kept record (same input.id_field {id_field!r} value, "
-                          "same text); remove the repeats to silence the count",
+    "duplicate_document": "nothing is lost: these records repeat a kept record (same input.id_field {id_field!r} "
+                          "value, same text); remove the repeats to silence the count",
     "conflicting_id": "give each record its own input.id_field value (now {id_field!r}): after the first, records "
                       "whose id is taken by a record with different text are dropped",
     "invalid_json_line": "fix the lines that are not JSON in the files read as JSON Lines (manifest "

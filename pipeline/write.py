@@ -74,7 +74,7 @@ class SynthReport:
     timings: dict = field(default_factory=dict)    # wall seconds per phase (read, generate, qa, samples)
     boilerplate: dict = field(default_factory=dict)   # documents stripped of each kind of wrapper at read time
     files_read_as: dict = field(default_factory=dict)  # {format read as: [input files]} (documents.files_read_as)
-    id_conflicts: dict = field(default_factory=dict)   # records dropped for an id taken by different text (select_documents)
+    id_conflicts: dict = field(default_factory=dict)   # records dropped for an id held by other text (select_documents)
 
 
 def _atomic_table(path: Path, table: pa.Table) -> None:
