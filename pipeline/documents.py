@@ -115,8 +115,9 @@ def select_documents(table: Path, limit: int) -> tuple[list[dict], Counter, int,
     Records that share a document id with a kept one are dropped, and the first in input order is kept
     (files sorted by path, then by row): a record whose text equals the kept one's is a harmless repeat
     (`duplicate_document`); one whose text differs is `conflicting_id`, and the conflicts are returned
-    ({"rule", "ids", "records", "examples": [{"id", "kept", "dropped": [...]}]}, {} when there are none;
-    each place is {"file", "line", "read_as"}) so the user is told which records were lost."""
+    ({"rule", "conflicting_ids", "records_dropped", "distinct_ids", "examples": [{"id", "kept", "dropped": [...],
+    "dropped_records"}]}, {} when there are none; each place is {"file", "line", "read_as"}) so the user is told
+    which records were lost."""
     meta = pads.dataset(str(table), format="parquet").to_table(
         columns=["doc_id", "title", "source", "line", "skip_reason", "n_tokens", "read_as"]).to_pylist()
     meta.sort(key=lambda r: (r["source"], r["line"]))  # input order, whatever order Ray wrote the blocks in
@@ -171,8 +172,8 @@ def _conflict_report(conflicts: dict[str, list[dict]], first: dict[str, dict], d
     ids = list(conflicts)
     return {
         "rule": KEPT_RULE,
-        "ids": len(ids),
-        "records": sum(len(rows) for rows in conflicts.values()),   # dropped as conflicting_id
+        "conflicting_ids": len(ids),
+        "records_dropped": sum(len(rows) for rows in conflicts.values()),   # counted as conflicting_id
         "distinct_ids": distinct_ids,        # among all records with text (1: they all share one id)
         "examples": [{"id": i, "kept": place(first[i]), "dropped": [place(r) for r in conflicts[i][:3]],
                       "dropped_records": len(conflicts[i])} for i in ids[:ID_CONFLICT_EXAMPLES]],
@@ -197,15 +198,18 @@ def id_conflict_note(conflicts: dict, id_field: str, relative_to: str = "") -> s
         extra = f" and {left} more" if left else ""
         shown.append(f"{ex['id']!r} (kept {where(ex['kept'])}; dropped {', '.join(where(d) for d in ex['dropped'])}"
                      f"{extra})")
-    more = f" and {conflicts['ids'] - len(shown)} more" if conflicts["ids"] > len(shown) else ""
+    n_ids, n_dropped = conflicts["conflicting_ids"], conflicts["records_dropped"]
+    more = f" and {n_ids - len(shown)} more" if n_ids > len(shown) else ""
     if conflicts["distinct_ids"] == 1:
-        fix = (f"every usable record has the same {id_field!r} value: set input.id_field to a field that is unique "
-               f"per record, or to a name the records lack (ids are then content hashes)")
+        fix = (f"Every usable record has the same {id_field!r} value: to keep them, set input.id_field to a field "
+               f"that is unique per record, or to a name the records lack (ids are then content hashes)")
     else:
-        fix = f"give each record its own input.id_field ({id_field!r}) value, or set input.id_field to a unique field"
-    return (f"input.id_field {id_field!r}: {conflicts['records']} records were dropped (conflicting_id) because an "
-            f"earlier record with DIFFERENT text has the same id; {conflicts['ids']} ids: {'; '.join(shown)}{more}. "
-            f"Rule: {KEPT_RULE}. To keep them, {fix} (manifest: input.id_conflicts).")
+        fix = (f"To keep them, give each record its own input.id_field ({id_field!r}) value, or set input.id_field "
+               f"to a field that is unique per record")
+    records = "1 record was" if n_dropped == 1 else f"{n_dropped} records were"
+    return (f"input.id_field {id_field!r}: {records} dropped (conflicting_id) because an earlier record with "
+            f"DIFFERENT text has the same id; {n_ids} {'id' if n_ids == 1 else 'ids'}: {'; '.join(shown)}{more}. "
+            f"Rule: {KEPT_RULE}. {fix} (manifest: input.id_conflicts).")
 
 
 def load_doc_states(table: Path, doc_ids: list[str]) -> list[DocState]:

@@ -49,7 +49,7 @@ def test_same_id_different_text_is_a_named_conflict_and_the_first_record_is_kept
         ("x", "a.jsonl", 1), ("y", "b.json", 2), ("z", "c.parquet", 4)]
     assert skipped == Counter(duplicate_document=1, conflicting_id=2, invalid_json_line=1) and n_records == 7
     assert conflicts == {
-        "rule": KEPT_RULE, "ids": 2, "records": 2, "distinct_ids": 3,
+        "rule": KEPT_RULE, "conflicting_ids": 2, "records_dropped": 2, "distinct_ids": 3,
         "examples": [
             {"id": "x", "kept": {"file": f"{d}/a.jsonl", "line": 1, "read_as": "jsonl"},
              "dropped": [{"file": f"{d}/b.json", "line": 1, "read_as": "json_array"}], "dropped_records": 1},
@@ -60,8 +60,8 @@ def test_same_id_different_text_is_a_named_conflict_and_the_first_record_is_kept
     assert note.startswith("input.id_field 'id': 2 records were dropped (conflicting_id)")
     assert "2 ids: 'x' (kept a.jsonl line 1; dropped b.json element 1); 'y' (kept b.json element 2; dropped " \
            "c.parquet row 3)." in note
-    assert KEPT_RULE in note and "give each record its own input.id_field ('id') value" in note
-    assert "every usable record has the same" not in note   # three distinct ids: that hint would be false
+    assert KEPT_RULE in note and "To keep them, give each record its own input.id_field ('id') value" in note
+    assert "Every usable record has the same" not in note   # three distinct ids: that hint would be false
 
 
 def test_same_id_same_text_is_counted_as_a_duplicate_and_nothing_is_said(tmp_path):
@@ -78,13 +78,15 @@ def test_every_record_sharing_one_id_is_said_so_and_a_limit_does_not_make_it_tru
     note = id_conflict_note(conflicts, "lang")
     assert conflicts["examples"][0]["dropped_records"] == 6 and len(conflicts["examples"][0]["dropped"]) == 3
     assert "dropped t.jsonl line 2, t.jsonl line 3, t.jsonl line 4 and 3 more)" in note
-    assert "every usable record has the same 'lang' value" in note
+    assert "6 records were dropped (conflicting_id)" in note and "1 id: 'en' (kept t.jsonl line 1;" in note
+    assert "Every usable record has the same 'lang' value: to keep them, set input.id_field" in note
     # two ids, the second left out by input.limit: not every record shares one id
     mixed = table_of(tmp_path / "2", [("t.jsonl", 1, "jsonl", "a", "One.", ""), ("t.jsonl", 2, "jsonl", "b", "Two.", ""),
                                       ("t.jsonl", 3, "jsonl", "a", "Three.", "")])
     _, skipped, _, conflicts = select_documents(mixed, 1)
     assert skipped == Counter(over_limit=1, conflicting_id=1)
-    assert "every usable record" not in id_conflict_note(conflicts, "id")
+    note = id_conflict_note(conflicts, "id")
+    assert note.startswith("input.id_field 'id': 1 record was dropped") and "Every usable record" not in note
 
 
 def _json_rows(name: str, data: bytes) -> list[dict]:
