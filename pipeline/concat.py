@@ -365,10 +365,14 @@ def document_reuse_note(stats: dict, more_documents: str) -> str:
     if lacking:
         what.append(f"{lacking} of {built} samples hold fewer than {k} documents, as only "
                     f"{_count(usable, 'is', 'are')} usable")
-    return (f"stage {name}: {'; '.join(what)} ({n} samples x {_count(k, 'document')} call for {reuse['documents_needed']} "
-            f"distinct documents; the stage had {_count(usable, 'usable document')}{of}). To fix: {more_documents}; "
-            f"or lower concat.stages[{name}].samples (now {n}) or concat.stages[{name}].documents_per_sample "
-            f"(now {k}).")
+    fixes = [more_documents]
+    if pool.get("too_long"):   # documents of the corpus this stage could not use: a longer target takes them
+        fixes.append(f"raise concat.stages[{name}].target_tokens (now {stats['target_tokens']}; "
+                     f"{_count(pool['too_long'], 'document')} did not fit it with their QA)")
+    return (f"stage {name}: {'; '.join(what)} ({n} samples x {_count(k, 'document')} call for "
+            f"{reuse['documents_needed']} distinct documents; the stage had {_count(usable, 'usable document')}{of}). "
+            f"To fix: {', or '.join(fixes)}; or lower concat.stages[{name}].samples (now {n}) or "
+            f"concat.stages[{name}].documents_per_sample (now {k}).")
 
 
 def build_stage_samples(

@@ -359,3 +359,16 @@ def test_enough_documents_no_reuse_note(tok, tok_hash):
     assert stats["document_reuse"]["samples_reusing_a_document"] == 0
     assert stats["document_reuse"]["distinct_documents_used"] == 6
     assert document_reuse_note(stats, "add documents to input.path") == ""
+
+
+def test_reuse_note_names_the_target_when_documents_were_too_long_for_it(tok, tok_hash):
+    from ctxforge.pipeline.concat import document_reuse_note
+
+    docs = [make_doc(0, tok=tok, n_hier=5, n_div=4), make_doc(1, tok=tok, n_words=3000)]
+    stage = StageConfig(name="2K", target_tokens=2500, documents_per_sample=1, samples=2)
+    rows, stats = build_stage_samples(stage, docs, _cfg(), tok, tok_hash)
+    assert [r["documents"] for r in rows] == [["doc000"], ["doc000"]] and stats["pool"]["too_long"] == 1
+    note = document_reuse_note(stats, "add documents to input.path")
+    assert "the stage had 1 usable document of 2)" in note
+    assert ("To fix: add documents to input.path, or raise concat.stages[2K].target_tokens (now 2500; 1 document "
+            "did not fit it with their QA); or lower concat.stages[2K].samples (now 2)") in note
