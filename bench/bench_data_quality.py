@@ -192,7 +192,7 @@ def measure(out: Path, cfg) -> dict:
 
     stop = set(get_stop_words("en"))
     table = out / "work" / "documents"
-    kept_meta, skipped, _ = select_documents(table, 0)
+    kept_meta, skipped, _, _ = select_documents(table, 0)
     docs = {d.doc_id: d for d in load_doc_states(table, [m["doc_id"] for m in kept_meta])}
     tok = preflight(cfg).budget_tokenizer   # the tokenizer the run planned its requests with
     planner = RequestPlanner(cfg, lambda text: len(tok(text, add_special_tokens=False)["input_ids"]))

@@ -48,7 +48,7 @@ __all__ = [
     "PART_REST_HIERARCHICAL", "PART_SUMMARY", "REST_PARTS", "EmptyStageError", "PlannedTurn", "PoolDocument",
     "QASketch", "RenderPlan", "SamplePlan", "SampleSummary", "StagePlan", "SamplePlanner", "build_messages",
     "build_stage_samples", "cut_document", "plan_conversation", "plan_stage_samples", "render_planned", "render_sample",
-    "sample_id", "stable_int", "stage_failure", "stage_stats",
+    "document_reuse_note", "sample_id", "stable_int", "stage_failure", "stage_stats",
 ]
 HISTOGRAM_BINS = 10
 
@@ -238,13 +238,14 @@ class SampleSummary:
     num_documents: int = 0
     num_questions: int = 0
     ungrounded_questions: int = 0
+    documents: tuple[str, ...] = ()   # the ids of the documents in its context, in order
 
     @classmethod
     def of(cls, index: int, row: dict | None) -> "SampleSummary":
         if row is None:
             return cls(index, False)
         return cls(index, True, row["num_tokens"], len(row["documents"]), row["num_questions"],
-                   row["ungrounded_questions"])
+                   row["ungrounded_questions"], tuple(row["documents"]))
 
 
 def render_planned(plan: RenderPlan, docs: Sequence[DocumentQA], stage: StageConfig, cfg: ConcatConfig,
@@ -262,7 +263,8 @@ def stage_stats(stage: StageConfig, plan: StagePlan, summaries: Sequence[SampleS
     samples_built/skipped (+ skip_reasons), documents_per_sample histogram, qa_turns_per_sample and fill
     (min/mean/max), turns by schedule part, summary turns, token_length_histogram (10 bins over [0, target]),
     shortfalls per schedule part, documents/turns dropped to fit, documents cut (and the QA they left out),
-    documents_unasked, and pool usage.
+    documents_unasked, pool usage, and document_reuse (how far the corpus fell short of the stage: see
+    `document_reuse`).
     """
     counters = Counter(counters)
     counters.update(plan.counters)
@@ -303,7 +305,74 @@ def stage_stats(stage: StageConfig, plan: StagePlan, summaries: Sequence[SampleS
         "documents_unasked": counters["documents_unasked"],
         "ungrounded_questions": sum(s.ungrounded_questions for s in built),
         "pool": plan.pool,
+        "document_reuse": document_reuse(stage, plan.pool["eligible"], built),
     }
+
+
+def document_reuse(stage: StageConfig, usable: int, built: Sequence[SampleSummary]) -> dict:
+    """How often the stage's built samples hold a document an earlier sample of the stage already holds.
+
+    The planner never puts one document twice in a sample, but when the stage asks for more documents
+    (samples x documents_per_sample) than its pool has, it cycles through the pool again: later samples repeat
+    earlier ones' texts (with other questions). {"documents_needed": samples x documents_per_sample,
+    "usable_documents": the pool's eligible documents, "distinct_documents_used", "samples_reusing_a_document",
+    "most_samples_per_document", "samples_short_of_documents_for_lack_of_documents": built samples holding fewer
+    than documents_per_sample because the pool has fewer}."""
+    seen: set[str] = set()
+    uses: Counter = Counter()
+    reusing = 0
+    for s in built:
+        reusing += any(d in seen for d in s.documents)
+        seen.update(s.documents)
+        uses.update(s.documents)
+    k = stage.documents_per_sample
+    lacking = sum(1 for s in built if s.num_documents < k) if usable < k else 0
+    return {
+        "documents_needed": stage.samples * k,
+        "usable_documents": usable,
+        "distinct_documents_used": len(seen),
+        "samples_reusing_a_document": reusing,
+        "most_samples_per_document": max(uses.values(), default=0),
+        "samples_short_of_documents_for_lack_of_documents": lacking,
+    }
+
+
+def _count(n: int, singular: str, plural: str = "") -> str:
+    """n and the noun, plural when n != 1 ("1 usable document", "2 usable documents"); `plural` for irregular words."""
+    if plural:
+        return f"{n} {singular if n == 1 else plural}"
+    return f"{n} {singular}{'' if n == 1 else 's'}"
+
+
+def document_reuse_note(stats: dict, more_documents: str) -> str:
+    """The summary's warning for a stage whose corpus is too small for it ("" when no sample repeats a document
+    and none is short of documents for lack of them): what happened, the arithmetic, and what to change.
+    `more_documents` says how to get more documents ("add documents to input.path", "raise input.limit ...")."""
+    reuse, name = stats.get("document_reuse", {}), stats["stage"]
+    reusing = reuse.get("samples_reusing_a_document", 0)
+    lacking = reuse.get("samples_short_of_documents_for_lack_of_documents", 0)
+    if not reusing and not lacking:
+        return ""
+    k, n, built = stats["documents_per_sample_requested"], stats["samples_requested"], stats["samples_built"]
+    pool = stats.get("pool", {})
+    of = f" of {pool['documents']}" if pool.get("documents", 0) > reuse["usable_documents"] else ""
+    what = []
+    if reusing:
+        what.append(f"{reusing} of {built} samples repeat a document that an earlier sample of the stage holds (one "
+                    f"document is in up to {reuse['most_samples_per_document']} samples; only the choice and order "
+                    f"of its questions differ), so training sees the same texts again")
+    usable = reuse["usable_documents"]
+    if lacking:
+        what.append(f"{lacking} of {built} samples hold fewer than {k} documents, as only "
+                    f"{_count(usable, 'is', 'are')} usable")
+    fixes = [more_documents]
+    if pool.get("too_long"):   # documents of the corpus this stage could not use: a longer target takes them
+        fixes.append(f"raise concat.stages[{name}].target_tokens (now {stats['target_tokens']}; "
+                     f"{_count(pool['too_long'], 'document')} did not fit it with their QA)")
+    return (f"stage {name}: {'; '.join(what)} ({n} samples x {_count(k, 'document')} call for "
+            f"{reuse['documents_needed']} distinct documents; the stage had {_count(usable, 'usable document')}{of}). "
+            f"To fix: {', or '.join(fixes)}; or lower concat.stages[{name}].samples (now {n}) or "
+            f"concat.stages[{name}].documents_per_sample (now {k}).")
 
 
 def build_stage_samples(

@@ -153,7 +153,7 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
     timings: dict[str, float] = {}
 
     table, reused = build_documents_table(cfg, pre.target_path, pre.tokenizer_hash, work, pre.cache_dir)
-    kept, skipped, n_records = select_documents(table, cfg.input.limit)
+    kept, skipped, n_records, id_conflicts = select_documents(table, cfg.input.limit)
     if not kept:
         raise PreflightError(no_document_error(cfg, skipped, n_records))
     estimate = estimate_requests(cfg, kept)
@@ -203,7 +203,7 @@ def synthesize(cfg: SynthConfig, config_label: str = "") -> SynthReport:
         tokens=finished.tokens, estimate=estimate, passes=passes, totals=totals, cache_counts=cache_counts,
         qa_generated=dict(assembler.generated), qa_dropped=dict(assembler.dropped), qa_kept=finished.qa_kept,
         grounding=assembler.grounding.to_dict(), stages=stage_reports, wall_s=time.time() - started,
-        boilerplate=boilerplate_counts(table), files_read_as=files_read_as(table),
+        boilerplate=boilerplate_counts(table), files_read_as=files_read_as(table), id_conflicts=id_conflicts,
         tiny_model=TINY_MODEL_SPEC in (cfg.generator.model, cfg.target.tokenizer),
         accounting=accounting(passes, engine_records, backend.gpus_per_engine(), cfg.cost, engine_counts),
         projection=proj,

@@ -28,10 +28,12 @@ import pyarrow.parquet as pq
 
 from ctxforge import __version__
 from ctxforge.pipeline.concat import (
-    RenderPlan, SampleSummary, StagePlan, build_stage_samples, render_planned, stage_stats,
+    RenderPlan, SampleSummary, StagePlan, build_stage_samples, document_reuse_note, render_planned, stage_stats,
 )
 from ctxforge.pipeline.config import ConcatConfig, StageConfig, SynthConfig
 from ctxforge.pipeline.docstore import QA_SCHEMA, Location, QAIndex, SampleSource
+from ctxforge.pipeline.documents import id_conflict_note
+from ctxforge.pipeline.read import BUILTIN_KJV
 from ctxforge.generation.stats import PassStats
 from ctxforge.pipeline.prompts import load_prompt_set
 from ctxforge.pipeline.records import DocumentQA, QARecord
@@ -72,6 +74,7 @@ class SynthReport:
     timings: dict = field(default_factory=dict)    # wall seconds per phase (read, generate, qa, samples)
     boilerplate: dict = field(default_factory=dict)   # documents stripped of each kind of wrapper at read time
     files_read_as: dict = field(default_factory=dict)  # {format read as: [input files]} (documents.files_read_as)
+    id_conflicts: dict = field(default_factory=dict)   # records dropped for an id held by other text (select_documents)
 
 
 def _atomic_table(path: Path, table: pa.Table) -> None:
@@ -302,8 +305,25 @@ class RenderPool:
         return _stage_report(stage, stage_stats(stage, plan, summaries, counters), files)
 
 
+def _more_documents(report: SynthReport) -> str:
+    """How this run could have had more documents: the input, and the input keys that left some out."""
+    cfg, skipped = report.config.input, report.skipped
+    ways = ["add documents to input.path"]
+    if skipped.get("over_limit"):
+        ways.append(f"raise input.limit (now {cfg.limit}; {skipped['over_limit']} records were left out by it)")
+    if skipped.get("too_long"):
+        ways.append(f"raise input.max_document_tokens (now {cfg.max_document_tokens}; {skipped['too_long']} records "
+                    f"were too long)")
+    return ", or ".join(ways)
+
+
 def _notes(report: SynthReport) -> list[str]:
     notes = []
+    path = report.config.input.path
+    local = path != BUILTIN_KJV and "://" not in path
+    if note := id_conflict_note(report.id_conflicts, report.config.input.id_field,
+                                os.path.abspath(path) if local else ""):
+        notes.append(note)
     overall = report.grounding.get("overall", {})
     total, rate = overall.get("total", 0), overall.get("rate", 0.0)
     policy = report.config.grounding.on_ungrounded
@@ -327,6 +347,8 @@ def _notes(report: SynthReport) -> list[str]:
                          f"documents too long for {st['target_tokens']} tokens with their QA: {pool.get('too_long', 0)}, "
                          f"without QA: {pool.get('without_qa', 0)}). Raise the stage's target_tokens, lower "
                          f"input.max_document_tokens, or add documents.")
+        if note := document_reuse_note(st, _more_documents(report)):
+            notes.append(note)
     return notes
 
 
@@ -347,7 +369,7 @@ def write_manifest(path: Path, report: SynthReport) -> None:
         "tokenizer": {"spec": cfg.target.tokenizer, "path": report.tokenizer_path, "hash": report.tokenizer_hash},
         "input": {"records_read": report.records_read, "documents": report.documents,
                   "skipped_by_reason": report.skipped, "boilerplate_stripped": report.boilerplate,
-                  "files_read_as": report.files_read_as},
+                  "files_read_as": report.files_read_as, "id_conflicts": report.id_conflicts},
         "chunking": {"small_chunks": report.chunks, "sections": report.sections, "document_tokens": report.tokens},
         "estimate": report.estimate,
         "requests": {

@@ -311,3 +311,64 @@ def test_documents_without_qa_or_too_long_are_not_used(tok, tok_hash):
     assert used <= {"doc000", "doc001", "doc002"}
     assert stats["pool"]["without_qa"] == 1 and stats["pool"]["too_long"] == 1
     _check_rows(rows, tok, 2500)
+
+
+# ---------------------------------------------------------------- a corpus too small for its stage
+
+
+def test_one_document_repeated_over_samples_is_counted_and_said(tok, tok_hash):
+    from ctxforge.pipeline.concat import document_reuse_note
+
+    stage = StageConfig(name="4K", target_tokens=4096, documents_per_sample=1, samples=4)
+    rows, stats = build_stage_samples(stage, [make_doc(0, tok=tok, n_hier=5, n_div=4)], _cfg(), tok, tok_hash)
+    assert [r["documents"] for r in rows] == [["doc000"]] * 4          # what happens: the one document, 4 times
+    assert stats["document_reuse"] == {
+        "documents_needed": 4, "usable_documents": 1, "distinct_documents_used": 1, "samples_reusing_a_document": 3,
+        "most_samples_per_document": 4, "samples_short_of_documents_for_lack_of_documents": 0}
+    note = document_reuse_note(stats, "add documents to input.path")
+    assert note == (
+        "stage 4K: 3 of 4 samples repeat a document that an earlier sample of the stage holds (one document is in "
+        "up to 4 samples; only the choice and order of its questions differ), so training sees the same texts again "
+        "(4 samples x 1 document call for 4 distinct documents; the stage had 1 usable document). To fix: add "
+        "documents to input.path; or lower concat.stages[4K].samples (now 4) or "
+        "concat.stages[4K].documents_per_sample (now 1).")
+
+
+def test_two_documents_for_four_per_sample_say_the_samples_are_short(tok, tok_hash):
+    from ctxforge.pipeline.concat import document_reuse_note
+
+    docs = [make_doc(i, tok=tok, n_hier=5, n_div=4) for i in range(2)]
+    stage = StageConfig(name="8K", target_tokens=8000, documents_per_sample=4, samples=1)
+    rows, stats = build_stage_samples(stage, docs, _cfg(), tok, tok_hash)
+    assert len(rows) == 1 and sorted(rows[0]["documents"]) == ["doc000", "doc001"]   # never one document twice
+    reuse = stats["document_reuse"]
+    assert (reuse["samples_reusing_a_document"], reuse["samples_short_of_documents_for_lack_of_documents"]) == (0, 1)
+    note = document_reuse_note(stats, "add documents to input.path")
+    assert "1 of 1 samples hold fewer than 4 documents, as only 2 are usable" in note
+    assert "call for 4 distinct documents" in note and "repeat a document" not in note
+
+
+def test_enough_documents_no_reuse_note(tok, tok_hash):
+    from ctxforge.pipeline.concat import document_reuse_note
+
+    docs = [make_doc(i, tok=tok, n_hier=5, n_div=4) for i in range(8)]
+    stage = StageConfig(name="8K", target_tokens=4096, documents_per_sample=2, samples=3)
+    rows, stats = build_stage_samples(stage, docs, _cfg(), tok, tok_hash)
+    ids = [d for r in rows for d in r["documents"]]
+    assert len(ids) == len(set(ids)) == 6
+    assert stats["document_reuse"]["samples_reusing_a_document"] == 0
+    assert stats["document_reuse"]["distinct_documents_used"] == 6
+    assert document_reuse_note(stats, "add documents to input.path") == ""
+
+
+def test_reuse_note_names_the_target_when_documents_were_too_long_for_it(tok, tok_hash):
+    from ctxforge.pipeline.concat import document_reuse_note
+
+    docs = [make_doc(0, tok=tok, n_hier=5, n_div=4), make_doc(1, tok=tok, n_words=3000)]
+    stage = StageConfig(name="2K", target_tokens=2500, documents_per_sample=1, samples=2)
+    rows, stats = build_stage_samples(stage, docs, _cfg(), tok, tok_hash)
+    assert [r["documents"] for r in rows] == [["doc000"], ["doc000"]] and stats["pool"]["too_long"] == 1
+    note = document_reuse_note(stats, "add documents to input.path")
+    assert "the stage had 1 usable document of 2)" in note
+    assert ("To fix: add documents to input.path, or raise concat.stages[2K].target_tokens (now 2500; 1 document "
+            "did not fit it with their QA); or lower concat.stages[2K].samples (now 2)") in note

@@ -151,7 +151,8 @@ def test_bad_input_is_skipped_and_counted(ray_local, tmp_path):
     (corpus / "short.txt").write_text("Too short.")
     lines = [json.dumps({"text": good.replace("river", "road"), "id": "jsonl-1"}), "{not json",
              json.dumps({"body": "no text field"}), json.dumps({"text": 42}), json.dumps(["a", "list"]),
-             json.dumps({"text": good.replace("river", "road"), "id": "jsonl-1"})]  # same id twice
+             json.dumps({"text": good.replace("river", "road"), "id": "jsonl-1"}),  # same id, same text: a repeat
+             json.dumps({"text": good.replace("mill", "dam"), "id": "array-1"})]   # array.json's id, other text
     (corpus / "docs.jsonl").write_text("\n".join(lines) + "\n")
     # a JSON array beside JSON Lines: its record is read, not counted as invalid lines
     (corpus / "array.json").write_text(json.dumps([{"id": "array-1", "text": good.replace("mill", "barn")}], indent=2))
@@ -170,8 +171,16 @@ def test_bad_input_is_skipped_and_counted(ray_local, tmp_path):
     assert manifest["input"]["skipped_by_reason"] == {
         "empty_document": 2, "invalid_utf8": 1, "binary_file": 1, "too_short": 1, "invalid_json_line": 1,
         "missing_text_field": 2, "text_not_string": 1, "record_not_an_object": 1, "duplicate_document": 1,
+        "conflicting_id": 1,
     }
-    assert manifest["input"]["records_read"] == 15
+    assert manifest["input"]["records_read"] == 16
+    # the conflict is named with where the kept (first by file path) and the dropped records sit; the repeat is not
+    conflicts = manifest["input"]["id_conflicts"]
+    assert (conflicts["conflicting_ids"], conflicts["records_dropped"]) == (1, 1)
+    assert [(e["id"], Path(e["kept"]["file"]).name, e["kept"]["line"], [(Path(d["file"]).name, d["line"])
+             for d in e["dropped"]]) for e in conflicts["examples"]] == [("array-1", "array.json", 1, [("docs.jsonl", 7)])]
+    [note] = [n for n in manifest["notes"] if "conflicting_id" in n]
+    assert "'array-1' (kept array.json element 1; dropped docs.jsonl line 7)" in note and "jsonl-1" not in note
     assert {k: [Path(f).name for f in v] for k, v in manifest["input"]["files_read_as"].items()} == {
         "json_array": ["array.json"], "jsonl": ["docs.jsonl"], "parquet": ["p.parquet", "q.parquet"],
         "text": ["blank.md", "empty.txt", "good.txt", "image.txt", "latin1.txt", "short.txt"]}
