@@ -22,7 +22,8 @@ from ctxforge.config import ConfigError, PreflightError, load_config, one_line, 
 DEFAULT_SYNTH_CONFIG = "tiny"
 # Commands whose Ray output (Ray Data progress logs, workers' stdout) goes to Ray's log files unless -v:
 # they print their own progress lines and summary tables. `serve` keeps Serve's request log on the console.
-QUIET_COMMANDS = ("synth", "train", "eval", "demo")
+# `lengthen` is generation and training in one loop: its engines' and training workers' output likewise.
+QUIET_COMMANDS = ("synth", "train", "eval", "demo", "lengthen")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:

@@ -11,7 +11,10 @@ access log). `quiet_ray()` keeps all of it and moves it off the console:
 - the driver's `ray` logger (Ray core, Train and Serve driver-side records) keeps WARNING and above on the
   console and writes everything to `<session>/logs/ctxforge-driver.log`;
 - workers' output stays in `<session>/logs/worker-*.out|err` (`log_to_driver=False`, applied by
-  ctxforge.raycluster.init_ray).
+  ctxforge.raycluster.init_ray);
+- where the driver itself imports vLLM (to build the ray.serve.llm app, to check engine arguments), the
+  `vllm` logger keeps WARNING and above on the console and writes everything to ctxforge-driver.log; the
+  Triton probe vLLM runs at import goes only to that file (`quiet_vllm_driver`).
 
 Progress is then ctxforge's own: a line per generation pass (pipeline), a line per training step
 (`follow_training`, which reads the metrics rows rank 0 writes), a line per RULER group (serve), and each
@@ -24,6 +27,7 @@ import contextlib
 import json
 import logging
 import logging.config
+import logging.handlers
 import os
 import threading
 import warnings
@@ -37,6 +41,9 @@ _FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"  #
 class _State:
     quiet = False
     session_logs: str | None = None
+    # loggers routed to ctxforge-driver.log before Ray started (the file's folder is Ray's session): their
+    # records wait in a buffer that attach_driver_log writes out
+    pending: dict[str, logging.handlers.MemoryHandler] = {}
 
 
 def ray_data_logging_config() -> dict:
@@ -101,13 +108,17 @@ def _console_warnings_only(logger: logging.Logger) -> None:
             handler.setLevel(logging.WARNING)
 
 
-def _write_driver_log(logger: logging.Logger, logs: str) -> None:
-    """The logger also writes everything to <logs>/ctxforge-driver.log (once, however often called)."""
+def _write_driver_log(logger: logging.Logger, logs: str) -> logging.FileHandler:
+    """The logger also writes everything to <logs>/ctxforge-driver.log (once, however often called); returns
+    that handler."""
     target = os.path.join(logs, "ctxforge-driver.log")
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in logger.handlers):
-        file_handler = logging.FileHandler(target)
-        file_handler.setFormatter(logging.Formatter(_FORMAT))
-        logger.addHandler(file_handler)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == target:
+            return handler
+    file_handler = logging.FileHandler(target)
+    file_handler.setFormatter(logging.Formatter(_FORMAT))
+    logger.addHandler(file_handler)
+    return file_handler
 
 
 def attach_driver_log(session_dir: str) -> str:
@@ -116,7 +127,50 @@ def attach_driver_log(session_dir: str) -> str:
     logs = os.path.join(session_dir, "logs")
     _State.session_logs = logs
     _write_driver_log(logging.getLogger("ray"), logs)
+    for name, held in list(_State.pending.items()):
+        logger = logging.getLogger(name)
+        logger.removeHandler(held)
+        file_handler = _write_driver_log(logger, logs)
+        for record in held.buffer:
+            file_handler.handle(record)
+        held.close()
+        del _State.pending[name]
     return logs
+
+
+def _route_to_driver_log(logger: logging.Logger) -> None:
+    """The logger writes everything to ctxforge-driver.log: now when Ray's session is known, else into a
+    buffer that attach_driver_log writes there once Ray starts."""
+    if _State.session_logs:
+        _write_driver_log(logger, _State.session_logs)
+    elif logger.name not in _State.pending:
+        held = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1, target=None,
+                                              flushOnClose=False)
+        logger.addHandler(held)
+        _State.pending[logger.name] = held
+
+
+def quiet_vllm_driver() -> None:
+    """In quiet mode, call before this process (the driver) imports vLLM's engine modules: vLLM's `vllm`
+    logger then keeps WARNING and above on the console and writes everything to ctxforge-driver.log, and the
+    Triton probe vLLM runs when `vllm.triton_utils` is imported (a WARNING and an INFO line on a CPU
+    machine) writes only to that file. The driver runs no vLLM kernel: the engines run in Ray's workers,
+    probe Triton there and log into their own worker files. vLLM's warnings and errors from anything else
+    still reach the console.
+
+    vLLM configures the `vllm` logger (its own stdout handler, no propagation) with dictConfig when
+    `vllm.logger` is imported, which resets the handlers of every `vllm.*` logger that exists then; so
+    `vllm.logger` is imported here first and the routing applied after it. No-op unless quiet."""
+    if not _State.quiet:
+        return
+    import vllm.logger  # noqa: F401  (configures the `vllm` logger; prints nothing)
+
+    vllm_logger = logging.getLogger("vllm")
+    _console_warnings_only(vllm_logger)
+    _route_to_driver_log(vllm_logger)
+    probe = logging.getLogger("vllm.triton_utils.importing")
+    probe.propagate = False  # off the console: the driver never runs a Triton kernel
+    _route_to_driver_log(probe)
 
 
 def quiet_serve_driver() -> None:

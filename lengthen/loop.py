@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,6 +269,7 @@ class Lengthener:
     def _train(self, it: int, idir: Path, role: str, model: str, data_dir: Path, data: dict) -> str:
         """Train `role` from `model` on its set; returns the new checkpoint (or `model` when there is no data).
         The folder is named by the data's content hash, so changed data never reuses a stale checkpoint."""
+        from ctxforge.console import follow_training, is_quiet
         from ctxforge.train.config import TrainConfig
         from ctxforge.train.curriculum import run_curriculum
 
@@ -282,8 +284,10 @@ class Lengthener:
             "model": model, "input": {"path": str(data_dir)},
             "output": {"dir": str(idir / "train" / f"{role}-{data['content_hash'][:8]}"), "name": f"lengthen-{role}"},
             "runtime": cfg.train.runtime.model_dump(mode="json"), "stages": [stage]})
-        report = run_curriculum(tc, label=f"lengthen iteration {it} {role}", log=log.info,
-                                ray_address=cfg.runtime.address)
+        # quiet console: a line per training step from rank 0's metrics rows (the workers' output is in Ray's logs)
+        with follow_training(Path(tc.output.dir) / "metrics") if is_quiet() else nullcontext():
+            report = run_curriculum(tc, label=f"lengthen iteration {it} {role}", log=log.info,
+                                    ray_address=cfg.runtime.address)
         st = report.stages[role]
         self._step(it, f"train_{role}", {"status_train": st["status"], "checkpoint": st["checkpoint"],
                                          "steps": st.get("steps"), "loss": st.get("loss"),

@@ -154,12 +154,16 @@ def build_vllm_app(cfg: ServeConfig, model_path: str, api_key: str | None = None
 
     ray.serve.llm replaces the root logger's handlers with Ray's JSON formatter at INFO when it builds an
     app, which would turn every later log line of this driver (ctxforge's console included) into JSON; the
-    driver's logging is put back as it was. The replicas keep Ray's format."""
+    driver's logging is put back as it was. The replicas keep Ray's format. Importing ray.serve.llm imports
+    vLLM, whose import-time lines go to Ray's log files on a quiet console (console.quiet_vllm_driver)."""
     import logging
+
+    from ctxforge.console import quiet_vllm_driver
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
+        quiet_vllm_driver()
         from ray.serve.llm import LLMConfig, build_openai_app
 
         from ctxforge.serve.auth import key_digest
@@ -186,6 +190,9 @@ def check_engine_kwargs(cfg: ServeConfig, window: int, key: str = "engine_kwargs
     if kwargs and importlib.util.find_spec("vllm") is not None:  # importing vLLM costs seconds: only with keys to check
         import dataclasses
 
+        from ctxforge.console import quiet_vllm_driver
+
+        quiet_vllm_driver()  # vLLM's import-time lines: to Ray's log files on a quiet console
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.cli_args import FrontendArgs
 

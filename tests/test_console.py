@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 
 def _python(code: str) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter whose environment lacks RAY_DATA_LOGGING_CONFIG: a CLI command run
@@ -115,3 +117,76 @@ def test_follow_training_reads_a_history_rewritten_by_a_resume(tmp_path):
     assert [x.split(":")[0] for x in lines] == ["   [2K] step 1", "   [2K] step 2", "   [2K] step 3",
                                               "   [2K] resumed from the checkpoint at step 2; the rows logged for step 3 were dropped and are recomputed",
                                               "   [2K] step 3", "   [2K] step 4"]
+
+
+_VLLM_IMPORT = (
+    "import logging, os, sys\n"
+    "logging.basicConfig(level=logging.WARNING)\n"      # as the CLI sets it up
+    "from ctxforge import console\n"
+    "console.quiet_ray({tmp!r})\n"
+    "{before}\n"
+    "from ray.serve.llm import LLMConfig, build_openai_app\n"   # what serve/vllm_app.py imports to build the app
+    "{after}\n"
+    "logging.getLogger('vllm.engine').warning('VLLM-RUNTIME-WARNING')\n"
+    "logging.getLogger('vllm.engine').info('VLLM-RUNTIME-INFO')\n"
+)
+
+
+def _triton_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "Triton" in line]
+
+
+@pytest.fixture(scope="module")
+def vllm_import_prints_triton_lines():
+    """The lines vLLM prints on import where its Triton probe fails (a CPU machine): the negative control of the
+    tests below, which need them to exist."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed")
+    plain = _python(_VLLM_IMPORT.format(tmp="/nonexistent", before="", after="")
+                    .replace("console.quiet_ray('/nonexistent')", "pass"))
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    lines = _triton_lines(plain.stdout + plain.stderr)
+    if not lines:
+        pytest.skip("vLLM's Triton probe prints nothing on this machine")
+    assert "VLLM-RUNTIME-INFO" in plain.stdout + plain.stderr   # vLLM's own console: INFO and up
+    return lines
+
+
+@pytest.mark.parametrize("ray_started", [True, False])
+def test_quiet_vllm_driver_moves_vllms_import_lines_to_the_driver_log(tmp_path, vllm_import_prints_triton_lines,
+                                                                      ray_started):
+    """The Triton probe's WARNING and INFO lines go to ctxforge-driver.log, also when vLLM is imported before Ray
+    starts (engine-argument checks at preflight: held until the session's log folder is known); vLLM's later
+    warnings still reach the console."""
+    logs = tmp_path / "session" / "logs"
+    logs.mkdir(parents=True)
+    if ray_started:   # what init_ray's attach_driver_log sets after ray.init
+        before, after = f"console.attach_driver_log({str(tmp_path / 'session')!r})\nconsole.quiet_vllm_driver()", ""
+    else:
+        before, after = "console.quiet_vllm_driver()", f"console.attach_driver_log({str(tmp_path / 'session')!r})"
+    proc = _python(_VLLM_IMPORT.format(tmp=str(tmp_path), before=before, after=after))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = proc.stdout + proc.stderr
+    assert not _triton_lines(console), console
+    assert "VLLM-RUNTIME-WARNING" in console and "VLLM-RUNTIME-INFO" not in console
+    log = (logs / "ctxforge-driver.log").read_text()
+    assert len(_triton_lines(log)) == len(vllm_import_prints_triton_lines), log
+    assert "VLLM-RUNTIME-INFO" in log
+
+
+def test_lengthen_gets_the_quiet_console_unless_verbose():
+    """The CLI's choice of console, in a child process (the quiet console binds logging to the process's streams)."""
+    code = (
+        "import sys\n"
+        "from ctxforge import cli, console\n"
+        "cli._dispatch = lambda args: 0\n"       # the choice only: no stage runs
+        "cli.main(sys.argv[1:])\n"
+        "print('QUIET' if console.is_quiet() else 'LOUD')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_LOGGING_CONFIG"}
+    for argv, want in ((["lengthen"], "QUIET"), (["-v", "lengthen"], "LOUD"), (["serve"], "LOUD")):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip().splitlines()[-1] == want, (argv, proc.stdout)

@@ -8,7 +8,8 @@ and the capacity check against the launcher's training node type), plan (the who
 (serve.preflight), lengthen (lengthen.loop.preflight). Paths the commands name that do not exist here
 (/mnt/shared/ctxforge/..., ~/books, /data/books, /tmp/cfx/...) are mapped into a fixture tree: sample shards
 per curriculum stage, a checkpoint directory, the evaluation data files. Offline stand-ins: the gated hub
-student loads its tokenizer from the tiny model (its architecture comes from the planner's table), and the
+student is the tiny model with Llama-3.1's RoPE and window in its config.json (its architecture comes from the
+planner's table), and the
 LLM judge's endpoint listing is answered locally. Nothing trains, serves or generates.
 """
 
@@ -29,6 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "cluster" / "README.md"]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 HUB_STUDENT = "meta-llama/Llama-3.1-8B-Instruct"
+# The hub student's RoPE and window as its config.json states them: the stand-in (the tiny model's weights and
+# tokenizer) carries them, so a documented RoPE override is checked against the window it is written for.
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 _STAGE = r"ctxforge (?:synth|train|plan|serve|eval|lengthen|demo)\b"
@@ -90,6 +95,14 @@ def tree(tmp_path_factory, tiny_model_path, tiny_tokenizer, smollm2_tokenizer):
             _write(synth, stage, _rows(tiny_tokenizer, stage))
     for stage in ("2K", "4K"):                                   # the demo's synthesis: SmolLM2's tokenizer
         _write(root / "runs" / "smollm2" / "synth", stage, _rows(smollm2_tokenizer, stage))
+    student = root / "hub" / "Llama-3.1-8B-Instruct"    # the hub student's stand-in: see _hub_student
+    student.mkdir(parents=True)
+    for f in Path(tiny_model_path).iterdir():
+        if f.name != "config.json":
+            (student / f.name).symlink_to(f)
+    config = json.loads((Path(tiny_model_path) / "config.json").read_text())
+    config.update(max_position_embeddings=131072, rope_parameters=LLAMA31_ROPE)
+    (student / "config.json").write_text(json.dumps(config))
     checkpoint = shared / "train" / "llama8b-1m" / "checkpoints" / "1M"
     checkpoint.mkdir(parents=True)
     for f in Path(tiny_model_path).iterdir():
@@ -121,9 +134,7 @@ def _remap(value, root: Path, hub: bool):
         if value.startswith(old) or f"={old}" in value:
             value = value.replace(old, new, 1)
     if hub and value == HUB_STUDENT:
-        from ctxforge.models import resolve_model_path
-
-        value = resolve_model_path("ctxforge:tiny")
+        value = str(root / "hub" / "Llama-3.1-8B-Instruct")
     return value
 
 
@@ -291,6 +302,10 @@ def test_a_broken_command_fails_the_check(tree, monkeypatch):
         _train(parse(f"train --config train-tiny input.path={tree}/no-such-synth"), tree)
     with pytest.raises(ResourceError, match=r"stage 1M: workers 16 .*needs GPU 16 \(> 8\)"):
         _train(parse("train --config train-llama8b-1m stages.3.workers=16"), tree)
+    with pytest.raises(PreflightError, match=r"^models.0.rope.original_max_position_embeddings: 262144 is larger than "
+                                             r"the checkpoint's window of 131072 positions"):   # the stand-in's window
+        _eval(parse("eval --config eval-llama8b-1m models.0.rope.original_max_position_embeddings=262144"), tree,
+              monkeypatch)
     with pytest.raises(PreflightError, match=r"ruler.squad_path .*no such file"):
         _eval(parse("eval --config eval-llama8b-1m ruler.squad_path=/mnt/shared/ctxforge/data/none.json"), tree,
               monkeypatch)

@@ -160,3 +160,122 @@ def test_the_original_window_defaults_to_the_checkpoints_window_before_it_is_rai
         "original_max_position_embeddings"] == 8192
     model = load_stage_model(tiny_model_path, yarn, 131072, DOC_SDPA)  # and the model builds with it
     verify_rotary(model)
+
+
+# --- original_max_position_embeddings: never more than the window the checkpoint's scaling is relative to ---
+
+def _serve_eval_train_errors(model_path: str, override: dict) -> list[str]:
+    """The error line of every path that takes a RoPE override: serve (hf and vllm), eval, train ('' = accepted)."""
+    from transformers import AutoConfig
+
+    from ctxforge.config import PreflightError, load_config
+    from ctxforge.serve.config import ServeConfig
+    from ctxforge.serve.preflight import check_model, preflight_serve
+    from ctxforge.train.config import TrainConfig
+
+    lines = []
+    for backend in ("hf", "vllm"):
+        served = ServeConfig.model_validate({"model": model_path, "backend": backend, "device": "cpu", "rope": override})
+        try:
+            check_model(served.model, "model", served.rope, served.max_model_len)
+            if backend == "vllm":
+                preflight_serve(served)  # the vllm path's whole preflight refuses it too
+            lines.append("")
+        except PreflightError as exc:
+            lines.append(str(exc))
+    try:
+        check_model(model_path, "models.0.model", RopeConfig(**override))
+        lines.append("")
+    except PreflightError as exc:
+        lines.append(str(exc))
+    cfg = load_config(TrainConfig, "train-tiny", [f"model={model_path}", f"stages.0.rope={json.dumps(override)}"])
+    try:
+        cfg.validate_for(AutoConfig.from_pretrained(model_path))
+        lines.append("")
+    except ValueError as exc:
+        lines.append(str(exc))
+    return lines
+
+
+def test_an_original_window_above_the_checkpoints_is_refused_on_every_path(tiny_model_path):
+    """The tiny checkpoint was trained at 32768 positions: yarn from 65536 would claim twice the context."""
+    lines = _serve_eval_train_errors(tiny_model_path, {"type": "yarn", "factor": 4.0,
+                                                       "original_max_position_embeddings": 65536})
+    keys = ["rope", "rope", "models.0.rope", "stage 4K: rope"]   # serve hf, serve vllm, eval, train
+    for line, key in zip(lines, keys):
+        assert line.startswith(f"{key}.original_max_position_embeddings: 65536 is larger than the checkpoint's "
+                               f"window of 32768 positions (max_position_embeddings"), line
+        assert "\n" not in line
+
+
+@pytest.mark.parametrize("original", [32768, 8192])   # equal: what an unset value becomes; smaller: a shorter truth
+def test_an_original_window_equal_to_or_below_the_checkpoints_is_accepted(tiny_model_path, original):
+    assert _serve_eval_train_errors(tiny_model_path, {"type": "yarn", "factor": 4.0,
+                                                      "original_max_position_embeddings": original}) == [""] * 4
+
+
+def _llama31_like(tmp_path: Path, tiny_model_path: str) -> str:
+    """The tiny checkpoint with Llama-3.1's RoPE: llama3 scaling from 8192, max_position_embeddings 131072."""
+    import shutil
+
+    for f in Path(tiny_model_path).iterdir():   # tokenizer files: check_model resolves a whole model directory
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    cfg = json.loads((Path(tiny_model_path) / "config.json").read_text())
+    cfg.pop("rope_scaling", None)
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg["max_position_embeddings"] = 131072
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return str(tmp_path)
+
+
+def test_an_already_scaled_checkpoint_is_relative_to_its_own_original_window(tiny_model_path, tmp_path):
+    from ctxforge.config import PreflightError
+    from ctxforge.serve.preflight import check_model
+
+    path = _llama31_like(tmp_path, tiny_model_path)
+    # keeping llama3: its frequencies were learned relative to 8192, not to the 131072 it was trained at
+    with pytest.raises(PreflightError, match=r"^rope\.original_max_position_embeddings: 131072 is larger than the "
+                                             r"checkpoint's window of 8192 positions \(its rope original_max_pos"):
+        check_model(path, "model", RopeConfig(factor=16.0, original_max_position_embeddings=131072))
+    check_model(path, "model", RopeConfig(factor=16.0))                               # negative control: unset
+    check_model(path, "model", RopeConfig(factor=16.0, original_max_position_embeddings=8192))   # equal
+    # a new type drops llama3's keys: it scales from the trained window (configs/eval-llama8b-1m.yaml's yarn to 1M)
+    check_model(path, "model", RopeConfig(type="yarn", factor=8.0, original_max_position_embeddings=131072))
+    with pytest.raises(PreflightError, match=r"^rope\.original_max_position_embeddings: 262144 .* 131072 positions "
+                                             r"\(max_position_embeddings"):
+        check_model(path, "model", RopeConfig(type="yarn", factor=8.0, original_max_position_embeddings=262144))
+
+
+def test_transformers_warning_about_a_refused_factor_is_not_printed(tiny_model_path, caplog):
+    """A factor below 1: ctxforge's line only, not transformers' warning before it; a setting that is accepted
+    keeps transformers' remarks (negative control: they are not swallowed)."""
+    from ctxforge.config import PreflightError
+    from ctxforge.serve.preflight import check_model
+
+    caplog.set_level("WARNING")
+    with pytest.raises(PreflightError, match=r"^rope\.factor: 0\.5 is below 1"):
+        check_model(tiny_model_path, "model", RopeConfig(type="linear", factor=0.5))
+    assert not [r for r in caplog.records if r.name.startswith("transformers")], caplog.text
+    # yarn whose factor disagrees with window / original: transformers warns, the setting stands
+    check_model(tiny_model_path, "model", RopeConfig(type="yarn", factor=2.0, original_max_position_embeddings=4096),
+                window=131072)
+    assert [r for r in caplog.records if r.name == "transformers.modeling_rope_utils"
+            and "does not match the ratio" in r.getMessage()], caplog.text
+
+
+@pytest.mark.parametrize("argv", [["serve", "--model", "ctxforge:tiny", "rope.type=linear", "rope.factor=0.5"],
+                                  ["train", "--config", "train-tiny", 'stages.1.rope={"type": "linear", "factor": 0.5}']])
+def test_a_factor_below_one_is_one_line_on_stderr(argv):
+    """The real process, with transformers' own logging set up as a user gets it."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ctxforge", *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"ctxforge {argv[0]}: ") and "factor: 0.5 is below 1" in lines[0]
+    assert "[transformers]" not in proc.stderr + proc.stdout

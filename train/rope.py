@@ -16,7 +16,9 @@ and under SP each rank would pick a scale from its own shard.
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+import logging
+from typing import Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -99,34 +101,90 @@ def stage_rope_parameters(current: dict, rope: RopeConfig, trained_window: int |
 _FIELD = {"rope_theta": "theta", "rope_type": "type"}
 
 
+def pretrained_window(text_config, rope: RopeConfig) -> tuple[int | None, str]:
+    """(positions, which config.json field says so): the window a RoPE scaling of the checkpoint is relative
+    to, i.e. the value original_max_position_embeddings takes when `rope` leaves it unset
+    (stage_rope_parameters), read before any override raises max_position_embeddings.
+
+    A checkpoint already scaled, when `rope` keeps its type, is relative to its own
+    original_max_position_embeddings (Llama-3.1's llama3 scaling: 8192, under max_position_embeddings
+    131072): its weights learned frequencies computed from that. Otherwise (no scaling yet, or a new type,
+    which drops the old type's keys) it is max_position_embeddings, the length the checkpoint was trained
+    at (a curriculum stage raises it to the length it trained)."""
+    current = text_config.rope_parameters or {}
+    current_type = current.get("rope_type", current.get("type", "default"))
+    keeps_type = rope.type is None or rope.type == current_type
+    if current_type != "default" and keeps_type and current.get("original_max_position_embeddings"):
+        return int(current["original_max_position_embeddings"]), "its rope original_max_position_embeddings"
+    return int(text_config.max_position_embeddings or 0) or None, "max_position_embeddings"
+
+
+@contextlib.contextmanager
+def _transformers_rope_warnings_held() -> Iterator[list[logging.LogRecord]]:
+    """Hold the records transformers' RoPE validation logs (it warns, e.g. for a factor below 1, on the
+    `transformers.modeling_rope_utils` logger) instead of printing them; the caller drops them when it
+    refuses the setting with its own line, and logs them as transformers would when it accepts it."""
+    logger = logging.getLogger("transformers.modeling_rope_utils")
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    hold, propagate = Hold(), logger.propagate
+    logger.addHandler(hold)
+    logger.propagate = False
+    try:
+        yield held
+    finally:
+        logger.removeHandler(hold)
+        logger.propagate = propagate
+
+
 def apply_rope(config, rope: RopeConfig, max_seq_len: int, where: str = "rope"):
     """Write `rope` into a transformers config (in place, returned) and raise max_position_embeddings to
     `max_seq_len`, then run transformers' own validation (`validate_rope`) on the result, so every
     setting it would refuse when a model is built is refused here, as a ValueError of one line naming
     `{where}.<key>`. Also refused: a scaling factor below 1 and llama3 with high_freq_factor <=
-    low_freq_factor (transformers only warns; the inverse frequencies come out inverted or NaN)."""
+    low_freq_factor (transformers only warns; the inverse frequencies come out inverted or NaN), and an
+    original_max_position_embeddings above the checkpoint's window (`pretrained_window`): yarn, llama3,
+    longrope and dynamic compute their frequencies from it, so a larger value claims context the weights
+    never saw and silently changes the scaling. Equal is what an unset value becomes; smaller is accepted
+    (the true pretraining length may be shorter than the window a config states).
+
+    transformers' own warnings about a setting refused here are not printed: the ValueError is the one line."""
     import re
 
     text = config.get_text_config()
     trained = int(text.max_position_embeddings or 0) or None
+    window, source = pretrained_window(text, rope)
+    original = rope.original_max_position_embeddings
+    if original is not None and window and original > window:
+        raise ValueError(f"{where}.original_max_position_embeddings: {original} is larger than the checkpoint's "
+                         f"window of {window} positions ({source} in its config.json): it claims more pretrained "
+                         f"context than the weights saw, and the scaling is computed from it; set {window} or less "
+                         f"(or leave it unset)")
     params = stage_rope_parameters(dict(text.rope_parameters or {}), rope, trained)
     text.rope_parameters = params
     text.max_position_embeddings = max(int(text.max_position_embeddings or 0), int(max_seq_len))
     rope_type = params.get("rope_type", "default")
-    try:
-        text.validate_rope()
-    except KeyError as exc:
-        keys = sorted(re.findall(r"'(\w+)'", str(exc).split(":", 1)[-1]))
-        names = ", ".join(f"{where}.{_FIELD.get(k, k)}" for k in keys) or str(exc)
-        raise ValueError(f"{names}: rope type {rope_type!r} needs {'them' if len(keys) > 1 else 'it'} (transformers refuses the setting without it)") from None
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+    with _transformers_rope_warnings_held() as held:
+        try:
+            text.validate_rope()
+        except KeyError as exc:
+            keys = sorted(re.findall(r"'(\w+)'", str(exc).split(":", 1)[-1]))
+            names = ", ".join(f"{where}.{_FIELD.get(k, k)}" for k in keys) or str(exc)
+            raise ValueError(f"{names}: rope type {rope_type!r} needs {'them' if len(keys) > 1 else 'it'} (transformers refuses the setting without it)") from None
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     factor = params.get("factor")
     if rope_type != "default" and factor is not None and factor < 1:
         raise ValueError(f"{where}.factor: {factor} is below 1; a {rope_type} factor scales the window up (new / original)")
     if rope_type == "llama3" and params.get("high_freq_factor", 0) <= params.get("low_freq_factor", 0):
         raise ValueError(f"{where}.high_freq_factor: {params.get('high_freq_factor')} must exceed low_freq_factor "
                          f"{params.get('low_freq_factor')} (llama3 interpolates between them)")
+    for record in held:  # a setting accepted here: transformers' remarks about it are printed as usual
+        logging.getLogger(record.name).handle(record)
     return config
 
 
