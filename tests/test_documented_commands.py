@@ -265,6 +265,12 @@ def _lengthen(args, root):
     preflight(_on_fixtures(load_config(LengthenConfig, args.config, args.overrides, default=DEFAULT_LENGTHEN_CONFIG), root))
 
 
+def _on_the_gpu_machines_they_are_written_for(monkeypatch):
+    """The documented GPU commands (device=cuda, an accelerator_type) are written for a GPU machine or a cluster
+    with GPU nodes; here a GPU can appear as there. The refusal where none can has its own tests (test_devices.py)."""
+    monkeypatch.setattr("ctxforge.devices.gpu_can_appear", lambda address=None: True)
+
+
 @pytest.mark.parametrize("doc,command", COMMANDS, ids=[f"{d}:{i}" for i, (d, _) in enumerate(COMMANDS)])
 def test_documented_command_parses_and_passes_preflight(doc, command, tree, monkeypatch, capsys):
     monkeypatch.chdir(tree)                                       # relative paths (runs/...) land in the tree
@@ -273,6 +279,7 @@ def test_documented_command_parses_and_passes_preflight(doc, command, tree, monk
     monkeypatch.setattr("ctxforge.generation.backends.http.check_endpoint", lambda cfg: None)
     # the tree holds a few samples per stage, not a step's worth for 8 ranks: the amount check has its own test
     monkeypatch.setattr("ctxforge.train.curriculum.check_enough_data", lambda *args: None)
+    _on_the_gpu_machines_they_are_written_for(monkeypatch)
     argv = [_remap(a, tree, hub=False) for a in shlex.split(command, comments=True)[1:]]
     try:
         args = build_parser(argv).parse_args(argv)
@@ -295,6 +302,7 @@ def test_a_broken_command_fails_the_check(tree, monkeypatch):
 
     monkeypatch.chdir(tree)
     monkeypatch.setattr("ctxforge.train.curriculum.check_enough_data", lambda *args: None)  # a few samples per stage
+    _on_the_gpu_machines_they_are_written_for(monkeypatch)
     parse = lambda cmd: build_parser(cmd.split()).parse_args(cmd.split())    # noqa: E731
     with pytest.raises(ConfigError, match="input.paht"):
         _synth(parse("synth --config tiny input.paht=x"), tree)
