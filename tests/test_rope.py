@@ -279,3 +279,45 @@ def test_a_factor_below_one_is_one_line_on_stderr(argv):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"ctxforge {argv[0]}: ") and "factor: 0.5 is below 1" in lines[0]
     assert "[transformers]" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("override, field, rope_type", [
+    ({"factor": 4.0}, "factor", "default"),                       # the tiny checkpoint has no scaling: unset type
+    ({"type": "default", "factor": 4.0}, "factor", "default"),
+    ({"type": "linear", "factor": 2.0, "original_max_position_embeddings": 4096}, "original_max_position_embeddings",
+     "linear"),
+    ({"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "beta_fast": 32.0},
+     "beta_fast", "llama3"),
+    ({"type": "yarn", "factor": 4.0, "low_freq_factor": 1.0}, "low_freq_factor", "yarn"),
+])
+def test_a_field_the_rope_type_does_not_read_is_refused(tiny_model_path, override, field, rope_type):
+    """transformers drops such a key with a warning and the model runs unscaled (or from defaults) while the config
+    says otherwise; here it is one line naming the field and the type, on every path."""
+    lines = _serve_eval_train_errors(tiny_model_path, override)
+    for line, key in zip(lines, ["rope", "rope", "models.0.rope", "stage 4K: rope"]):
+        assert line.startswith(f"{key}.{field}: {override[field]} has no effect with rope type {rope_type!r}"), line
+        assert "\n" not in line
+
+
+@pytest.mark.parametrize("rope_type", ["default", "linear", "dynamic", "yarn", "llama3"])
+def test_the_fields_each_type_reads_are_the_keys_transformers_validates(rope_type):
+    """FIELDS_READ_BY_TYPE against transformers' own lists: the keys `_validate_<type>_rope_parameters` requires
+    or allows, recorded from its call to `_check_received_keys`."""
+    from transformers import LlamaConfig
+
+    from ctxforge.train.rope import _FIELD, FIELDS_READ_BY_TYPE
+
+    seen = {}
+
+    def record(rope_type, received_keys, required_keys, optional_keys=None, ignore_keys=None):
+        seen["keys"] = set(required_keys) | set(optional_keys or ())
+
+    config = LlamaConfig()
+    full = {"rope_type": rope_type, "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 4096,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LlamaConfig, "_check_received_keys", staticmethod(record))
+        getattr(config, f"_validate_{rope_type}_rope_parameters")(full)
+    ours = {k for k in seen["keys"] if k in {*RopeConfig.model_fields, *_FIELD}}
+    theirs = {_FIELD.get(k, k) for k in ours} - {"type"}
+    assert set(FIELDS_READ_BY_TYPE[rope_type]) == theirs

@@ -68,6 +68,35 @@ _SCALING_KEYS = ("factor", "original_max_position_embeddings", "low_freq_factor"
                  "beta_fast", "beta_slow", "attention_factor")
 
 
+# The RopeConfig fields each type's frequencies are computed from (transformers' modeling_rope_utils: the keys its
+# `_validate_<type>_rope_parameters` requires or allows; tests/test_rope.py checks this table against them). A
+# field set for a type that does not read it would be dropped with at most a warning: the run would go on
+# unscaled, or scaled from defaults, while the config says otherwise.
+FIELDS_READ_BY_TYPE = {
+    "default": ("theta",),
+    "linear": ("theta", "factor"),
+    "dynamic": ("theta", "factor"),
+    "yarn": ("theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"),
+    "llama3": ("theta", "factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+}
+
+
+def check_fields_take_effect(rope: RopeConfig, rope_type: str, where: str) -> None:
+    """Raise ValueError naming `{where}.<field>` when `rope` sets a field that `rope_type` (the resulting type:
+    rope.type, or the checkpoint's when rope.type is unset) does not read, e.g. a factor with type default."""
+    reads = FIELDS_READ_BY_TYPE.get(rope_type)
+    if reads is None:   # a type ctxforge does not offer (the checkpoint's own, e.g. longrope): transformers decides
+        return
+    for name in RopeConfig.model_fields:
+        value = getattr(rope, name)
+        if name == "type" or value is None or name in reads:
+            continue
+        users = [t for t, fields in FIELDS_READ_BY_TYPE.items() if name in fields]
+        whose = f"{where}.type" if rope.type is not None else f"the checkpoint's; {where}.type is unset"
+        raise ValueError(f"{where}.{name}: {value} has no effect with rope type {rope_type!r} ({whose}): only "
+                         f"{', '.join(users)} read it; set {where}.type to one of them, or leave {where}.{name} unset")
+
+
 # Scaling types whose frequencies are relative to the window the checkpoint was trained at.
 WINDOW_RELATIVE_TYPES = ("yarn", "llama3", "longrope")
 
@@ -150,7 +179,8 @@ def apply_rope(config, rope: RopeConfig, max_seq_len: int, where: str = "rope"):
     original_max_position_embeddings above the checkpoint's window (`pretrained_window`): yarn, llama3,
     longrope and dynamic compute their frequencies from it, so a larger value claims context the weights
     never saw and silently changes the scaling. Equal is what an unset value becomes; smaller is accepted
-    (the true pretraining length may be shorter than the window a config states).
+    (the true pretraining length may be shorter than the window a config states). And a field the resulting
+    type does not read (`check_fields_take_effect`: a factor with type default, beta_fast with llama3).
 
     transformers' own warnings about a setting refused here are not printed: the ValueError is the one line."""
     import re
@@ -165,6 +195,7 @@ def apply_rope(config, rope: RopeConfig, max_seq_len: int, where: str = "rope"):
                          f"context than the weights saw, and the scaling is computed from it; set {window} or less "
                          f"(or leave it unset)")
     params = stage_rope_parameters(dict(text.rope_parameters or {}), rope, trained)
+    check_fields_take_effect(rope, params.get("rope_type", "default"), where)
     text.rope_parameters = params
     text.max_position_embeddings = max(int(text.max_position_embeddings or 0), int(max_seq_len))
     rope_type = params.get("rope_type", "default")
