@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import pytest
 
@@ -26,20 +28,47 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _pytests(handler: logging.Handler) -> bool:
+    """pytest's own capture handlers, which its logging plugin adds and removes around each test phase."""
+    return type(handler).__module__.startswith("_pytest")
+
+
+def _logger_settings() -> dict:
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    return {lg: ([h for h in lg.handlers if not _pytests(h)], lg.level, lg.propagate, lg.disabled) for lg in loggers}
+
+
 @pytest.fixture(autouse=True)
 def _console_state_per_test():
-    """A CLI command run in-process calls quiet_ray(), which sets RAY_DATA_LOGGING_CONFIG and the console's
-    quiet flag for the whole process; put both back so that no test depends on which ran before it."""
+    """A CLI command run in-process (main([...])) sets up the console for the whole process, as it should in its
+    own process: quiet_ray() sets RAY_DATA_LOGGING_CONFIG and the console's quiet flag, and logging handlers
+    are bound to the sys.stderr of that moment, which under capsys is a stream pytest closes after the test (a
+    later record then fails with "I/O operation on closed file", and pytest itself can die: "lost sys.stderr").
+    Put the console state and every logger that existed before the test back, and point any handler still
+    left on a closed stream at the session's stderr, so that no test depends on which ran before it."""
     from ctxforge import console
 
     env = os.environ.get("RAY_DATA_LOGGING_CONFIG")
-    state = (console._State.quiet, console._State.session_logs)
+    state = (console._State.quiet, console._State.session_logs, dict(console._State.pending))
+    loggers = _logger_settings()
     yield
     if env is None:
         os.environ.pop("RAY_DATA_LOGGING_CONFIG", None)
     else:
         os.environ["RAY_DATA_LOGGING_CONFIG"] = env
-    console._State.quiet, console._State.session_logs = state
+    console._State.quiet, console._State.session_logs, pending = state
+    console._State.pending.clear()
+    console._State.pending.update(pending)
+    for logger, (handlers, level, propagate, disabled) in loggers.items():
+        logger.handlers[:] = [h for h in logger.handlers if _pytests(h)] + handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.disabled = disabled
+    for logger in _logger_settings():   # loggers made during the test (a library imported by it)
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                handler.stream = sys.stderr   # not setStream(): it flushes the closed stream first
 
 
 @pytest.fixture(scope="session")
