@@ -186,15 +186,18 @@ def test_lengthen_config_errors_name_the_key(tmp_path):
         _cfg("length_control.type_weights={roughly: 1}")
 
 
-def test_bad_seed_file_stops_before_any_work(tmp_path, capsys):
-    from ctxforge.cli import main
+def test_bad_seed_file_stops_before_any_work(tmp_path):
+    """The CLI in a child process, as a user runs it: `lengthen` sets up the quiet console for its whole
+    process (logging bound to the streams of that moment), which in pytest's process are capture streams."""
+    import subprocess
+    import sys
 
     bad = tmp_path / "seeds.jsonl"
     bad.write_text('{"instruction": "Write a long essay."}\n{"prompt": "no field"}\n')
-    code = main(["lengthen", f"output.dir={tmp_path}/out", f"seeds.path={bad}"])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "seeds.path" in err and "line 2" in err
+    out = subprocess.run([sys.executable, "-m", "ctxforge.cli", "lengthen", f"output.dir={tmp_path}/out",
+                          f"seeds.path={bad}"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "seeds.path" in out.stderr and "line 2" in out.stderr
     assert not (tmp_path / "out").exists()
 
 
