@@ -359,8 +359,9 @@ def document_reuse_note(stats: dict, more_documents: str) -> str:
     what = []
     if reusing:
         what.append(f"{reusing} of {built} samples repeat a document that an earlier sample of the stage holds (one "
-                    f"document is in up to {reuse['most_samples_per_document']} samples; only the choice and order "
-                    f"of its questions differ), so training sees the same texts again")
+                    f"document is in up to {reuse['most_samples_per_document']} samples; at most the choice and order "
+                    f"of its questions differ, and two such samples can be identical), so training sees the same texts "
+                    f"again")
     usable = reuse["usable_documents"]
     if lacking:
         what.append(f"{lacking} of {built} samples hold fewer than {k} documents, as only "

@@ -328,7 +328,8 @@ def test_one_document_repeated_over_samples_is_counted_and_said(tok, tok_hash):
     note = document_reuse_note(stats, "add documents to input.path")
     assert note == (
         "stage 4K: 3 of 4 samples repeat a document that an earlier sample of the stage holds (one document is in "
-        "up to 4 samples; only the choice and order of its questions differ), so training sees the same texts again "
+        "up to 4 samples; at most the choice and order of its questions differ, and two such samples can be "
+        "identical), so training sees the same texts again "
         "(4 samples x 1 document call for 4 distinct documents; the stage had 1 usable document). To fix: add "
         "documents to input.path; or lower concat.stages[4K].samples (now 4) or "
         "concat.stages[4K].documents_per_sample (now 1).")

@@ -86,6 +86,7 @@ REFUSED_ROPE = [  # (override, the key the line must name)
     ({"type": "llama3", "factor": 8.0}, "high_freq_factor, {}.low_freq_factor"),
     ({"type": "linear", "factor": 0.5}, "factor"),
     ({"type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}, "high_freq_factor"),
+    ({"type": "yarn", "factor": 4.0, "beta_fast": 1.0, "beta_slow": 32.0}, "beta_fast"),   # transformers only warns
 ]
 ACCEPTED_ROPE = [  # every type with what it needs; yarn and llama3 without original_max_position_embeddings
     {"type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0}, {"type": "yarn", "factor": 4.0},
@@ -321,3 +322,15 @@ def test_the_fields_each_type_reads_are_the_keys_transformers_validates(rope_typ
     ours = {k for k in seen["keys"] if k in {*RopeConfig.model_fields, *_FIELD}}
     theirs = {_FIELD.get(k, k) for k in ours} - {"type"}
     assert set(FIELDS_READ_BY_TYPE[rope_type]) == theirs
+
+
+@pytest.mark.parametrize("field", ["factor", "theta", "beta_fast"])
+@pytest.mark.parametrize("value", ["1e400", "inf", "nan"])
+def test_a_rope_number_that_is_not_finite_is_refused_naming_it(field, value):
+    """An infinite factor passes gt=0 and would reach config.json (serving then fails on int(inf))."""
+    from ctxforge.config import ConfigError, load_config
+    from ctxforge.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match=rf"rope\.{field}.*finite number"):
+        load_config(ServeConfig, "serve-tiny", [f"rope.{field}={value}"])
+    load_config(ServeConfig, "serve-tiny", [f"rope.{field}=4.0"])   # negative control

@@ -31,17 +31,21 @@ RopeType = Literal["default", "linear", "dynamic", "yarn", "llama3"]
 class RopeConfig(StrictModel):
     """A stage's RoPE setting. Unset fields keep the previous stage's (or the base model's) value."""
 
-    theta: float | None = Field(None, gt=0, description="rope_theta (base); null = keep the model's")
+    # finite only: an infinite factor or theta passes gt=0 and reaches config.json
+    theta: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                description="rope_theta (base); null = keep the model's")
     type: RopeType | None = Field(None, description="rope_type: default | linear | yarn | llama3 (dynamic is "
                                                     "refused for training); null = keep the model's")
-    factor: float | None = Field(None, gt=0, description="scaling factor (linear, dynamic, yarn, llama3)")
+    factor: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                 description="scaling factor (linear, dynamic, yarn, llama3)")
     original_max_position_embeddings: int | None = Field(
         None, gt=0, description="context length the scaling is relative to (yarn, llama3)")
-    low_freq_factor: float | None = Field(None, gt=0, description="llama3 only")
-    high_freq_factor: float | None = Field(None, gt=0, description="llama3 only")
-    beta_fast: float | None = Field(None, gt=0, description="yarn only")
-    beta_slow: float | None = Field(None, gt=0, description="yarn only")
-    attention_factor: float | None = Field(None, gt=0, description="yarn: attention temperature; null = default")
+    low_freq_factor: float | None = Field(None, gt=0, allow_inf_nan=False, description="llama3 only")
+    high_freq_factor: float | None = Field(None, gt=0, allow_inf_nan=False, description="llama3 only")
+    beta_fast: float | None = Field(None, gt=0, allow_inf_nan=False, description="yarn only")
+    beta_slow: float | None = Field(None, gt=0, allow_inf_nan=False, description="yarn only")
+    attention_factor: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                           description="yarn: attention temperature; null = default")
 
 
 TRAINABLE_TYPES = ("default", "linear", "yarn", "llama3")
@@ -211,6 +215,9 @@ def apply_rope(config, rope: RopeConfig, max_seq_len: int, where: str = "rope"):
     factor = params.get("factor")
     if rope_type != "default" and factor is not None and factor < 1:
         raise ValueError(f"{where}.factor: {factor} is below 1; a {rope_type} factor scales the window up (new / original)")
+    if rope_type == "yarn" and params.get("beta_fast", 32) <= params.get("beta_slow", 1):   # transformers' defaults
+        raise ValueError(f"{where}.beta_fast: {params.get('beta_fast', 32)} must exceed beta_slow "
+                         f"{params.get('beta_slow', 1)} (yarn blends the frequencies between their correction dims)")
     if rope_type == "llama3" and params.get("high_freq_factor", 0) <= params.get("low_freq_factor", 0):
         raise ValueError(f"{where}.high_freq_factor: {params.get('high_freq_factor')} must exceed low_freq_factor "
                          f"{params.get('low_freq_factor')} (llama3 interpolates between them)")
